@@ -1,0 +1,330 @@
+//! The daemon's typed configuration (TOML). Every default is a named constant with the
+//! reason for its value; [`Config::validate`] runs once at start-up and names the offending
+//! field on failure.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use alloy::primitives::{Address, U256, address};
+use serde::{Deserialize, Deserializer};
+
+use crate::x402::eip712::TokenDomain;
+
+/// x402's default `maxTimeoutSeconds`: a payment should settle within about five minutes.
+pub const DEFAULT_MAX_TIMEOUT_SECS: u64 = 300;
+
+/// An authorization must stay valid at least this long after admission. The reference
+/// facilitators demand 6 s because they settle at once; a batcher also waits for a batch
+/// (up to its max wait) and for inclusion, so it needs a wider margin.
+pub const DEFAULT_MIN_VALIDITY_REMAINING_SECS: u64 = 30;
+
+/// Submissions queued for signature checks before new ones are refused. At ~22k
+/// recoveries/s per core this is ~0.1 s of work on 2 cores: enough to absorb bursts, small
+/// enough that a queued payment is answered well within any client deadline.
+pub const DEFAULT_VERIFY_QUEUE_CAPACITY: usize = 4096;
+
+/// Verification threads; 0 means one per available core, since recovery is pure CPU.
+pub const DEFAULT_VERIFY_THREADS: usize = 0;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML or has an unknown field")]
+    Parse(#[from] toml::de::Error),
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The tokens payments may be made in.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Extra x402 v1 network names (name → chain id), beyond the built-in ones.
+    #[serde(default)]
+    pub network_aliases: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
+}
+
+/// One token on one chain, with the EIP-712 domain its signatures use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub chain_id: u64,
+    pub address: Address,
+    /// EIP-712 domain `name` ("USD Coin" for USDC on Base; "USDC" on Base Sepolia).
+    pub eip712_name: String,
+    /// EIP-712 domain `version` ("2" for USDC).
+    pub eip712_version: String,
+    /// Decimals of the token, for display and export only; amounts stay in base units.
+    pub decimals: u8,
+    #[serde(default)]
+    pub symbol: String,
+}
+
+/// The cheap checks before signature recovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// See [`DEFAULT_MIN_VALIDITY_REMAINING_SECS`].
+    pub min_validity_remaining_secs: u64,
+    /// Largest single payment accepted, in base units; none by default. A safety cap
+    /// against a misconfigured API server asking for far too much.
+    #[serde(deserialize_with = "opt_decimal_u256")]
+    pub max_value: Option<U256>,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            min_validity_remaining_secs: DEFAULT_MIN_VALIDITY_REMAINING_SECS,
+            max_value: None,
+        }
+    }
+}
+
+/// The signature verification pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// See [`DEFAULT_VERIFY_THREADS`].
+    pub threads: usize,
+    /// See [`DEFAULT_VERIFY_QUEUE_CAPACITY`].
+    pub queue_capacity: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            threads: DEFAULT_VERIFY_THREADS,
+            queue_capacity: DEFAULT_VERIFY_QUEUE_CAPACITY,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// The number of threads to start: the configured count, or one per core.
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+fn opt_decimal_u256<'de, D: Deserializer<'de>>(d: D) -> Result<Option<U256>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| crate::x402::decode::parse_u256("max_value", &s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot: relations between fields and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashMap::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let field = |f: &str| format!("tokens[{i}].{f}");
+            if t.chain_id == 0 {
+                return Err(invalid(field("chain_id"), "must be a positive EIP-155 chain id"));
+            }
+            if t.address == Address::ZERO {
+                return Err(invalid(field("address"), "must not be the zero address"));
+            }
+            if t.eip712_name.is_empty() {
+                return Err(invalid(field("eip712_name"), "must not be empty"));
+            }
+            if t.eip712_version.is_empty() {
+                return Err(invalid(field("eip712_version"), "must not be empty"));
+            }
+            if t.decimals > 77 {
+                return Err(invalid(
+                    field("decimals"),
+                    "must be at most 77 (uint256 has 78 digits)",
+                ));
+            }
+            if let Some(j) = seen.insert((t.chain_id, t.address), i) {
+                return Err(invalid(
+                    field("address"),
+                    format!("duplicates tokens[{j}] on chain {}", t.chain_id),
+                ));
+            }
+        }
+        for (name, &chain_id) in &self.network_aliases {
+            if name.starts_with("eip155:") || name.is_empty() {
+                return Err(invalid(
+                    format!("network_aliases.{name}"),
+                    "must be a plain name, not a CAIP-2 id",
+                ));
+            }
+            if chain_id == 0 {
+                return Err(invalid(
+                    format!("network_aliases.{name}"),
+                    "must be a positive chain id",
+                ));
+            }
+        }
+        if self.verify.queue_capacity == 0 {
+            return Err(invalid("verify.queue_capacity", "must be at least 1"));
+        }
+        if self.verify.threads > 1024 {
+            return Err(invalid(
+                "verify.threads",
+                "must be at most 1024 (0 = one per core)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The token table built from `tokens`.
+    pub fn token_table(&self) -> TokenTable {
+        TokenTable::new(&self.tokens)
+    }
+
+    /// The public USDC deployments on Base and Base Sepolia: the shape of a real config.
+    pub fn example_usdc_base() -> Config {
+        Config {
+            tokens: vec![
+                TokenConfig {
+                    chain_id: 8453,
+                    address: address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+                    eip712_name: "USD Coin".into(),
+                    eip712_version: "2".into(),
+                    decimals: 6,
+                    symbol: "USDC".into(),
+                },
+                TokenConfig {
+                    chain_id: 84532,
+                    address: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+                    eip712_name: "USDC".into(),
+                    eip712_version: "2".into(),
+                    decimals: 6,
+                    symbol: "USDC".into(),
+                },
+            ],
+            network_aliases: BTreeMap::new(),
+            admission: AdmissionConfig::default(),
+            verify: VerifyConfig::default(),
+        }
+    }
+}
+
+/// A configured token, ready for verification.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub domain: TokenDomain,
+    pub decimals: u8,
+    pub symbol: String,
+}
+
+/// Lookup of configured tokens by `(chain id, address)`.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    by_key: HashMap<(u64, Address), TokenEntry>,
+}
+
+impl TokenTable {
+    pub fn new(tokens: &[TokenConfig]) -> Self {
+        let by_key = tokens
+            .iter()
+            .map(|t| {
+                let entry = TokenEntry {
+                    domain: TokenDomain::new(&t.eip712_name, &t.eip712_version, t.chain_id, t.address),
+                    decimals: t.decimals,
+                    symbol: t.symbol.clone(),
+                };
+                ((t.chain_id, t.address), entry)
+            })
+            .collect();
+        Self { by_key }
+    }
+
+    pub fn get(&self, chain_id: u64, token: Address) -> Option<&TokenEntry> {
+        self.by_key.get(&(chain_id, token))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TokenEntry> {
+        self.by_key.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_file_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/config.example.toml")).unwrap();
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.tokens.len(), 2);
+        let table = config.token_table();
+        let usdc = table
+            .get(8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"))
+            .unwrap();
+        assert_eq!(usdc.domain.name, "USD Coin");
+        assert_eq!(config.admission.max_value, Some(U256::from(100_000_000u64)));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let dup = r#"
+            [[tokens]]
+            chain_id = 1
+            address = "0x0000000000000000000000000000000000000001"
+            eip712_name = "A"
+            eip712_version = "1"
+            decimals = 6
+            [[tokens]]
+            chain_id = 1
+            address = "0x0000000000000000000000000000000000000001"
+            eip712_name = "B"
+            eip712_version = "1"
+            decimals = 6
+        "#;
+        let err = Config::parse(dup).unwrap_err().to_string();
+        assert!(err.contains("tokens[1].address"), "{err}");
+        let err = Config::parse("[verify]\nqueue_capacity = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("verify.queue_capacity"), "{err}");
+        let err = Config::parse("[verify]\nqeue_capacity = 4").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)));
+        let err = Config::parse("[admission]\nmax_value = \"-3\"").unwrap_err();
+        assert!(format!("{err:?}").contains("max_value"), "{err:?}");
+    }
+}

@@ -1,0 +1,322 @@
+//! A local chain for the tests and the demo: anvil on 127.0.0.1 with a free port, the
+//! project's EIP-3009 test token deployed, and its `aggregate3` contract installed at the
+//! canonical Multicall3 address. Anvil stops when the [`Devnet`] is dropped.
+//!
+//! The contracts come precompiled from `ops/devnet/artifacts` (built by
+//! `ops/devnet/build-contracts.mjs`), so nothing here needs Node beyond the anvil binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use alloy::network::{EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol;
+
+use crate::chain::MULTICALL3;
+use crate::config::TokenConfig;
+use crate::x402::eip712::TokenDomain;
+
+/// The anvil version the project pins (ops/devnet/package.json).
+pub const ANVIL_VERSION: &str = "1.7.1";
+
+/// The chain id anvil uses by default.
+pub const CHAIN_ID: u64 = 31337;
+
+/// How long anvil may take to print its address. It starts in ~0.1 s; the margin covers
+/// a loaded CI machine.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Anvil's first two well-known development keys (from its public default mnemonic). They
+/// hold 10,000 ETH on every fresh anvil and are worthless anywhere else.
+const DEPLOYER_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const SETTLER_KEY: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
+const TEST_USDC_ARTIFACT: &str = include_str!("../ops/devnet/artifacts/TestUSDC.json");
+const BATCH_CALL_ARTIFACT: &str = include_str!("../ops/devnet/artifacts/BatchCall.json");
+
+sol! {
+    /// The devnet token's administration, beyond the EIP-3009 surface in `chain`.
+    #[sol(rpc)]
+    interface ITestUSDC {
+        function mint(address to, uint256 value) external;
+        function mintBatch(address[] calldata to, uint256[] calldata values) external;
+        function transfer(address to, uint256 value) external returns (bool);
+        function blacklist(address account) external;
+        function pause() external;
+        function unpause() external;
+    }
+}
+
+/// Why the devnet could not be started or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DevnetError {
+    #[error(
+        "anvil not found at {path}; run `npm ci --prefix ops/devnet` (or set ANVIL_BIN to an anvil {ANVIL_VERSION} binary)"
+    )]
+    AnvilMissing { path: String },
+    #[error("could not start anvil")]
+    Spawn(#[source] std::io::Error),
+    #[error("anvil did not report its address within {0:?}")]
+    StartTimeout(Duration),
+    #[error("anvil exited before listening")]
+    EarlyExit,
+    #[error("devnet artifact {name} is malformed: {problem}")]
+    Artifact { name: &'static str, problem: String },
+    #[error("devnet RPC {call} failed: {detail}")]
+    Rpc { call: &'static str, detail: String },
+}
+
+fn rpc_err(call: &'static str) -> impl FnOnce(String) -> DevnetError {
+    move |detail| DevnetError::Rpc { call, detail }
+}
+
+/// Where the anvil binary is: `$ANVIL_BIN`, else the copy `npm ci` puts under ops/devnet.
+pub fn anvil_path() -> PathBuf {
+    std::env::var_os("ANVIL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+            ))
+        })
+}
+
+/// A running local chain with the project's contracts.
+pub struct Devnet {
+    child: Child,
+    rpc_url: String,
+    token: Address,
+    deployer: PrivateKeySigner,
+    settler: PrivateKeySigner,
+    provider: DynProvider,
+}
+
+impl std::fmt::Debug for Devnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No keys: only what identifies the devnet.
+        f.debug_struct("Devnet")
+            .field("rpc_url", &self.rpc_url)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl Devnet {
+    /// Starts anvil on 127.0.0.1 port 0, deploys the token and installs aggregate3.
+    pub async fn start() -> Result<Devnet, DevnetError> {
+        let path = anvil_path();
+        if !path.exists() {
+            return Err(DevnetError::AnvilMissing {
+                path: path.display().to_string(),
+            });
+        }
+        let mut child = Command::new(&path)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(DevnetError::Spawn)?;
+        let stdout = child.stdout.take().ok_or(DevnetError::EarlyExit)?;
+
+        // Read stdout on a thread until the address line, then keep draining so anvil
+        // never blocks on a full pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.trim().strip_prefix("Listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => addr,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => DevnetError::StartTimeout(START_TIMEOUT),
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => DevnetError::EarlyExit,
+                });
+            }
+        };
+        let rpc_url = format!("http://{addr}");
+
+        let deployer: PrivateKeySigner = DEPLOYER_KEY.parse().expect("constant key parses");
+        let settler: PrivateKeySigner = SETTLER_KEY.parse().expect("constant key parses");
+        let provider = ProviderBuilder::new()
+            .wallet(EthereumWallet::from(deployer.clone()))
+            .connect_http(rpc_url.parse().expect("formatted URL parses"))
+            .erased();
+        // From here on, dropping `devnet` stops anvil on every error path.
+        let mut devnet = Devnet {
+            child,
+            rpc_url,
+            token: Address::ZERO,
+            deployer,
+            settler,
+            provider,
+        };
+
+        let (bytecode, _) = artifact("TestUSDC", TEST_USDC_ARTIFACT)?;
+        let receipt = devnet
+            .provider
+            .send_transaction(TransactionRequest::default().with_deploy_code(bytecode))
+            .await
+            .map_err(|e| DevnetError::Rpc {
+                call: "deploy TestUSDC",
+                detail: e.to_string(),
+            })?
+            .get_receipt()
+            .await
+            .map_err(|e| DevnetError::Rpc {
+                call: "deploy TestUSDC receipt",
+                detail: e.to_string(),
+            })?;
+        devnet.token = receipt.contract_address.ok_or_else(|| DevnetError::Rpc {
+            call: "deploy TestUSDC",
+            detail: "no contract address".into(),
+        })?;
+
+        let (_, runtime) = artifact("BatchCall", BATCH_CALL_ARTIFACT)?;
+        devnet
+            .raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime))
+            .await?;
+        Ok(devnet)
+    }
+
+    /// Sends an RPC the typed provider has no method for (anvil's own).
+    pub async fn raw<P, R>(&self, method: &'static str, params: P) -> Result<R, DevnetError>
+    where
+        P: serde::Serialize + Clone + std::fmt::Debug + Send + Sync + Unpin,
+        R: serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + Unpin + 'static,
+    {
+        self.provider
+            .raw_request::<_, R>(method.into(), params)
+            .await
+            .map_err(|e| DevnetError::Rpc {
+                call: method,
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn rpc_url(&self) -> &str {
+        &self.rpc_url
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        CHAIN_ID
+    }
+
+    /// The test token's address.
+    pub fn token(&self) -> Address {
+        self.token
+    }
+
+    /// The test token's EIP-712 domain.
+    pub fn token_domain(&self) -> TokenDomain {
+        TokenDomain::new("USD Coin", "2", CHAIN_ID, self.token)
+    }
+
+    /// The test token as a config entry.
+    pub fn token_config(&self) -> TokenConfig {
+        TokenConfig {
+            chain_id: CHAIN_ID,
+            address: self.token,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+            decimals: 6,
+            symbol: "USDC".into(),
+        }
+    }
+
+    /// A provider signing as the token's owner (mints, pauses, blacklists).
+    pub fn provider(&self) -> &DynProvider {
+        &self.provider
+    }
+
+    pub fn deployer(&self) -> Address {
+        self.deployer.address()
+    }
+
+    /// A funded account for sending settlement transactions (anvil's second dev account).
+    pub fn settler_signer(&self) -> PrivateKeySigner {
+        self.settler.clone()
+    }
+
+    /// A provider that signs as the settler.
+    pub fn settler_provider(&self) -> DynProvider {
+        ProviderBuilder::new()
+            .wallet(EthereumWallet::from(self.settler.clone()))
+            .connect_http(self.rpc_url.parse().expect("formatted URL parses"))
+            .erased()
+    }
+
+    /// Mints `amount` base units of the test token to each payer, in one transaction per
+    /// 500 payers.
+    pub async fn fund(&self, payers: &[Address], amount: U256) -> Result<(), DevnetError> {
+        let token = ITestUSDC::new(self.token, &self.provider);
+        for chunk in payers.chunks(500) {
+            token
+                .mintBatch(chunk.to_vec(), vec![amount; chunk.len()])
+                .send()
+                .await
+                .map_err(|e| rpc_err("mintBatch")(e.to_string()))?
+                .get_receipt()
+                .await
+                .map_err(|e| rpc_err("mintBatch receipt")(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The payer's token balance.
+    pub async fn balance_of(&self, who: Address) -> Result<U256, DevnetError> {
+        crate::chain::IEip3009::new(self.token, &self.provider)
+            .balanceOf(who)
+            .call()
+            .await
+            .map_err(|e| rpc_err("balanceOf")(e.to_string()))
+    }
+}
+
+impl Drop for Devnet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` payer keys derived from `seed`: deterministic, so a demo run can be repeated.
+pub fn payer_keys(seed: &str, n: usize) -> Vec<PrivateKeySigner> {
+    (0..n)
+        .map(|i| {
+            let key: B256 = keccak256(format!("x402-batcher devnet payer {seed} {i}"));
+            PrivateKeySigner::from_bytes(&key)
+                .expect("a keccak output is a valid key with overwhelming probability")
+        })
+        .collect()
+}
+
+/// Creation and runtime bytecode from a committed artifact.
+fn artifact(name: &'static str, json: &str) -> Result<(Bytes, Bytes), DevnetError> {
+    let bad = |problem: String| DevnetError::Artifact { name, problem };
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let field = |key: &str| -> Result<Bytes, DevnetError> {
+        v.get(key)
+            .and_then(|b| b.as_str())
+            .ok_or_else(|| bad(format!("no {key}")))?
+            .parse::<Bytes>()
+            .map_err(|e| bad(format!("{key}: {e}")))
+    };
+    Ok((field("bytecode")?, field("deployedBytecode")?))
+}

@@ -1,0 +1,40 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use x402_batcher::admission::{Admission, Admitted};
+use x402_batcher::api::{self, v1};
+use x402_batcher::clock::ManualClock;
+use x402_batcher::config::{AdmissionConfig, TokenConfig, TokenTable};
+use x402_batcher::verify::VerifyPool;
+use x402_batcher::x402::Reason;
+
+/// Takes a submission through conversion, admission and the verify pool: `Ok` with the
+/// admitted payment, or the reason it is refused.
+pub async fn judge(
+    admission: &Admission,
+    pool: &VerifyPool,
+    req: &v1::SubmitRequest,
+) -> Result<Admitted, Reason> {
+    let input = api::payment_input(req).map_err(|e| e.reason())?;
+    let requirements = api::requirements(req).map_err(|e| e.reason())?;
+    let admitted = admission.admit(input, &requirements).map_err(|e| e.reason())?;
+    let verified = pool.verify(vec![admitted]).await;
+    let (item, outcome) = verified.iter().next().expect("one item in, one out");
+    match outcome {
+        Ok(Ok(())) => Ok(item.clone()),
+        Ok(Err(_)) => Err(Reason::InvalidSignature),
+        Err(e) => Err(e.reason()),
+    }
+}
+
+pub fn admission(tokens: &[TokenConfig], clock: ManualClock) -> Admission {
+    Admission::new(
+        TokenTable::new(tokens),
+        BTreeMap::new(),
+        AdmissionConfig::default(),
+        Arc::new(clock),
+    )
+}
