@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what x402-batcher needs to build, test and run its demo on a fresh Debian machine
+# that has Rust and Node: libclang (RocksDB's bindgen) through apt-get, and anvil through
+# npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
+# only what is missing.
+#
+# Source it (`. ops/setup.sh`) to also get CARGO_TARGET_DIR: one build directory outside
+# the repository, shared by every checkout on the machine, so a fresh clone (CI) reuses an
+# earlier build instead of spending ~20 minutes compiling RocksDB again.
+set -euo pipefail
+
+X402_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/x402-batcher-target}"
+
+missing=()
+for pkg in libclang-dev g++ make; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]} with apt-get"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+anvil="$X402_ROOT/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+if [ ! -x "$anvil" ]; then
+  echo "setup: installing anvil from the npm registry"
+  # Only the runtime dependency (anvil); solc, viem and the x402 packages are dev tools
+  # for regenerating contracts and vectors, whose outputs are committed.
+  npm ci --prefix "$X402_ROOT/ops/devnet" --omit=dev --no-audit --no-fund >/dev/null
+fi
+"$anvil" --version | head -n 1
