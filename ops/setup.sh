@@ -28,7 +28,9 @@ anvil="$X402_ROOT/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvi
 if [ ! -x "$anvil" ]; then
   echo "setup: installing anvil from the npm registry"
   # Only the runtime dependency (anvil); solc, viem and the x402 packages are dev tools
-  # for regenerating contracts and vectors, whose outputs are committed.
-  npm ci --prefix "$X402_ROOT/ops/devnet" --omit=dev --no-audit --no-fund >/dev/null
+  # for regenerating contracts and vectors, whose outputs are committed. `npm install`
+  # rather than `npm ci`: the lock pins every version, but anvil's other-platform packages
+  # (darwin, win32, linux-arm64) are absent from the registry here, which `npm ci` refuses.
+  npm install --prefix "$X402_ROOT/ops/devnet" --omit=dev --no-save --no-audit --no-fund >/dev/null
 fi
 "$anvil" --version | head -n 1

@@ -56,7 +56,7 @@ sol! {
 #[derive(Debug, thiserror::Error)]
 pub enum DevnetError {
     #[error(
-        "anvil not found at {path}; run `npm ci --prefix ops/devnet` (or set ANVIL_BIN to an anvil {ANVIL_VERSION} binary)"
+        "anvil not found at {path}; run `ops/setup.sh` (or set ANVIL_BIN to an anvil {ANVIL_VERSION} binary)"
     )]
     AnvilMissing { path: String },
     #[error("could not start anvil")]
