@@ -46,6 +46,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod devnet;
+pub mod ledger;
 pub mod testkit;
 pub mod verify;
 pub mod x402;

@@ -1,0 +1,429 @@
+//! Ledger keys, lifecycle states, and the payment record with its on-disk codec.
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use prost::Message as _;
+
+use crate::api::v1;
+use crate::x402::{Authorization, RawSignature, SignedAuthorization};
+
+/// Generated on-disk encoding (`proto/x402/batcher/ledger/v1/ledger.proto`).
+#[allow(clippy::all, missing_docs)]
+pub mod disk {
+    tonic::include_proto!("x402.batcher.ledger.v1");
+}
+
+/// What identifies an authorization on chain: `chain id ‖ token ‖ from ‖ nonce`.
+/// The big-endian chain id makes keys of one chain and token sort together.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthKey([u8; 80]);
+
+impl AuthKey {
+    pub fn new(chain_id: u64, token: Address, from: Address, nonce: B256) -> Self {
+        let mut k = [0u8; 80];
+        k[..8].copy_from_slice(&chain_id.to_be_bytes());
+        k[8..28].copy_from_slice(token.as_slice());
+        k[28..48].copy_from_slice(from.as_slice());
+        k[48..].copy_from_slice(nonce.as_slice());
+        Self(k)
+    }
+
+    pub fn of(s: &SignedAuthorization) -> Self {
+        Self::new(s.chain_id, s.token, s.authorization.from, s.authorization.nonce)
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        b.try_into().ok().map(Self)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The payer's exposure key: the first 48 bytes.
+    pub fn payer(&self) -> PayerKey {
+        let mut k = [0u8; 48];
+        k.copy_from_slice(&self.0[..48]);
+        PayerKey(k)
+    }
+
+    /// The stable payment id: the first 16 bytes of the key's keccak256. Random-looking
+    /// and short; 2^64 payments before a collision is even likely.
+    pub fn payment_id(&self) -> PaymentId {
+        let h = keccak256(self.0);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h[..16]);
+        PaymentId(id)
+    }
+}
+
+impl std::fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuthKey(0x{})", alloy::hex::encode(self.0))
+    }
+}
+
+/// `chain id ‖ token ‖ from`: whose exposure.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PayerKey([u8; 48]);
+
+impl PayerKey {
+    pub fn new(chain_id: u64, token: Address, from: Address) -> Self {
+        AuthKey::new(chain_id, token, from, B256::ZERO).payer()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
+    }
+
+    pub fn token(&self) -> Address {
+        Address::from_slice(&self.0[8..28])
+    }
+
+    pub fn from(&self) -> Address {
+        Address::from_slice(&self.0[28..48])
+    }
+}
+
+/// The id clients use for a payment (`0x` + 32 hex digits).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct PaymentId(pub [u8; 16]);
+
+impl std::fmt::Display for PaymentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0x{}", alloy::hex::encode(self.0))
+    }
+}
+
+impl std::str::FromStr for PaymentId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let hex = s.strip_prefix("0x").ok_or(())?;
+        let mut id = [0u8; 16];
+        alloy::hex::decode_to_slice(hex, &mut id).map_err(|_| ())?;
+        Ok(PaymentId(id))
+    }
+}
+
+/// Where a payment is in its lifecycle (see DESIGN.md). Values match the public
+/// `PaymentStatus` enum.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Status {
+    Accepted,
+    Batched,
+    Submitted,
+    Included,
+    Settled,
+    Failed,
+    Expired,
+}
+
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Accepted,
+        Status::Batched,
+        Status::Submitted,
+        Status::Included,
+        Status::Settled,
+        Status::Failed,
+        Status::Expired,
+    ];
+
+    /// Settled, failed and expired payments never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Settled | Status::Failed | Status::Expired)
+    }
+
+    /// The lifecycle's edges. A dropped or reorged-out transaction returns its payments
+    /// to Accepted; an on-chain refusal fails a payment that was not yet included; a
+    /// payment can expire until it is included (after a reorg, via Accepted).
+    pub fn can_move_to(self, to: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, to),
+            (Accepted, Batched | Failed | Expired)
+                | (Batched, Submitted | Accepted | Failed | Expired)
+                | (Submitted, Included | Accepted | Failed | Expired)
+                | (Included, Settled | Accepted | Expired)
+        )
+    }
+
+    pub fn to_api(self) -> v1::PaymentStatus {
+        match self {
+            Status::Accepted => v1::PaymentStatus::Accepted,
+            Status::Batched => v1::PaymentStatus::Batched,
+            Status::Submitted => v1::PaymentStatus::Submitted,
+            Status::Included => v1::PaymentStatus::Included,
+            Status::Settled => v1::PaymentStatus::Settled,
+            Status::Failed => v1::PaymentStatus::Failed,
+            Status::Expired => v1::PaymentStatus::Expired,
+        }
+    }
+
+    pub fn from_api(s: v1::PaymentStatus) -> Option<Status> {
+        Status::ALL.into_iter().find(|x| x.to_api() == s)
+    }
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ledger record field {field} is corrupt")]
+pub struct CorruptRecord {
+    pub field: &'static str,
+}
+
+/// Everything the ledger knows about one payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub status: Status,
+    pub signed: SignedAuthorization,
+    pub network: String,
+    pub max_timeout_seconds: u64,
+    pub idempotency_key: String,
+    pub resource: String,
+    pub api_server: String,
+    pub accepted_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Sequence number of the latest change.
+    pub seq: u64,
+    /// x402 reason code, for Failed and Expired.
+    pub failure_reason: String,
+    pub failure_message: String,
+    pub batch_id: String,
+    pub tx_hash: Option<B256>,
+    pub block_number: u64,
+    pub block_hash: Option<B256>,
+    pub block_time: u64,
+    pub log_index: u64,
+}
+
+impl PaymentRecord {
+    pub fn key(&self) -> AuthKey {
+        AuthKey::of(&self.signed)
+    }
+
+    pub fn payment_id(&self) -> PaymentId {
+        self.key().payment_id()
+    }
+
+    pub fn value(&self) -> U256 {
+        self.signed.authorization.value
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let a = &self.signed.authorization;
+        disk::PaymentRecord {
+            status: self.status.to_api() as i32,
+            chain_id: self.signed.chain_id,
+            token: self.signed.token.to_vec(),
+            from: a.from.to_vec(),
+            to: a.to.to_vec(),
+            value: a.value.to_be_bytes::<32>().to_vec(),
+            valid_after: a.valid_after.to_be_bytes::<32>().to_vec(),
+            valid_before: a.valid_before.to_be_bytes::<32>().to_vec(),
+            nonce: a.nonce.to_vec(),
+            signature: self.signed.signature.0.to_vec(),
+            network: self.network.clone(),
+            max_timeout_seconds: self.max_timeout_seconds,
+            idempotency_key: self.idempotency_key.clone(),
+            resource: self.resource.clone(),
+            api_server: self.api_server.clone(),
+            accepted_at_ms: self.accepted_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            seq: self.seq,
+            failure_reason: self.failure_reason.clone(),
+            failure_message: self.failure_message.clone(),
+            batch_id: self.batch_id.clone(),
+            tx_hash: self.tx_hash.map(|h| h.to_vec()).unwrap_or_default(),
+            block_number: self.block_number,
+            block_hash: self.block_hash.map(|h| h.to_vec()).unwrap_or_default(),
+            block_time: self.block_time,
+            log_index: self.log_index,
+        }
+        .encode_to_vec()
+    }
+
+    /// Decodes a stored record, checking every fixed-size field's length.
+    pub fn decode(bytes: &[u8]) -> Result<PaymentRecord, CorruptRecord> {
+        let d = disk::PaymentRecord::decode(bytes).map_err(|_| CorruptRecord { field: "encoding" })?;
+        let addr = |b: &[u8], field| {
+            <[u8; 20]>::try_from(b)
+                .map(Address::from)
+                .map_err(|_| CorruptRecord { field })
+        };
+        let word = |b: &[u8], field| {
+            <[u8; 32]>::try_from(b)
+                .map(|w| U256::from_be_bytes(w))
+                .map_err(|_| CorruptRecord { field })
+        };
+        let hash = |b: &[u8], field| -> Result<Option<B256>, CorruptRecord> {
+            match b.len() {
+                0 => Ok(None),
+                32 => Ok(Some(B256::from_slice(b))),
+                _ => Err(CorruptRecord { field }),
+            }
+        };
+        let status = v1::PaymentStatus::try_from(d.status)
+            .ok()
+            .and_then(Status::from_api)
+            .ok_or(CorruptRecord { field: "status" })?;
+        Ok(PaymentRecord {
+            status,
+            signed: SignedAuthorization {
+                chain_id: d.chain_id,
+                token: addr(&d.token, "token")?,
+                authorization: Authorization {
+                    from: addr(&d.from, "from")?,
+                    to: addr(&d.to, "to")?,
+                    value: word(&d.value, "value")?,
+                    valid_after: word(&d.valid_after, "valid_after")?,
+                    valid_before: word(&d.valid_before, "valid_before")?,
+                    nonce: <[u8; 32]>::try_from(d.nonce.as_slice())
+                        .map(B256::from)
+                        .map_err(|_| CorruptRecord { field: "nonce" })?,
+                },
+                signature: RawSignature(
+                    d.signature
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| CorruptRecord { field: "signature" })?,
+                ),
+            },
+            network: d.network,
+            max_timeout_seconds: d.max_timeout_seconds,
+            idempotency_key: d.idempotency_key,
+            resource: d.resource,
+            api_server: d.api_server,
+            accepted_at_ms: d.accepted_at_ms,
+            updated_at_ms: d.updated_at_ms,
+            seq: d.seq,
+            failure_reason: d.failure_reason,
+            failure_message: d.failure_message,
+            batch_id: d.batch_id,
+            tx_hash: hash(&d.tx_hash, "tx_hash")?,
+            block_number: d.block_number,
+            block_hash: hash(&d.block_hash, "block_hash")?,
+            block_time: d.block_time,
+            log_index: d.log_index,
+        })
+    }
+
+    /// The public form of the record.
+    pub fn to_api(&self) -> v1::Payment {
+        let hash = |h: Option<B256>| h.map(|h| h.to_string()).unwrap_or_default();
+        v1::Payment {
+            payment_id: self.payment_id().to_string(),
+            status: self.status.to_api() as i32,
+            failure_reason: self.failure_reason.clone(),
+            failure_message: self.failure_message.clone(),
+            authorization: Some(crate::api::typed_authorization(&self.signed)),
+            requirements: Some(v1::PaymentRequirements {
+                scheme: crate::x402::SCHEME_EXACT.into(),
+                network: self.network.clone(),
+                asset: self.signed.token.to_checksum(None),
+                pay_to: self.signed.authorization.to.to_checksum(None),
+                amount: self.signed.authorization.value.to_string(),
+                max_timeout_seconds: self.max_timeout_seconds,
+            }),
+            idempotency_key: self.idempotency_key.clone(),
+            resource: self.resource.clone(),
+            api_server: self.api_server.clone(),
+            accepted_at_ms: self.accepted_at_ms,
+            batch_id: self.batch_id.clone(),
+            tx_hash: hash(self.tx_hash),
+            block_number: self.block_number,
+            block_hash: hash(self.block_hash),
+            block_time: self.block_time,
+            log_index: self.log_index,
+            seq: self.seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> PaymentRecord {
+        PaymentRecord {
+            status: Status::Included,
+            signed: SignedAuthorization {
+                chain_id: 8453,
+                token: Address::repeat_byte(1),
+                authorization: Authorization {
+                    from: Address::repeat_byte(2),
+                    to: Address::repeat_byte(3),
+                    value: U256::from(1_000_000u64),
+                    valid_after: U256::ZERO,
+                    valid_before: U256::MAX,
+                    nonce: B256::repeat_byte(4),
+                },
+                signature: RawSignature([5; 65]),
+            },
+            network: "eip155:8453".into(),
+            max_timeout_seconds: 300,
+            idempotency_key: "k".into(),
+            resource: "https://api.example/x".into(),
+            api_server: "node-1".into(),
+            accepted_at_ms: 1,
+            updated_at_ms: 2,
+            seq: 3,
+            failure_reason: String::new(),
+            failure_message: String::new(),
+            batch_id: "b".into(),
+            tx_hash: Some(B256::repeat_byte(6)),
+            block_number: 7,
+            block_hash: None,
+            block_time: 8,
+            log_index: 9,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_and_corruption_is_named() {
+        let r = record();
+        assert_eq!(PaymentRecord::decode(&r.encode()).unwrap(), r);
+        let mut d = disk::PaymentRecord::decode(r.encode().as_slice()).unwrap();
+        d.from.pop();
+        assert_eq!(
+            PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field,
+            "from"
+        );
+        d = disk::PaymentRecord::decode(r.encode().as_slice()).unwrap();
+        d.status = 99;
+        assert_eq!(
+            PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field,
+            "status"
+        );
+        assert!(PaymentRecord::decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn lifecycle_edges() {
+        use Status::*;
+        for s in Status::ALL {
+            assert!(!s.can_move_to(s), "{s:?} to itself");
+            if s.is_final() {
+                assert!(Status::ALL.iter().all(|t| !s.can_move_to(*t)), "{s:?} is final");
+            }
+        }
+        assert!(Accepted.can_move_to(Batched) && Included.can_move_to(Settled));
+        assert!(Included.can_move_to(Accepted), "reorg");
+        assert!(!Accepted.can_move_to(Settled) && !Included.can_move_to(Failed));
+    }
+
+    #[test]
+    fn ids_and_keys() {
+        let r = record();
+        let id = r.payment_id();
+        assert_eq!(id.to_string().parse::<PaymentId>().unwrap(), id);
+        assert_eq!(
+            r.key().payer(),
+            PayerKey::new(8453, Address::repeat_byte(1), Address::repeat_byte(2))
+        );
+        assert_eq!(r.key().payer().from(), Address::repeat_byte(2));
+    }
+}

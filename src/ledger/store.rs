@@ -1,0 +1,509 @@
+//! The ledger's RocksDB store: layout, schema check, reads, and [`Group`], which applies a
+//! batch of commands against the store plus its own uncommitted writes and commits them as
+//! one synced `WriteBatch`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use alloy::primitives::U256;
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord, Status};
+use super::writer::{AcceptOutcome, AcceptRequest, Command, TransitionRequest};
+use crate::x402::Reason;
+
+pub const CF_AUTH: &str = "auth";
+pub const CF_SEQ: &str = "seq";
+pub const CF_ID: &str = "id";
+pub const CF_IDEM: &str = "idem";
+pub const CF_EXPOSURE: &str = "exposure";
+pub const CF_META: &str = "meta";
+const CFS: [&str; 6] = [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META];
+
+/// The layout this code reads and writes. Bumped by any change older code cannot read.
+pub const SCHEMA_VERSION: u32 = 1;
+const META_SCHEMA: &[u8] = b"schema_version";
+
+/// Why a ledger operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    #[error("RocksDB {op} on column family {cf} failed")]
+    Db {
+        op: &'static str,
+        cf: &'static str,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error(
+        "ledger at {path} was written by schema version {found}; this daemon reads up to {SCHEMA_VERSION}: \
+         run a newer x402-batcher"
+    )]
+    NewerSchema { path: String, found: u32 },
+    #[error("ledger column family {cf} holds a corrupt entry")]
+    Corrupt {
+        cf: &'static str,
+        #[source]
+        source: CorruptRecord,
+    },
+    #[error("payment {0} is not in the ledger")]
+    NotFound(PaymentId),
+    #[error("payment {id} cannot move from {from:?} to {to:?}")]
+    IllegalTransition { id: PaymentId, from: Status, to: Status },
+    #[error("ledger write queue is full")]
+    QueueFull,
+    #[error("ledger writer has stopped")]
+    WriterStopped,
+}
+
+fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> LedgerError {
+    move |source| LedgerError::Db { op, cf, source }
+}
+
+/// Every ledger commit is synced: an acknowledged payment must survive a power cut.
+pub fn synced_write_options() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+/// The open ledger. Reads are safe from any thread; writes go through [`Group`], which only
+/// the writer thread creates.
+pub struct Ledger {
+    db: DB,
+    path: PathBuf,
+    last_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("last_seq", &self.last_seq())
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger at `path`, refusing one written by a newer schema.
+    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Every write is synced anyway; a larger WAL-backed memtable just batches flushes.
+        opts.set_write_buffer_size(64 << 20);
+        let cfs = CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open", "*"))?;
+        let ledger = Ledger {
+            db,
+            path: path.to_owned(),
+            last_seq: AtomicU64::new(0),
+        };
+
+        let meta = ledger.cf(CF_META);
+        match ledger
+            .db
+            .get_cf(meta, META_SCHEMA)
+            .map_err(db_err("get", CF_META))?
+        {
+            None => ledger
+                .db
+                .put_cf_opt(
+                    meta,
+                    META_SCHEMA,
+                    SCHEMA_VERSION.to_be_bytes(),
+                    &synced_write_options(),
+                )
+                .map_err(db_err("put", CF_META))?,
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| LedgerError::Corrupt {
+                        cf: CF_META,
+                        source: CorruptRecord {
+                            field: "schema_version",
+                        },
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(LedgerError::NewerSchema {
+                        path: path.display().to_string(),
+                        found,
+                    });
+                }
+            }
+        }
+        let last = ledger
+            .db
+            .iterator_cf(ledger.cf(CF_SEQ), IteratorMode::End)
+            .next()
+            .transpose()
+            .map_err(db_err("iterate", CF_SEQ))?
+            .map(|(k, _)| seq_from_key(&k))
+            .transpose()?
+            .unwrap_or(0);
+        ledger.last_seq.store(last, Ordering::SeqCst);
+        Ok(ledger)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
+    }
+
+    /// The sequence number of the newest committed change (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+
+    pub fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_AUTH), key.as_bytes())
+            .map_err(db_err("get", CF_AUTH))?
+            .map(|v| PaymentRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_AUTH, source }))
+            .transpose()
+    }
+
+    pub fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError> {
+        let Some(key) = self
+            .db
+            .get_pinned_cf(self.cf(CF_ID), id.0)
+            .map_err(db_err("get", CF_ID))?
+        else {
+            return Ok(None);
+        };
+        let key = AuthKey::from_bytes(&key).ok_or(LedgerError::Corrupt {
+            cf: CF_ID,
+            source: CorruptRecord { field: "auth key" },
+        })?;
+        self.get(&key)
+    }
+
+    /// The payer's exposure: values accepted and not yet final.
+    pub fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_EXPOSURE), payer.as_bytes())
+            .map_err(db_err("get", CF_EXPOSURE))?
+            .map(|v| decode_u256(&v))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    /// Every payer's exposure (for tests and status).
+    pub fn exposures(&self) -> Result<Vec<(PayerKey, U256)>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_EXPOSURE), IteratorMode::Start) {
+            let (k, v) = kv.map_err(db_err("iterate", CF_EXPOSURE))?;
+            let payer = AuthKey::from_bytes(&[k.as_ref(), &[0u8; 32]].concat())
+                .ok_or(LedgerError::Corrupt {
+                    cf: CF_EXPOSURE,
+                    source: CorruptRecord { field: "key" },
+                })?
+                .payer();
+            out.push((payer, decode_u256(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` changes with a sequence number above `after`, in order.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError> {
+        let start = (after.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_SEQ), IteratorMode::From(&start, Direction::Forward))
+            .take(limit)
+        {
+            let (_, v) = kv.map_err(db_err("iterate", CF_SEQ))?;
+            out.push(
+                PaymentRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_SEQ, source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every payment record, in key order (for recovery, tests and checks).
+    pub fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_AUTH), IteratorMode::Start) {
+            let (_, v) = kv.map_err(db_err("iterate", CF_AUTH))?;
+            out.push(
+                PaymentRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_AUTH, source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Applies `commands` in order as one group and commits them in one synced write.
+    /// Each command gets its own result; if the commit fails, every command fails with the
+    /// commit's error and nothing of the group is visible.
+    pub fn apply_group(&self, commands: &[Command]) -> Vec<Result<Applied, LedgerError>> {
+        let mut group = Group::new(self);
+        let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
+        match group.commit() {
+            Ok(()) => results,
+            Err(e) => results.into_iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Accept(AcceptOutcome),
+    Transition(PaymentRecord),
+}
+
+fn seq_from_key(k: &[u8]) -> Result<u64, LedgerError> {
+    <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| LedgerError::Corrupt {
+            cf: CF_SEQ,
+            source: CorruptRecord {
+                field: "sequence key",
+            },
+        })
+}
+
+fn decode_u256(v: &[u8]) -> Result<U256, LedgerError> {
+    <[u8; 32]>::try_from(v)
+        .map(U256::from_be_bytes)
+        .map_err(|_| LedgerError::Corrupt {
+            cf: CF_EXPOSURE,
+            source: CorruptRecord { field: "exposure" },
+        })
+}
+
+/// One group of commands: the store plus this group's uncommitted writes, so later
+/// commands in the group see earlier ones (two submissions of one nonce in one group
+/// conflict exactly as in two groups).
+struct Group<'a> {
+    ledger: &'a Ledger,
+    batch: WriteBatch,
+    records: HashMap<AuthKey, PaymentRecord>,
+    exposures: HashMap<PayerKey, U256>,
+    idem: HashMap<String, AuthKey>,
+    next_seq: u64,
+}
+
+impl<'a> Group<'a> {
+    fn new(ledger: &'a Ledger) -> Self {
+        Self {
+            ledger,
+            batch: WriteBatch::default(),
+            records: HashMap::new(),
+            exposures: HashMap::new(),
+            idem: HashMap::new(),
+            next_seq: ledger.last_seq() + 1,
+        }
+    }
+
+    fn record(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
+        match self.records.get(key) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.ledger.get(key),
+        }
+    }
+
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
+        match self.exposures.get(payer) {
+            Some(e) => Ok(*e),
+            None => self.ledger.exposure(payer),
+        }
+    }
+
+    fn idem_key(&self, k: &str) -> Result<Option<AuthKey>, LedgerError> {
+        if let Some(key) = self.idem.get(k) {
+            return Ok(Some(*key));
+        }
+        let stored = self
+            .ledger
+            .db
+            .get_pinned_cf(self.ledger.cf(CF_IDEM), k.as_bytes())
+            .map_err(db_err("get", CF_IDEM))?;
+        stored
+            .map(|v| {
+                AuthKey::from_bytes(&v).ok_or(LedgerError::Corrupt {
+                    cf: CF_IDEM,
+                    source: CorruptRecord { field: "auth key" },
+                })
+            })
+            .transpose()
+    }
+
+    fn apply(&mut self, command: &Command) -> Result<Applied, LedgerError> {
+        match command {
+            Command::Accept(req, _) => self.accept(req).map(Applied::Accept),
+            Command::Transition(req, _) => self.transition(req).map(Applied::Transition),
+        }
+    }
+
+    fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
+        let key = AuthKey::of(&req.signed);
+        if !req.idempotency_key.is_empty()
+            && let Some(named) = self.idem_key(&req.idempotency_key)?
+            && named != key
+        {
+            return Ok(AcceptOutcome::Refused {
+                reason: Reason::InvalidPayload,
+                message: format!(
+                    "idempotency key {:?} already names payment {}",
+                    req.idempotency_key,
+                    named.payment_id()
+                ),
+            });
+        }
+        if let Some(existing) = self.record(&key)? {
+            // The same transfer again (a retry, a second API server) is the same payment,
+            // whatever signature bytes carry it; a different transfer under a used nonce is
+            // a double spend.
+            let (a, b) = (&existing.signed.authorization, &req.signed.authorization);
+            return Ok(if a == b {
+                AcceptOutcome::Duplicate(existing)
+            } else {
+                AcceptOutcome::Refused {
+                    reason: Reason::NonceAlreadyUsed,
+                    message: format!(
+                        "nonce {} of {} is already used by payment {}",
+                        b.nonce,
+                        b.from,
+                        existing.payment_id()
+                    ),
+                }
+            });
+        }
+        if let Err(e) = &req.window {
+            return Ok(AcceptOutcome::Refused {
+                reason: e.reason(),
+                message: e.to_string(),
+            });
+        }
+        let payer = key.payer();
+        let exposure = self.exposure(&payer)?;
+        let value = req.signed.authorization.value;
+        let needed = exposure.saturating_add(value);
+        if needed > req.balance {
+            return Ok(AcceptOutcome::Refused {
+                reason: Reason::InsufficientFunds,
+                message: format!(
+                    "balance {} of {} does not cover {} already pending plus {}",
+                    req.balance, req.signed.authorization.from, exposure, value
+                ),
+            });
+        }
+
+        let record = PaymentRecord {
+            status: Status::Accepted,
+            signed: req.signed.clone(),
+            network: req.network.clone(),
+            max_timeout_seconds: req.max_timeout_seconds,
+            idempotency_key: req.idempotency_key.clone(),
+            resource: req.resource.clone(),
+            api_server: req.api_server.clone(),
+            accepted_at_ms: req.now_ms,
+            updated_at_ms: req.now_ms,
+            seq: 0,
+            failure_reason: String::new(),
+            failure_message: String::new(),
+            batch_id: String::new(),
+            tx_hash: None,
+            block_number: 0,
+            block_hash: None,
+            block_time: 0,
+            log_index: 0,
+        };
+        let record = self.write(record);
+        self.batch
+            .put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
+        if !req.idempotency_key.is_empty() {
+            self.batch.put_cf(
+                self.ledger.cf(CF_IDEM),
+                req.idempotency_key.as_bytes(),
+                key.as_bytes(),
+            );
+            self.idem.insert(req.idempotency_key.clone(), key);
+        }
+        self.set_exposure(payer, needed);
+        Ok(AcceptOutcome::Accepted(record))
+    }
+
+    fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
+        let mut record = self
+            .record(&req.key)?
+            .ok_or(LedgerError::NotFound(req.key.payment_id()))?;
+        if !record.status.can_move_to(req.to) {
+            return Err(LedgerError::IllegalTransition {
+                id: req.key.payment_id(),
+                from: record.status,
+                to: req.to,
+            });
+        }
+        if req.to.is_final() {
+            let payer = req.key.payer();
+            let exposure = self.exposure(&payer)?;
+            self.set_exposure(payer, exposure.saturating_sub(record.value()));
+        }
+        record.status = req.to;
+        record.updated_at_ms = req.now_ms;
+        if let Some((reason, message)) = &req.failure {
+            record.failure_reason = reason.code().to_owned();
+            record.failure_message = message.clone();
+        }
+        if let Some(batch_id) = &req.batch_id {
+            record.batch_id = batch_id.clone();
+        }
+        if let Some(ev) = &req.evidence {
+            record.tx_hash = Some(ev.tx_hash);
+            record.block_number = ev.block_number;
+            record.block_hash = Some(ev.block_hash);
+            record.block_time = ev.block_time;
+            record.log_index = ev.log_index;
+        }
+        Ok(self.write(record))
+    }
+
+    /// Stamps the next sequence number on `record` and writes it under its key and its seq.
+    fn write(&mut self, mut record: PaymentRecord) -> PaymentRecord {
+        record.seq = self.next_seq;
+        self.next_seq += 1;
+        let key = record.key();
+        let bytes = record.encode();
+        self.batch
+            .put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
+        self.batch.put_cf(self.ledger.cf(CF_AUTH), key.as_bytes(), bytes);
+        self.records.insert(key, record.clone());
+        record
+    }
+
+    fn set_exposure(&mut self, payer: PayerKey, value: U256) {
+        if value.is_zero() {
+            self.batch
+                .delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
+        } else {
+            self.batch.put_cf(
+                self.ledger.cf(CF_EXPOSURE),
+                payer.as_bytes(),
+                value.to_be_bytes::<32>(),
+            );
+        }
+        self.exposures.insert(payer, value);
+    }
+
+    fn commit(self) -> Result<(), LedgerError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.ledger
+            .db
+            .write_opt(self.batch, &synced_write_options())
+            .map_err(db_err("write", "*"))?;
+        self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
+        Ok(())
+    }
+}

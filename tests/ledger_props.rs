@@ -1,0 +1,236 @@
+//! The ledger's invariants hold over random operation sequences: exposure equals the sum of
+//! pending values per payer, one record per authorization key, transitions only along the
+//! lifecycle, strictly increasing sequence numbers, and all of it survives a reopen.
+
+use std::collections::HashMap;
+
+use alloy::primitives::{Address, B256, U256};
+use proptest::prelude::*;
+use x402_batcher::admission::AdmissionError;
+use x402_batcher::ledger::store::Applied;
+use x402_batcher::ledger::{
+    AcceptOutcome, AcceptRequest, AuthKey, Command, Ledger, Status, TransitionRequest,
+};
+use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// payer, nonce, value, balance, window ok
+    Accept {
+        payer: u8,
+        nonce: u8,
+        value: u64,
+        balance: u64,
+        in_window: bool,
+    },
+    /// index into the keys seen so far, target status
+    Transition {
+        pick: prop::sample::Index,
+        to: usize,
+    },
+    Reopen,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..3, 0u8..5, 1u64..5, 0u64..15, prop::bool::weighted(0.9))
+            .prop_map(|(payer, nonce, value, balance, in_window)| Op::Accept { payer, nonce, value, balance, in_window }),
+        4 => (any::<prop::sample::Index>(), 0usize..7).prop_map(|(pick, to)| Op::Transition { pick, to }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn signed(payer: u8, nonce: u8, value: u64) -> SignedAuthorization {
+    SignedAuthorization {
+        chain_id: 8453,
+        token: Address::repeat_byte(0xcc),
+        authorization: Authorization {
+            from: Address::repeat_byte(payer + 1),
+            to: Address::repeat_byte(0xee),
+            value: U256::from(value),
+            valid_after: U256::ZERO,
+            valid_before: U256::from(u64::MAX),
+            nonce: B256::with_last_byte(nonce),
+        },
+        signature: RawSignature([0; 65]),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Model {
+    status: Status,
+    value: U256,
+    authorization: Authorization,
+}
+
+fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
+    let records = ledger.records().unwrap();
+    assert_eq!(
+        records.len(),
+        model.len(),
+        "one record per key, and only accepted ones"
+    );
+    let mut pending: HashMap<_, U256> = HashMap::new();
+    for r in &records {
+        let m = &model[&r.key()];
+        assert_eq!(r.status, m.status, "status of {:?}", r.payment_id());
+        assert_eq!(r.signed.authorization, m.authorization);
+        if !r.status.is_final() {
+            *pending.entry(r.key().payer()).or_default() += r.value();
+        }
+    }
+    let mut exposures: HashMap<_, U256> = ledger.exposures().unwrap().into_iter().collect();
+    exposures.retain(|_, v| !v.is_zero());
+    pending.retain(|_, v| !v.is_zero());
+    assert_eq!(exposures, pending, "exposure equals the sum of pending values");
+
+    let events = ledger.events_after(0, usize::MAX).unwrap();
+    assert_eq!(
+        events.len() as u64,
+        ledger.last_seq(),
+        "one event per change, numbered from 1"
+    );
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "sequence numbers are dense and increasing");
+    }
+    for r in &records {
+        assert_eq!(
+            events[r.seq as usize - 1],
+            *r,
+            "a record's latest event is the record"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold(ops in prop::collection::vec(arb_op(), 1..60), group_sizes in prop::collection::vec(1usize..5, 60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let mut model: HashMap<AuthKey, Model> = HashMap::new();
+        let mut keys: Vec<AuthKey> = Vec::new();
+
+        let mut ops = ops.into_iter().peekable();
+        let mut sizes = group_sizes.into_iter().cycle();
+        while ops.peek().is_some() {
+            if let Some(Op::Reopen) = ops.peek() {
+                ops.next();
+                drop(ledger);
+                ledger = Ledger::open(dir.path()).unwrap();
+                check_invariants(&ledger, &model);
+                continue;
+            }
+            // A group of commands, applied against the model in the same order.
+            let mut commands = Vec::new();
+            let mut expect = Vec::new();
+            let mut overlay = model.clone();
+            let mut exposure: HashMap<_, U256> = HashMap::new();
+            for m in overlay.values() {
+                if !m.status.is_final() {
+                    *exposure.entry(m.authorization.from).or_default() += m.value;
+                }
+            }
+            for _ in 0..sizes.next().unwrap() {
+                let Some(op) = ops.next_if(|o| !matches!(o, Op::Reopen)) else { break };
+                match op {
+                    Op::Accept { payer, nonce, value, balance, in_window } => {
+                        let s = signed(payer, nonce, value);
+                        let key = AuthKey::of(&s);
+                        let window = if in_window { Ok(()) } else { Err(AdmissionError::ZeroAmount) };
+                        let outcome = match overlay.get(&key) {
+                            Some(m) if m.authorization == s.authorization => "duplicate",
+                            Some(_) => "nonce_used",
+                            None if !in_window => "window",
+                            None => {
+                                let e = exposure.entry(s.authorization.from).or_default();
+                                if *e + U256::from(value) > U256::from(balance) {
+                                    "insufficient"
+                                } else {
+                                    *e += U256::from(value);
+                                    overlay.insert(key, Model { status: Status::Accepted, value: U256::from(value), authorization: s.authorization.clone() });
+                                    keys.push(key);
+                                    "accepted"
+                                }
+                            }
+                        };
+                        expect.push(outcome);
+                        commands.push(Command::accept(AcceptRequest {
+                            signed: s,
+                            network: "eip155:8453".into(),
+                            max_timeout_seconds: 300,
+                            idempotency_key: String::new(),
+                            resource: String::new(),
+                            api_server: String::new(),
+                            balance: U256::from(balance),
+                            window,
+                            now_ms: 1,
+                        }).0);
+                    }
+                    Op::Transition { pick, to } => {
+                        let key = if keys.is_empty() { AuthKey::of(&signed(9, 9, 1)) } else { *pick.get(&keys) };
+                        let to = Status::ALL[to];
+                        let outcome = match overlay.get_mut(&key) {
+                            None => "not_found",
+                            Some(m) if !m.status.can_move_to(to) => "illegal",
+                            Some(m) => {
+                                if to.is_final() {
+                                    *exposure.get_mut(&m.authorization.from).unwrap() -= m.value;
+                                }
+                                m.status = to;
+                                "moved"
+                            }
+                        };
+                        expect.push(outcome);
+                        commands.push(Command::transition(TransitionRequest::new(key, to, 2)).0);
+                    }
+                    Op::Reopen => unreachable!(),
+                }
+            }
+            let results = ledger.apply_group(&commands);
+            for (result, expected) in results.iter().zip(&expect) {
+                let got = match result {
+                    Ok(Applied::Accept(AcceptOutcome::Accepted(_))) => "accepted",
+                    Ok(Applied::Accept(AcceptOutcome::Duplicate(_))) => "duplicate",
+                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => "nonce_used",
+                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => "insufficient",
+                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InvalidPaymentRequirements, .. })) => "window",
+                    Ok(Applied::Transition(_)) => "moved",
+                    Err(x402_batcher::ledger::LedgerError::NotFound(_)) => "not_found",
+                    Err(x402_batcher::ledger::LedgerError::IllegalTransition { .. }) => "illegal",
+                    other => panic!("unexpected result {other:?}"),
+                };
+                prop_assert_eq!(got, *expected);
+            }
+            model = overlay;
+            check_invariants(&ledger, &model);
+        }
+    }
+}
+
+#[test]
+fn a_newer_schema_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Ledger::open(dir.path()).unwrap());
+    {
+        let opts = rocksdb::Options::default();
+        let db = rocksdb::DB::open_cf(
+            &opts,
+            dir.path(),
+            ["auth", "seq", "id", "idem", "exposure", "meta"],
+        )
+        .unwrap();
+        db.put_cf(
+            db.cf_handle("meta").unwrap(),
+            b"schema_version",
+            99u32.to_be_bytes(),
+        )
+        .unwrap();
+    }
+    let err = Ledger::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("schema version 99") && err.contains("newer"),
+        "{err}"
+    );
+}
