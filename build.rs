@@ -8,10 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("x402_batcher_descriptor.bin"))
         .compile_protos(
-            &[
-                "proto/x402/batcher/v1/batcher.proto",
-                "proto/x402/batcher/ledger/v1/ledger.proto",
-            ],
+            &["proto/x402/batcher/v1/batcher.proto", "proto/x402/batcher/ledger/v1/ledger.proto"],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -31,13 +31,8 @@ fn samples() -> Vec<Admitted> {
     (0..SAMPLES)
         .map(|i| {
             let payer = PrivateKeySigner::random();
-            let signed = PaymentBuilder::new(&payer, &domain, 1_800_000_000)
-                .nonce_index(i as u64)
-                .build();
-            Admitted {
-                signed,
-                domain_separator: domain.separator(),
-            }
+            let signed = PaymentBuilder::new(&payer, &domain, 1_800_000_000).nonce_index(i as u64).build();
+            Admitted { signed, domain_separator: domain.separator() }
         })
         .collect()
 }
@@ -92,9 +87,8 @@ fn bench(c: &mut Criterion) {
 
 /// The mean time of a benchmark from criterion's saved estimates, in nanoseconds.
 fn mean_ns(id: &str) -> Option<f64> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
     let text = std::fs::read_to_string(target.join("criterion").join(id).join("new/estimates.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
@@ -127,10 +121,7 @@ fn main() {
             full / 1e3,
             full / raw
         );
-        println!(
-            "  pool, 1 thread              {:>8.0} /s",
-            per_sec(p1, POOL_BATCH)
-        );
+        println!("  pool, 1 thread              {:>8.0} /s", per_sec(p1, POOL_BATCH));
         println!(
             "  pool, 2 threads             {:>8.0} /s  ratio to 1 thread {:.3} (target >= 1.7); {:.0}% of 2 × raw ceiling",
             per_sec(p2, POOL_BATCH),

@@ -12,7 +12,9 @@ use alloy::primitives::{Address, B256, U256};
 use crate::clock::Clock;
 use crate::config::{AdmissionConfig, TokenTable};
 use crate::x402::network::{self, NetworkError};
-use crate::x402::{PaymentPayload, PaymentRequirements, Reason, SCHEME_EXACT, SignedAuthorization};
+use crate::x402::{
+    Authorization, PaymentPayload, PaymentRequirements, Reason, SCHEME_EXACT, SignedAuthorization,
+};
 
 /// A payment as it arrives: already typed by the API server, or the raw decoded header.
 // Both variants are a few hundred bytes and each is built once per submission: boxing the
@@ -46,17 +48,9 @@ pub enum AdmissionError {
     #[error("payment is in token {paid}, requirements ask for {required}")]
     AssetMismatch { required: Address, paid: Address },
     #[error("payment accepted {field} {accepted}, requirements say {required}")]
-    AcceptedMismatch {
-        field: &'static str,
-        required: String,
-        accepted: String,
-    },
+    AcceptedMismatch { field: &'static str, required: String, accepted: String },
     #[error("signed for EIP-712 domain {field} {signed:?}; the token's is {token:?}")]
-    DomainMismatch {
-        field: &'static str,
-        signed: String,
-        token: String,
-    },
+    DomainMismatch { field: &'static str, signed: String, token: String },
     #[error("authorization pays {paid}, requirements ask for payTo {required}")]
     RecipientMismatch { required: Address, paid: Address },
     #[error("authorization value {paid} differs from the required amount {required}")]
@@ -72,11 +66,7 @@ pub enum AdmissionError {
     #[error(
         "authorization expires at {valid_before}, less than {min_remaining} s from now ({now}): too soon to settle"
     )]
-    ExpiresTooSoon {
-        valid_before: U256,
-        now: u64,
-        min_remaining: u64,
-    },
+    ExpiresTooSoon { valid_before: U256, now: u64, min_remaining: u64 },
 }
 
 impl AdmissionError {
@@ -123,45 +113,47 @@ impl Admission {
         config: AdmissionConfig,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self {
-            tokens,
-            aliases,
-            config,
-            clock,
-        }
+        Self { tokens, aliases, config, clock }
     }
 
     pub fn tokens(&self) -> &TokenTable {
         &self.tokens
     }
 
-    /// Runs every static check; the first failure is the answer. The requirements are
-    /// judged on their own first (a misconfigured API server is the root cause whatever
-    /// the payment), then the payment against them.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Every check: [`Admission::admit_static`], then [`Admission::check_window`].
     pub fn admit(&self, input: PaymentInput, req: &PaymentRequirements) -> Result<Admitted, AdmissionError> {
+        let admitted = self.admit_static(input, req)?;
+        self.check_window(&admitted.signed.authorization)?;
+        Ok(admitted)
+    }
+
+    /// The checks that do not depend on time; the first failure is the answer. The
+    /// requirements are judged on their own first (a misconfigured API server is the root
+    /// cause whatever the payment), then the payment against them.
+    pub fn admit_static(
+        &self,
+        input: PaymentInput,
+        req: &PaymentRequirements,
+    ) -> Result<Admitted, AdmissionError> {
         if req.scheme != SCHEME_EXACT {
-            return Err(AdmissionError::Scheme {
-                found: req.scheme.clone(),
-            });
+            return Err(AdmissionError::Scheme { found: req.scheme.clone() });
         }
         let required_chain = network::resolve(&req.network, &self.aliases)?;
         let token = self
             .tokens
             .get(required_chain, req.asset)
-            .ok_or(AdmissionError::UnknownAsset {
-                chain_id: required_chain,
-                asset: req.asset,
-            })?;
+            .ok_or(AdmissionError::UnknownAsset { chain_id: required_chain, asset: req.asset })?;
         if req.amount.is_zero() {
             return Err(AdmissionError::ZeroAmount);
         }
         if let Some(max) = self.config.max_value
             && req.amount > max
         {
-            return Err(AdmissionError::AmountOverCap {
-                amount: req.amount,
-                max,
-            });
+            return Err(AdmissionError::AmountOverCap { amount: req.amount, max });
         }
 
         let (signed, accepted) = match input {
@@ -180,10 +172,7 @@ impl Admission {
         };
 
         if signed.chain_id != required_chain {
-            return Err(AdmissionError::NetworkMismatch {
-                required: required_chain,
-                paid: signed.chain_id,
-            });
+            return Err(AdmissionError::NetworkMismatch { required: required_chain, paid: signed.chain_id });
         }
         if let Some(accepted) = &accepted {
             check_accepted("asset", req.asset, accepted.asset)?;
@@ -191,16 +180,12 @@ impl Admission {
             check_accepted("amount", req.amount, accepted.amount)?;
         }
         if signed.token != req.asset {
-            return Err(AdmissionError::AssetMismatch {
-                required: req.asset,
-                paid: signed.token,
-            });
+            return Err(AdmissionError::AssetMismatch { required: req.asset, paid: signed.token });
         }
         if let Some(hint) = accepted.map(|a| a.domain) {
-            for (field, signed_as, ours) in [
-                ("name", hint.name, &token.domain.name),
-                ("version", hint.version, &token.domain.version),
-            ] {
+            for (field, signed_as, ours) in
+                [("name", hint.name, &token.domain.name), ("version", hint.version, &token.domain.version)]
+            {
                 if let Some(signed_as) = signed_as
                     && &signed_as != ours
                 {
@@ -215,31 +200,24 @@ impl Admission {
 
         let auth = &signed.authorization;
         if auth.to != req.pay_to {
-            return Err(AdmissionError::RecipientMismatch {
-                required: req.pay_to,
-                paid: auth.to,
-            });
+            return Err(AdmissionError::RecipientMismatch { required: req.pay_to, paid: auth.to });
         }
         if auth.value != req.amount {
-            return Err(AdmissionError::ValueMismatch {
-                required: req.amount,
-                paid: auth.value,
-            });
+            return Err(AdmissionError::ValueMismatch { required: req.amount, paid: auth.value });
         }
 
+        Ok(Admitted { domain_separator: token.domain.separator(), signed })
+    }
+
+    /// The validity window against the clock: valid already, and for long enough to settle.
+    pub fn check_window(&self, auth: &Authorization) -> Result<(), AdmissionError> {
         let now = self.clock.now_unix();
         if auth.valid_after > U256::from(now) {
-            return Err(AdmissionError::NotYetValid {
-                valid_after: auth.valid_after,
-                now,
-            });
+            return Err(AdmissionError::NotYetValid { valid_after: auth.valid_after, now });
         }
         // On chain the token needs `block.timestamp < validBefore`.
         if auth.valid_before <= U256::from(now) {
-            return Err(AdmissionError::Expired {
-                valid_before: auth.valid_before,
-                now,
-            });
+            return Err(AdmissionError::Expired { valid_before: auth.valid_before, now });
         }
         let min_remaining = self.config.min_validity_remaining_secs;
         if auth.valid_before < U256::from(now.saturating_add(min_remaining)) {
@@ -250,10 +228,7 @@ impl Admission {
             });
         }
 
-        Ok(Admitted {
-            domain_separator: token.domain.separator(),
-            signed,
-        })
+        Ok(())
     }
 }
 

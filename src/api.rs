@@ -53,42 +53,29 @@ impl ConvertError {
 pub fn payment_input(req: &v1::SubmitRequest) -> Result<PaymentInput, ConvertError> {
     match &req.payment {
         None => Err(ConvertError::MissingPayment),
-        Some(v1::submit_request::Payment::Authorization(a)) => signed_authorization(a)
-            .map(PaymentInput::Typed)
-            .map_err(ConvertError::Payment),
-        Some(v1::submit_request::Payment::X402Header(h)) => decode::decode_header(h)
-            .map(PaymentInput::Header)
-            .map_err(ConvertError::Payment),
+        Some(v1::submit_request::Payment::Authorization(a)) => {
+            signed_authorization(a).map(PaymentInput::Typed).map_err(ConvertError::Payment)
+        }
+        Some(v1::submit_request::Payment::X402Header(h)) => {
+            decode::decode_header(h).map(PaymentInput::Header).map_err(ConvertError::Payment)
+        }
     }
 }
 
 /// The requirements of a submission.
 pub fn requirements(req: &v1::SubmitRequest) -> Result<PaymentRequirements, ConvertError> {
-    let r = req
-        .requirements
-        .as_ref()
-        .ok_or(ConvertError::MissingRequirements)?;
+    let r = req.requirements.as_ref().ok_or(ConvertError::MissingRequirements)?;
     payment_requirements(r).map_err(ConvertError::Requirements)
 }
 
 fn non_empty(field: &'static str, s: &str) -> Result<(), DecodeError> {
-    if s.is_empty() {
-        Err(DecodeError::Field {
-            field,
-            problem: FieldProblem::Missing,
-        })
-    } else {
-        Ok(())
-    }
+    if s.is_empty() { Err(DecodeError::Field { field, problem: FieldProblem::Missing }) } else { Ok(()) }
 }
 
 /// A typed authorization from its message.
 pub fn signed_authorization(a: &v1::TypedAuthorization) -> Result<SignedAuthorization, DecodeError> {
     if a.chain_id == 0 {
-        return Err(DecodeError::Field {
-            field: "authorization.chain_id",
-            problem: FieldProblem::Missing,
-        });
+        return Err(DecodeError::Field { field: "authorization.chain_id", problem: FieldProblem::Missing });
     }
     Ok(SignedAuthorization {
         chain_id: a.chain_id,
@@ -180,10 +167,7 @@ mod tests {
         let err = requirements(&req).unwrap_err();
         assert!(err.is_malformed_request());
         assert_eq!(err.reason(), Reason::InvalidPaymentRequirements);
-        req.requirements = Some(v1::PaymentRequirements {
-            scheme: "exact".into(),
-            ..Default::default()
-        });
+        req.requirements = Some(v1::PaymentRequirements { scheme: "exact".into(), ..Default::default() });
         let err = requirements(&req).unwrap_err();
         assert!(err.to_string().contains("requirements.network"), "{err}");
     }

@@ -127,19 +127,13 @@ pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
 pub fn batch_calls(items: &[SignedAuthorization]) -> Vec<IMulticall3::Call3> {
     items
         .iter()
-        .map(|s| IMulticall3::Call3 {
-            target: s.token,
-            allowFailure: true,
-            callData: transfer_calldata(s),
-        })
+        .map(|s| IMulticall3::Call3 { target: s.token, allowFailure: true, callData: transfer_calldata(s) })
         .collect()
 }
 
 /// The gas limit for a batch of `items` authorizations, capped at [`TX_GAS_CAP`].
 pub fn batch_gas_limit(items: usize) -> u64 {
-    BATCH_BASE_GAS
-        .saturating_add(ITEM_GAS.saturating_mul(items as u64))
-        .min(TX_GAS_CAP)
+    BATCH_BASE_GAS.saturating_add(ITEM_GAS.saturating_mul(items as u64)).min(TX_GAS_CAP)
 }
 
 /// The `(authorizer, nonce)` pairs of every `AuthorizationUsed` log `token` emitted in a
@@ -163,10 +157,7 @@ pub async fn check_domain<P: Provider>(provider: &P, domain: &TokenDomain) -> Re
         .DOMAIN_SEPARATOR()
         .call()
         .await
-        .map_err(|source| ChainError::Rpc {
-            call: "DOMAIN_SEPARATOR",
-            source,
-        })?;
+        .map_err(|source| ChainError::Rpc { call: "DOMAIN_SEPARATOR", source })?;
     if on_chain != domain.separator() {
         return Err(ChainError::DomainMismatch {
             chain_id: domain.chain_id,

@@ -18,10 +18,7 @@ impl Clock for SystemClock {
     fn now_unix(&self) -> u64 {
         // A clock before 1970 is a broken host; treating it as the epoch makes every
         // authorization look not-yet-expired-but-not-yet-valid, which refuses safely.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 }
 

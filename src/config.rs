@@ -42,10 +42,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        problem: problem.into(),
-    }
+    ConfigError::Invalid { field: field.into(), problem: problem.into() }
 }
 
 /// The whole configuration.
@@ -94,10 +91,7 @@ pub struct AdmissionConfig {
 
 impl Default for AdmissionConfig {
     fn default() -> Self {
-        Self {
-            min_validity_remaining_secs: DEFAULT_MIN_VALIDITY_REMAINING_SECS,
-            max_value: None,
-        }
+        Self { min_validity_remaining_secs: DEFAULT_MIN_VALIDITY_REMAINING_SECS, max_value: None }
     }
 }
 
@@ -113,10 +107,7 @@ pub struct VerifyConfig {
 
 impl Default for VerifyConfig {
     fn default() -> Self {
-        Self {
-            threads: DEFAULT_VERIFY_THREADS,
-            queue_capacity: DEFAULT_VERIFY_QUEUE_CAPACITY,
-        }
+        Self { threads: DEFAULT_VERIFY_THREADS, queue_capacity: DEFAULT_VERIFY_QUEUE_CAPACITY }
     }
 }
 
@@ -133,17 +124,14 @@ impl VerifyConfig {
 
 fn opt_decimal_u256<'de, D: Deserializer<'de>>(d: D) -> Result<Option<U256>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
-    s.map(|s| crate::x402::decode::parse_u256("max_value", &s).map_err(serde::de::Error::custom))
-        .transpose()
+    s.map(|s| crate::x402::decode::parse_u256("max_value", &s).map_err(serde::de::Error::custom)).transpose()
 }
 
 impl Config {
     /// Reads, parses and validates a TOML config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Config::parse(&text)
     }
 
@@ -172,10 +160,7 @@ impl Config {
                 return Err(invalid(field("eip712_version"), "must not be empty"));
             }
             if t.decimals > 77 {
-                return Err(invalid(
-                    field("decimals"),
-                    "must be at most 77 (uint256 has 78 digits)",
-                ));
+                return Err(invalid(field("decimals"), "must be at most 77 (uint256 has 78 digits)"));
             }
             if let Some(j) = seen.insert((t.chain_id, t.address), i) {
                 return Err(invalid(
@@ -192,20 +177,14 @@ impl Config {
                 ));
             }
             if chain_id == 0 {
-                return Err(invalid(
-                    format!("network_aliases.{name}"),
-                    "must be a positive chain id",
-                ));
+                return Err(invalid(format!("network_aliases.{name}"), "must be a positive chain id"));
             }
         }
         if self.verify.queue_capacity == 0 {
             return Err(invalid("verify.queue_capacity", "must be at least 1"));
         }
         if self.verify.threads > 1024 {
-            return Err(invalid(
-                "verify.threads",
-                "must be at most 1024 (0 = one per core)",
-            ));
+            return Err(invalid("verify.threads", "must be at most 1024 (0 = one per core)"));
         }
         Ok(())
     }
@@ -293,9 +272,7 @@ mod tests {
         let config = Config::parse(&text).unwrap();
         assert_eq!(config.tokens.len(), 2);
         let table = config.token_table();
-        let usdc = table
-            .get(8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"))
-            .unwrap();
+        let usdc = table.get(8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")).unwrap();
         assert_eq!(usdc.domain.name, "USD Coin");
         assert_eq!(config.admission.max_value, Some(U256::from(100_000_000u64)));
     }
@@ -318,9 +295,7 @@ mod tests {
         "#;
         let err = Config::parse(dup).unwrap_err().to_string();
         assert!(err.contains("tokens[1].address"), "{err}");
-        let err = Config::parse("[verify]\nqueue_capacity = 0")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[verify]\nqueue_capacity = 0").unwrap_err().to_string();
         assert!(err.contains("verify.queue_capacity"), "{err}");
         let err = Config::parse("[verify]\nqeue_capacity = 4").unwrap_err();
         assert!(matches!(err, ConfigError::Parse(_)));

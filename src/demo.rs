@@ -49,10 +49,7 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self {
-            payments: 400,
-            payers: 20,
-        }
+        Self { payments: 400, payers: 20 }
     }
 }
 
@@ -96,9 +93,7 @@ const DEFECTS: &[Option<&str>] = &[
 ];
 
 fn sample(i: usize, payer: &PrivateKeySigner, domain: &TokenDomain, payee: Address, now: u64) -> Sample {
-    let base = PaymentBuilder::new(payer, domain, now)
-        .to(payee)
-        .nonce_index(i as u64);
+    let base = PaymentBuilder::new(payer, domain, now).to(payee).nonce_index(i as u64);
     let defect = DEFECTS[i % DEFECTS.len()];
     let (signed, requirements, expect) = match defect {
         None => (base.build(), base.requirements(), None),
@@ -122,12 +117,7 @@ fn sample(i: usize, payer: &PrivateKeySigner, domain: &TokenDomain, payee: Addre
             (b.build(), b.requirements(), Some(Reason::InvalidValidBefore))
         }
         Some(_) => {
-            let wrong = TokenDomain::new(
-                "USDC",
-                &domain.version,
-                domain.chain_id,
-                domain.verifying_contract,
-            );
+            let wrong = TokenDomain::new("USDC", &domain.version, domain.chain_id, domain.verifying_contract);
             let b = base.sign_domain(wrong);
             (b.build(), b.requirements(), Some(Reason::InvalidSignature))
         }
@@ -141,11 +131,7 @@ fn sample(i: usize, payer: &PrivateKeySigner, domain: &TokenDomain, payee: Addre
     } else {
         PaymentInput::Typed(signed)
     };
-    Sample {
-        input,
-        requirements,
-        expect,
-    }
+    Sample { input, requirements, expect }
 }
 
 /// Runs the demo, printing progress to stdout.
@@ -153,17 +139,9 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     println!("starting devnet (anvil {}) ...", devnet::ANVIL_VERSION);
     let devnet = Devnet::start().await?;
     let domain = devnet.token_domain();
-    println!(
-        "  rpc {}  token {}  aggregate3 at {}",
-        devnet.rpc_url(),
-        devnet.token(),
-        MULTICALL3
-    );
+    println!("  rpc {}  token {}  aggregate3 at {}", devnet.rpc_url(), devnet.token(), MULTICALL3);
     chain::check_domain(devnet.provider(), &domain).await?;
-    println!(
-        "  token DOMAIN_SEPARATOR matches the configured domain {:?}/{:?}",
-        domain.name, domain.version
-    );
+    println!("  token DOMAIN_SEPARATOR matches the configured domain {:?}/{:?}", domain.name, domain.version);
 
     let payers = devnet::payer_keys("demo", opts.payers.max(1));
     let addresses: Vec<Address> = payers.iter().map(|p| p.address()).collect();
@@ -179,14 +157,10 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         AdmissionConfig::default(),
         clock,
     );
-    let samples: Vec<Sample> = (0..opts.payments)
-        .map(|i| sample(i, &payers[i % payers.len()], &domain, payee, now))
-        .collect();
+    let samples: Vec<Sample> =
+        (0..opts.payments).map(|i| sample(i, &payers[i % payers.len()], &domain, payee, now)).collect();
 
-    println!(
-        "verifying {} sample payments (admission, then the signature pool) ...",
-        samples.len()
-    );
+    println!("verifying {} sample payments (admission, then the signature pool) ...", samples.len());
     let pool = VerifyPool::from_config(&VerifyConfig::default()).map_err(DemoError::Pool)?;
     let started = Instant::now();
     let mut verdicts: Vec<Option<Result<(), Reason>>> = Vec::with_capacity(samples.len());

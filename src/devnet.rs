@@ -77,14 +77,12 @@ fn rpc_err(call: &'static str) -> impl FnOnce(String) -> DevnetError {
 
 /// Where the anvil binary is: `$ANVIL_BIN`, else the copy `npm ci` puts under ops/devnet.
 pub fn anvil_path() -> PathBuf {
-    std::env::var_os("ANVIL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
-            ))
-        })
+    std::env::var_os("ANVIL_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+        ))
+    })
 }
 
 /// A running local chain with the project's contracts.
@@ -100,10 +98,7 @@ pub struct Devnet {
 impl std::fmt::Debug for Devnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // No keys: only what identifies the devnet.
-        f.debug_struct("Devnet")
-            .field("rpc_url", &self.rpc_url)
-            .field("token", &self.token)
-            .finish()
+        f.debug_struct("Devnet").field("rpc_url", &self.rpc_url).field("token", &self.token).finish()
     }
 }
 
@@ -112,9 +107,7 @@ impl Devnet {
     pub async fn start() -> Result<Devnet, DevnetError> {
         let path = anvil_path();
         if !path.exists() {
-            return Err(DevnetError::AnvilMissing {
-                path: path.display().to_string(),
-            });
+            return Err(DevnetError::AnvilMissing { path: path.display().to_string() });
         }
         let mut child = Command::new(&path)
             .args(["--host", "127.0.0.1", "--port", "0"])
@@ -159,39 +152,24 @@ impl Devnet {
             .connect_http(rpc_url.parse().expect("formatted URL parses"))
             .erased();
         // From here on, dropping `devnet` stops anvil on every error path.
-        let mut devnet = Devnet {
-            child,
-            rpc_url,
-            token: Address::ZERO,
-            deployer,
-            settler,
-            provider,
-        };
+        let mut devnet = Devnet { child, rpc_url, token: Address::ZERO, deployer, settler, provider };
 
         let (bytecode, _) = artifact("TestUSDC", TEST_USDC_ARTIFACT)?;
         let receipt = devnet
             .provider
             .send_transaction(TransactionRequest::default().with_deploy_code(bytecode))
             .await
-            .map_err(|e| DevnetError::Rpc {
-                call: "deploy TestUSDC",
-                detail: e.to_string(),
-            })?
+            .map_err(|e| DevnetError::Rpc { call: "deploy TestUSDC", detail: e.to_string() })?
             .get_receipt()
             .await
-            .map_err(|e| DevnetError::Rpc {
-                call: "deploy TestUSDC receipt",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| DevnetError::Rpc { call: "deploy TestUSDC receipt", detail: e.to_string() })?;
         devnet.token = receipt.contract_address.ok_or_else(|| DevnetError::Rpc {
             call: "deploy TestUSDC",
             detail: "no contract address".into(),
         })?;
 
         let (_, runtime) = artifact("BatchCall", BATCH_CALL_ARTIFACT)?;
-        devnet
-            .raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime))
-            .await?;
+        devnet.raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime)).await?;
         Ok(devnet)
     }
 
@@ -204,10 +182,7 @@ impl Devnet {
         self.provider
             .raw_request::<_, R>(method.into(), params)
             .await
-            .map_err(|e| DevnetError::Rpc {
-                call: method,
-                detail: e.to_string(),
-            })
+            .map_err(|e| DevnetError::Rpc { call: method, detail: e.to_string() })
     }
 
     pub fn rpc_url(&self) -> &str {

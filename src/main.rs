@@ -8,10 +8,7 @@ use clap::{Parser, Subcommand};
 use x402_batcher::{config::Config, demo, x402};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Verifies, durably records and batch-settles x402 (EIP-3009) payments"
-)]
+#[command(version, about = "Verifies, durably records and batch-settles x402 (EIP-3009) payments")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,9 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo { payments, payers } => {
-            demo::run(&demo::DemoOptions { payments, payers })
-                .await
-                .context("demo failed")?;
+            demo::run(&demo::DemoOptions { payments, payers }).await.context("demo failed")?;
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;

@@ -59,10 +59,7 @@ pub fn check(domain_separator: B256, signed: &SignedAuthorization) -> Result<(),
     let digest = signing_hash(domain_separator, &signed.authorization);
     let recovered = recover(digest, sig)?;
     if recovered != signed.authorization.from {
-        return Err(SignatureError::WrongSigner {
-            recovered,
-            expected: signed.authorization.from,
-        });
+        return Err(SignatureError::WrongSigner { recovered, expected: signed.authorization.from });
     }
     Ok(())
 }
@@ -74,9 +71,7 @@ pub fn recover(digest: B256, sig: &[u8; 65]) -> Result<Address, SignatureError> 
     // Fails for r or s of zero or not below the curve order.
     let rsig =
         RecoverableSignature::from_compact(&sig[..64], recid).map_err(|_| SignatureError::Unrecoverable)?;
-    let key = rsig
-        .recover(Message::from_digest(digest.0))
-        .map_err(|_| SignatureError::Unrecoverable)?;
+    let key = rsig.recover(Message::from_digest(digest.0)).map_err(|_| SignatureError::Unrecoverable)?;
     let hash = keccak256(&key.serialize_uncompressed()[1..]);
     Ok(Address::from_slice(&hash[12..]))
 }
@@ -178,16 +173,10 @@ impl VerifyPool {
         let threads = (0..threads.max(1))
             .map(|i| {
                 let rx = rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("verify-{i}"))
-                    .spawn(move || worker(rx, checker))
+                std::thread::Builder::new().name(format!("verify-{i}")).spawn(move || worker(rx, checker))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self {
-            tx: Some(tx),
-            rx,
-            threads,
-        })
+        Ok(Self { tx: Some(tx), rx, threads })
     }
 
     /// Items waiting in the queue (not counting those being checked).
@@ -316,22 +305,15 @@ mod tests {
 
         let mut tampered = good.clone();
         tampered.authorization.value += U256::from(1);
-        assert!(matches!(
-            check(SEP, &tampered),
-            Err(SignatureError::WrongSigner { .. })
-        ));
+        assert!(matches!(check(SEP, &tampered), Err(SignatureError::WrongSigner { .. })));
     }
 
     #[tokio::test]
     async fn pool_checks_many_per_call_and_refuses_overflow() {
         let signer = PrivateKeySigner::random();
         let pool = VerifyPool::new(2, 1024).unwrap();
-        let mut items: Vec<Admitted> = (0..50)
-            .map(|i| Admitted {
-                signed: signed_by(&signer, SEP, i),
-                domain_separator: SEP,
-            })
-            .collect();
+        let mut items: Vec<Admitted> =
+            (0..50).map(|i| Admitted { signed: signed_by(&signer, SEP, i), domain_separator: SEP }).collect();
         items[7].signed.authorization.to = Address::ZERO;
         let verified = pool.verify(items).await;
         let outcomes = verified.outcomes();
@@ -349,16 +331,10 @@ mod tests {
         // A queue of one behind one busy thread cannot take 200 items at once.
         let small = VerifyPool::new(1, 1).unwrap();
         let many: Vec<Admitted> = (0..200)
-            .map(|i| Admitted {
-                signed: signed_by(&signer, SEP, i as u8),
-                domain_separator: SEP,
-            })
+            .map(|i| Admitted { signed: signed_by(&signer, SEP, i as u8), domain_separator: SEP })
             .collect();
         let outcomes = small.verify(many).await.outcomes();
-        let full = outcomes
-            .iter()
-            .filter(|o| **o == Err(PoolError::QueueFull))
-            .count();
+        let full = outcomes.iter().filter(|o| **o == Err(PoolError::QueueFull)).count();
         let valid = outcomes.iter().filter(|o| **o == Ok(Ok(()))).count();
         assert!(full > 0, "some items must be refused");
         assert_eq!(full + valid, 200, "every item is either checked or refused");
@@ -375,12 +351,7 @@ mod tests {
         let signer = PrivateKeySigner::random();
         let pool = VerifyPool::with_checker(1, 64, panics_on_nonce_3).unwrap();
         let items = |range: std::ops::Range<u8>| {
-            range
-                .map(|i| Admitted {
-                    signed: signed_by(&signer, SEP, i),
-                    domain_separator: SEP,
-                })
-                .collect()
+            range.map(|i| Admitted { signed: signed_by(&signer, SEP, i), domain_separator: SEP }).collect()
         };
         let outcomes = pool.verify(items(0..6)).await.outcomes();
         assert_eq!(outcomes[3], Err(PoolError::Panicked));
@@ -388,13 +359,7 @@ mod tests {
             assert_eq!(outcomes[i], Ok(Ok(())), "item {i}");
         }
         // The single worker thread is still there.
-        assert!(
-            pool.verify(items(4..8))
-                .await
-                .outcomes()
-                .iter()
-                .all(|o| *o == Ok(Ok(())))
-        );
+        assert!(pool.verify(items(4..8)).await.outcomes().iter().all(|o| *o == Ok(Ok(()))));
     }
 
     #[tokio::test]
@@ -403,10 +368,7 @@ mod tests {
         let mut pool = VerifyPool::new(1, 8).unwrap();
         pool.stop();
         let outcomes = pool
-            .verify(vec![Admitted {
-                signed: signed_by(&signer, SEP, 1),
-                domain_separator: SEP,
-            }])
+            .verify(vec![Admitted { signed: signed_by(&signer, SEP, 1), domain_separator: SEP }])
             .await
             .outcomes();
         assert_eq!(outcomes, vec![Err(PoolError::ShutDown)]);

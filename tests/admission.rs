@@ -34,10 +34,7 @@ fn domain() -> TokenDomain {
 fn refusal(builder: &PaymentBuilder, req: &PaymentRequirements) -> Result<(), (Reason, String)> {
     // The same token also configured on Base Sepolia, so that requirements for that chain
     // are valid and only the payment's chain differs.
-    let sepolia = TokenConfig {
-        chain_id: 84532,
-        ..token()
-    };
+    let sepolia = TokenConfig { chain_id: 84532, ..token() };
     let admission = common::admission(&[token(), sepolia], ManualClock::new(NOW));
     admission
         .admit(PaymentInput::Typed(builder.build()), req)
@@ -57,13 +54,7 @@ fn each_static_defect_has_its_code() {
         r
     };
     let cases: Vec<(&str, PaymentBuilder, PaymentRequirements, Reason, &str)> = vec![
-        (
-            "scheme",
-            good.clone(),
-            with(&|r| r.scheme = "upto".into()),
-            Reason::InvalidScheme,
-            "upto",
-        ),
+        ("scheme", good.clone(), with(&|r| r.scheme = "upto".into()), Reason::InvalidScheme, "upto"),
         (
             "unknown network",
             good.clone(),
@@ -99,13 +90,7 @@ fn each_static_defect_has_its_code() {
             Reason::RecipientMismatch,
             "payTo",
         ),
-        (
-            "amount",
-            good.clone(),
-            with(&|r| r.amount = U256::from(1)),
-            Reason::ValueMismatch,
-            "differs",
-        ),
+        ("amount", good.clone(), with(&|r| r.amount = U256::from(1)), Reason::ValueMismatch, "differs"),
         (
             "zero amount",
             good.clone().value(0),
@@ -145,10 +130,7 @@ fn each_static_defect_has_its_code() {
     for (name, builder, req, reason, needle) in cases {
         let (got, message) = refusal(&builder, &req).expect_err(name);
         assert_eq!(got, reason, "{name}: {message}");
-        assert!(
-            message.contains(needle),
-            "{name}: {message:?} should mention {needle:?}"
-        );
+        assert!(message.contains(needle), "{name}: {message:?} should mention {needle:?}");
     }
 }
 
@@ -169,10 +151,7 @@ fn header_payloads_are_held_to_their_accepted_terms() {
     let mut other = req.clone();
     other.amount += U256::from(1);
     let err = admit(testkit::v2_header(&signed, &other, &domain()), &req).unwrap_err();
-    assert!(matches!(
-        err,
-        AdmissionError::AcceptedMismatch { field: "amount", .. }
-    ));
+    assert!(matches!(err, AdmissionError::AcceptedMismatch { field: "amount", .. }));
     assert_eq!(err.reason(), Reason::ValueMismatch);
 
     // The client says it signed over another domain name: its signature cannot verify.

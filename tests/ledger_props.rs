@@ -65,11 +65,7 @@ struct Model {
 
 fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
     let records = ledger.records().unwrap();
-    assert_eq!(
-        records.len(),
-        model.len(),
-        "one record per key, and only accepted ones"
-    );
+    assert_eq!(records.len(), model.len(), "one record per key, and only accepted ones");
     let mut pending: HashMap<_, U256> = HashMap::new();
     for r in &records {
         let m = &model[&r.key()];
@@ -85,20 +81,12 @@ fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
     assert_eq!(exposures, pending, "exposure equals the sum of pending values");
 
     let events = ledger.events_after(0, usize::MAX).unwrap();
-    assert_eq!(
-        events.len() as u64,
-        ledger.last_seq(),
-        "one event per change, numbered from 1"
-    );
+    assert_eq!(events.len() as u64, ledger.last_seq(), "one event per change, numbered from 1");
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "sequence numbers are dense and increasing");
     }
     for r in &records {
-        assert_eq!(
-            events[r.seq as usize - 1],
-            *r,
-            "a record's latest event is the record"
-        );
+        assert_eq!(events[r.seq as usize - 1], *r, "a record's latest event is the record");
     }
 }
 
@@ -215,22 +203,10 @@ fn a_newer_schema_is_refused_with_a_clear_message() {
     drop(Ledger::open(dir.path()).unwrap());
     {
         let opts = rocksdb::Options::default();
-        let db = rocksdb::DB::open_cf(
-            &opts,
-            dir.path(),
-            ["auth", "seq", "id", "idem", "exposure", "meta"],
-        )
-        .unwrap();
-        db.put_cf(
-            db.cf_handle("meta").unwrap(),
-            b"schema_version",
-            99u32.to_be_bytes(),
-        )
-        .unwrap();
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), ["auth", "seq", "id", "idem", "exposure", "meta"])
+            .unwrap();
+        db.put_cf(db.cf_handle("meta").unwrap(), b"schema_version", 99u32.to_be_bytes()).unwrap();
     }
     let err = Ledger::open(dir.path()).unwrap_err().to_string();
-    assert!(
-        err.contains("schema version 99") && err.contains("newer"),
-        "{err}"
-    );
+    assert!(err.contains("schema version 99") && err.contains("newer"), "{err}");
 }

@@ -28,13 +28,7 @@ async fn send_batch(devnet: &Devnet, items: &[SignedAuthorization]) -> Transacti
         .aggregate3(chain::batch_calls(items))
         .into_transaction_request()
         .with_gas_limit(chain::batch_gas_limit(items.len()));
-    settler
-        .send_transaction(tx)
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap()
+    settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap()
 }
 
 #[tokio::test]
@@ -45,19 +39,16 @@ async fn verified_authorization_settles_through_aggregate3() {
         chain::check_domain(devnet.provider(), &domain).await.unwrap();
 
         let payer = devnet::payer_keys("settle-test", 1).remove(0);
-        devnet
-            .fund(&[payer.address()], U256::from(1_000_000u64))
-            .await
-            .unwrap();
+        devnet.fund(&[payer.address()], U256::from(1_000_000u64)).await.unwrap();
         let now = SystemClock.now_unix();
         let payee = Address::repeat_byte(0x42);
         let builder = PaymentBuilder::new(&payer, &domain, now).to(payee).value(250_000);
 
         // Verify exactly as a submission would be: message conversion, admission, pool.
         let req = v1::SubmitRequest {
-            payment: Some(v1::submit_request::Payment::Authorization(
-                api::typed_authorization(&builder.build()),
-            )),
+            payment: Some(v1::submit_request::Payment::Authorization(api::typed_authorization(
+                &builder.build(),
+            ))),
             requirements: Some(v1::PaymentRequirements {
                 scheme: "exact".into(),
                 network: format!("eip155:{}", devnet.chain_id()),
@@ -70,25 +61,16 @@ async fn verified_authorization_settles_through_aggregate3() {
         };
         let admission = common::admission(&[devnet.token_config()], ManualClock::new(now));
         let pool = VerifyPool::new(1, 16).unwrap();
-        let admitted = common::judge(&admission, &pool, &req)
-            .await
-            .expect("payment verifies");
+        let admitted = common::judge(&admission, &pool, &req).await.expect("payment verifies");
 
         // A second item whose nonce is already used must fail alone, not sink the batch.
         let receipt = send_batch(&devnet, &[admitted.signed.clone(), admitted.signed.clone()]).await;
         assert!(receipt.status(), "the batch transaction succeeds");
         let used = chain::authorizations_used(&receipt, devnet.token());
         let a = &admitted.signed.authorization;
-        assert_eq!(
-            used,
-            vec![(a.from, a.nonce)],
-            "exactly one AuthorizationUsed, for our payment"
-        );
+        assert_eq!(used, vec![(a.from, a.nonce)], "exactly one AuthorizationUsed, for our payment");
         assert_eq!(devnet.balance_of(payee).await.unwrap(), U256::from(250_000u64));
-        assert_eq!(
-            devnet.balance_of(payer.address()).await.unwrap(),
-            U256::from(750_000u64)
-        );
+        assert_eq!(devnet.balance_of(payer.address()).await.unwrap(), U256::from(750_000u64));
         let token = IEip3009::new(devnet.token(), devnet.provider());
         assert!(token.authorizationState(a.from, a.nonce).call().await.unwrap());
     })
@@ -151,10 +133,7 @@ async fn chain_agrees_with_the_signature_labels() {
         payers.dedup();
         devnet.fund(&payers, U256::from(1_000_000_000u64)).await.unwrap();
         // The vectors are valid around their file's clock; mine the batch then.
-        devnet
-            .raw::<_, serde_json::Value>("evm_setNextBlockTimestamp", [file.now])
-            .await
-            .unwrap();
+        devnet.raw::<_, serde_json::Value>("evm_setNextBlockTimestamp", [file.now]).await.unwrap();
 
         let items: Vec<SignedAuthorization> = judged.iter().map(|(_, _, s)| s.clone()).collect();
         let receipt = send_batch(&devnet, &items).await;
@@ -164,22 +143,12 @@ async fn chain_agrees_with_the_signature_labels() {
         for (id, should_settle, s) in &judged {
             let settled = used.contains(&(s.authorization.from, s.authorization.nonce));
             if settled != *should_settle {
-                disagreements.push(format!(
-                    "{id}: labelled settle={should_settle}, chain settled={settled}"
-                ));
+                disagreements.push(format!("{id}: labelled settle={should_settle}, chain settled={settled}"));
             }
         }
-        assert!(
-            disagreements.is_empty(),
-            "chain disagrees:\n{}",
-            disagreements.join("\n")
-        );
+        assert!(disagreements.is_empty(), "chain disagrees:\n{}", disagreements.join("\n"));
         let valid = judged.iter().filter(|(_, ok, _)| *ok).count();
-        assert_eq!(
-            used.len(),
-            valid,
-            "one AuthorizationUsed per valid vector, none for the others"
-        );
+        assert_eq!(used.len(), valid, "one AuthorizationUsed per valid vector, none for the others");
     })
     .await
     .expect("test finished within its time limit");

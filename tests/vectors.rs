@@ -63,10 +63,7 @@ fn request(v: &Vector) -> v1::SubmitRequest {
             v1::submit_request::Payment::X402Header(v.header.clone().expect("header vector has a header"))
         }
         "typed" => {
-            let a = v
-                .authorization
-                .as_ref()
-                .expect("typed vector has an authorization");
+            let a = v.authorization.as_ref().expect("typed vector has an authorization");
             v1::submit_request::Payment::Authorization(v1::TypedAuthorization {
                 chain_id: a.chain_id,
                 token: a.token.clone(),
@@ -102,10 +99,7 @@ async fn judge_file(name: &str) {
     let file: VectorFile = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let admission = common::admission(&file.tokens, ManualClock::new(file.now));
     let pool = VerifyPool::new(2, 1024).unwrap();
-    assert!(
-        file.vectors.len() >= 100,
-        "{name}: expected a few hundred vectors"
-    );
+    assert!(file.vectors.len() >= 100, "{name}: expected a few hundred vectors");
 
     let mut wrong = Vec::new();
     let mut valid = 0;
@@ -120,12 +114,7 @@ async fn judge_file(name: &str) {
         let got = common::judge(&admission, &pool, &request(v)).await;
         valid += got.is_ok() as usize;
         if got.as_ref().err().copied() != expected {
-            wrong.push(format!(
-                "{}: expected {}, got {:?}",
-                v.id,
-                v.expect,
-                got.map(|_| "valid")
-            ));
+            wrong.push(format!("{}: expected {}, got {:?}", v.id, v.expect, got.map(|_| "valid")));
         }
     }
     assert!(

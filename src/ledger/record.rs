@@ -249,15 +249,10 @@ impl PaymentRecord {
     /// Decodes a stored record, checking every fixed-size field's length.
     pub fn decode(bytes: &[u8]) -> Result<PaymentRecord, CorruptRecord> {
         let d = disk::PaymentRecord::decode(bytes).map_err(|_| CorruptRecord { field: "encoding" })?;
-        let addr = |b: &[u8], field| {
-            <[u8; 20]>::try_from(b)
-                .map(Address::from)
-                .map_err(|_| CorruptRecord { field })
-        };
+        let addr =
+            |b: &[u8], field| <[u8; 20]>::try_from(b).map(Address::from).map_err(|_| CorruptRecord { field });
         let word = |b: &[u8], field| {
-            <[u8; 32]>::try_from(b)
-                .map(|w| U256::from_be_bytes(w))
-                .map_err(|_| CorruptRecord { field })
+            <[u8; 32]>::try_from(b).map(|w| U256::from_be_bytes(w)).map_err(|_| CorruptRecord { field })
         };
         let hash = |b: &[u8], field| -> Result<Option<B256>, CorruptRecord> {
             match b.len() {
@@ -286,10 +281,7 @@ impl PaymentRecord {
                         .map_err(|_| CorruptRecord { field: "nonce" })?,
                 },
                 signature: RawSignature(
-                    d.signature
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| CorruptRecord { field: "signature" })?,
+                    d.signature.as_slice().try_into().map_err(|_| CorruptRecord { field: "signature" })?,
                 ),
             },
             network: d.network,
@@ -388,16 +380,10 @@ mod tests {
         assert_eq!(PaymentRecord::decode(&r.encode()).unwrap(), r);
         let mut d = disk::PaymentRecord::decode(r.encode().as_slice()).unwrap();
         d.from.pop();
-        assert_eq!(
-            PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field,
-            "from"
-        );
+        assert_eq!(PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field, "from");
         d = disk::PaymentRecord::decode(r.encode().as_slice()).unwrap();
         d.status = 99;
-        assert_eq!(
-            PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field,
-            "status"
-        );
+        assert_eq!(PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field, "status");
         assert!(PaymentRecord::decode(&[0xff, 0xff, 0xff]).is_err());
     }
 
@@ -420,10 +406,7 @@ mod tests {
         let r = record();
         let id = r.payment_id();
         assert_eq!(id.to_string().parse::<PaymentId>().unwrap(), id);
-        assert_eq!(
-            r.key().payer(),
-            PayerKey::new(8453, Address::repeat_byte(1), Address::repeat_byte(2))
-        );
+        assert_eq!(r.key().payer(), PayerKey::new(8453, Address::repeat_byte(1), Address::repeat_byte(2)));
         assert_eq!(r.key().payer().from(), Address::repeat_byte(2));
     }
 }

@@ -77,10 +77,7 @@ pub struct Ledger {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger")
-            .field("path", &self.path)
-            .field("last_seq", &self.last_seq())
-            .finish()
+        f.debug_struct("Ledger").field("path", &self.path).field("last_seq", &self.last_seq()).finish()
     }
 }
 
@@ -92,45 +89,22 @@ impl Ledger {
         opts.create_missing_column_families(true);
         // Every write is synced anyway; a larger WAL-backed memtable just batches flushes.
         opts.set_write_buffer_size(64 << 20);
-        let cfs = CFS
-            .iter()
-            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open", "*"))?;
-        let ledger = Ledger {
-            db,
-            path: path.to_owned(),
-            last_seq: AtomicU64::new(0),
-        };
+        let ledger = Ledger { db, path: path.to_owned(), last_seq: AtomicU64::new(0) };
 
         let meta = ledger.cf(CF_META);
-        match ledger
-            .db
-            .get_cf(meta, META_SCHEMA)
-            .map_err(db_err("get", CF_META))?
-        {
+        match ledger.db.get_cf(meta, META_SCHEMA).map_err(db_err("get", CF_META))? {
             None => ledger
                 .db
-                .put_cf_opt(
-                    meta,
-                    META_SCHEMA,
-                    SCHEMA_VERSION.to_be_bytes(),
-                    &synced_write_options(),
-                )
+                .put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &synced_write_options())
                 .map_err(db_err("put", CF_META))?,
             Some(v) => {
-                let found = <[u8; 4]>::try_from(v.as_slice())
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| LedgerError::Corrupt {
-                        cf: CF_META,
-                        source: CorruptRecord {
-                            field: "schema_version",
-                        },
-                    })?;
+                let found = <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes).map_err(|_| {
+                    LedgerError::Corrupt { cf: CF_META, source: CorruptRecord { field: "schema_version" } }
+                })?;
                 if found > SCHEMA_VERSION {
-                    return Err(LedgerError::NewerSchema {
-                        path: path.display().to_string(),
-                        found,
-                    });
+                    return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
                 }
             }
         }
@@ -152,9 +126,7 @@ impl Ledger {
     }
 
     fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(name)
-            .expect("every column family is created at open")
+        self.db.cf_handle(name).expect("every column family is created at open")
     }
 
     /// The sequence number of the newest committed change (0: none yet).
@@ -171,17 +143,11 @@ impl Ledger {
     }
 
     pub fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError> {
-        let Some(key) = self
-            .db
-            .get_pinned_cf(self.cf(CF_ID), id.0)
-            .map_err(db_err("get", CF_ID))?
-        else {
+        let Some(key) = self.db.get_pinned_cf(self.cf(CF_ID), id.0).map_err(db_err("get", CF_ID))? else {
             return Ok(None);
         };
-        let key = AuthKey::from_bytes(&key).ok_or(LedgerError::Corrupt {
-            cf: CF_ID,
-            source: CorruptRecord { field: "auth key" },
-        })?;
+        let key = AuthKey::from_bytes(&key)
+            .ok_or(LedgerError::Corrupt { cf: CF_ID, source: CorruptRecord { field: "auth key" } })?;
         self.get(&key)
     }
 
@@ -201,10 +167,7 @@ impl Ledger {
         for kv in self.db.iterator_cf(self.cf(CF_EXPOSURE), IteratorMode::Start) {
             let (k, v) = kv.map_err(db_err("iterate", CF_EXPOSURE))?;
             let payer = AuthKey::from_bytes(&[k.as_ref(), &[0u8; 32]].concat())
-                .ok_or(LedgerError::Corrupt {
-                    cf: CF_EXPOSURE,
-                    source: CorruptRecord { field: "key" },
-                })?
+                .ok_or(LedgerError::Corrupt { cf: CF_EXPOSURE, source: CorruptRecord { field: "key" } })?
                 .payer();
             out.push((payer, decode_u256(&v)?));
         }
@@ -215,10 +178,8 @@ impl Ledger {
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError> {
         let start = (after.saturating_add(1)).to_be_bytes();
         let mut out = Vec::new();
-        for kv in self
-            .db
-            .iterator_cf(self.cf(CF_SEQ), IteratorMode::From(&start, Direction::Forward))
-            .take(limit)
+        for kv in
+            self.db.iterator_cf(self.cf(CF_SEQ), IteratorMode::From(&start, Direction::Forward)).take(limit)
         {
             let (_, v) = kv.map_err(db_err("iterate", CF_SEQ))?;
             out.push(
@@ -263,21 +224,13 @@ pub enum Applied {
 fn seq_from_key(k: &[u8]) -> Result<u64, LedgerError> {
     <[u8; 8]>::try_from(k)
         .map(u64::from_be_bytes)
-        .map_err(|_| LedgerError::Corrupt {
-            cf: CF_SEQ,
-            source: CorruptRecord {
-                field: "sequence key",
-            },
-        })
+        .map_err(|_| LedgerError::Corrupt { cf: CF_SEQ, source: CorruptRecord { field: "sequence key" } })
 }
 
 fn decode_u256(v: &[u8]) -> Result<U256, LedgerError> {
     <[u8; 32]>::try_from(v)
         .map(U256::from_be_bytes)
-        .map_err(|_| LedgerError::Corrupt {
-            cf: CF_EXPOSURE,
-            source: CorruptRecord { field: "exposure" },
-        })
+        .map_err(|_| LedgerError::Corrupt { cf: CF_EXPOSURE, source: CorruptRecord { field: "exposure" } })
 }
 
 /// One group of commands: the store plus this group's uncommitted writes, so later
@@ -329,10 +282,8 @@ impl<'a> Group<'a> {
             .map_err(db_err("get", CF_IDEM))?;
         stored
             .map(|v| {
-                AuthKey::from_bytes(&v).ok_or(LedgerError::Corrupt {
-                    cf: CF_IDEM,
-                    source: CorruptRecord { field: "auth key" },
-                })
+                AuthKey::from_bytes(&v)
+                    .ok_or(LedgerError::Corrupt { cf: CF_IDEM, source: CorruptRecord { field: "auth key" } })
             })
             .transpose()
     }
@@ -379,10 +330,7 @@ impl<'a> Group<'a> {
             });
         }
         if let Err(e) = &req.window {
-            return Ok(AcceptOutcome::Refused {
-                reason: e.reason(),
-                message: e.to_string(),
-            });
+            return Ok(AcceptOutcome::Refused { reason: e.reason(), message: e.to_string() });
         }
         let payer = key.payer();
         let exposure = self.exposure(&payer)?;
@@ -419,14 +367,9 @@ impl<'a> Group<'a> {
             log_index: 0,
         };
         let record = self.write(record);
-        self.batch
-            .put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
+        self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
         if !req.idempotency_key.is_empty() {
-            self.batch.put_cf(
-                self.ledger.cf(CF_IDEM),
-                req.idempotency_key.as_bytes(),
-                key.as_bytes(),
-            );
+            self.batch.put_cf(self.ledger.cf(CF_IDEM), req.idempotency_key.as_bytes(), key.as_bytes());
             self.idem.insert(req.idempotency_key.clone(), key);
         }
         self.set_exposure(payer, needed);
@@ -434,9 +377,7 @@ impl<'a> Group<'a> {
     }
 
     fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
-        let mut record = self
-            .record(&req.key)?
-            .ok_or(LedgerError::NotFound(req.key.payment_id()))?;
+        let mut record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
         if !record.status.can_move_to(req.to) {
             return Err(LedgerError::IllegalTransition {
                 id: req.key.payment_id(),
@@ -474,8 +415,7 @@ impl<'a> Group<'a> {
         self.next_seq += 1;
         let key = record.key();
         let bytes = record.encode();
-        self.batch
-            .put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
+        self.batch.put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
         self.batch.put_cf(self.ledger.cf(CF_AUTH), key.as_bytes(), bytes);
         self.records.insert(key, record.clone());
         record
@@ -483,14 +423,9 @@ impl<'a> Group<'a> {
 
     fn set_exposure(&mut self, payer: PayerKey, value: U256) {
         if value.is_zero() {
-            self.batch
-                .delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
+            self.batch.delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
         } else {
-            self.batch.put_cf(
-                self.ledger.cf(CF_EXPOSURE),
-                payer.as_bytes(),
-                value.to_be_bytes::<32>(),
-            );
+            self.batch.put_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes(), value.to_be_bytes::<32>());
         }
         self.exposures.insert(payer, value);
     }
@@ -499,10 +434,7 @@ impl<'a> Group<'a> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.ledger
-            .db
-            .write_opt(self.batch, &synced_write_options())
-            .map_err(db_err("write", "*"))?;
+        self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
         self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
         Ok(())
     }

@@ -76,14 +76,7 @@ pub struct TransitionRequest {
 
 impl TransitionRequest {
     pub fn new(key: AuthKey, to: Status, now_ms: u64) -> Self {
-        Self {
-            key,
-            to,
-            failure: None,
-            batch_id: None,
-            evidence: None,
-            now_ms,
-        }
+        Self { key, to, failure: None, batch_id: None, evidence: None, now_ms }
     }
 }
 
@@ -94,10 +87,7 @@ impl TransitionRequest {
 #[derive(Debug)]
 pub enum Command {
     Accept(AcceptRequest, oneshot::Sender<Result<AcceptOutcome, LedgerError>>),
-    Transition(
-        TransitionRequest,
-        oneshot::Sender<Result<PaymentRecord, LedgerError>>,
-    ),
+    Transition(TransitionRequest, oneshot::Sender<Result<PaymentRecord, LedgerError>>),
 }
 
 impl Command {
@@ -143,9 +133,7 @@ pub struct LedgerHandle {
 
 impl std::fmt::Debug for LedgerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LedgerHandle")
-            .field("ledger", &self.ledger)
-            .finish()
+        f.debug_struct("LedgerHandle").field("ledger", &self.ledger).finish()
     }
 }
 

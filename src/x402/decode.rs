@@ -66,10 +66,7 @@ pub enum DecodeError {
     #[error("scheme {found:?} is not supported; only \"exact\" is")]
     Scheme { found: String },
     #[error("{field} {problem}")]
-    Field {
-        field: &'static str,
-        problem: FieldProblem,
-    },
+    Field { field: &'static str, problem: FieldProblem },
 }
 
 impl DecodeError {
@@ -95,10 +92,7 @@ impl DecodeError {
 pub fn decode_header(header: &str) -> Result<PaymentPayload, DecodeError> {
     let header = header.trim();
     if header.len() > MAX_HEADER_BYTES {
-        return Err(DecodeError::TooLarge {
-            len: header.len(),
-            max: MAX_HEADER_BYTES,
-        });
+        return Err(DecodeError::TooLarge { len: header.len(), max: MAX_HEADER_BYTES });
     }
     // Clients differ on padding; both forms are standard base64 per RFC 4648.
     let bytes = base64::engine::general_purpose::STANDARD
@@ -140,10 +134,7 @@ fn decode_v2(root: &Map<String, Value>) -> Result<PaymentPayload, DecodeError> {
     let scheme = scheme(str_field(accepted, "scheme", "accepted.scheme")?)?;
     let network = str_field(accepted, "network", "accepted.network")?.to_owned();
     let domain = match accepted.get("extra") {
-        None | Some(Value::Null) => DomainHint {
-            name: None,
-            version: None,
-        },
+        None | Some(Value::Null) => DomainHint { name: None, version: None },
         Some(Value::Object(extra)) => DomainHint {
             name: opt_str_field(extra, "name", "accepted.extra.name")?,
             version: opt_str_field(extra, "version", "accepted.extra.version")?,
@@ -155,10 +146,7 @@ fn decode_v2(root: &Map<String, Value>) -> Result<PaymentPayload, DecodeError> {
         network: network.clone(),
         asset: parse_address("accepted.asset", str_field(accepted, "asset", "accepted.asset")?)?,
         pay_to: parse_address("accepted.payTo", str_field(accepted, "payTo", "accepted.payTo")?)?,
-        amount: parse_u256(
-            "accepted.amount",
-            str_field(accepted, "amount", "accepted.amount")?,
-        )?,
+        amount: parse_u256("accepted.amount", str_field(accepted, "amount", "accepted.amount")?)?,
         domain,
     };
     let (authorization, signature) = exact_payload(root)?;
@@ -182,20 +170,15 @@ fn decode_v2(root: &Map<String, Value>) -> Result<PaymentPayload, DecodeError> {
 /// The scheme-specific `payload` of the exact EVM scheme, identical in v1 and v2.
 fn exact_payload(root: &Map<String, Value>) -> Result<(Authorization, RawSignature), DecodeError> {
     let payload = obj_field(root, "payload", "payload")?;
-    let signature = parse_signature(
-        "payload.signature",
-        str_field(payload, "signature", "payload.signature")?,
-    )?;
+    let signature =
+        parse_signature("payload.signature", str_field(payload, "signature", "payload.signature")?)?;
     let auth = obj_field(payload, "authorization", "payload.authorization")?;
     let authorization = Authorization {
         from: parse_address(
             "payload.authorization.from",
             str_field(auth, "from", "payload.authorization.from")?,
         )?,
-        to: parse_address(
-            "payload.authorization.to",
-            str_field(auth, "to", "payload.authorization.to")?,
-        )?,
+        to: parse_address("payload.authorization.to", str_field(auth, "to", "payload.authorization.to")?)?,
         value: parse_u256(
             "payload.authorization.value",
             str_field(auth, "value", "payload.authorization.value")?,
@@ -220,9 +203,7 @@ fn scheme(found: &str) -> Result<String, DecodeError> {
     if found == SCHEME_EXACT {
         Ok(found.to_owned())
     } else {
-        Err(DecodeError::Scheme {
-            found: found.to_owned(),
-        })
+        Err(DecodeError::Scheme { found: found.to_owned() })
     }
 }
 
@@ -271,10 +252,7 @@ fn parse_hex_fixed<const N: usize>(field: &'static str, s: &str) -> Result<[u8; 
         // An odd digit count is reported as the length it falls short of.
         return Err(DecodeError::field(
             field,
-            FieldProblem::WrongLength {
-                expected: N,
-                found: hex.len() / 2,
-            },
+            FieldProblem::WrongLength { expected: N, found: hex.len() / 2 },
         ));
     }
     let mut out = [0u8; N];
@@ -334,41 +312,17 @@ mod tests {
             ("%%%".into(), Reason::InvalidPayload, "base64"),
             (b64("not json"), Reason::InvalidPayload, "JSON"),
             (b64("[1]"), Reason::InvalidPayload, "object"),
-            (
-                b64(r#"{"scheme":"exact"}"#),
-                Reason::InvalidPayload,
-                "x402Version is missing",
-            ),
-            (
-                b64(&V1.replace(r#""x402Version":1"#, r#""x402Version":3"#)),
-                Reason::InvalidX402Version,
-                "3",
-            ),
+            (b64(r#"{"scheme":"exact"}"#), Reason::InvalidPayload, "x402Version is missing"),
+            (b64(&V1.replace(r#""x402Version":1"#, r#""x402Version":3"#)), Reason::InvalidX402Version, "3"),
             (
                 b64(&V1.replace(r#""x402Version":1"#, r#""x402Version":"1""#)),
                 Reason::InvalidX402Version,
                 "\"1\"",
             ),
-            (
-                b64(&V1.replace("\"exact\"", "\"upto\"")),
-                Reason::InvalidScheme,
-                "upto",
-            ),
-            (
-                b64(&V1.replace("\"10000\"", "10000")),
-                Reason::InvalidPayload,
-                "value must be a string",
-            ),
-            (
-                b64(&V1.replace("\"10000\"", "\"-1\"")),
-                Reason::InvalidPayload,
-                "decimal",
-            ),
-            (
-                b64(&V1.replace("\"10000\"", "\"1e4\"")),
-                Reason::InvalidPayload,
-                "decimal",
-            ),
+            (b64(&V1.replace("\"exact\"", "\"upto\"")), Reason::InvalidScheme, "upto"),
+            (b64(&V1.replace("\"10000\"", "10000")), Reason::InvalidPayload, "value must be a string"),
+            (b64(&V1.replace("\"10000\"", "\"-1\"")), Reason::InvalidPayload, "decimal"),
+            (b64(&V1.replace("\"10000\"", "\"1e4\"")), Reason::InvalidPayload, "decimal"),
             (
                 b64(&V1.replace("\"10000\"", &format!("\"1{}\"", "0".repeat(78)))),
                 Reason::InvalidPayload,
@@ -387,34 +341,19 @@ mod tests {
                 Reason::InvalidPayload,
                 "hex",
             ),
-            (
-                b64(&V1.replace("0xf3746613", "0xg3746613")),
-                Reason::InvalidPayload,
-                "hex",
-            ),
-            (
-                b64(&V1.replace("571c\"", "571c00\"")),
-                Reason::InvalidPayload,
-                "65 bytes",
-            ),
+            (b64(&V1.replace("0xf3746613", "0xg3746613")), Reason::InvalidPayload, "hex"),
+            (b64(&V1.replace("571c\"", "571c00\"")), Reason::InvalidPayload, "65 bytes"),
             (
                 b64(&V1.replace(r#","network":"base-sepolia""#, "")),
                 Reason::InvalidPayload,
                 "network is missing",
             ),
-            (
-                "A".repeat(MAX_HEADER_BYTES + 1),
-                Reason::InvalidPayload,
-                "at most",
-            ),
+            ("A".repeat(MAX_HEADER_BYTES + 1), Reason::InvalidPayload, "at most"),
         ];
         for (header, reason, needle) in cases {
             let err = decode_header(&header).expect_err(needle);
             assert_eq!(err.reason(), reason, "{err}");
-            assert!(
-                err.to_string().contains(needle),
-                "{err:?} should mention {needle:?}"
-            );
+            assert!(err.to_string().contains(needle), "{err:?} should mention {needle:?}");
         }
     }
 }

@@ -29,13 +29,7 @@ pub struct TokenDomain {
 impl TokenDomain {
     pub fn new(name: &str, version: &str, chain_id: u64, verifying_contract: Address) -> Self {
         let separator = domain_separator(name, version, chain_id, verifying_contract);
-        Self {
-            name: name.to_owned(),
-            version: version.to_owned(),
-            chain_id,
-            verifying_contract,
-            separator,
-        }
+        Self { name: name.to_owned(), version: version.to_owned(), chain_id, verifying_contract, separator }
     }
 
     /// What the token's `DOMAIN_SEPARATOR()` must return.

@@ -49,9 +49,7 @@ pub fn resolve(name: &str, aliases: &BTreeMap<String, u64>) -> Result<u64, Netwo
             && !(id.len() > 1 && id.starts_with('0'));
         return match id.parse::<u64>() {
             Ok(chain_id) if well_formed && chain_id > 0 => Ok(chain_id),
-            _ => Err(NetworkError::BadChainId {
-                name: name.to_owned(),
-            }),
+            _ => Err(NetworkError::BadChainId { name: name.to_owned() }),
         };
     }
     if let Some(&chain_id) = aliases.get(name) {
@@ -61,9 +59,7 @@ pub fn resolve(name: &str, aliases: &BTreeMap<String, u64>) -> Result<u64, Netwo
         .iter()
         .find(|(n, _)| *n == name)
         .map(|&(_, id)| id)
-        .ok_or_else(|| NetworkError::Unknown {
-            name: name.to_owned(),
-        })
+        .ok_or_else(|| NetworkError::Unknown { name: name.to_owned() })
 }
 
 #[cfg(test)]
@@ -77,24 +73,13 @@ mod tests {
         assert_eq!(resolve("eip155:8453", &aliases), Ok(8453));
         assert_eq!(resolve("base-sepolia", &aliases), Ok(84532));
         assert_eq!(resolve("devnet", &aliases), Ok(31337));
-        for bad in [
-            "eip155:",
-            "eip155:0",
-            "eip155:01",
-            "eip155:-1",
-            "eip155:1e3",
-            "eip155:99999999999999999999999",
-        ] {
-            assert!(
-                matches!(resolve(bad, &aliases), Err(NetworkError::BadChainId { .. })),
-                "{bad}"
-            );
+        for bad in
+            ["eip155:", "eip155:0", "eip155:01", "eip155:-1", "eip155:1e3", "eip155:99999999999999999999999"]
+        {
+            assert!(matches!(resolve(bad, &aliases), Err(NetworkError::BadChainId { .. })), "{bad}");
         }
         for bad in ["solana:mainnet", "Base", "", "base "] {
-            assert!(
-                matches!(resolve(bad, &aliases), Err(NetworkError::Unknown { .. })),
-                "{bad}"
-            );
+            assert!(matches!(resolve(bad, &aliases), Err(NetworkError::Unknown { .. })), "{bad}");
         }
     }
 }

@@ -31,10 +31,5 @@ pub async fn judge(
 }
 
 pub fn admission(tokens: &[TokenConfig], clock: ManualClock) -> Admission {
-    Admission::new(
-        TokenTable::new(tokens),
-        BTreeMap::new(),
-        AdmissionConfig::default(),
-        Arc::new(clock),
-    )
+    Admission::new(TokenTable::new(tokens), BTreeMap::new(), AdmissionConfig::default(), Arc::new(clock))
 }
