@@ -17,9 +17,6 @@ use crate::x402::{
 };
 
 /// A payment as it arrives: already typed by the API server, or the raw decoded header.
-// Both variants are a few hundred bytes and each is built once per submission: boxing the
-// larger one would cost an allocation per payment to save ~200 bytes of stack.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum PaymentInput {
     Typed(SignedAuthorization),

@@ -26,6 +26,31 @@ pub const DEFAULT_VERIFY_QUEUE_CAPACITY: usize = 4096;
 /// Verification threads; 0 means one per available core, since recovery is pure CPU.
 pub const DEFAULT_VERIFY_THREADS: usize = 0;
 
+/// Where the gRPC API listens unless configured: loopback, so a daemon started without
+/// thought is not reachable from the network (authentication arrives with TLS).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Largest gRPC message accepted. A submission is ~2 KiB; 64 KiB leaves room for large
+/// headers and refuses abuse cheaply.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Concurrent HTTP/2 streams per connection. A fleet node needs a few (one SubmitStream,
+/// some unary calls); the bound stops one client from holding unbounded server state.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Commands queued for the ledger writer before submissions are refused. One synced
+/// group of 512 takes a few ms, so 8192 is tens of ms of backlog at most.
+pub const DEFAULT_LEDGER_QUEUE_CAPACITY: usize = 8192;
+
+/// How long a payer's on-chain balance is trusted. Short, because settlements outside the
+/// daemon (the payer spending elsewhere) lower it; the ledger's exposure covers what the
+/// daemon itself has accepted.
+pub const DEFAULT_BALANCE_MAX_AGE_MS: u64 = 2_000;
+
+/// Balances read in one `aggregate3` call: ~30k gas of `eth_call` each, far below node
+/// limits, and one round trip for a burst of new payers.
+pub const DEFAULT_BALANCE_MAX_BATCH: usize = 500;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -59,6 +84,73 @@ pub struct Config {
     pub admission: AdmissionConfig,
     #[serde(default)]
     pub verify: VerifyConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    /// RPC endpoints, one per chain that has a configured token.
+    #[serde(default)]
+    pub chains: Vec<ChainConfig>,
+    #[serde(default)]
+    pub balances: BalanceConfig,
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// See [`DEFAULT_LISTEN`].
+    pub listen: std::net::SocketAddr,
+    /// See [`DEFAULT_MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: usize,
+    /// See [`DEFAULT_MAX_CONCURRENT_STREAMS`].
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("constant address parses"),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
+/// The RocksDB ledger.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Directory of the RocksDB ledger. Required to run the daemon: where the record of
+    /// money owed lives is the operator's decision, never a silent default.
+    pub path: Option<std::path::PathBuf>,
+    /// See [`DEFAULT_LEDGER_QUEUE_CAPACITY`]; 0 means the default.
+    pub queue_capacity: usize,
+}
+
+/// One chain's RPC endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    pub chain_id: u64,
+    /// HTTP(S) JSON-RPC URL. May embed an API key: it is never logged.
+    pub rpc_url: String,
+}
+
+/// The payer balance cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// See [`DEFAULT_BALANCE_MAX_AGE_MS`].
+    pub max_age_ms: u64,
+    /// See [`DEFAULT_BALANCE_MAX_BATCH`].
+    pub max_batch: usize,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { max_age_ms: DEFAULT_BALANCE_MAX_AGE_MS, max_batch: DEFAULT_BALANCE_MAX_BATCH }
+    }
 }
 
 /// One token on one chain, with the EIP-712 domain its signatures use.
@@ -186,6 +278,44 @@ impl Config {
         if self.verify.threads > 1024 {
             return Err(invalid("verify.threads", "must be at most 1024 (0 = one per core)"));
         }
+        if self.server.max_message_bytes < 1024 {
+            return Err(invalid("server.max_message_bytes", "must be at least 1024"));
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return Err(invalid("server.max_concurrent_streams", "must be at least 1"));
+        }
+        if self.balances.max_batch == 0 {
+            return Err(invalid("balances.max_batch", "must be at least 1"));
+        }
+        let mut chains = HashMap::new();
+        for (i, c) in self.chains.iter().enumerate() {
+            if let Some(j) = chains.insert(c.chain_id, i) {
+                return Err(invalid(format!("chains[{i}].chain_id"), format!("duplicates chains[{j}]")));
+            }
+            if !(c.rpc_url.starts_with("http://") || c.rpc_url.starts_with("https://")) {
+                return Err(invalid(format!("chains[{i}].rpc_url"), "must be an http:// or https:// URL"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what running the daemon needs beyond a valid file: a ledger path, and an RPC
+    /// endpoint for every chain a token is configured on.
+    pub fn validate_for_run(&self) -> Result<(), ConfigError> {
+        if self.ledger.path.is_none() {
+            return Err(invalid("ledger.path", "is required to run the daemon"));
+        }
+        if self.tokens.is_empty() {
+            return Err(invalid("tokens", "at least one token is required to run the daemon"));
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if !self.chains.iter().any(|c| c.chain_id == t.chain_id) {
+                return Err(invalid(
+                    format!("tokens[{i}].chain_id"),
+                    format!("chain {} has no [[chains]] entry with an rpc_url", t.chain_id),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -218,6 +348,10 @@ impl Config {
             network_aliases: BTreeMap::new(),
             admission: AdmissionConfig::default(),
             verify: VerifyConfig::default(),
+            server: ServerConfig::default(),
+            ledger: LedgerConfig::default(),
+            chains: Vec::new(),
+            balances: BalanceConfig::default(),
         }
     }
 }

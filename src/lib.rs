@@ -41,12 +41,16 @@
 
 pub mod admission;
 pub mod api;
+pub mod balance;
 pub mod chain;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod devnet;
+pub mod ingest;
 pub mod ledger;
+pub mod server;
 pub mod testkit;
 pub mod verify;
 pub mod x402;

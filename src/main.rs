@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use x402_batcher::{config::Config, demo, x402};
+use std::sync::Arc;
+
+use x402_batcher::clock::SystemClock;
+use x402_batcher::{config::Config, daemon, demo, x402};
 
 #[derive(Parser)]
 #[command(version, about = "Verifies, durably records and batch-settles x402 (EIP-3009) payments")]
@@ -16,6 +19,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: verify, record and (later) settle payments submitted over gRPC.
+    /// Stops accepting on SIGTERM or SIGINT, answers what is in flight, and exits 0.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Start a local devnet, verify signed sample payments and settle one on chain.
     Demo {
         /// Number of sample payments to verify.
@@ -41,11 +50,22 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        // Logs go to stderr; stdout carries only what scripts read (`listening on ADDR`).
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
+        Command::Run { config } => {
+            let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
+            config.validate_for_run()?;
+            let listener = tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+            println!("listening on {}", listener.local_addr()?);
+            daemon::serve(config, listener, Arc::new(SystemClock), shutdown_signal()).await?;
+        }
         Command::Demo { payments, payers } => {
             demo::run(&demo::DemoOptions { payments, payers }).await.context("demo failed")?;
         }
@@ -68,4 +88,20 @@ async fn main() -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

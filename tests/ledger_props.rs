@@ -79,6 +79,8 @@ fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
     exposures.retain(|_, v| !v.is_zero());
     pending.retain(|_, v| !v.is_zero());
     assert_eq!(exposures, pending, "exposure equals the sum of pending values");
+    let open = records.iter().filter(|r| !r.status.is_final()).count() as u64;
+    assert_eq!(ledger.pending(), open, "the pending count matches the records");
 
     let events = ledger.events_after(0, usize::MAX).unwrap();
     assert_eq!(events.len() as u64, ledger.last_seq(), "one event per change, numbered from 1");

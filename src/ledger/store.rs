@@ -73,6 +73,8 @@ pub struct Ledger {
     db: DB,
     path: PathBuf,
     last_seq: AtomicU64,
+    /// Payments accepted and not final: counted once at open, then kept by each commit.
+    pending: AtomicU64,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -91,7 +93,8 @@ impl Ledger {
         opts.set_write_buffer_size(64 << 20);
         let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open", "*"))?;
-        let ledger = Ledger { db, path: path.to_owned(), last_seq: AtomicU64::new(0) };
+        let ledger =
+            Ledger { db, path: path.to_owned(), last_seq: AtomicU64::new(0), pending: AtomicU64::new(0) };
 
         let meta = ledger.cf(CF_META);
         match ledger.db.get_cf(meta, META_SCHEMA).map_err(db_err("get", CF_META))? {
@@ -118,7 +121,14 @@ impl Ledger {
             .transpose()?
             .unwrap_or(0);
         ledger.last_seq.store(last, Ordering::SeqCst);
+        let pending = ledger.records()?.iter().filter(|r| !r.status.is_final()).count();
+        ledger.pending.store(pending as u64, Ordering::SeqCst);
         Ok(ledger)
+    }
+
+    /// Payments accepted and not yet settled, failed or expired.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::SeqCst)
     }
 
     pub fn path(&self) -> &Path {
@@ -243,6 +253,8 @@ struct Group<'a> {
     exposures: HashMap<PayerKey, U256>,
     idem: HashMap<String, AuthKey>,
     next_seq: u64,
+    /// Change of the pending count this group makes.
+    pending_delta: i64,
 }
 
 impl<'a> Group<'a> {
@@ -254,6 +266,7 @@ impl<'a> Group<'a> {
             exposures: HashMap::new(),
             idem: HashMap::new(),
             next_seq: ledger.last_seq() + 1,
+            pending_delta: 0,
         }
     }
 
@@ -373,6 +386,7 @@ impl<'a> Group<'a> {
             self.idem.insert(req.idempotency_key.clone(), key);
         }
         self.set_exposure(payer, needed);
+        self.pending_delta += 1;
         Ok(AcceptOutcome::Accepted(record))
     }
 
@@ -389,6 +403,7 @@ impl<'a> Group<'a> {
             let payer = req.key.payer();
             let exposure = self.exposure(&payer)?;
             self.set_exposure(payer, exposure.saturating_sub(record.value()));
+            self.pending_delta -= 1;
         }
         record.status = req.to;
         record.updated_at_ms = req.now_ms;
@@ -436,6 +451,9 @@ impl<'a> Group<'a> {
         }
         self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
         self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
+        // Only the writer commits, so this read-modify-write does not race.
+        let pending = self.ledger.pending().saturating_add_signed(self.pending_delta);
+        self.ledger.pending.store(pending, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -81,9 +81,6 @@ impl TransitionRequest {
 }
 
 /// A command with its reply channel.
-// Commands live in the writer queue's preallocated slots, sized by the larger variant
-// either way; boxing would add an allocation per payment and save nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Accept(AcceptRequest, oneshot::Sender<Result<AcceptOutcome, LedgerError>>),

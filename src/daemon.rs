@@ -1,0 +1,142 @@
+//! Assembly of the running daemon: ledger, writer, verify pool, chain connections, balance
+//! cache, ingest and the gRPC server, with an orderly drain on shutdown.
+//!
+//! Start-up refuses to run on anything doubtful: an invalid config, a ledger of a newer
+//! schema, or a token whose on-chain `DOMAIN_SEPARATOR()` differs from the configured one.
+//! Shutdown (the `shutdown` future resolving, e.g. on SIGTERM) stops accepting connections,
+//! answers new submissions UNAVAILABLE, lets in-flight ones finish (acked or refused), ends
+//! the long-lived streams, and waits for the ledger writer to commit what it holds.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admission::Admission;
+use crate::api::{self, v1};
+use crate::balance::{BalanceCache, ChainBalances};
+use crate::chain;
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError, DEFAULT_LEDGER_QUEUE_CAPACITY};
+use crate::ingest::Ingest;
+use crate::ledger::{Ledger, LedgerError, LedgerHandle};
+use crate::server::Services;
+use crate::verify::VerifyPool;
+
+/// How long shutdown waits for the ledger writer after the server stopped. Every answered
+/// submission is already on disk; this only bounds a clean exit.
+const WRITER_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("ledger")]
+    Ledger(#[from] LedgerError),
+    #[error("chain {chain_id}: rpc_url is not a valid URL")]
+    RpcUrl { chain_id: u64 },
+    #[error(transparent)]
+    Chain(#[from] chain::ChainError),
+    #[error("could not start a thread")]
+    Thread(#[source] std::io::Error),
+    #[error("could not build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    config.validate()?;
+    config.validate_for_run()?;
+    let path = config.ledger.path.clone().expect("validate_for_run requires ledger.path");
+
+    let mut providers: HashMap<u64, DynProvider> = HashMap::new();
+    for c in &config.chains {
+        let url = c.rpc_url.parse().map_err(|_| DaemonError::RpcUrl { chain_id: c.chain_id })?;
+        providers.insert(c.chain_id, ProviderBuilder::new().connect_http(url).erased());
+    }
+    let tokens = config.token_table();
+    for token in tokens.iter() {
+        let provider = &providers[&token.domain.chain_id];
+        chain::check_domain(provider, &token.domain).await?;
+        tracing::info!(
+            chain_id = token.domain.chain_id,
+            token = %token.domain.verifying_contract,
+            "token EIP-712 domain matches the chain"
+        );
+    }
+
+    let ledger = Arc::new(Ledger::open(&path)?);
+    tracing::info!(path = %path.display(), last_seq = ledger.last_seq(), pending = ledger.pending(), "ledger open");
+    let queue = if config.ledger.queue_capacity == 0 {
+        DEFAULT_LEDGER_QUEUE_CAPACITY
+    } else {
+        config.ledger.queue_capacity
+    };
+    let (writer, writer_thread) = LedgerHandle::start(ledger, queue).map_err(DaemonError::Thread)?;
+    let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
+    let balances = BalanceCache::start(
+        Arc::new(ChainBalances::new(providers)),
+        Duration::from_millis(config.balances.max_age_ms),
+        config.balances.max_batch,
+    );
+    let admission = Admission::new(tokens, config.network_aliases.clone(), config.admission.clone(), clock);
+    let ingest = Arc::new(Ingest::new(admission, pool, writer, balances));
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let services = Services::new(Arc::clone(&ingest), drain_rx);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let max = config.server.max_message_bytes;
+
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "serving gRPC");
+    let drain = {
+        let ingest = Arc::clone(&ingest);
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            ingest.start_draining();
+            health.set_not_serving::<v1::ingest_server::IngestServer<Services>>().await;
+            let _ = drain_tx.send(true);
+        }
+    };
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(v1::ingest_server::IngestServer::new(services.clone()).max_decoding_message_size(max))
+        .add_service(
+            v1::payments_server::PaymentsServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(v1::admin_server::AdminServer::new(services).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+
+    // Every request has been answered. Dropping the last ledger handles lets the writer
+    // commit what it still holds and exit.
+    drop(ingest);
+    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined).await.is_err() {
+        tracing::warn!(
+            "ledger writer still busy after {WRITER_JOIN_TIMEOUT:?}; exiting anyway (answered writes are on disk)"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

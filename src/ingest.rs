@@ -1,0 +1,185 @@
+//! The decision path for one submitted payment, and the one place decisions become gRPC
+//! replies and statuses.
+//!
+//! ```text
+//! SubmitRequest ─▶ convert ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance ─▶ ledger writer ─▶ reply
+//! ```
+//!
+//! Business refusals (bad signature, mismatch, expired, insufficient funds, nonce reuse)
+//! are normal replies with the official x402 reason code. System conditions are
+//! [`SubmitError`]s: INVALID_ARGUMENT for a malformed request, RESOURCE_EXHAUSTED when a
+//! bounded queue is full, UNAVAILABLE while draining or when a balance or the ledger cannot
+//! be read or written. Nothing is recorded unless the reply is an acceptance.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use alloy::primitives::U256;
+
+use crate::admission::Admission;
+use crate::api::{self, v1};
+use crate::balance::BalanceCache;
+use crate::ledger::{AcceptOutcome, AcceptRequest, AuthKey, LedgerError, LedgerHandle, PaymentRecord};
+use crate::verify::{PoolError, VerifyPool};
+use crate::x402::Reason;
+
+/// The daemon's answer to a payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Durably recorded (now, or before if `duplicate`).
+    Accepted { record: PaymentRecord, duplicate: bool },
+    /// Refused; nothing recorded.
+    Rejected { reason: Reason, message: String },
+}
+
+/// A system condition that kept a request from being decided. Nothing was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("malformed request: {0}")]
+    InvalidArgument(String),
+    #[error("overloaded: {0}; retry with backoff")]
+    ResourceExhausted(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl SubmitError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            SubmitError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            SubmitError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            SubmitError::Unavailable(_) => tonic::Code::Unavailable,
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code(), self.to_string())
+    }
+
+    fn from_ledger(e: LedgerError) -> SubmitError {
+        match e {
+            LedgerError::QueueFull => SubmitError::ResourceExhausted("ledger write queue is full".into()),
+            other => SubmitError::Unavailable(format!("ledger: {other}")),
+        }
+    }
+}
+
+/// The reply for a decision, or for a system condition on a stream.
+pub fn reply(request_id: String, result: Result<Decision, SubmitError>) -> v1::SubmitReply {
+    use v1::submit_reply::Outcome;
+    let outcome = match result {
+        Ok(Decision::Accepted { record, duplicate }) => Outcome::Accepted(v1::Accepted {
+            payment_id: record.payment_id().to_string(),
+            status: record.status.to_api() as i32,
+            duplicate,
+        }),
+        Ok(Decision::Rejected { reason, message }) => {
+            Outcome::Rejected(v1::Rejected { reason: reason.code().into(), message })
+        }
+        Err(e) => Outcome::Error(v1::SubmitError { code: e.code() as i32, message: e.to_string() }),
+    };
+    v1::SubmitReply { request_id, outcome: Some(outcome) }
+}
+
+/// Everything a submission passes through.
+pub struct Ingest {
+    admission: Admission,
+    pool: Arc<VerifyPool>,
+    ledger: LedgerHandle,
+    balances: BalanceCache,
+    draining: AtomicBool,
+}
+
+impl Ingest {
+    pub fn new(
+        admission: Admission,
+        pool: Arc<VerifyPool>,
+        ledger: LedgerHandle,
+        balances: BalanceCache,
+    ) -> Self {
+        Self { admission, pool, ledger, balances, draining: AtomicBool::new(false) }
+    }
+
+    pub fn ledger(&self) -> &LedgerHandle {
+        &self.ledger
+    }
+
+    pub fn pool(&self) -> &VerifyPool {
+        &self.pool
+    }
+
+    /// From now on, new submissions are answered UNAVAILABLE; those in flight finish.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Decides one submission.
+    pub async fn submit(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
+        if self.is_draining() {
+            return Err(SubmitError::Unavailable("the daemon is shutting down".into()));
+        }
+        let rejected = |reason: Reason, message: String| Ok(Decision::Rejected { reason, message });
+
+        let input = match api::payment_input(req) {
+            Ok(input) => input,
+            Err(e) if e.is_malformed_request() => return Err(SubmitError::InvalidArgument(e.to_string())),
+            Err(e) => return rejected(e.reason(), e.to_string()),
+        };
+        let requirements = api::requirements(req).map_err(|e| SubmitError::InvalidArgument(e.to_string()))?;
+        let admitted = match self.admission.admit_static(input, &requirements) {
+            Ok(a) => a,
+            Err(e) => return rejected(e.reason(), e.to_string()),
+        };
+
+        let verified = self.pool.verify(vec![admitted]).await;
+        let Some((admitted, outcome)) = verified.iter().next() else {
+            return Err(SubmitError::Unavailable("verification returned no verdict".into()));
+        };
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return rejected(Reason::InvalidSignature, e.to_string()),
+            Err(PoolError::QueueFull) => {
+                return Err(SubmitError::ResourceExhausted("verification queue is full".into()));
+            }
+            Err(PoolError::ShutDown) => {
+                return Err(SubmitError::Unavailable("verification pool stopped".into()));
+            }
+            Err(e @ PoolError::Panicked) => return rejected(e.reason(), e.to_string()),
+        }
+        let signed = admitted.signed.clone();
+
+        // The writer decides duplicates before it looks at the window or the balance, so a
+        // balance is only needed (and only read) for a payment the ledger has not seen.
+        let window = self.admission.check_window(&signed.authorization);
+        let key = AuthKey::of(&signed);
+        let known = self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_some();
+        let balance = if known || window.is_err() {
+            U256::ZERO
+        } else {
+            self.balances.get(key.payer()).await.map_err(|e| SubmitError::Unavailable(e.to_string()))?
+        };
+
+        let accept = AcceptRequest {
+            signed,
+            network: requirements.network,
+            max_timeout_seconds: requirements
+                .max_timeout_seconds
+                .unwrap_or(crate::config::DEFAULT_MAX_TIMEOUT_SECS),
+            idempotency_key: req.idempotency_key.clone(),
+            resource: req.resource.clone(),
+            api_server: req.api_server.clone(),
+            balance,
+            window,
+            now_ms: self.admission.clock().now_unix().saturating_mul(1000),
+        };
+        match self.ledger.accept(accept).await.map_err(SubmitError::from_ledger)? {
+            AcceptOutcome::Accepted(record) => Ok(Decision::Accepted { record, duplicate: false }),
+            AcceptOutcome::Duplicate(record) => Ok(Decision::Accepted { record, duplicate: true }),
+            AcceptOutcome::Refused { reason, message } => rejected(reason, message),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The gRPC services over [`crate::ingest::Ingest`] and the ledger: Ingest (unary and
+//! streaming submission), Payments (lookup and a resumable change feed) and Admin (status).
+//!
+//! Every stream has a bound: a SubmitStream has at most [`MAX_IN_FLIGHT_PER_STREAM`]
+//! requests being decided (reading stops beyond that, so HTTP/2 flow control pushes back
+//! on the client), and replies wait in a buffer of the same size.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::v1;
+use crate::ingest::{self, Ingest};
+use crate::ledger::{AuthKey, LedgerHandle, PaymentId};
+use crate::x402::decode;
+
+/// Requests of one SubmitStream decided concurrently: enough to keep both verify threads
+/// busy and fill ledger groups from a single client.
+pub const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+
+/// Events read from the ledger per catch-up step of WatchPayments.
+const WATCH_PAGE: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Shared state of the services.
+#[derive(Clone)]
+pub struct Services {
+    ingest: Arc<Ingest>,
+    ledger: LedgerHandle,
+    started: Instant,
+    /// Turns true when the daemon starts draining: long-lived streams end.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Services {
+    pub fn new(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>) -> Self {
+        let ledger = ingest.ledger().clone();
+        Self { ingest, ledger, started: Instant::now(), shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::ingest_server::Ingest for Services {
+    async fn submit(&self, request: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitReply>, Status> {
+        let req = request.into_inner();
+        let decision = self.ingest.submit(&req).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(ingest::reply(req.request_id, Ok(decision))))
+    }
+
+    type SubmitStreamStream = BoxStream<v1::SubmitReply>;
+
+    async fn submit_stream(
+        &self,
+        request: Request<Streaming<v1::SubmitRequest>>,
+    ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
+        let ingest = Arc::clone(&self.ingest);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
+            let mut tasks = JoinSet::new();
+            loop {
+                let next = tokio::select! {
+                    // On shutdown stop reading; what was read is still answered below.
+                    _ = drained(&mut shutdown) => break,
+                    next = inbound.message() => next,
+                };
+                let req = match next {
+                    Ok(Some(req)) => req,
+                    // The client closed its side, or the connection broke.
+                    Ok(None) | Err(_) => break,
+                };
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { break };
+                let (ingest, tx) = (Arc::clone(&ingest), tx.clone());
+                tasks.spawn(async move {
+                    let result = ingest.submit(&req).await;
+                    let _ = tx.send(Ok(ingest::reply(req.request_id, result))).await;
+                    drop(permit);
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Resolves once the daemon starts draining (or the signal is gone).
+async fn drained(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
+    let _ = shutdown.wait_for(|draining| *draining).await;
+}
+
+fn bad_request(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{what}: {e}"))
+}
+
+#[tonic::async_trait]
+impl v1::payments_server::Payments for Services {
+    async fn get_payment(
+        &self,
+        request: Request<v1::GetPaymentRequest>,
+    ) -> Result<Response<v1::Payment>, Status> {
+        use v1::get_payment_request::Key;
+        let ledger = self.ledger.ledger();
+        let found = match request.into_inner().key {
+            None => return Err(Status::invalid_argument("set payment_id or authorization_key")),
+            Some(Key::PaymentId(id)) => {
+                let id: PaymentId = id
+                    .parse()
+                    .map_err(|_| bad_request("payment_id", "must be 0x followed by 32 hex digits"))?;
+                ledger.get_by_id(&id)
+            }
+            Some(Key::AuthorizationKey(k)) => {
+                let token = decode::parse_address("token", &k.token).map_err(|e| bad_request("token", e))?;
+                let from = decode::parse_address("from", &k.from).map_err(|e| bad_request("from", e))?;
+                let nonce = decode::parse_b256("nonce", &k.nonce).map_err(|e| bad_request("nonce", e))?;
+                ledger.get(&AuthKey::new(k.chain_id, token, from, nonce))
+            }
+        };
+        match found {
+            Ok(Some(record)) => Ok(Response::new(record.to_api())),
+            Ok(None) => Err(Status::not_found("no such payment")),
+            Err(e) => Err(Status::unavailable(format!("ledger: {e}"))),
+        }
+    }
+
+    type WatchPaymentsStream = BoxStream<v1::PaymentEvent>;
+
+    async fn watch_payments(
+        &self,
+        request: Request<v1::WatchPaymentsRequest>,
+    ) -> Result<Response<Self::WatchPaymentsStream>, Status> {
+        let req = request.into_inner();
+        let wanted: HashSet<i32> = req.statuses.iter().copied().collect();
+        let (tx, rx) = mpsc::channel(WATCH_PAGE);
+        // Subscribe before the first read: a change committed after it is always seen,
+        // either by the read or by the notification.
+        let mut changes = self.ledger.subscribe();
+        let ledger = Arc::clone(self.ledger.ledger());
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut cursor = req.after_seq;
+            loop {
+                let page = {
+                    let ledger = Arc::clone(&ledger);
+                    tokio::task::spawn_blocking(move || ledger.events_after(cursor, WATCH_PAGE)).await
+                };
+                let events = match page {
+                    Ok(Ok(events)) => events,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(Status::unavailable(format!("ledger: {e}")))).await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if events.is_empty() {
+                    tokio::select! {
+                        changed = changes.recv() => match changed {
+                            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        },
+                        _ = drained(&mut shutdown) => {
+                            let _ = tx.send(Err(Status::unavailable("the daemon is shutting down; resume from your last seq"))).await;
+                            return;
+                        }
+                        _ = tx.closed() => return,
+                    }
+                }
+                for record in events {
+                    cursor = record.seq;
+                    if !wanted.is_empty() && !wanted.contains(&(record.status.to_api() as i32)) {
+                        continue;
+                    }
+                    let event = v1::PaymentEvent { seq: record.seq, payment: Some(record.to_api()) };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for Services {
+    async fn get_status(&self, _: Request<v1::GetStatusRequest>) -> Result<Response<v1::Status>, Status> {
+        let ledger = self.ledger.ledger();
+        Ok(Response::new(v1::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            paused: false,
+            draining: self.ingest.is_draining(),
+            verify_queue_depth: self.ingest.pool().queue_depth() as u64,
+            pending_payments: ledger.pending(),
+            ledger_seq: ledger.last_seq(),
+            chains: Vec::new(),
+            settlers: Vec::new(),
+        }))
+    }
+
+    async fn get_policy(&self, _: Request<v1::GetPolicyRequest>) -> Result<Response<v1::Policy>, Status> {
+        Err(Status::unimplemented(
+            "settlement policy arrives with the settlement engine; nothing is settled yet",
+        ))
+    }
+
+    async fn update_policy(
+        &self,
+        _: Request<v1::UpdatePolicyRequest>,
+    ) -> Result<Response<v1::Policy>, Status> {
+        Err(Status::unimplemented(
+            "settlement policy arrives with the settlement engine; nothing is settled yet",
+        ))
+    }
+}

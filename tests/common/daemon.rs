@@ -1,0 +1,106 @@
+//! A daemon in-process on 127.0.0.1:0, over a real devnet and a temp-dir ledger.
+
+use std::sync::Arc;
+
+use alloy::primitives::U256;
+use alloy::signers::local::PrivateKeySigner;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use x402_batcher::api::v1;
+use x402_batcher::clock::SystemClock;
+use x402_batcher::config::{ChainConfig, Config};
+use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::x402::eip712::TokenDomain;
+
+pub struct TestDaemon {
+    pub devnet: Arc<Devnet>,
+    pub addr: std::net::SocketAddr,
+    /// Holds the ledger; shared with a restarted daemon.
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), x402_batcher::daemon::DaemonError>>>,
+}
+
+impl TestDaemon {
+    /// Starts a devnet and a daemon on it; `tune` adjusts the config first.
+    pub async fn start(tune: impl FnOnce(&mut Config)) -> TestDaemon {
+        let devnet = Arc::new(Devnet::start().await.unwrap());
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        Self::start_on(devnet, dir, tune).await
+    }
+
+    /// A daemon on an existing devnet and ledger directory (a restart).
+    pub async fn start_on(
+        devnet: Arc<Devnet>,
+        dir: Arc<tempfile::TempDir>,
+        tune: impl FnOnce(&mut Config),
+    ) -> TestDaemon {
+        let mut config = Config::parse("").unwrap();
+        config.tokens.push(devnet.token_config());
+        config.chains.push(ChainConfig { chain_id: devnet.chain_id(), rpc_url: devnet.rpc_url().to_owned() });
+        config.ledger.path = Some(dir.path().join("ledger"));
+        tune(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task =
+            tokio::spawn(x402_batcher::daemon::serve(config, listener, Arc::new(SystemClock), async {
+                let _ = stopped.await;
+            }));
+        let daemon = TestDaemon { devnet, addr, dir, stop: Some(stop), task: Some(task) };
+        // Ready when the health service answers.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(mut admin) = v1::admin_client::AdminClient::connect(daemon.url()).await
+                && admin.get_status(v1::GetStatusRequest {}).await.is_ok()
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "daemon did not come up");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        daemon
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn ingest(&self) -> v1::ingest_client::IngestClient<Channel> {
+        v1::ingest_client::IngestClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn payments(&self) -> v1::payments_client::PaymentsClient<Channel> {
+        v1::payments_client::PaymentsClient::connect(self.url()).await.unwrap()
+    }
+
+    pub fn domain(&self) -> TokenDomain {
+        self.devnet.token_domain()
+    }
+
+    /// `n` payers funded with `balance` base units each.
+    pub async fn payers(&self, seed: &str, n: usize, balance: u64) -> Vec<PrivateKeySigner> {
+        let payers = devnet::payer_keys(seed, n);
+        let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
+        self.devnet.fund(&addrs, U256::from(balance)).await.unwrap();
+        payers
+    }
+
+    /// Stops the daemon as SIGTERM would and waits for it to exit cleanly.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
