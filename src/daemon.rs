@@ -125,13 +125,17 @@ pub async fn serve(
             v1::payments_server::PaymentsServer::new(services.clone()).max_decoding_message_size(max),
         )
         .add_service(v1::admin_server::AdminServer::new(services).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(incoming(listener), drain)
         .await?;
 
-    // Every request has been answered. Dropping the last ledger handles lets the writer
-    // commit what it still holds and exit.
+    // Every request has been answered. The writer commits what it still holds and stops
+    // (connection tasks that linger may still hold handles; they get UNAVAILABLE).
+    let writer = ingest.ledger().clone();
     drop(ingest);
-    let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+    let joined = tokio::task::spawn_blocking(move || {
+        writer.stop();
+        writer_thread.join()
+    });
     if tokio::time::timeout(WRITER_JOIN_TIMEOUT, joined).await.is_err() {
         tracing::warn!(
             "ledger writer still busy after {WRITER_JOIN_TIMEOUT:?}; exiting anyway (answered writes are on disk)"
@@ -139,4 +143,18 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off. The server's own `tcp_nodelay` setting
+/// does not reach connections it is handed; without this, small replies wait for the
+/// client's delayed ACK and each unary call takes ~40 ms instead of well under one.
+fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|c| {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
+            }
+        })
+    })
 }

@@ -34,6 +34,10 @@ enum Command {
         #[arg(long, default_value_t = demo::DemoOptions::default().payers)]
         payers: usize,
     },
+    /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
+    /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
+    /// starts its own devnet and in-process daemon first (the benchmark set-up).
+    Loadgen(LoadgenArgs),
     /// Validate a config file and print its token table.
     CheckConfig {
         #[arg(long)]
@@ -45,6 +49,40 @@ enum Command {
         /// The header value (base64).
         header: String,
     },
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// Start a devnet and an in-process daemon, fund the payers, and load that.
+    #[arg(long)]
+    devnet: bool,
+    /// The daemon's URL (without --devnet).
+    #[arg(long, required_unless_present = "devnet")]
+    target: Option<String>,
+    /// The token's chain id, address, and EIP-712 domain (without --devnet).
+    #[arg(long, required_unless_present = "devnet")]
+    chain_id: Option<u64>,
+    #[arg(long, required_unless_present = "devnet")]
+    token: Option<alloy::primitives::Address>,
+    #[arg(long, default_value = "USD Coin")]
+    eip712_name: String,
+    #[arg(long, default_value = "2")]
+    eip712_version: String,
+    /// Seed of the payer keys (devnet::payer_keys); the payers must hold funds.
+    #[arg(long, default_value = "loadgen")]
+    seed: String,
+    #[arg(long, default_value_t = 20_000)]
+    payments: usize,
+    #[arg(long, default_value_t = 200)]
+    payers: usize,
+    /// Submissions per second; flat out if absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Seconds spent measuring the raw recovery ceiling on all cores first (0: skip).
+    #[arg(long, default_value_t = 3.0)]
+    ceiling_seconds: f64,
 }
 
 #[tokio::main]
@@ -69,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo { payments, payers } => {
             demo::run(&demo::DemoOptions { payments, payers }).await.context("demo failed")?;
         }
+        Command::Loadgen(args) => loadgen(args).await?,
         Command::CheckConfig { config } => {
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             for t in &config.tokens {
@@ -104,4 +143,82 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    use alloy::primitives::{Address, U256};
+    use x402_batcher::{client::Client, config::ChainConfig, devnet, loadgen, verify};
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let ceiling = (args.ceiling_seconds > 0.0).then(|| {
+        let c =
+            verify::measure_recovery_ceiling(cores, std::time::Duration::from_secs_f64(args.ceiling_seconds));
+        println!("raw libsecp256k1 recovery ceiling: {c:.0}/s on {cores} cores");
+        c
+    });
+    let payers = devnet::payer_keys(&args.seed, args.payers.max(1));
+    let value = 1_000u64;
+
+    // The devnet, its daemon and its ledger directory live until the end of the run.
+    let mut _devnet_parts = None;
+    let (url, domain) = if args.devnet {
+        let net = devnet::Devnet::start().await?;
+        let per_payer = value * (args.payments / payers.len() + 1) as u64;
+        let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, U256::from(per_payer)).await?;
+        let dir = std::env::temp_dir().join(format!("x402-loadgen-{}", std::process::id()));
+        let mut config = Config::parse("")?;
+        config.tokens.push(net.token_config());
+        config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
+        config.ledger.path = Some(dir.join("ledger"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(daemon::serve(config, listener, Arc::new(SystemClock), async {
+            let _ = stopped.await;
+        }));
+        let domain = net.token_domain();
+        _devnet_parts = Some((net, dir, stop, server));
+        (url, domain)
+    } else {
+        let (Some(url), Some(chain_id), Some(token)) = (args.target.clone(), args.chain_id, args.token)
+        else {
+            anyhow::bail!("--target, --chain-id and --token are required without --devnet");
+        };
+        (url, x402::eip712::TokenDomain::new(&args.eip712_name, &args.eip712_version, chain_id, token))
+    };
+
+    let opts = loadgen::LoadOptions {
+        payments: args.payments,
+        payers,
+        rate: args.rate,
+        streams: args.streams,
+        value,
+        payee: x402_batcher::testkit::DEFAULT_PAYEE,
+        run_id: u64::from(std::process::id()),
+    };
+    let signing = std::time::Instant::now();
+    let requests = loadgen::presign(&domain, &opts, x402_batcher::clock::Clock::now_unix(&SystemClock));
+    println!(
+        "pre-signed {} payments from {} payers in {:.1} s",
+        requests.len(),
+        opts.payers.len(),
+        signing.elapsed().as_secs_f64()
+    );
+    let client = Client::connect(url.clone()).await?;
+    let report = loadgen::run(&client, requests, args.rate, args.streams).await;
+    println!("{}", report.summary());
+    if let Some(c) = ceiling {
+        println!(
+            "acks/s over the raw recovery ceiling of {cores} cores: {:.1}%",
+            100.0 * report.throughput() / c
+        );
+    }
+
+    if let Some((_net, dir, stop, server)) = _devnet_parts.take() {
+        let _ = stop.send(());
+        server.await??;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }

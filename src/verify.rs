@@ -12,6 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use alloy::primitives::{Address, B256, keccak256};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -74,6 +75,45 @@ pub fn recover(digest: B256, sig: &[u8; 65]) -> Result<Address, SignatureError> 
     let key = rsig.recover(Message::from_digest(digest.0)).map_err(|_| SignatureError::Unrecoverable)?;
     let hash = keccak256(&key.serialize_uncompressed()[1..]);
     Ok(Address::from_slice(&hash[12..]))
+}
+
+/// Raw libsecp256k1 recoveries per second on `threads` threads for about `duration`: the
+/// ceiling ingest throughput is judged against. Signatures are made up front; only
+/// parse + recover is timed, as in the `verify` criterion bench.
+pub fn measure_recovery_ceiling(threads: usize, duration: Duration) -> f64 {
+    let samples: Vec<(B256, [u8; 65])> = (0..64u8)
+        .map(|i| {
+            let key = secp256k1::SecretKey::from_byte_array([i.wrapping_add(1); 32])
+                .expect("a small scalar is a valid key");
+            let digest = keccak256([i]);
+            let sig = secp256k1::SECP256K1.sign_ecdsa_recoverable(Message::from_digest(digest.0), &key);
+            let (recid, rs) = sig.serialize_compact();
+            let mut raw = [0u8; 65];
+            raw[..64].copy_from_slice(&rs);
+            raw[64] = 27 + i32::from(recid) as u8;
+            (digest, raw)
+        })
+        .collect();
+    let total = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let started = std::time::Instant::now();
+                let mut n = 0usize;
+                while started.elapsed() < duration {
+                    for (digest, sig) in &samples {
+                        let recid = RecoveryId::try_from(i32::from(sig[64]) - 27).expect("made with 27/28");
+                        let key = RecoverableSignature::from_compact(&sig[..64], recid)
+                            .and_then(|s| s.recover(Message::from_digest(digest.0)));
+                        std::hint::black_box(key.ok());
+                    }
+                    n += samples.len();
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    total.load(Ordering::Relaxed) as f64 / duration.as_secs_f64()
 }
 
 /// Why the pool could not give a verdict on an item. None of these say anything about the

@@ -119,11 +119,19 @@ impl Command {
     }
 }
 
-/// A handle to the writer. Cloning shares the writer; the writer thread ends when the last
-/// handle is dropped, after committing what is queued.
+/// What travels on the writer's queue.
+enum Msg {
+    Command(Command),
+    /// Commit everything queued before this, then stop.
+    Stop,
+}
+
+/// A handle to the writer. Cloning shares the writer; the writer thread ends on
+/// [`LedgerHandle::stop`] or when the last handle is dropped, after committing what is
+/// queued before.
 #[derive(Clone)]
 pub struct LedgerHandle {
-    tx: Sender<Command>,
+    tx: Sender<Msg>,
     ledger: Arc<Ledger>,
     changes: broadcast::Sender<u64>,
 }
@@ -166,6 +174,12 @@ impl LedgerHandle {
         self.changes.subscribe()
     }
 
+    /// Asks the writer to commit what is queued and stop; later commands get
+    /// [`LedgerError::WriterStopped`]. Blocks while the queue is full.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+
     /// Records a verified payment; answers once the decision is on disk.
     pub async fn accept(&self, req: AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
         let (cmd, rx) = Command::accept(req);
@@ -181,20 +195,29 @@ impl LedgerHandle {
     }
 
     fn send(&self, cmd: Command) -> Result<(), LedgerError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
+        self.tx.try_send(Msg::Command(cmd)).map_err(|e| match e {
             TrySendError::Full(_) => LedgerError::QueueFull,
             TrySendError::Disconnected(_) => LedgerError::WriterStopped,
         })
     }
 }
 
-fn run(ledger: &Ledger, rx: &Receiver<Command>, changes: &broadcast::Sender<u64>) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(cmd) => group.push(cmd),
-                Err(_) => break,
+fn run(ledger: &Ledger, rx: &Receiver<Msg>, changes: &broadcast::Sender<u64>) {
+    let mut stopping = false;
+    while !stopping {
+        let Ok(first) = rx.recv() else { break };
+        let mut group = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Command(cmd) => group.push(cmd),
+                Msg::Stop => {
+                    stopping = true;
+                    break;
+                }
+            }
+            if group.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
             }
         }
         let results = ledger.apply_group(&group);
@@ -207,4 +230,6 @@ fn run(ledger: &Ledger, rx: &Receiver<Command>, changes: &broadcast::Sender<u64>
             let _ = changes.send(ledger.last_seq());
         }
     }
+    // Dropping the receiver makes later sends fail with WriterStopped; commands already
+    // queued behind the stop are dropped, and their callers see WriterStopped too.
 }

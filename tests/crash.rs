@@ -1,0 +1,197 @@
+//! Crash safety: the daemon binary is SIGKILLed at random points under load, ten times,
+//! over one ledger. After each restart every acknowledged payment is present in the
+//! accepted state, and no nonce can be accepted twice. Each round ends with SIGTERM, which
+//! must drain and exit 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use alloy::primitives::{B256, U256};
+use x402_batcher::api::v1;
+use x402_batcher::client::{self, Client};
+use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::loadgen::{self, LoadOptions};
+use x402_batcher::testkit::{self, PaymentBuilder};
+
+const ROUNDS: u64 = 10;
+const PAYMENTS_PER_ROUND: usize = 600;
+/// Slow enough that the load lasts ~0.3 s, so every kill point lands inside it.
+const RATE: f64 = 2_000.0;
+const LIMIT: Duration = Duration::from_secs(300);
+
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+fn start(config: &std::path::Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-batcher"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("daemon binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("daemon prints its address");
+    Daemon { child, url: format!("http://{addr}") }
+}
+
+fn key_of(req: &v1::SubmitRequest) -> v1::AuthorizationKey {
+    let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
+    v1::AuthorizationKey {
+        chain_id: a.chain_id,
+        token: a.token.clone(),
+        from: a.from.clone(),
+        nonce: a.nonce.clone(),
+    }
+}
+
+async fn ledger_seq(client: &mut Client) -> u64 {
+    client.admin.get_status(v1::GetStatusRequest {}).await.map(|s| s.into_inner().ledger_seq).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_payment() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Devnet::start().await.unwrap();
+        let payers = devnet::payer_keys("crash", 20);
+        let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        let t = net.token_config();
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
+                 [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
+                 [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n",
+                dir.path().join("ledger").display(),
+                net.chain_id(),
+                net.rpc_url(),
+                t.chain_id,
+                t.address,
+                t.eip712_name,
+                t.eip712_version
+            ),
+        )
+        .unwrap();
+
+        let (mut offered, mut acked_total, mut lost, mut double) = (0, 0, 0, 0);
+        for round in 0..ROUNDS {
+            let opts = LoadOptions {
+                payments: PAYMENTS_PER_ROUND,
+                payers: payers.clone(),
+                rate: Some(RATE),
+                streams: 2,
+                value: 1_000,
+                payee: testkit::DEFAULT_PAYEE,
+                run_id: round + 1,
+            };
+            let now = SystemClock.now_unix();
+            let requests = loadgen::presign(&net.token_domain(), &opts, now);
+            offered += requests.len();
+
+            let mut daemon = start(&config);
+            let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+            let base = ledger_seq(&mut client).await;
+            let load = {
+                let (client, requests) = (client.clone(), requests.clone());
+                tokio::spawn(async move { loadgen::run(&client, requests, Some(RATE), 2).await })
+            };
+            // A kill point that differs per round: after 1..=500 of the 600 changes.
+            let threshold = base + 1 + (round * 197 + 13) % 500;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while ledger_seq(&mut client).await < threshold {
+                assert!(tokio::time::Instant::now() < deadline, "round {round}: load did not progress");
+                tokio::task::yield_now().await;
+            }
+            daemon.child.kill().unwrap(); // SIGKILL
+            daemon.child.wait().unwrap();
+            let report = load.await.unwrap();
+            acked_total += report.acked.len();
+            assert!(report.acked.len() < requests.len(), "round {round}: the kill came after the load ended");
+
+            let mut daemon = start(&config);
+            let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+            for &i in &report.acked {
+                let got = client
+                    .payments
+                    .get_payment(v1::GetPaymentRequest {
+                        key: Some(v1::get_payment_request::Key::AuthorizationKey(key_of(&requests[i]))),
+                    })
+                    .await;
+                match got {
+                    Ok(p) if p.get_ref().status == v1::PaymentStatus::Accepted as i32 => {}
+                    other => {
+                        lost += 1;
+                        eprintln!("round {round}: acked payment {i} is missing or wrong: {other:?}");
+                    }
+                }
+            }
+            // No nonce can be accepted twice: an acked payment again is a duplicate, a
+            // different transfer under its nonce a double spend.
+            for &i in report.acked.iter().step_by(25) {
+                let again = client.submit(requests[i].clone()).await.unwrap();
+                match again.outcome {
+                    Some(v1::submit_reply::Outcome::Accepted(a)) if a.duplicate => {}
+                    other => {
+                        double += 1;
+                        eprintln!("round {round}: resubmitting {i} gave {other:?}");
+                    }
+                }
+                // Validly signed by the payer: only the ledger can tell it is a double spend.
+                let key = key_of(&requests[i]);
+                let payer = payers.iter().find(|p| p.address().to_string() == key.from).expect("a known payer");
+                let nonce: B256 = key.nonce.parse().unwrap();
+                let signed =
+                    PaymentBuilder::new(payer, &net.token_domain(), now).nonce(nonce).value(999).build();
+                let conflicting = client::typed_request(
+                    "conflict".into(),
+                    &signed,
+                    &testkit::requirements_for(&signed),
+                );
+                let reply = client.submit(conflicting).await.unwrap();
+                match reply.outcome {
+                    Some(v1::submit_reply::Outcome::Rejected(r)) if r.reason == "invalid_exact_evm_nonce_already_used" => {}
+                    other => {
+                        double += 1;
+                        eprintln!("round {round}: reusing the nonce of {i} gave {other:?}");
+                    }
+                }
+            }
+            // SIGTERM: drain and exit 0.
+            let pid = daemon.child.id().to_string();
+            assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+            let status = daemon.child.wait().unwrap();
+            assert!(status.success(), "round {round}: SIGTERM exit status {status}");
+            println!(
+                "round {round}: offered {}, killed after ledger seq {threshold}, acked {}, lost so far {lost}",
+                requests.len(),
+                report.acked.len()
+            );
+        }
+        println!(
+            "crash summary: load offered {offered}, faults injected {ROUNDS} SIGKILLs, acked {acked_total}, \
+             lost {lost}, duplicated {double}"
+        );
+        assert_eq!(lost, 0, "acknowledged payments were lost");
+        assert_eq!(double, 0, "a nonce was accepted twice");
+        assert!(acked_total > 0, "the load acknowledged nothing");
+    })
+    .await
+    .expect("bounded");
+}
