@@ -51,6 +51,11 @@ pub const DEFAULT_BALANCE_MAX_AGE_MS: u64 = 2_000;
 /// limits, and one round trip for a burst of new payers.
 pub const DEFAULT_BALANCE_MAX_BATCH: usize = 500;
 
+/// How often accepted payments' nonces are checked on chain for use outside the daemon.
+/// Each round is one `eth_call` per 500 pending payments; 5 s keeps a payment spent
+/// elsewhere from lingering as accepted.
+pub const DEFAULT_NONCE_AUDIT_INTERVAL_MS: u64 = 5_000;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -93,6 +98,22 @@ pub struct Config {
     pub chains: Vec<ChainConfig>,
     #[serde(default)]
     pub balances: BalanceConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The nonce audit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// See [`DEFAULT_NONCE_AUDIT_INTERVAL_MS`]; 0 turns the periodic audit off.
+    pub nonce_interval_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { nonce_interval_ms: DEFAULT_NONCE_AUDIT_INTERVAL_MS }
+    }
 }
 
 /// The gRPC listener.
@@ -352,6 +373,7 @@ impl Config {
             ledger: LedgerConfig::default(),
             chains: Vec::new(),
             balances: BalanceConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

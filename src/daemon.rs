@@ -19,6 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admission::Admission;
 use crate::api::{self, v1};
+use crate::audit::NonceAudit;
 use crate::balance::{BalanceCache, ChainBalances};
 use crate::chain;
 use crate::clock::Clock;
@@ -87,11 +88,17 @@ pub async fn serve(
     };
     let (writer, writer_thread) = LedgerHandle::start(ledger, queue).map_err(DaemonError::Thread)?;
     let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
+    let audit = NonceAudit::new(writer.clone(), providers.clone());
     let balances = BalanceCache::start(
         Arc::new(ChainBalances::new(providers)),
         Duration::from_millis(config.balances.max_age_ms),
         config.balances.max_batch,
     );
+    let audit_task = (config.audit.nonce_interval_ms > 0).then(|| {
+        tokio::spawn(
+            audit.run_every(Duration::from_millis(config.audit.nonce_interval_ms), Arc::clone(&clock)),
+        )
+    });
     let admission = Admission::new(tokens, config.network_aliases.clone(), config.admission.clone(), clock);
     let ingest = Arc::new(Ingest::new(admission, pool, writer, balances));
 
@@ -128,6 +135,10 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming(listener), drain)
         .await?;
 
+    if let Some(task) = audit_task {
+        task.abort();
+        let _ = task.await;
+    }
     // Every request has been answered. The writer commits what it still holds and stops
     // (connection tasks that linger may still hold handles; they get UNAVAILABLE).
     let writer = ingest.ledger().clone();

@@ -392,7 +392,7 @@ impl<'a> Group<'a> {
 
     fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
         let mut record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
-        if !record.status.can_move_to(req.to) {
+        if !record.status.can_move_to(req.to) || req.only_from.is_some_and(|s| s != record.status) {
             return Err(LedgerError::IllegalTransition {
                 id: req.key.payment_id(),
                 from: record.status,

@@ -67,6 +67,9 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransitionRequest {
     pub key: AuthKey,
+    /// Apply only if the payment is still in this state (a decision made on an older read
+    /// must not overtake a newer one).
+    pub only_from: Option<Status>,
     pub to: Status,
     pub failure: Option<(Reason, String)>,
     pub batch_id: Option<String>,
@@ -76,7 +79,7 @@ pub struct TransitionRequest {
 
 impl TransitionRequest {
     pub fn new(key: AuthKey, to: Status, now_ms: u64) -> Self {
-        Self { key, to, failure: None, batch_id: None, evidence: None, now_ms }
+        Self { key, only_from: None, to, failure: None, batch_id: None, evidence: None, now_ms }
     }
 }
 

@@ -1,0 +1,143 @@
+//! The nonce audit: finds accepted payments whose nonce was used on chain outside the
+//! daemon (the payer spent it elsewhere, another facilitator settled it) and fails them,
+//! so they can never be reported as settled. Runs off the hot path: periodically, and
+//! (once settlement exists) before a batch is planned.
+//!
+//! Reads are bulk: one `aggregate3` `eth_call` of `authorizationState` per chain per
+//! [`AUDIT_CHUNK`] payments.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use alloy::primitives::Bytes;
+use alloy::providers::DynProvider;
+use alloy::sol_types::SolCall;
+
+use crate::chain::{IEip3009, IMulticall3, MULTICALL3};
+use crate::ledger::{LedgerError, LedgerHandle, PaymentRecord, Status, TransitionRequest};
+use crate::x402::Reason;
+
+/// Authorization states read in one `eth_call`: ~10k gas each, far below node limits.
+pub const AUDIT_CHUNK: usize = 500;
+
+/// Why an audit round failed. Nothing is marked failed on a read error.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("authorizationState read on chain {chain_id} failed: {detail}")]
+    Rpc { chain_id: u64, detail: String },
+}
+
+/// What a round found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    pub checked: usize,
+    /// Payments marked failed because their nonce was already used on chain.
+    pub failed: usize,
+}
+
+/// The audit over a ledger and the chains' RPC endpoints.
+#[derive(Clone)]
+pub struct NonceAudit {
+    ledger: LedgerHandle,
+    providers: HashMap<u64, DynProvider>,
+}
+
+impl NonceAudit {
+    pub fn new(ledger: LedgerHandle, providers: HashMap<u64, DynProvider>) -> Self {
+        Self { ledger, providers }
+    }
+
+    /// Checks every accepted payment once.
+    pub async fn run_once(&self, now_ms: u64) -> Result<AuditReport, AuditError> {
+        let ledger = std::sync::Arc::clone(self.ledger.ledger());
+        let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.records())
+            .await
+            .map_err(|_| AuditError::Rpc { chain_id: 0, detail: "ledger scan task failed".into() })??
+            .into_iter()
+            .filter(|r| r.status == Status::Accepted)
+            .collect();
+        let mut report = AuditReport::default();
+        let mut by_chain: HashMap<u64, Vec<&PaymentRecord>> = HashMap::new();
+        for r in &accepted {
+            by_chain.entry(r.signed.chain_id).or_default().push(r);
+        }
+        for (chain_id, records) in by_chain {
+            let Some(provider) = self.providers.get(&chain_id) else { continue };
+            for chunk in records.chunks(AUDIT_CHUNK) {
+                let used = authorization_states(provider, chain_id, chunk).await?;
+                report.checked += chunk.len();
+                for (record, used) in chunk.iter().zip(used) {
+                    if !used {
+                        continue;
+                    }
+                    let mut t = TransitionRequest::new(record.key(), Status::Failed, now_ms);
+                    t.only_from = Some(Status::Accepted);
+                    t.failure = Some((
+                        Reason::NonceAlreadyUsed,
+                        "the nonce was used on chain outside this daemon (authorizationState is true)".into(),
+                    ));
+                    match self.ledger.transition(t).await {
+                        Ok(_) => report.failed += 1,
+                        // Moved on meanwhile (a settlement began): not ours to fail here.
+                        Err(LedgerError::IllegalTransition { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs a round every `interval` until the task is dropped; a failed round is logged
+    /// and retried at the next tick.
+    pub async fn run_every(self, interval: Duration, clock: std::sync::Arc<dyn crate::clock::Clock>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.run_once(clock.now_unix().saturating_mul(1000)).await {
+                Ok(r) if r.failed > 0 => {
+                    tracing::warn!(checked = r.checked, failed = r.failed, "nonces used outside the daemon")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("nonce audit failed: {e}"),
+            }
+        }
+    }
+}
+
+async fn authorization_states(
+    provider: &DynProvider,
+    chain_id: u64,
+    records: &[&PaymentRecord],
+) -> Result<Vec<bool>, AuditError> {
+    let calls = records
+        .iter()
+        .map(|r| IMulticall3::Call3 {
+            target: r.signed.token,
+            allowFailure: true,
+            callData: Bytes::from(
+                IEip3009::authorizationStateCall {
+                    authorizer: r.signed.authorization.from,
+                    nonce: r.signed.authorization.nonce,
+                }
+                .abi_encode(),
+            ),
+        })
+        .collect();
+    let results = IMulticall3::new(MULTICALL3, provider)
+        .aggregate3(calls)
+        .call()
+        .await
+        .map_err(|e| AuditError::Rpc { chain_id, detail: e.to_string() })?;
+    if results.len() != records.len() {
+        return Err(AuditError::Rpc {
+            chain_id,
+            detail: format!("{} results for {} calls", results.len(), records.len()),
+        });
+    }
+    // An unreadable state counts as unused: failing a payment needs positive evidence.
+    Ok(results.iter().map(|r| r.success && r.returnData.len() == 32 && r.returnData[31] == 1).collect())
+}
