@@ -16,28 +16,33 @@
 //!
 //! ## Layout
 //!
-//! What exists today (the foundation), in the order a payment meets it:
+//! In the order a payment meets them:
 //!
-//! - [`api`]: the generated gRPC contract (`proto/x402/batcher/v1`) and the conversion of
-//!   its messages into domain types, with typed errors.
+//! - [`server`]: the gRPC services (Ingest, Payments, Admin) over [`ingest`] and the ledger;
+//!   [`daemon`] assembles everything, checks the tokens' domains at start-up, and drains on
+//!   shutdown.
+//! - [`api`]: the generated gRPC contract (`proto/x402/batcher/v1`) and the conversion of its
+//!   messages into domain types, with typed errors.
+//! - [`ingest`]: the decision path for one submission, and the one place decisions become
+//!   replies and gRPC statuses.
 //! - [`x402`]: the protocol core: authorizations and requirements, decoding of x402 v1 and v2
 //!   payment headers, EIP-712 hashing, and the official x402 reason codes ([`x402::Reason`]).
-//! - [`config`]: the typed configuration, including the network/token table; every default is
-//!   a named constant with its reason, validated once at start-up.
-//! - [`admission`]: the cheap, static checks (scheme, network, asset, payee, amount, validity
-//!   window against a [`clock::Clock`]) that run before any signature work.
+//! - [`admission`]: the cheap, static checks (scheme, network, asset, payee, amount) and the
+//!   validity window against a [`clock::Clock`], before any signature work.
 //! - [`verify`]: the signature check (EIP-712 digest, libsecp256k1 recovery, low-s, v) and the
 //!   pool of OS threads that runs it, fed by a bounded queue.
-//! - [`chain`]: the on-chain interfaces the daemon calls (EIP-3009 token, Multicall3) and the
-//!   encoding of a settlement batch.
-//! - [`devnet`]: a local anvil chain with the project's own token and aggregate3 contract, for
-//!   the tests and the demo.
-//! - [`testkit`]: fixture builders (signed payments, requirements, headers) for tests,
-//!   benchmarks and the demo.
-//! - [`demo`]: the README's main job.
+//! - [`balance`]: payers' on-chain balances, cached and refreshed in bulk.
+//! - [`ledger`]: the RocksDB nonce ledger and its single group-commit writer: the double-spend
+//!   guard, per-payer exposure, the lifecycle, and the change log.
+//! - [`audit`]: fails accepted payments whose nonce was used on chain outside the daemon.
+//! - [`chain`]: the on-chain interfaces (EIP-3009 token, Multicall3) and batch encoding.
+//! - [`config`]: the typed configuration; every default is a named constant with its reason.
+//! - [`client`], [`loadgen`]: the Rust client, and the load generator built on it.
+//! - [`devnet`], [`testkit`], [`demo`]: a local anvil chain with the project's contracts,
+//!   fixture builders, and the README's main job.
 //!
-//! The ledger, ingest service, planner, submitter, confirmer and export arrive with the
-//! issues that build them; see the README for what works today.
+//! Batch planning, settlement, confirmations and export arrive with the issues that build
+//! them; see the README for what works today.
 
 pub mod admission;
 pub mod api;

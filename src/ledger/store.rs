@@ -1,4 +1,4 @@
-//! The ledger's RocksDB store: layout, schema check, reads, and [`Group`], which applies a
+//! The ledger's RocksDB store: layout, schema check, reads, and the group logic, which applies a
 //! batch of commands against the store plus its own uncommitted writes and commits them as
 //! one synced `WriteBatch`.
 
@@ -67,7 +67,7 @@ pub fn synced_write_options() -> WriteOptions {
     o
 }
 
-/// The open ledger. Reads are safe from any thread; writes go through [`Group`], which only
+/// The open ledger. Reads are safe from any thread; writes go through [`Ledger::apply_group`], which only
 /// the writer thread creates.
 pub struct Ledger {
     db: DB,
