@@ -1,6 +1,6 @@
-//! The ledger's RocksDB store: layout, schema check, reads, and the group logic, which applies a
-//! batch of commands against the store plus its own uncommitted writes and commits them as
-//! one synced `WriteBatch`.
+//! The ledger's RocksDB store: layout, schema check, reads, and the group logic, which
+//! applies a batch of commands against the store plus its own uncommitted writes and
+//! commits them as one synced `WriteBatch`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -67,8 +67,8 @@ pub fn synced_write_options() -> WriteOptions {
     o
 }
 
-/// The open ledger. Reads are safe from any thread; writes go through [`Ledger::apply_group`], which only
-/// the writer thread creates.
+/// The open ledger. Reads are safe from any thread; writes go through
+/// [`Ledger::apply_group`], which only the writer thread calls.
 pub struct Ledger {
     db: DB,
     path: PathBuf,
