@@ -36,7 +36,11 @@ pub struct LoadOptions {
 }
 
 /// Signs every submission up front, on every core, so signing never throttles the load.
+/// No payers, no payments.
 pub fn presign(domain: &TokenDomain, opts: &LoadOptions, now: u64) -> Vec<v1::SubmitRequest> {
+    if opts.payers.is_empty() {
+        return Vec::new();
+    }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let per = opts.payments.div_ceil(threads.max(1)).max(1);
     let mut out: Vec<Vec<v1::SubmitRequest>> = Vec::new();

@@ -298,3 +298,49 @@ async fn a_restart_recovers_every_acknowledged_payment() {
     .await
     .expect("bounded");
 }
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    tokio::time::timeout(LIMIT, async {
+        let d = TestDaemon::start(|_| {}).await;
+        let channel = tonic::transport::Channel::from_shared(d.url()).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let status = health
+            .check(HealthCheckRequest { service: "x402.batcher.v1.Ingest".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = reflection
+            .server_reflection_info(futures::stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            replies.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("a service list")
+        };
+        let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+        for service in ["x402.batcher.v1.Ingest", "x402.batcher.v1.Payments", "x402.batcher.v1.Admin"] {
+            assert!(names.contains(service), "{service} missing from {names:?}");
+        }
+        d.stop().await;
+    })
+    .await
+    .expect("bounded");
+}
