@@ -152,15 +152,25 @@ impl Ingest {
         }
         let signed = admitted.signed.clone();
 
-        // The writer decides duplicates before it looks at the window or the balance, so a
-        // balance is only needed (and only read) for a payment the ledger has not seen.
+        // The writer decides duplicates before it looks at the window or the balance. A
+        // payment the ledger already holds is answered even when no balance can be read
+        // (a retry while the RPC node is down), hence the ledger read on that path only.
         let window = self.admission.check_window(&signed.authorization);
         let key = AuthKey::of(&signed);
-        let known = self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_some();
-        let balance = if known || window.is_err() {
+        let balance = if window.is_err() {
             U256::ZERO
         } else {
-            self.balances.get(key.payer()).await.map_err(|e| SubmitError::Unavailable(e.to_string()))?
+            match self.balances.get(key.payer()).await {
+                Ok(balance) => balance,
+                Err(e) => {
+                    if self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_none() {
+                        return Err(SubmitError::Unavailable(format!(
+                            "cannot read the payer's balance: {e}"
+                        )));
+                    }
+                    U256::ZERO
+                }
+            }
         };
 
         let accept = AcceptRequest {
