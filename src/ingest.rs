@@ -19,7 +19,10 @@ use alloy::primitives::U256;
 use crate::admission::Admission;
 use crate::api::{self, v1};
 use crate::balance::BalanceCache;
-use crate::ledger::{AcceptOutcome, AcceptRequest, AuthKey, LedgerError, LedgerHandle, PaymentRecord};
+use crate::config::DEFAULT_MAX_TIMEOUT_SECS;
+use crate::ledger::{
+    AcceptOutcome, AcceptRequest, AuthKey, LedgerError, LedgerHandle, PaymentRecord, Submission,
+};
 use crate::verify::{PoolError, VerifyPool};
 use crate::x402::Reason;
 
@@ -175,13 +178,13 @@ impl Ingest {
 
         let accept = AcceptRequest {
             signed,
-            network: requirements.network,
-            max_timeout_seconds: requirements
-                .max_timeout_seconds
-                .unwrap_or(crate::config::DEFAULT_MAX_TIMEOUT_SECS),
-            idempotency_key: req.idempotency_key.clone(),
-            resource: req.resource.clone(),
-            api_server: req.api_server.clone(),
+            submission: Submission {
+                network: requirements.network,
+                max_timeout_seconds: requirements.max_timeout_seconds.unwrap_or(DEFAULT_MAX_TIMEOUT_SECS),
+                idempotency_key: req.idempotency_key.clone(),
+                resource: req.resource.clone(),
+                api_server: req.api_server.clone(),
+            },
             balance,
             window,
             now_ms: self.admission.clock().now_unix().saturating_mul(1000),

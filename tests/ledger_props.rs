@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use x402_batcher::admission::AdmissionError;
 use x402_batcher::ledger::store::Applied;
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, AuthKey, Command, Ledger, Status, TransitionRequest,
+    AcceptOutcome, AcceptRequest, AuthKey, Command, Ledger, Status, Submission, TransitionRequest,
 };
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
 
@@ -148,11 +148,7 @@ proptest! {
                         expect.push(outcome);
                         commands.push(Command::accept(AcceptRequest {
                             signed: s,
-                            network: "eip155:8453".into(),
-                            max_timeout_seconds: 300,
-                            idempotency_key: String::new(),
-                            resource: String::new(),
-                            api_server: String::new(),
+                            submission: Submission { network: "eip155:8453".into(), ..Submission::default() },
                             balance: U256::from(balance),
                             window,
                             now_ms: 1,

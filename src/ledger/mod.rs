@@ -22,6 +22,6 @@ pub mod record;
 pub mod store;
 pub mod writer;
 
-pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status};
+pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use store::{Ledger, LedgerError};
 pub use writer::{AcceptOutcome, AcceptRequest, Command, Evidence, LedgerHandle, TransitionRequest};

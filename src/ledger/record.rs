@@ -175,16 +175,24 @@ pub struct CorruptRecord {
     pub field: &'static str,
 }
 
-/// Everything the ledger knows about one payment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PaymentRecord {
-    pub status: Status,
-    pub signed: SignedAuthorization,
+/// What the API server said about a payment besides the authorization: carried from the
+/// submission into the record unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Submission {
+    /// The network as the requirements named it.
     pub network: String,
     pub max_timeout_seconds: u64,
     pub idempotency_key: String,
     pub resource: String,
     pub api_server: String,
+}
+
+/// Everything the ledger knows about one payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub status: Status,
+    pub signed: SignedAuthorization,
+    pub submission: Submission,
     pub accepted_at_ms: u64,
     pub updated_at_ms: u64,
     /// Sequence number of the latest change.
@@ -226,11 +234,11 @@ impl PaymentRecord {
             valid_before: a.valid_before.to_be_bytes::<32>().to_vec(),
             nonce: a.nonce.to_vec(),
             signature: self.signed.signature.0.to_vec(),
-            network: self.network.clone(),
-            max_timeout_seconds: self.max_timeout_seconds,
-            idempotency_key: self.idempotency_key.clone(),
-            resource: self.resource.clone(),
-            api_server: self.api_server.clone(),
+            network: self.submission.network.clone(),
+            max_timeout_seconds: self.submission.max_timeout_seconds,
+            idempotency_key: self.submission.idempotency_key.clone(),
+            resource: self.submission.resource.clone(),
+            api_server: self.submission.api_server.clone(),
             accepted_at_ms: self.accepted_at_ms,
             updated_at_ms: self.updated_at_ms,
             seq: self.seq,
@@ -284,11 +292,13 @@ impl PaymentRecord {
                     d.signature.as_slice().try_into().map_err(|_| CorruptRecord { field: "signature" })?,
                 ),
             },
-            network: d.network,
-            max_timeout_seconds: d.max_timeout_seconds,
-            idempotency_key: d.idempotency_key,
-            resource: d.resource,
-            api_server: d.api_server,
+            submission: Submission {
+                network: d.network,
+                max_timeout_seconds: d.max_timeout_seconds,
+                idempotency_key: d.idempotency_key,
+                resource: d.resource,
+                api_server: d.api_server,
+            },
             accepted_at_ms: d.accepted_at_ms,
             updated_at_ms: d.updated_at_ms,
             seq: d.seq,
@@ -314,15 +324,15 @@ impl PaymentRecord {
             authorization: Some(crate::api::typed_authorization(&self.signed)),
             requirements: Some(v1::PaymentRequirements {
                 scheme: crate::x402::SCHEME_EXACT.into(),
-                network: self.network.clone(),
+                network: self.submission.network.clone(),
                 asset: self.signed.token.to_checksum(None),
                 pay_to: self.signed.authorization.to.to_checksum(None),
                 amount: self.signed.authorization.value.to_string(),
-                max_timeout_seconds: self.max_timeout_seconds,
+                max_timeout_seconds: self.submission.max_timeout_seconds,
             }),
-            idempotency_key: self.idempotency_key.clone(),
-            resource: self.resource.clone(),
-            api_server: self.api_server.clone(),
+            idempotency_key: self.submission.idempotency_key.clone(),
+            resource: self.submission.resource.clone(),
+            api_server: self.submission.api_server.clone(),
             accepted_at_ms: self.accepted_at_ms,
             batch_id: self.batch_id.clone(),
             tx_hash: hash(self.tx_hash),
@@ -355,11 +365,13 @@ mod tests {
                 },
                 signature: RawSignature([5; 65]),
             },
-            network: "eip155:8453".into(),
-            max_timeout_seconds: 300,
-            idempotency_key: "k".into(),
-            resource: "https://api.example/x".into(),
-            api_server: "node-1".into(),
+            submission: Submission {
+                network: "eip155:8453".into(),
+                max_timeout_seconds: 300,
+                idempotency_key: "k".into(),
+                resource: "https://api.example/x".into(),
+                api_server: "node-1".into(),
+            },
             accepted_at_ms: 1,
             updated_at_ms: 2,
             seq: 3,

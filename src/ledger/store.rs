@@ -327,15 +327,15 @@ impl<'a> Group<'a> {
 
     fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
         let key = AuthKey::of(&req.signed);
-        if !req.idempotency_key.is_empty()
-            && let Some(named) = self.idem_key(&req.idempotency_key)?
+        if !req.submission.idempotency_key.is_empty()
+            && let Some(named) = self.idem_key(&req.submission.idempotency_key)?
             && named != key
         {
             return Ok(AcceptOutcome::Refused {
                 reason: Reason::InvalidPayload,
                 message: format!(
                     "idempotency key {:?} already names payment {}",
-                    req.idempotency_key,
+                    req.submission.idempotency_key,
                     named.payment_id()
                 ),
             });
@@ -379,11 +379,7 @@ impl<'a> Group<'a> {
         let record = PaymentRecord {
             status: Status::Accepted,
             signed: req.signed.clone(),
-            network: req.network.clone(),
-            max_timeout_seconds: req.max_timeout_seconds,
-            idempotency_key: req.idempotency_key.clone(),
-            resource: req.resource.clone(),
-            api_server: req.api_server.clone(),
+            submission: req.submission.clone(),
             accepted_at_ms: req.now_ms,
             updated_at_ms: req.now_ms,
             seq: 0,
@@ -398,9 +394,13 @@ impl<'a> Group<'a> {
         };
         let record = self.write(record);
         self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
-        if !req.idempotency_key.is_empty() {
-            self.batch.put_cf(self.ledger.cf(CF_IDEM), req.idempotency_key.as_bytes(), key.as_bytes());
-            self.idem.insert(req.idempotency_key.clone(), key);
+        if !req.submission.idempotency_key.is_empty() {
+            self.batch.put_cf(
+                self.ledger.cf(CF_IDEM),
+                req.submission.idempotency_key.as_bytes(),
+                key.as_bytes(),
+            );
+            self.idem.insert(req.submission.idempotency_key.clone(), key);
         }
         self.set_exposure(payer, needed);
         self.pending_delta += 1;

@@ -11,7 +11,7 @@ use alloy::primitives::{B256, U256};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{broadcast, oneshot};
 
-use super::record::{AuthKey, PaymentRecord, Status};
+use super::record::{AuthKey, PaymentRecord, Status, Submission};
 use super::store::{Applied, Ledger, LedgerError};
 use crate::admission::AdmissionError;
 use crate::x402::{Reason, SignedAuthorization};
@@ -28,11 +28,7 @@ const CHANGE_CAPACITY: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct AcceptRequest {
     pub signed: SignedAuthorization,
-    pub network: String,
-    pub max_timeout_seconds: u64,
-    pub idempotency_key: String,
-    pub resource: String,
-    pub api_server: String,
+    pub submission: Submission,
     /// The payer's on-chain balance as last read; must cover exposure plus this payment.
     pub balance: U256,
     /// The validity-window check, made by the caller against its clock. Judged by the
