@@ -68,10 +68,14 @@ impl v1::ingest_server::Ingest for Services {
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
             let mut tasks = JoinSet::new();
+            let mut draining = false;
             loop {
                 let next = tokio::select! {
                     // On shutdown stop reading; what was read is still answered below.
-                    _ = drained(&mut shutdown) => break,
+                    _ = drained(&mut shutdown) => {
+                        draining = true;
+                        break;
+                    }
                     next = inbound.message() => next,
                 };
                 let req = match next {
@@ -89,6 +93,14 @@ impl v1::ingest_server::Ingest for Services {
                 while tasks.try_join_next().is_some() {}
             }
             while tasks.join_next().await.is_some() {}
+            if draining {
+                // Explicit, so a client knows every request it sent without a reply was not
+                // processed and can go elsewhere.
+                let status = Status::unavailable(
+                    "the daemon is shutting down: requests without a reply were not processed",
+                );
+                let _ = tx.send(Err(status)).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -344,3 +344,56 @@ async fn health_and_reflection_are_served() {
     .await
     .expect("bounded");
 }
+
+/// Shutdown answers what it read and then says UNAVAILABLE, on the open stream; a request
+/// is never left without either an answer or that explicit status.
+#[tokio::test]
+async fn draining_answers_in_flight_then_says_unavailable() {
+    tokio::time::timeout(LIMIT, async {
+        let d = TestDaemon::start(|_| {}).await;
+        let payer = d.payers("drain", 1, 1_000_000).await.remove(0);
+        let base = PaymentBuilder::new(&payer, &d.domain(), now());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut client = d.ingest().await;
+        let mut replies =
+            client.submit_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+        for i in 0..20 {
+            tx.send(request(&base.clone().nonce_index(i))).await.unwrap();
+        }
+        let mut answered = HashSet::new();
+        while answered.len() < 20 {
+            let reply = replies.next().await.unwrap().unwrap();
+            outcome(&reply).expect("accepted");
+            answered.insert(reply.request_id);
+        }
+
+        // Shut down with the stream still open, then keep sending on it.
+        let stop = tokio::spawn(d.stop());
+        let mut ended_with = None;
+        for i in 20..40 {
+            if tx.send(request(&base.clone().nonce_index(i))).await.is_err() {
+                break;
+            }
+        }
+        while let Some(item) = replies.next().await {
+            match item {
+                Ok(reply) => {
+                    outcome(&reply).expect("whatever was read before the drain is accepted");
+                }
+                Err(status) => {
+                    ended_with = Some(status.code());
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            ended_with,
+            Some(tonic::Code::Unavailable),
+            "the stream ends with an explicit UNAVAILABLE"
+        );
+        drop(tx);
+        stop.await.unwrap();
+    })
+    .await
+    .expect("bounded");
+}
