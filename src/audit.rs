@@ -10,10 +10,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use alloy::primitives::Bytes;
-use alloy::providers::DynProvider;
 use alloy::sol_types::SolCall;
 
-use crate::chain::{IEip3009, IMulticall3, MULTICALL3};
+use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
 use crate::ledger::{LedgerError, LedgerHandle, PaymentRecord, Status, TransitionRequest};
 use crate::x402::Reason;
 
@@ -41,12 +40,12 @@ pub struct AuditReport {
 #[derive(Clone)]
 pub struct NonceAudit {
     ledger: LedgerHandle,
-    providers: HashMap<u64, DynProvider>,
+    endpoints: HashMap<u64, RpcEndpoint>,
 }
 
 impl NonceAudit {
-    pub fn new(ledger: LedgerHandle, providers: HashMap<u64, DynProvider>) -> Self {
-        Self { ledger, providers }
+    pub fn new(ledger: LedgerHandle, endpoints: HashMap<u64, RpcEndpoint>) -> Self {
+        Self { ledger, endpoints }
     }
 
     /// Checks every accepted payment once.
@@ -64,9 +63,9 @@ impl NonceAudit {
             by_chain.entry(r.signed.chain_id).or_default().push(r);
         }
         for (chain_id, records) in by_chain {
-            let Some(provider) = self.providers.get(&chain_id) else { continue };
+            let Some(endpoint) = self.endpoints.get(&chain_id) else { continue };
             for chunk in records.chunks(AUDIT_CHUNK) {
-                let used = authorization_states(provider, chain_id, chunk).await?;
+                let used = authorization_states(endpoint, chunk).await?;
                 report.checked += chunk.len();
                 for (record, used) in chunk.iter().zip(used) {
                     if !used {
@@ -109,10 +108,10 @@ impl NonceAudit {
 }
 
 async fn authorization_states(
-    provider: &DynProvider,
-    chain_id: u64,
+    endpoint: &RpcEndpoint,
     records: &[&PaymentRecord],
 ) -> Result<Vec<bool>, AuditError> {
+    let chain_id = endpoint.chain_id;
     let calls = records
         .iter()
         .map(|r| IMulticall3::Call3 {
@@ -127,11 +126,11 @@ async fn authorization_states(
             ),
         })
         .collect();
-    let results = IMulticall3::new(MULTICALL3, provider)
+    let results = IMulticall3::new(MULTICALL3, &endpoint.provider)
         .aggregate3(calls)
         .call()
         .await
-        .map_err(|e| AuditError::Rpc { chain_id, detail: e.to_string() })?;
+        .map_err(|e| AuditError::Rpc { chain_id, detail: endpoint.redact(&e.to_string()) })?;
     if results.len() != records.len() {
         return Err(AuditError::Rpc {
             chain_id,

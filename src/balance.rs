@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Bytes, U256};
-use alloy::providers::DynProvider;
 use alloy::sol_types::SolCall;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::chain::{IEip3009, IMulticall3, MULTICALL3};
+use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
 use crate::ledger::PayerKey;
 
 /// Why a balance could not be read.
@@ -40,16 +39,16 @@ pub trait BalanceSource: Send + Sync + 'static {
 
 /// Reads balances with `aggregate3` of `balanceOf` calls, one `eth_call` per chain per round.
 pub struct ChainBalances {
-    providers: HashMap<u64, DynProvider>,
+    endpoints: HashMap<u64, RpcEndpoint>,
 }
 
 impl ChainBalances {
-    pub fn new(providers: HashMap<u64, DynProvider>) -> Self {
-        Self { providers }
+    pub fn new(endpoints: HashMap<u64, RpcEndpoint>) -> Self {
+        Self { endpoints }
     }
 
     async fn read_chain(&self, chain_id: u64, keys: &[PayerKey]) -> Vec<Result<U256, BalanceError>> {
-        let Some(provider) = self.providers.get(&chain_id) else {
+        let Some(endpoint) = self.endpoints.get(&chain_id) else {
             return keys.iter().map(|_| Err(BalanceError::NoChain { chain_id })).collect();
         };
         let calls = keys
@@ -60,9 +59,11 @@ impl ChainBalances {
                 callData: Bytes::from(IEip3009::balanceOfCall { account: k.from() }.abi_encode()),
             })
             .collect();
-        match IMulticall3::new(MULTICALL3, provider).aggregate3(calls).call().await {
+        match IMulticall3::new(MULTICALL3, &endpoint.provider).aggregate3(calls).call().await {
             Err(e) => {
-                keys.iter().map(|_| Err(BalanceError::Rpc { chain_id, detail: e.to_string() })).collect()
+                // The detail reaches API servers in UNAVAILABLE replies: no URL, no key.
+                let detail = endpoint.redact(&e.to_string());
+                keys.iter().map(|_| Err(BalanceError::Rpc { chain_id, detail: detail.clone() })).collect()
             }
             Ok(results) => keys
                 .iter()

@@ -6,9 +6,10 @@
 //! about a single item: each is judged by its own `AuthorizationUsed` log.
 
 use alloy::primitives::{Address, B256, Bytes, address};
-use alloy::providers::Provider;
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionReceipt;
 use alloy::sol_types::{SolCall, SolEvent};
+use alloy::transports::http::reqwest::Url as ReqwestUrl;
 
 use crate::x402::SignedAuthorization;
 use crate::x402::eip712::TokenDomain;
@@ -105,6 +106,44 @@ pub enum ChainError {
     },
 }
 
+/// One chain's RPC connection, and how to speak of it without its secret: node URLs often
+/// carry an API key (in the path, the query or the user info), and transport errors quote
+/// the URL. Every error text that leaves the process goes through [`RpcEndpoint::redact`].
+#[derive(Clone)]
+pub struct RpcEndpoint {
+    pub chain_id: u64,
+    pub provider: DynProvider,
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for RpcEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcEndpoint").field("chain_id", &self.chain_id).finish_non_exhaustive()
+    }
+}
+
+impl RpcEndpoint {
+    /// An HTTP(S) endpoint; `None` if `url` does not parse.
+    pub fn connect_http(chain_id: u64, url: &str) -> Option<RpcEndpoint> {
+        let parsed: ReqwestUrl = url.parse().ok()?;
+        let mut secrets = vec![url.to_owned(), parsed.as_str().to_owned()];
+        if parsed.path().len() > 1 {
+            secrets.push(parsed.path().to_owned());
+        }
+        secrets.extend(parsed.query().map(str::to_owned));
+        secrets.extend(parsed.password().map(str::to_owned));
+        // Longest first, so a URL is replaced whole before its parts are.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let provider = ProviderBuilder::new().connect_http(parsed).erased();
+        Some(RpcEndpoint { chain_id, provider, secrets })
+    }
+
+    /// `text` with the endpoint's URL and its secret-bearing parts replaced.
+    pub fn redact(&self, text: &str) -> String {
+        self.secrets.iter().fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<rpc url redacted>"))
+    }
+}
+
 /// The `transferWithAuthorization` calldata that settles one authorization.
 pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
     let a = &s.authorization;
@@ -174,6 +213,22 @@ pub async fn check_domain<P: Provider>(provider: &P, domain: &TokenDomain) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn rpc_errors_do_not_quote_the_url() {
+        // Nothing listens on port 1: the call fails with a transport error quoting the URL.
+        let ep =
+            RpcEndpoint::connect_http(1, "http://user:pw@127.0.0.1:1/v2/SECRETKEY?apikey=QUERYKEY").unwrap();
+        let domain = TokenDomain::new("USD Coin", "2", 1, Address::repeat_byte(1));
+        let err = check_domain(&ep.provider, &domain).await.unwrap_err();
+        let raw = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(raw.contains("SECRETKEY"), "the raw transport error quotes the URL, key included: {raw}");
+        let shown = ep.redact(&raw);
+        for secret in ["SECRETKEY", "QUERYKEY", "pw@"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(!format!("{ep:?}").contains("SECRETKEY"));
+    }
 
     #[test]
     fn gas_limit_is_capped() {

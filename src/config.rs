@@ -154,7 +154,8 @@ pub struct LedgerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ChainConfig {
     pub chain_id: u64,
-    /// HTTP(S) JSON-RPC URL. May embed an API key: it is never logged.
+    /// HTTP(S) JSON-RPC URL. May embed an API key: errors that quote it are redacted
+    /// before they are logged or sent to clients (`chain::RpcEndpoint::redact`).
     pub rpc_url: String,
 }
 

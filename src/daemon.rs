@@ -12,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -21,7 +20,7 @@ use crate::admission::Admission;
 use crate::api::{self, v1};
 use crate::audit::NonceAudit;
 use crate::balance::{BalanceCache, ChainBalances};
-use crate::chain;
+use crate::chain::{self, RpcEndpoint};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, DEFAULT_LEDGER_QUEUE_CAPACITY};
 use crate::ingest::Ingest;
@@ -43,7 +42,9 @@ pub enum DaemonError {
     #[error("chain {chain_id}: rpc_url is not a valid URL")]
     RpcUrl { chain_id: u64 },
     #[error(transparent)]
-    Chain(#[from] chain::ChainError),
+    Chain(chain::ChainError),
+    #[error("chain {chain_id}: RPC call {call} failed: {detail}")]
+    Rpc { chain_id: u64, call: &'static str, detail: String },
     #[error("could not start a thread")]
     Thread(#[source] std::io::Error),
     #[error("could not build the reflection service")]
@@ -63,15 +64,24 @@ pub async fn serve(
     config.validate_for_run()?;
     let path = config.ledger.path.clone().expect("validate_for_run requires ledger.path");
 
-    let mut providers: HashMap<u64, DynProvider> = HashMap::new();
+    let mut endpoints: HashMap<u64, RpcEndpoint> = HashMap::new();
     for c in &config.chains {
-        let url = c.rpc_url.parse().map_err(|_| DaemonError::RpcUrl { chain_id: c.chain_id })?;
-        providers.insert(c.chain_id, ProviderBuilder::new().connect_http(url).erased());
+        let endpoint = RpcEndpoint::connect_http(c.chain_id, &c.rpc_url)
+            .ok_or(DaemonError::RpcUrl { chain_id: c.chain_id })?;
+        endpoints.insert(c.chain_id, endpoint);
     }
     let tokens = config.token_table();
     for token in tokens.iter() {
-        let provider = &providers[&token.domain.chain_id];
-        chain::check_domain(provider, &token.domain).await?;
+        let endpoint = &endpoints[&token.domain.chain_id];
+        chain::check_domain(&endpoint.provider, &token.domain).await.map_err(|e| match e {
+            // The transport error quotes the URL, which may carry an API key.
+            chain::ChainError::Rpc { call, source } => DaemonError::Rpc {
+                chain_id: endpoint.chain_id,
+                call,
+                detail: endpoint.redact(&source.to_string()),
+            },
+            other => DaemonError::Chain(other),
+        })?;
         tracing::info!(
             chain_id = token.domain.chain_id,
             token = %token.domain.verifying_contract,
@@ -88,9 +98,9 @@ pub async fn serve(
     };
     let (writer, writer_thread) = LedgerHandle::start(ledger, queue).map_err(DaemonError::Thread)?;
     let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
-    let audit = NonceAudit::new(writer.clone(), providers.clone());
+    let audit = NonceAudit::new(writer.clone(), endpoints.clone());
     let balances = BalanceCache::start(
-        Arc::new(ChainBalances::new(providers)),
+        Arc::new(ChainBalances::new(endpoints)),
         Duration::from_millis(config.balances.max_age_ms),
         config.balances.max_batch,
     );
