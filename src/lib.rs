@@ -35,6 +35,9 @@
 //! - [`ledger`]: the RocksDB nonce ledger and its single group-commit writer: the double-spend
 //!   guard, per-payer exposure, the lifecycle, and the change log.
 //! - [`audit`]: fails accepted payments whose nonce was used on chain outside the daemon.
+//! - [`planner`]: the batch planner's deciding core (when to cut, what, and why), a pure
+//!   function of the waiting payments, fees, gas model, caps, policy and time. Not wired to
+//!   a submitter yet.
 //! - [`chain`]: the on-chain interfaces (EIP-3009 token, Multicall3) and batch encoding.
 //! - [`config`]: the typed configuration; every default is a named constant with its reason.
 //! - [`client`], [`loadgen`]: the Rust client, and the load generator built on it.
@@ -58,6 +61,7 @@ pub mod devnet;
 pub mod ingest;
 pub mod ledger;
 pub mod loadgen;
+pub mod planner;
 pub mod server;
 pub mod testkit;
 pub mod verify;
