@@ -48,17 +48,18 @@ impl TestDaemon {
                 let _ = stopped.await;
             }));
         let daemon = TestDaemon { devnet, addr, dir, stop: Some(stop), task: Some(task) };
-        // Ready when the health service answers.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            if let Ok(mut admin) = v1::admin_client::AdminClient::connect(daemon.url()).await
-                && admin.get_status(v1::GetStatusRequest {}).await.is_ok()
-            {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "daemon did not come up");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        // The listener is bound before the daemon starts, so this connects at once and the
+        // request is answered as soon as the daemon serves: no polling needed. A daemon that
+        // fails to start drops the listener, and the request fails.
+        let ready = async {
+            let mut admin = v1::admin_client::AdminClient::connect(daemon.url()).await?;
+            admin.get_status(v1::GetStatusRequest {}).await.map_err(|s| s.into())
+        };
+        let ready: Result<_, Box<dyn std::error::Error>> =
+            tokio::time::timeout(std::time::Duration::from_secs(30), ready)
+                .await
+                .expect("daemon came up in time");
+        ready.expect("daemon answers its first request");
         daemon
     }
 
