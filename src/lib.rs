@@ -38,6 +38,8 @@
 //! - [`planner`]: the batch planner's deciding core (when to cut, what, and why), a pure
 //!   function of the waiting payments, fees, gas model, caps, policy and time. Not wired to
 //!   a submitter yet.
+//! - [`simulate`]: pre-simulation of a batch with `eth_call`, each refused item with its
+//!   reason decoded from the token's revert string. Not wired to a submitter yet.
 //! - [`chain`]: the on-chain interfaces (EIP-3009 token, Multicall3) and batch encoding.
 //! - [`config`]: the typed configuration; every default is a named constant with its reason.
 //! - [`client`], [`loadgen`]: the Rust client, and the load generator built on it.
@@ -63,6 +65,7 @@ pub mod ledger;
 pub mod loadgen;
 pub mod planner;
 pub mod server;
+pub mod simulate;
 pub mod testkit;
 pub mod verify;
 pub mod x402;

@@ -1,0 +1,105 @@
+//! Pre-simulation of a batch: one `eth_call` of its `aggregate3` (every item allowed to
+//! fail) tells, item by item, which authorizations the token would refuse right now, and
+//! why, so they can be taken out and marked failed with a precise reason before the batch
+//! is sent.
+//!
+//! Reasons come from the token's revert string. FiatTokenV2_2 (USDC) and the devnet's
+//! TestUSDC use the same strings, so one table serves both.
+
+use alloy::sol_types::{Revert, SolError};
+
+use crate::chain::{self, IMulticall3, MULTICALL3, RpcEndpoint};
+use crate::x402::{Reason, SignedAuthorization};
+
+/// Why the token would refuse one authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemFailure {
+    pub reason: Reason,
+    /// The token's own words (its revert string), or a description of the revert data.
+    pub message: String,
+}
+
+/// The token's revert strings and the x402 reason each means. Anything else is an
+/// unexpected settlement error carrying the token's message.
+const REVERTS: &[(&str, Reason)] = &[
+    ("authorization is used or canceled", Reason::NonceAlreadyUsed),
+    ("transfer amount exceeds balance", Reason::InsufficientFunds),
+    ("invalid signature", Reason::InvalidSignature),
+    ("authorization is not yet valid", Reason::InvalidValidAfter),
+    ("authorization is expired", Reason::InvalidValidBefore),
+];
+
+/// Classifies an inner call's revert data.
+pub fn classify(revert_data: &[u8]) -> ItemFailure {
+    match Revert::abi_decode(revert_data) {
+        Ok(revert) => {
+            let message = revert.reason;
+            let reason = REVERTS
+                .iter()
+                .find(|(needle, _)| message.contains(needle))
+                .map_or(Reason::UnexpectedSettleError, |&(_, r)| r);
+            ItemFailure { reason, message }
+        }
+        Err(_) => ItemFailure {
+            reason: Reason::UnexpectedSettleError,
+            message: format!("reverted without a reason string (0x{})", alloy::hex::encode(revert_data)),
+        },
+    }
+}
+
+/// Why a simulation could not be made (nothing about the items is known then).
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("simulation eth_call on chain {chain_id} failed: {detail}")]
+    Rpc { chain_id: u64, detail: String },
+    #[error("simulation returned {got} results for {want} items")]
+    Shape { got: usize, want: usize },
+}
+
+/// Simulates settling `items` in one batch, at the latest block; per item, `Ok` if the
+/// token would accept it.
+pub async fn simulate(
+    endpoint: &RpcEndpoint,
+    items: &[SignedAuthorization],
+) -> Result<Vec<Result<(), ItemFailure>>, SimulateError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let results = IMulticall3::new(MULTICALL3, &endpoint.provider)
+        .aggregate3(chain::batch_calls(items))
+        // The same gas the batch would get: estimation under-funds allowFailure items.
+        .gas(chain::batch_gas_limit(items.len()))
+        .call()
+        .await
+        .map_err(|e| SimulateError::Rpc {
+            chain_id: endpoint.chain_id,
+            detail: endpoint.redact(&e.to_string()),
+        })?;
+    if results.len() != items.len() {
+        return Err(SimulateError::Shape { got: results.len(), want: items.len() });
+    }
+    Ok(results.into_iter().map(|r| if r.success { Ok(()) } else { Err(classify(&r.returnData)) }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revert_strings_map_to_reasons() {
+        let data = |s: &str| Revert::from(s).abi_encode();
+        assert_eq!(
+            classify(&data("FiatTokenV2: authorization is used or canceled")).reason,
+            Reason::NonceAlreadyUsed
+        );
+        assert_eq!(
+            classify(&data("ERC20: transfer amount exceeds balance")).reason,
+            Reason::InsufficientFunds
+        );
+        assert_eq!(classify(&data("FiatTokenV2: invalid signature")).reason, Reason::InvalidSignature);
+        assert_eq!(classify(&data("Pausable: paused")).reason, Reason::UnexpectedSettleError);
+        let odd = classify(&[0xde, 0xad]);
+        assert_eq!(odd.reason, Reason::UnexpectedSettleError);
+        assert!(odd.message.contains("0xdead"), "{}", odd.message);
+    }
+}

@@ -1,0 +1,73 @@
+//! Pre-simulation names, per item, why the token would refuse it, on a real anvil; it
+//! changes nothing on chain.
+
+use std::time::Duration;
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::U256;
+use alloy::providers::Provider;
+use alloy::signers::local::PrivateKeySigner;
+use x402_batcher::chain::{self, IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
+use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::simulate::simulate;
+use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::x402::Reason;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[tokio::test]
+async fn each_refusal_is_named_and_nothing_changes() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Devnet::start().await.unwrap();
+        let keys = devnet::payer_keys("simulate", 2);
+        let (rich, poor) = (&keys[0], &keys[1]);
+        net.fund(&[rich.address()], U256::from(1_000_000u64)).await.unwrap();
+        net.fund(&[poor.address()], U256::from(5u64)).await.unwrap();
+        let now = SystemClock.now_unix();
+        let domain = net.token_domain();
+        let b = |k: &PrivateKeySigner, i: u64| PaymentBuilder::new(k, &domain, now).nonce_index(i);
+
+        // Used outside the batch first.
+        let used = b(rich, 2).build();
+        let settler = net.settler_provider();
+        let tx = IMulticall3::new(MULTICALL3, &settler)
+            .aggregate3(chain::batch_calls(std::slice::from_ref(&used)))
+            .into_transaction_request()
+            .with_gas_limit(chain::batch_gas_limit(1));
+        settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+
+        let items = vec![
+            b(rich, 1).build(),
+            used,
+            b(poor, 1).build(),
+            b(rich, 3).signed_by(&PrivateKeySigner::random()).build(),
+            b(rich, 4).expired().build(),
+            b(rich, 5).not_yet_valid().build(),
+        ];
+        let endpoint = RpcEndpoint::connect_http(net.chain_id(), net.rpc_url()).unwrap();
+        let verdicts = simulate(&endpoint, &items).await.unwrap();
+        let reasons: Vec<Option<Reason>> =
+            verdicts.iter().map(|v| v.as_ref().err().map(|f| f.reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                None,
+                Some(Reason::NonceAlreadyUsed),
+                Some(Reason::InsufficientFunds),
+                Some(Reason::InvalidSignature),
+                Some(Reason::InvalidValidBefore),
+                Some(Reason::InvalidValidAfter),
+            ],
+            "{verdicts:?}"
+        );
+
+        // A simulation is a call: the good item is still unused.
+        let token = IEip3009::new(net.token(), net.provider());
+        let a = &items[0].authorization;
+        assert!(!token.authorizationState(a.from, a.nonce).call().await.unwrap());
+        assert!(simulate(&endpoint, &[]).await.unwrap().is_empty());
+    })
+    .await
+    .expect("bounded");
+}
