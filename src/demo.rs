@@ -7,13 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, U256};
-use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 
 use crate::admission::{Admission, Admitted, PaymentInput};
-use crate::chain::{self, IMulticall3, MULTICALL3};
+use crate::chain::{self, MULTICALL3};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AdmissionConfig, TokenTable, VerifyConfig};
 use crate::devnet::{self, Devnet, DevnetError};
@@ -216,20 +214,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         .first()
         .ok_or_else(|| DemoError::Mismatch("no sample was accepted, nothing to settle".into()))?;
     println!("settling one accepted payment through aggregate3 ...");
-    let settler = devnet.settler_provider();
     let before = devnet.balance_of(payee).await?;
-    let multicall = IMulticall3::new(MULTICALL3, &settler);
-    let tx = multicall
-        .aggregate3(chain::batch_calls(std::slice::from_ref(first)))
-        .into_transaction_request()
-        .with_gas_limit(chain::batch_gas_limit(1));
-    let receipt = settler
-        .send_transaction(tx)
-        .await
-        .map_err(|e| DemoError::Settle(e.to_string()))?
-        .get_receipt()
-        .await
-        .map_err(|e| DemoError::Settle(e.to_string()))?;
+    let receipt = devnet.send_batch(std::slice::from_ref(first)).await?;
     let used = chain::authorizations_used(&receipt, devnet.token());
     let key = (first.authorization.from, first.authorization.nonce);
     if !receipt.status() || !used.contains(&key) {

@@ -13,12 +13,13 @@ use std::time::Duration;
 use alloy::network::{EthereumWallet, TransactionBuilder};
 use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
-use alloy::rpc::types::TransactionRequest;
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 
-use crate::chain::MULTICALL3;
+use crate::chain::{IMulticall3, MULTICALL3};
 use crate::config::TokenConfig;
+use crate::x402::SignedAuthorization;
 use crate::x402::eip712::TokenDomain;
 
 /// The anvil version the project pins (ops/devnet/package.json).
@@ -252,6 +253,23 @@ impl Devnet {
                 .map_err(|e| rpc_err("mintBatch receipt")(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Sends `items` as one `aggregate3` batch from the settler account and waits for the
+    /// receipt: the devnet's stand-in for the settlement engine in tests and the demo.
+    pub async fn send_batch(&self, items: &[SignedAuthorization]) -> Result<TransactionReceipt, DevnetError> {
+        let settler = self.settler_provider();
+        let tx = IMulticall3::new(MULTICALL3, &settler)
+            .aggregate3(crate::chain::batch_calls(items))
+            .into_transaction_request()
+            .with_gas_limit(crate::chain::batch_gas_limit(items.len()));
+        settler
+            .send_transaction(tx)
+            .await
+            .map_err(|e| rpc_err("send batch")(e.to_string()))?
+            .get_receipt()
+            .await
+            .map_err(|e| rpc_err("batch receipt")(e.to_string()))
     }
 
     /// The payer's token balance.

@@ -5,12 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use alloy::network::TransactionBuilder;
-use alloy::providers::Provider;
 use common::daemon::TestDaemon;
 use futures::StreamExt;
 use x402_batcher::api::v1;
-use x402_batcher::chain::{self, IMulticall3, MULTICALL3};
+use x402_batcher::chain::{self};
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::testkit::{self, PaymentBuilder};
 
@@ -31,12 +29,7 @@ async fn a_nonce_spent_elsewhere_fails_its_payment() {
         }
 
         // Someone else settles `spent` directly (another facilitator, the payer).
-        let settler = d.devnet.settler_provider();
-        let tx = IMulticall3::new(MULTICALL3, &settler)
-            .aggregate3(chain::batch_calls(std::slice::from_ref(&spent)))
-            .into_transaction_request()
-            .with_gas_limit(chain::batch_gas_limit(1));
-        let receipt = settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        let receipt = d.devnet.send_batch(std::slice::from_ref(&spent)).await.unwrap();
         assert_eq!(chain::authorizations_used(&receipt, spent.token).len(), 1);
 
         // The periodic audit notices: FAILED with the official code.

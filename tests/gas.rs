@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use alloy::network::TransactionBuilder;
 use alloy::primitives::U256;
-use alloy::providers::Provider;
 use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
-use x402_batcher::chain::{self, IEip3009, IMulticall3, MULTICALL3};
+use x402_batcher::chain::{self, IEip3009};
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::testkit::{DEFAULT_PAYEE, PaymentBuilder};
@@ -19,12 +17,7 @@ use x402_batcher::x402::SignedAuthorization;
 const LIMIT: Duration = Duration::from_secs(120);
 
 async fn batch(net: &Devnet, items: &[SignedAuthorization]) -> TransactionReceipt {
-    let settler = net.settler_provider();
-    let tx = IMulticall3::new(MULTICALL3, &settler)
-        .aggregate3(chain::batch_calls(items))
-        .into_transaction_request()
-        .with_gas_limit(chain::batch_gas_limit(items.len()));
-    let receipt = settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+    let receipt = net.send_batch(items).await.unwrap();
     assert_eq!(chain::authorizations_used(&receipt, net.token()).len(), items.len(), "every item settled");
     receipt
 }

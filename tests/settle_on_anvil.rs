@@ -6,13 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, U256};
-use alloy::providers::Provider;
-use alloy::rpc::types::TransactionReceipt;
 use serde::Deserialize;
 use x402_batcher::api::{self, v1};
-use x402_batcher::chain::{self, IEip3009, IMulticall3, MULTICALL3};
+use x402_batcher::chain::{self, IEip3009};
 use x402_batcher::clock::{Clock, ManualClock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::testkit::PaymentBuilder;
@@ -21,15 +18,6 @@ use x402_batcher::x402::SignedAuthorization;
 
 /// Every test here is bounded: anvil answers in milliseconds.
 const LIMIT: Duration = Duration::from_secs(120);
-
-async fn send_batch(devnet: &Devnet, items: &[SignedAuthorization]) -> TransactionReceipt {
-    let settler = devnet.settler_provider();
-    let tx = IMulticall3::new(MULTICALL3, &settler)
-        .aggregate3(chain::batch_calls(items))
-        .into_transaction_request()
-        .with_gas_limit(chain::batch_gas_limit(items.len()));
-    settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap()
-}
 
 #[tokio::test]
 async fn verified_authorization_settles_through_aggregate3() {
@@ -64,7 +52,7 @@ async fn verified_authorization_settles_through_aggregate3() {
         let admitted = common::judge(&admission, &pool, &req).await.expect("payment verifies");
 
         // A second item whose nonce is already used must fail alone, not sink the batch.
-        let receipt = send_batch(&devnet, &[admitted.signed.clone(), admitted.signed.clone()]).await;
+        let receipt = devnet.send_batch(&[admitted.signed.clone(), admitted.signed.clone()]).await.unwrap();
         assert!(receipt.status(), "the batch transaction succeeds");
         let used = chain::authorizations_used(&receipt, devnet.token());
         let a = &admitted.signed.authorization;
@@ -136,7 +124,7 @@ async fn chain_agrees_with_the_signature_labels() {
         devnet.raw::<_, serde_json::Value>("evm_setNextBlockTimestamp", [file.now]).await.unwrap();
 
         let items: Vec<SignedAuthorization> = judged.iter().map(|(_, _, s)| s.clone()).collect();
-        let receipt = send_batch(&devnet, &items).await;
+        let receipt = devnet.send_batch(&items).await.unwrap();
         assert!(receipt.status());
         let used = chain::authorizations_used(&receipt, devnet.token());
         let mut disagreements = Vec::new();

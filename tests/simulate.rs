@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use alloy::network::TransactionBuilder;
 use alloy::primitives::U256;
-use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
-use x402_batcher::chain::{self, IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
+use x402_batcher::chain::{IEip3009, RpcEndpoint};
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::simulate::simulate;
@@ -30,12 +28,7 @@ async fn each_refusal_is_named_and_nothing_changes() {
 
         // Used outside the batch first.
         let used = b(rich, 2).build();
-        let settler = net.settler_provider();
-        let tx = IMulticall3::new(MULTICALL3, &settler)
-            .aggregate3(chain::batch_calls(std::slice::from_ref(&used)))
-            .into_transaction_request()
-            .with_gas_limit(chain::batch_gas_limit(1));
-        settler.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        net.send_batch(std::slice::from_ref(&used)).await.unwrap();
 
         let items = vec![
             b(rich, 1).build(),
