@@ -51,7 +51,7 @@ impl NonceAudit {
     /// Checks every accepted payment once.
     pub async fn run_once(&self, now_ms: u64) -> Result<AuditReport, AuditError> {
         let ledger = std::sync::Arc::clone(self.ledger.ledger());
-        let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.records())
+        let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.pending_records())
             .await
             .map_err(|_| AuditError::Rpc { chain_id: 0, detail: "ledger scan task failed".into() })??
             .into_iter()

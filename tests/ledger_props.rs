@@ -81,6 +81,11 @@ fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
     assert_eq!(exposures, pending, "exposure equals the sum of pending values");
     let open = records.iter().filter(|r| !r.status.is_final()).count() as u64;
     assert_eq!(ledger.pending(), open, "the pending count matches the records");
+    let indexed: Vec<AuthKey> = ledger.pending_records().unwrap().iter().map(|r| r.key()).collect();
+    let mut expected: Vec<AuthKey> =
+        records.iter().filter(|r| !r.status.is_final()).map(|r| r.key()).collect();
+    expected.sort();
+    assert_eq!(indexed, expected, "the pending index holds exactly the non-final payments");
 
     let events = ledger.events_after(0, usize::MAX).unwrap();
     assert_eq!(events.len() as u64, ledger.last_seq(), "one event per change, numbered from 1");
@@ -201,8 +206,12 @@ fn a_newer_schema_is_refused_with_a_clear_message() {
     drop(Ledger::open(dir.path()).unwrap());
     {
         let opts = rocksdb::Options::default();
-        let db = rocksdb::DB::open_cf(&opts, dir.path(), ["auth", "seq", "id", "idem", "exposure", "meta"])
-            .unwrap();
+        let db = rocksdb::DB::open_cf(
+            &opts,
+            dir.path(),
+            ["auth", "seq", "id", "idem", "exposure", "meta", "pending"],
+        )
+        .unwrap();
         db.put_cf(db.cf_handle("meta").unwrap(), b"schema_version", 99u32.to_be_bytes()).unwrap();
     }
     let err = Ledger::open(dir.path()).unwrap_err().to_string();

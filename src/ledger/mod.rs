@@ -16,6 +16,7 @@
 //! | `id` | payment id (16 B) | auth key |
 //! | `idem` | idempotency key | auth key |
 //! | `exposure` | chain id ‖ token ‖ from (48 B) | sum of values accepted, not final (32 B BE) |
+//! | `pending` | auth key of every payment not yet final | (empty) |
 //! | `meta` | name | schema version, ... |
 
 pub mod record;

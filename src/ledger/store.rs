@@ -19,7 +19,9 @@ pub const CF_ID: &str = "id";
 pub const CF_IDEM: &str = "idem";
 pub const CF_EXPOSURE: &str = "exposure";
 pub const CF_META: &str = "meta";
-const CFS: [&str; 6] = [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META];
+/// Keys of payments not yet final, so the audit and recovery never scan the whole history.
+pub const CF_PENDING: &str = "pending";
+const CFS: [&str; 7] = [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META, CF_PENDING];
 
 /// The layout this code reads and writes. Bumped by any change older code cannot read.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -121,8 +123,12 @@ impl Ledger {
             .transpose()?
             .unwrap_or(0);
         ledger.last_seq.store(last, Ordering::SeqCst);
-        let pending = ledger.records()?.iter().filter(|r| !r.status.is_final()).count();
-        ledger.pending.store(pending as u64, Ordering::SeqCst);
+        let mut pending = 0u64;
+        for kv in ledger.db.iterator_cf(ledger.cf(CF_PENDING), IteratorMode::Start) {
+            kv.map_err(db_err("iterate", CF_PENDING))?;
+            pending += 1;
+        }
+        ledger.pending.store(pending, Ordering::SeqCst);
         Ok(ledger)
     }
 
@@ -180,6 +186,24 @@ impl Ledger {
                 .ok_or(LedgerError::Corrupt { cf: CF_EXPOSURE, source: CorruptRecord { field: "key" } })?
                 .payer();
             out.push((payer, decode_u256(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every payment not yet final, in key order: read through the `pending` index, so the
+    /// cost follows what is in flight, not the whole history.
+    pub fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_PENDING), IteratorMode::Start) {
+            let (k, _) = kv.map_err(db_err("iterate", CF_PENDING))?;
+            let key = AuthKey::from_bytes(&k).ok_or(LedgerError::Corrupt {
+                cf: CF_PENDING,
+                source: CorruptRecord { field: "auth key" },
+            })?;
+            let record = self
+                .get(&key)?
+                .ok_or(LedgerError::Corrupt { cf: CF_PENDING, source: CorruptRecord { field: "record" } })?;
+            out.push(record);
         }
         Ok(out)
     }
@@ -403,6 +427,7 @@ impl<'a> Group<'a> {
             self.idem.insert(req.submission.idempotency_key.clone(), key);
         }
         self.set_exposure(payer, needed);
+        self.batch.put_cf(self.ledger.cf(CF_PENDING), key.as_bytes(), []);
         self.pending_delta += 1;
         Ok(AcceptOutcome::Accepted(record))
     }
@@ -420,6 +445,7 @@ impl<'a> Group<'a> {
             let payer = req.key.payer();
             let exposure = self.exposure(&payer)?;
             self.set_exposure(payer, exposure.saturating_sub(record.value()));
+            self.batch.delete_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes());
             self.pending_delta -= 1;
         }
         record.status = req.to;
