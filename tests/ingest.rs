@@ -10,7 +10,8 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
 use futures::StreamExt;
-use x402_batcher::api::{self, v1};
+use x402_batcher::api::v1;
+use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::testkit::{self, PaymentBuilder};
 use x402_batcher::x402::Reason;
@@ -24,22 +25,14 @@ fn now() -> u64 {
 
 fn request(b: &PaymentBuilder) -> v1::SubmitRequest {
     let signed = b.build();
-    let r = testkit::requirements_for(&signed);
-    v1::SubmitRequest {
-        request_id: signed.authorization.nonce.to_string(),
-        payment: Some(v1::submit_request::Payment::Authorization(api::typed_authorization(&signed))),
-        requirements: Some(v1::PaymentRequirements {
-            scheme: r.scheme,
-            network: r.network,
-            asset: r.asset.to_string(),
-            pay_to: r.pay_to.to_string(),
-            amount: r.amount.to_string(),
-            max_timeout_seconds: 300,
-        }),
-        idempotency_key: String::new(),
-        resource: "https://api.example/paid".into(),
-        api_server: "node-1".into(),
-    }
+    let mut req = client::typed_request(
+        signed.authorization.nonce.to_string(),
+        &signed,
+        &testkit::requirements_for(&signed),
+    );
+    req.resource = "https://api.example/paid".into();
+    req.api_server = "node-1".into();
+    req
 }
 
 fn outcome(reply: &v1::SubmitReply) -> Result<(String, bool), String> {
