@@ -8,6 +8,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// A source of wall-clock time in whole Unix seconds, the unit EIP-3009 validity bounds use.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn now_unix(&self) -> u64;
+
+    /// Milliseconds, for timestamps in records and latency figures.
+    fn now_ms(&self) -> u64 {
+        self.now_unix().saturating_mul(1000)
+    }
 }
 
 /// The operating system's clock.
@@ -19,6 +24,10 @@ impl Clock for SystemClock {
         // A clock before 1970 is a broken host; treating it as the epoch makes every
         // authorization look not-yet-expired-but-not-yet-valid, which refuses safely.
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    fn now_ms(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 }
 

@@ -32,6 +32,9 @@ use crate::verify::VerifyPool;
 /// submission is already on disk; this only bounds a clean exit.
 const WRITER_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for a settlement round in progress.
+const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -45,6 +48,14 @@ pub enum DaemonError {
     Chain(chain::ChainError),
     #[error("chain {chain_id}: RPC call {call} failed: {detail}")]
     Rpc { chain_id: u64, call: &'static str, detail: String },
+    #[error("settler keys")]
+    Keys(#[from] crate::settle::KeyError),
+    #[error("settlement engine for chain {chain_id}")]
+    Settle {
+        chain_id: u64,
+        #[source]
+        source: crate::settle::SettleError,
+    },
     #[error("could not start a thread")]
     Thread(#[source] std::io::Error),
     #[error("could not build the reflection service")]
@@ -100,7 +111,7 @@ pub async fn serve(
     let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
     let audit = NonceAudit::new(writer.clone(), endpoints.clone());
     let balances = BalanceCache::start(
-        Arc::new(ChainBalances::new(endpoints)),
+        Arc::new(ChainBalances::new(endpoints.clone())),
         Duration::from_millis(config.balances.max_age_ms),
         config.balances.max_batch,
     );
@@ -109,6 +120,35 @@ pub async fn serve(
             audit.run_every(Duration::from_millis(config.audit.nonce_interval_ms), Arc::clone(&clock)),
         )
     });
+    let (settle_stop, settle_stopped) = watch::channel(false);
+    let mut engines = Vec::new();
+    if config.settlement.enabled() {
+        let signers = crate::settle::load_keys(&config.settlement)?;
+        let chains: std::collections::BTreeSet<u64> = tokens.iter().map(|t| t.domain.chain_id).collect();
+        for chain_id in chains {
+            let engine = crate::settle::Engine::new(
+                endpoints[&chain_id].clone(),
+                writer.clone(),
+                Arc::clone(&clock),
+                Some(balances.clone()),
+                &signers,
+                config.settlement.clone(),
+            )
+            .map_err(|source| DaemonError::Settle { chain_id, source })?;
+            tracing::info!(
+                chain_id,
+                settlers = ?signers.iter().map(|s| s.address()).collect::<Vec<_>>(),
+                confirmations = config.settlement.confirmations,
+                "settlement engine started"
+            );
+            engines.push(tokio::spawn(engine.run(settle_stopped.clone())));
+        }
+    } else {
+        tracing::warn!(
+            "no settler keys configured (settlement.settler_keys_file / settler_keys_env): payments are \
+             accepted and held, not settled"
+        );
+    }
     let admission = Admission::new(tokens, config.network_aliases.clone(), config.admission.clone(), clock);
     let ingest = Arc::new(Ingest::new(admission, pool, writer, balances));
 
@@ -148,6 +188,15 @@ pub async fn serve(
     if let Some(task) = audit_task {
         task.abort();
         let _ = task.await;
+    }
+    // The engines finish their round (each step is written before it is acted on, so
+    // stopping between rounds or, on a timeout, within one loses nothing).
+    let _ = settle_stop.send(true);
+    for task in engines {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(ENGINE_STOP_TIMEOUT, task).await.is_err() {
+            abort.abort();
+        }
     }
     // Every request has been answered. The writer commits what it still holds and stops
     // (connection tasks that linger may still hold handles; they get UNAVAILABLE).

@@ -272,6 +272,76 @@ impl Devnet {
             .map_err(|e| rpc_err("batch receipt")(e.to_string()))
     }
 
+    /// Settler accounts for the daemon: keys derived from `seed`, each given 1,000 ETH.
+    pub async fn new_settlers(&self, seed: &str, n: usize) -> Result<Vec<PrivateKeySigner>, DevnetError> {
+        let keys = payer_keys(&format!("settler {seed}"), n);
+        for k in &keys {
+            let wei = U256::from(1_000u64) * U256::from(10u64).pow(U256::from(18u64));
+            self.raw::<_, ()>("anvil_setBalance", (k.address(), wei)).await?;
+        }
+        Ok(keys)
+    }
+
+    /// A provider signing as `signer`, which is given 1 ETH for gas.
+    pub async fn provider_for(&self, signer: &PrivateKeySigner) -> Result<DynProvider, DevnetError> {
+        let wei = U256::from(10u64).pow(U256::from(18u64));
+        self.raw::<_, ()>("anvil_setBalance", (signer.address(), wei)).await?;
+        Ok(ProviderBuilder::new()
+            .wallet(EthereumWallet::from(signer.clone()))
+            .connect_http(self.rpc_url.parse().expect("formatted URL parses"))
+            .erased())
+    }
+
+    /// Mines one block now.
+    pub async fn mine(&self) -> Result<(), DevnetError> {
+        self.raw::<_, String>("evm_mine", ()).await.map(|_| ())
+    }
+
+    /// Turns mining on each transaction on or off (off: transactions wait in the pool
+    /// until a block is mined).
+    pub async fn set_automine(&self, on: bool) -> Result<(), DevnetError> {
+        self.raw::<_, ()>("evm_setAutomine", (on,)).await
+    }
+
+    /// The hashes of the transactions waiting in the pool.
+    pub async fn pool_hashes(&self) -> Result<Vec<B256>, DevnetError> {
+        let content: serde_json::Value = self.raw("txpool_content", ()).await?;
+        let mut out = Vec::new();
+        for by_sender in
+            content.get("pending").and_then(|p| p.as_object()).into_iter().flat_map(|m| m.values())
+        {
+            for tx in by_sender.as_object().into_iter().flat_map(|m| m.values()) {
+                if let Some(h) = tx.get("hash").and_then(|h| h.as_str()).and_then(|h| h.parse().ok()) {
+                    out.push(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a transaction from the pool, as a node that dropped it would.
+    pub async fn drop_transaction(&self, hash: B256) -> Result<(), DevnetError> {
+        self.raw::<_, serde_json::Value>("anvil_dropTransaction", (hash,)).await.map(|_| ())
+    }
+
+    /// Replaces the newest `depth` blocks with empty ones (their transactions vanish).
+    pub async fn reorg(&self, depth: u64) -> Result<(), DevnetError> {
+        let none: Vec<(serde_json::Value, u64)> = Vec::new();
+        self.raw::<_, serde_json::Value>("anvil_reorg", (depth, none)).await.map(|_| ())
+    }
+
+    /// Sets the base fee of the next block (wei).
+    pub async fn set_next_base_fee(&self, wei: u128) -> Result<(), DevnetError> {
+        self.raw::<_, serde_json::Value>("anvil_setNextBlockBaseFeePerGas", (U256::from(wei),))
+            .await
+            .map(|_| ())
+    }
+
+    /// The latest block number.
+    pub async fn block_number(&self) -> Result<u64, DevnetError> {
+        self.provider.get_block_number().await.map_err(|e| rpc_err("eth_blockNumber")(e.to_string()))
+    }
+
     /// The payer's token balance.
     pub async fn balance_of(&self, who: Address) -> Result<U256, DevnetError> {
         crate::chain::IEip3009::new(self.token, &self.provider)

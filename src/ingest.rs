@@ -187,7 +187,7 @@ impl Ingest {
             },
             balance,
             window,
-            now_ms: self.admission.clock().now_unix().saturating_mul(1000),
+            now_ms: self.admission.clock().now_ms(),
         };
         match self.ledger.accept(accept).await.map_err(SubmitError::from_ledger)? {
             AcceptOutcome::Accepted(record) => Ok(Decision::Accepted { record, duplicate: false }),

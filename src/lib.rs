@@ -65,6 +65,7 @@ pub mod ledger;
 pub mod loadgen;
 pub mod planner;
 pub mod server;
+pub mod settle;
 pub mod simulate;
 pub mod testkit;
 pub mod verify;

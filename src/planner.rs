@@ -199,6 +199,71 @@ fn earlier(a: Option<u64>, t: u64) -> Option<u64> {
     Some(a.map_or(t, |a| a.min(t)))
 }
 
+/// Learns the gas model from receipts: a least-squares line `gas = fixed + per_item · n`
+/// through the most recent batches. Until two different sizes have been seen, only the
+/// per-item part is learned (the fixed part keeps its seed). What it learns prices batches
+/// for the planner; gas *limits* never go below the seeds (see [`GasLearner::limit_model`]).
+#[derive(Debug, Clone)]
+pub struct GasLearner {
+    seed: GasModel,
+    samples: std::collections::VecDeque<(u64, u64)>,
+    window: usize,
+}
+
+impl GasLearner {
+    pub fn new(seed: GasModel, window: usize) -> Self {
+        Self { seed, samples: std::collections::VecDeque::new(), window: window.max(2) }
+    }
+
+    /// A receipt: `items` payments used `gas_used` gas.
+    pub fn observe(&mut self, items: usize, gas_used: u64) {
+        if items == 0 {
+            return;
+        }
+        if self.samples.len() == self.window {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((items as u64, gas_used));
+    }
+
+    /// The model as learned so far (the seed before any receipt).
+    pub fn model(&self) -> GasModel {
+        let n = self.samples.len() as f64;
+        if n == 0.0 {
+            return self.seed;
+        }
+        let (sx, sy) = self.samples.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + x as f64, b + y as f64));
+        let (mx, my) = (sx / n, sy / n);
+        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(a, b), &(x, y)| {
+            let dx = x as f64 - mx;
+            (a + dx * dx, b + dx * (y as f64 - my))
+        });
+        // At least the intrinsic 21,000 of any transaction; at least 1 per item.
+        let (fixed, per_item) = if sxx > 0.0 {
+            let slope = sxy / sxx;
+            (my - slope * mx, slope)
+        } else {
+            let fixed = self.seed.fixed as f64;
+            (fixed, (my - fixed) / mx)
+        };
+        GasModel { fixed: fixed.max(21_000.0).round() as u64, per_item: per_item.max(1.0).round() as u64 }
+    }
+
+    /// The model gas limits come from: the learned one, never below the seeds, so a run of
+    /// cheap batches (say, all items failing early) cannot shrink limits under what an
+    /// item may need.
+    pub fn limit_model(&self) -> GasModel {
+        let m = self.model();
+        GasModel { fixed: m.fixed.max(self.seed.fixed), per_item: m.per_item.max(self.seed.per_item) }
+    }
+
+    /// The gas limit for a batch of `items`: the limit model plus `margin_percent`.
+    pub fn gas_limit(&self, items: usize, margin_percent: u64) -> u64 {
+        let gas = self.limit_model().batch_gas(items);
+        gas.saturating_add(gas.saturating_mul(margin_percent) / 100)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +420,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gas_learner_finds_the_line() {
+        let seed = GasModel { fixed: 40_000, per_item: 60_000 };
+        let mut l = GasLearner::new(seed, 16);
+        assert_eq!(l.model(), seed);
+        // One size only: the per-item part from the seed's fixed part.
+        l.observe(10, 40_000 + 10 * 45_000);
+        assert_eq!(l.model(), GasModel { fixed: 40_000, per_item: 45_000 });
+        // Two sizes: the exact line.
+        l.observe(50, 27_000 + 50 * 45_300);
+        l.observe(1, 27_000 + 45_300);
+        l.observe(10, 27_000 + 10 * 45_300);
+        l.samples.pop_front();
+        assert_eq!(l.model(), GasModel { fixed: 27_000, per_item: 45_300 });
+        // Limits never below the seeds, plus the margin.
+        assert_eq!(l.limit_model(), GasModel { fixed: 40_000, per_item: 60_000 });
+        assert_eq!(l.gas_limit(1, 50), 150_000);
+        // The window forgets old samples.
+        let mut w = GasLearner::new(seed, 2);
+        for _ in 0..3 {
+            w.observe(1, 200_000);
+        }
+        w.observe(2, 300_000);
+        w.observe(4, 500_000);
+        assert_eq!(w.model(), GasModel { fixed: 100_000, per_item: 100_000 });
     }
 }

@@ -206,14 +206,29 @@ fn a_newer_schema_is_refused_with_a_clear_message() {
     drop(Ledger::open(dir.path()).unwrap());
     {
         let opts = rocksdb::Options::default();
-        let db = rocksdb::DB::open_cf(
-            &opts,
-            dir.path(),
-            ["auth", "seq", "id", "idem", "exposure", "meta", "pending"],
-        )
-        .unwrap();
+        let cfs = rocksdb::DB::list_cf(&opts, dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), cfs).unwrap();
         db.put_cf(db.cf_handle("meta").unwrap(), b"schema_version", 99u32.to_be_bytes()).unwrap();
     }
     let err = Ledger::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("schema version 99") && err.contains("newer"), "{err}");
+}
+
+#[test]
+fn a_schema_1_ledger_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let v1 = ["auth", "seq", "id", "idem", "exposure", "meta", "pending"];
+        let db = rocksdb::DB::open_cf(&opts, dir.path(), v1).unwrap();
+        db.put_cf(db.cf_handle("meta").unwrap(), b"schema_version", 1u32.to_be_bytes()).unwrap();
+    }
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(ledger.last_settlement(), 0);
+    assert!(ledger.batches(1).unwrap().is_empty());
+    drop(ledger);
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
+    assert!(cfs.iter().any(|c| c == "batch") && cfs.iter().any(|c| c == "settlement"), "{cfs:?}");
 }

@@ -1,6 +1,7 @@
 //! The durable nonce ledger (RocksDB): the double-spend guard, per-payer exposure, the
 //! lifecycle of every payment, and the ordered change log `WatchPayments` and recovery read.
 //!
+//! - [`batch`]: settlement batches (items, settler, signed attempts, inclusion);
 //! - [`record`]: keys, lifecycle states, the payment record and its on-disk codec;
 //! - [`store`]: the RocksDB layout, schema check, reads, and the group logic that turns a
 //!   batch of commands into one atomic `WriteBatch`;
@@ -17,12 +18,19 @@
 //! | `idem` | idempotency key | auth key |
 //! | `exposure` | chain id ‖ token ‖ from (48 B) | sum of values accepted, not final (32 B BE) |
 //! | `pending` | auth key of every payment not yet final | (empty) |
+//! | `batch` | chain id ‖ batch counter (u64 BE each) | the batch record |
+//! | `settlement` | log sequence number (u64 BE) | a payment's final record, once |
 //! | `meta` | name | schema version, ... |
 
+pub mod batch;
 pub mod record;
 pub mod store;
 pub mod writer;
 
+pub use batch::{Attempt, BatchRecord, BatchStatus, Inclusion};
 pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use store::{Ledger, LedgerError};
-pub use writer::{AcceptOutcome, AcceptRequest, Command, Evidence, LedgerHandle, TransitionRequest};
+pub use writer::{
+    AcceptOutcome, AcceptRequest, ApplyRequest, ApplyResults, Command, Evidence, LedgerHandle,
+    TransitionRequest,
+};

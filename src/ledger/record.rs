@@ -139,15 +139,18 @@ impl Status {
 
     /// The lifecycle's edges. A dropped or reorged-out transaction returns its payments
     /// to Accepted; an on-chain refusal fails a payment that was not yet included; a
-    /// payment can expire until it is included (after a reorg, via Accepted).
+    /// payment can expire until it is included (after a reorg, via Accepted). An accepted
+    /// payment moves straight to Included only when the chain shows it settled by an
+    /// earlier transaction of ours (one reorged out, then mined again); an included one
+    /// moves to Included again when a reorg re-mined its transaction in another block.
     pub fn can_move_to(self, to: Status) -> bool {
         use Status::*;
         matches!(
             (self, to),
-            (Accepted, Batched | Failed | Expired)
+            (Accepted, Batched | Included | Failed | Expired)
                 | (Batched, Submitted | Accepted | Failed | Expired)
                 | (Submitted, Included | Accepted | Failed | Expired)
-                | (Included, Settled | Accepted | Expired)
+                | (Included, Included | Settled | Accepted | Expired)
         )
     }
 
@@ -206,6 +209,9 @@ pub struct PaymentRecord {
     pub block_hash: Option<B256>,
     pub block_time: u64,
     pub log_index: u64,
+    /// This payment's share of its transaction's gas used and fee paid (wei).
+    pub gas_share: u64,
+    pub fee_share_wei: U256,
 }
 
 impl PaymentRecord {
@@ -250,6 +256,12 @@ impl PaymentRecord {
             block_hash: self.block_hash.map(|h| h.to_vec()).unwrap_or_default(),
             block_time: self.block_time,
             log_index: self.log_index,
+            gas_share: self.gas_share,
+            fee_share_wei: if self.fee_share_wei.is_zero() {
+                Vec::new()
+            } else {
+                self.fee_share_wei.to_be_bytes::<32>().to_vec()
+            },
         }
         .encode_to_vec()
     }
@@ -310,6 +322,12 @@ impl PaymentRecord {
             block_hash: hash(&d.block_hash, "block_hash")?,
             block_time: d.block_time,
             log_index: d.log_index,
+            gas_share: d.gas_share,
+            fee_share_wei: if d.fee_share_wei.is_empty() {
+                U256::ZERO
+            } else {
+                word(&d.fee_share_wei, "fee_share_wei")?
+            },
         })
     }
 
@@ -383,6 +401,8 @@ mod tests {
             block_hash: None,
             block_time: 8,
             log_index: 9,
+            gas_share: 10,
+            fee_share_wei: U256::from(11),
         }
     }
 
@@ -403,7 +423,7 @@ mod tests {
     fn lifecycle_edges() {
         use Status::*;
         for s in Status::ALL {
-            assert!(!s.can_move_to(s), "{s:?} to itself");
+            assert_eq!(s.can_move_to(s), s == Included, "{s:?} to itself (only new evidence)");
             if s.is_final() {
                 assert!(Status::ALL.iter().all(|t| !s.can_move_to(*t)), "{s:?} is final");
             }

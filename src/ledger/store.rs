@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use alloy::primitives::U256;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
+use super::batch::{BatchRecord, batch_key};
 use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord, Status};
-use super::writer::{AcceptOutcome, AcceptRequest, Command, TransitionRequest};
+use super::writer::{AcceptOutcome, AcceptRequest, ApplyRequest, Command, TransitionRequest};
 use crate::x402::Reason;
 
 pub const CF_AUTH: &str = "auth";
@@ -21,10 +22,18 @@ pub const CF_EXPOSURE: &str = "exposure";
 pub const CF_META: &str = "meta";
 /// Keys of payments not yet final, so the audit and recovery never scan the whole history.
 pub const CF_PENDING: &str = "pending";
-const CFS: [&str; 7] = [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META, CF_PENDING];
+/// Settlement batches, under `chain_id ‖ counter`.
+pub const CF_BATCH: &str = "batch";
+/// The settlement log: append-only, one entry per payment when it becomes final (settled,
+/// failed, expired), under a u64 sequence of its own. What finance exports.
+pub const CF_SETTLEMENT: &str = "settlement";
+const CFS: [&str; 9] =
+    [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META, CF_PENDING, CF_BATCH, CF_SETTLEMENT];
 
 /// The layout this code reads and writes. Bumped by any change older code cannot read.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: the `batch` and `settlement` column families (a version 1 ledger is upgraded in
+/// place by creating them; a version 1 daemon cannot open a version 2 ledger).
+pub const SCHEMA_VERSION: u32 = 2;
 const META_SCHEMA: &[u8] = b"schema_version";
 
 /// Why a ledger operation failed.
@@ -77,6 +86,8 @@ pub struct Ledger {
     last_seq: AtomicU64,
     /// Payments accepted and not final: counted once at open, then kept by each commit.
     pending: AtomicU64,
+    /// Sequence number of the newest settlement log entry.
+    last_settlement: AtomicU64,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -95,24 +106,30 @@ impl Ledger {
         opts.set_write_buffer_size(64 << 20);
         let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open", "*"))?;
-        let ledger =
-            Ledger { db, path: path.to_owned(), last_seq: AtomicU64::new(0), pending: AtomicU64::new(0) };
+        let ledger = Ledger {
+            db,
+            path: path.to_owned(),
+            last_seq: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            last_settlement: AtomicU64::new(0),
+        };
 
         let meta = ledger.cf(CF_META);
-        match ledger.db.get_cf(meta, META_SCHEMA).map_err(db_err("get", CF_META))? {
-            None => ledger
-                .db
-                .put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &synced_write_options())
-                .map_err(db_err("put", CF_META))?,
-            Some(v) => {
-                let found = <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes).map_err(|_| {
-                    LedgerError::Corrupt { cf: CF_META, source: CorruptRecord { field: "schema_version" } }
-                })?;
-                if found > SCHEMA_VERSION {
-                    return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
-                }
+        let stored = ledger.db.get_cf(meta, META_SCHEMA).map_err(db_err("get", CF_META))?;
+        if let Some(v) = stored {
+            let found = <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes).map_err(|_| {
+                LedgerError::Corrupt { cf: CF_META, source: CorruptRecord { field: "schema_version" } }
+            })?;
+            if found > SCHEMA_VERSION {
+                return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
             }
         }
+        // New or older: the missing column families were created at open; record the
+        // version so an older daemon refuses this ledger with a clear message.
+        ledger
+            .db
+            .put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &synced_write_options())
+            .map_err(db_err("put", CF_META))?;
         let last = ledger
             .db
             .iterator_cf(ledger.cf(CF_SEQ), IteratorMode::End)
@@ -123,6 +140,16 @@ impl Ledger {
             .transpose()?
             .unwrap_or(0);
         ledger.last_seq.store(last, Ordering::SeqCst);
+        let last_settlement = ledger
+            .db
+            .iterator_cf(ledger.cf(CF_SETTLEMENT), IteratorMode::End)
+            .next()
+            .transpose()
+            .map_err(db_err("iterate", CF_SETTLEMENT))?
+            .map(|(k, _)| seq_from_key(&k))
+            .transpose()?
+            .unwrap_or(0);
+        ledger.last_settlement.store(last_settlement, Ordering::SeqCst);
         let mut pending = 0u64;
         for kv in ledger.db.iterator_cf(ledger.cf(CF_PENDING), IteratorMode::Start) {
             kv.map_err(db_err("iterate", CF_PENDING))?;
@@ -223,6 +250,70 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The sequence number of the newest settlement log entry (0: none yet).
+    pub fn last_settlement(&self) -> u64 {
+        self.last_settlement.load(Ordering::SeqCst)
+    }
+
+    /// Up to `limit` settlement log entries after `after`, with their sequence numbers: each
+    /// payment's final record, once, in the order they became final.
+    pub fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError> {
+        let start = (after.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .iterator_cf(self.cf(CF_SETTLEMENT), IteratorMode::From(&start, Direction::Forward))
+            .take(limit)
+        {
+            let (k, v) = kv.map_err(db_err("iterate", CF_SETTLEMENT))?;
+            let record = PaymentRecord::decode(&v)
+                .map_err(|source| LedgerError::Corrupt { cf: CF_SETTLEMENT, source })?;
+            out.push((seq_from_key(&k)?, record));
+        }
+        Ok(out)
+    }
+
+    pub fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_BATCH), batch_key(chain_id, counter))
+            .map_err(db_err("get", CF_BATCH))?
+            .map(|v| BatchRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_BATCH, source }))
+            .transpose()
+    }
+
+    /// Every batch of `chain_id`, oldest first.
+    pub fn batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
+        let start = batch_key(chain_id, 0);
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_BATCH), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = kv.map_err(db_err("iterate", CF_BATCH))?;
+            if !k.starts_with(&chain_id.to_be_bytes()) {
+                break;
+            }
+            out.push(
+                BatchRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_BATCH, source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The highest batch counter used on `chain_id` (0: none yet).
+    pub fn last_batch_counter(&self, chain_id: u64) -> Result<u64, LedgerError> {
+        let end = batch_key(chain_id, u64::MAX);
+        let last = self
+            .db
+            .iterator_cf(self.cf(CF_BATCH), IteratorMode::From(&end, Direction::Reverse))
+            .next()
+            .transpose()
+            .map_err(db_err("iterate", CF_BATCH))?;
+        Ok(match last {
+            Some((k, _)) if k.starts_with(&chain_id.to_be_bytes()) && k.len() == 16 => {
+                u64::from_be_bytes(k[8..].try_into().expect("16-byte key"))
+            }
+            _ => 0,
+        })
+    }
+
     /// Every payment record, in key order (for recovery, tests and checks).
     pub fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
         let mut out = Vec::new();
@@ -249,10 +340,11 @@ impl Ledger {
 }
 
 /// What a command did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Applied {
     Accept(AcceptOutcome),
     Transition(PaymentRecord),
+    Apply(Vec<Result<PaymentRecord, LedgerError>>),
 }
 
 /// Per column family tuning. `auth` and `id` are looked up once per submission, almost
@@ -296,6 +388,7 @@ struct Group<'a> {
     next_seq: u64,
     /// Change of the pending count this group makes.
     pending_delta: i64,
+    next_settlement: u64,
 }
 
 impl<'a> Group<'a> {
@@ -308,6 +401,7 @@ impl<'a> Group<'a> {
             idem: HashMap::new(),
             next_seq: ledger.last_seq() + 1,
             pending_delta: 0,
+            next_settlement: ledger.last_settlement() + 1,
         }
     }
 
@@ -346,7 +440,47 @@ impl<'a> Group<'a> {
         match command {
             Command::Accept(req, _) => self.accept(req).map(Applied::Accept),
             Command::Transition(req, _) => self.transition(req).map(Applied::Transition),
+            Command::Apply(req, _) => self.apply_request(req).map(Applied::Apply),
         }
+    }
+
+    /// A settlement step: payment transitions and the batch record they belong to. When
+    /// `atomic`, either every transition is legal and all apply with the batch, or nothing
+    /// does and the first refusal is the answer.
+    fn apply_request(
+        &mut self,
+        req: &ApplyRequest,
+    ) -> Result<Vec<Result<PaymentRecord, LedgerError>>, LedgerError> {
+        if req.atomic {
+            let mut seen = std::collections::HashSet::new();
+            for t in &req.transitions {
+                if !seen.insert(t.key) {
+                    return Err(LedgerError::IllegalTransition {
+                        id: t.key.payment_id(),
+                        from: t.to,
+                        to: t.to,
+                    });
+                }
+                self.check_transition(t)?;
+            }
+        }
+        let results = req.transitions.iter().map(|t| self.transition(t)).collect();
+        if let Some(batch) = &req.batch {
+            self.batch.put_cf(self.ledger.cf(CF_BATCH), batch.key(), batch.encode());
+        }
+        Ok(results)
+    }
+
+    fn check_transition(&self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
+        let record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
+        if !record.status.can_move_to(req.to) || req.only_from.is_some_and(|s| s != record.status) {
+            return Err(LedgerError::IllegalTransition {
+                id: req.key.payment_id(),
+                from: record.status,
+                to: req.to,
+            });
+        }
+        Ok(record)
     }
 
     fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
@@ -415,6 +549,8 @@ impl<'a> Group<'a> {
             block_hash: None,
             block_time: 0,
             log_index: 0,
+            gas_share: 0,
+            fee_share_wei: U256::ZERO,
         };
         let record = self.write(record);
         self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
@@ -433,14 +569,7 @@ impl<'a> Group<'a> {
     }
 
     fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
-        let mut record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
-        if !record.status.can_move_to(req.to) || req.only_from.is_some_and(|s| s != record.status) {
-            return Err(LedgerError::IllegalTransition {
-                id: req.key.payment_id(),
-                from: record.status,
-                to: req.to,
-            });
-        }
+        let mut record = self.check_transition(req)?;
         if req.to.is_final() {
             let payer = req.key.payer();
             let exposure = self.exposure(&payer)?;
@@ -463,8 +592,20 @@ impl<'a> Group<'a> {
             record.block_hash = Some(ev.block_hash);
             record.block_time = ev.block_time;
             record.log_index = ev.log_index;
+            record.gas_share = ev.gas_share;
+            record.fee_share_wei = ev.fee_share_wei;
         }
-        Ok(self.write(record))
+        let record = self.write(record);
+        if record.status.is_final() {
+            // Final states have no way out, so this runs once per payment.
+            self.batch.put_cf(
+                self.ledger.cf(CF_SETTLEMENT),
+                self.next_settlement.to_be_bytes(),
+                record.encode(),
+            );
+            self.next_settlement += 1;
+        }
+        Ok(record)
     }
 
     /// Stamps the next sequence number on `record` and writes it under its key and its seq.
@@ -494,6 +635,7 @@ impl<'a> Group<'a> {
         }
         self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
         self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
+        self.ledger.last_settlement.store(self.next_settlement - 1, Ordering::SeqCst);
         // Only the writer commits, so this read-modify-write does not race.
         let pending = self.ledger.pending().saturating_add_signed(self.pending_delta);
         self.ledger.pending.store(pending, Ordering::SeqCst);

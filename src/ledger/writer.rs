@@ -11,6 +11,7 @@ use alloy::primitives::{B256, U256};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::{broadcast, oneshot};
 
+use super::batch::BatchRecord;
 use super::record::{AuthKey, PaymentRecord, Status, Submission};
 use super::store::{Applied, Ledger, LedgerError};
 use crate::admission::AdmissionError;
@@ -57,6 +58,9 @@ pub struct Evidence {
     pub block_hash: B256,
     pub block_time: u64,
     pub log_index: u64,
+    /// The payment's share of the transaction's gas used and of its fee (wei).
+    pub gas_share: u64,
+    pub fee_share_wei: U256,
 }
 
 /// A lifecycle step for one payment.
@@ -79,11 +83,25 @@ impl TransitionRequest {
     }
 }
 
+/// A settlement step: transitions of payments and the batch record they belong to, written
+/// in one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyRequest {
+    pub transitions: Vec<TransitionRequest>,
+    pub batch: Option<BatchRecord>,
+    /// All transitions or none (the batch is written only with them).
+    pub atomic: bool,
+}
+
+/// Each transition's result, in order.
+pub type ApplyResults = Vec<Result<PaymentRecord, LedgerError>>;
+
 /// A command with its reply channel.
 #[derive(Debug)]
 pub enum Command {
     Accept(AcceptRequest, oneshot::Sender<Result<AcceptOutcome, LedgerError>>),
     Transition(TransitionRequest, oneshot::Sender<Result<PaymentRecord, LedgerError>>),
+    Apply(ApplyRequest, oneshot::Sender<Result<ApplyResults, LedgerError>>),
 }
 
 impl Command {
@@ -99,19 +117,30 @@ impl Command {
         (Command::Transition(req, tx), rx)
     }
 
+    pub fn apply(req: ApplyRequest) -> (Command, oneshot::Receiver<Result<ApplyResults, LedgerError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Command::Apply(req, tx), rx)
+    }
+
     fn reply(self, result: Result<Applied, LedgerError>) {
         // A dropped receiver (the client went away) changes nothing: the group is committed.
         match self {
             Command::Accept(_, tx) => {
                 let _ = tx.send(result.map(|a| match a {
                     Applied::Accept(o) => o,
-                    Applied::Transition(_) => unreachable!("an accept applies as an accept"),
+                    _ => unreachable!("an accept applies as an accept"),
                 }));
             }
             Command::Transition(_, tx) => {
                 let _ = tx.send(result.map(|a| match a {
                     Applied::Transition(r) => r,
-                    Applied::Accept(_) => unreachable!("a transition applies as a transition"),
+                    _ => unreachable!("a transition applies as a transition"),
+                }));
+            }
+            Command::Apply(_, tx) => {
+                let _ = tx.send(result.map(|a| match a {
+                    Applied::Apply(r) => r,
+                    _ => unreachable!("an apply applies as an apply"),
                 }));
             }
         }
@@ -189,6 +218,13 @@ impl LedgerHandle {
     /// Moves a payment along its lifecycle; answers once the change is on disk.
     pub async fn transition(&self, req: TransitionRequest) -> Result<PaymentRecord, LedgerError> {
         let (cmd, rx) = Command::transition(req);
+        self.send(cmd)?;
+        rx.await.map_err(|_| LedgerError::WriterStopped)?
+    }
+
+    /// Writes a settlement step; answers once it is on disk.
+    pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyResults, LedgerError> {
+        let (cmd, rx) = Command::apply(req);
         self.send(cmd)?;
         rx.await.map_err(|_| LedgerError::WriterStopped)?
     }

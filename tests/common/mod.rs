@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod settle;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,0 +1,347 @@
+//! The settlement engine on a real anvil: payments go from accepted to settled at depth in
+//! aggregate3 batches, with exactly one outcome each, through failures, reorgs, dropped
+//! transactions and fee spikes.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, U256};
+use alloy::providers::Provider;
+use alloy::signers::local::PrivateKeySigner;
+use common::daemon::TestDaemon;
+use common::settle::{Miner, is_final, ledger_after, settle_with, status, submit, wait_for};
+use x402_batcher::api::v1;
+use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::config::Config;
+use x402_batcher::devnet::{self, Devnet, ITestUSDC};
+use x402_batcher::ledger::BatchStatus;
+use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::x402::SignedAuthorization;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const PAYEE: Address = Address::repeat_byte(0xbe);
+
+struct Setup {
+    devnet: Arc<Devnet>,
+    dir: Arc<tempfile::TempDir>,
+    settlers: Vec<PrivateKeySigner>,
+}
+
+async fn setup(settlers: usize) -> Setup {
+    let devnet = Arc::new(Devnet::start().await.unwrap());
+    let settlers = devnet.new_settlers("t", settlers).await.unwrap();
+    Setup { devnet, dir: Arc::new(tempfile::tempdir().unwrap()), settlers }
+}
+
+async fn daemon(s: &Setup, tune: impl FnOnce(&mut Config)) -> TestDaemon {
+    let (dir, settlers) = (s.dir.path().to_owned(), s.settlers.clone());
+    TestDaemon::start_on(Arc::clone(&s.devnet), Arc::clone(&s.dir), move |c| {
+        settle_with(c, &dir, &settlers);
+        tune(c);
+    })
+    .await
+}
+
+fn payments(d: &TestDaemon, payers: &[PrivateKeySigner], n: usize, tag: u64) -> Vec<SignedAuthorization> {
+    let now = SystemClock.now_unix();
+    (0..n)
+        .map(|i| {
+            PaymentBuilder::new(&payers[i % payers.len()], &d.domain(), now)
+                .to(PAYEE)
+                .value(1_000 + i as u64)
+                .nonce_index((tag << 32) | i as u64)
+                .build()
+        })
+        .collect()
+}
+
+async fn submit_all(d: &TestDaemon, items: &[SignedAuthorization]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for s in items {
+        ids.push(submit(d, s).await);
+    }
+    ids
+}
+
+fn settled(p: &v1::Payment) -> bool {
+    status(p) == v1::PaymentStatus::Settled
+}
+
+/// Every payment settled once: one settlement log entry each, an `AuthorizationUsed` on
+/// chain for each, and the payee richer by exactly their sum.
+async fn assert_settled_once(s: &Setup, items: &[SignedAuthorization], payee_before: U256) {
+    let (log, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+    let ids: HashSet<_> = log.iter().map(|r| r.payment_id()).collect();
+    assert_eq!(log.len(), items.len(), "one settlement log entry per payment");
+    assert_eq!(ids.len(), items.len(), "no payment twice in the log");
+    assert!(log.iter().all(|r| r.status == x402_batcher::ledger::Status::Settled));
+    let token = x402_batcher::chain::IEip3009::new(s.devnet.token(), s.devnet.provider());
+    for i in items {
+        assert!(token.authorizationState(i.authorization.from, i.authorization.nonce).call().await.unwrap());
+    }
+    let sum: U256 = items.iter().map(|i| i.authorization.value).sum();
+    assert_eq!(s.devnet.balance_of(PAYEE).await.unwrap() - payee_before, sum, "payee got each payment once");
+    assert!(batches.iter().all(|b| b.status.is_final()), "no batch left open");
+    for r in &log {
+        assert!(r.tx_hash.is_some() && r.block_hash.is_some() && r.gas_share > 0, "evidence recorded: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_settles_every_payment_at_depth_in_batches() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(2).await;
+        let d = daemon(&s, |c| c.settlement.max_batch_size = 25).await;
+        let payers = d.payers("happy", 10, 10_000_000).await;
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+        let items = payments(&d, &payers, 60, 1);
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+        let ids = submit_all(&d, &items).await;
+        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        for p in &done {
+            assert!(!p.tx_hash.is_empty() && p.block_number > 0 && !p.batch_id.is_empty(), "{p:?}");
+        }
+        d.stop().await;
+        assert_settled_once(&s, &items, before).await;
+        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        assert!(batches.len() >= 3, "60 payments at most 25 per batch: {} batches", batches.len());
+        assert!(batches.iter().all(|b| b.items.len() <= 25));
+        let settlers: HashSet<_> = batches.iter().map(|b| b.settler).collect();
+        assert_eq!(settlers.len(), 2, "both settler accounts sent batches");
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_one_really_settles() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        let d = daemon(&s, |_| {}).await;
+        let payers = d.payers("one", 1, 1_000_000).await;
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+        let items = payments(&d, &payers, 1, 2);
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+        let ids = submit_all(&d, &items).await;
+        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        d.stop().await;
+        assert_settled_once(&s, &items, before).await;
+        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].items.len(), 1);
+        let inc = batches[0].inclusion.unwrap();
+        assert_eq!(format!("{}", inc.tx_hash), done[0].tx_hash);
+        // The batch's limit covered the item: the payment settled (its own log is the proof)
+        // and the limit is far above what the batch used.
+        assert!(batches[0].gas_limit > inc.gas_used, "{} > {}", batches[0].gas_limit, inc.gas_used);
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        // Wait long enough for the test to spoil three payments before any batch is cut.
+        let d = daemon(&s, |c| {
+            c.settlement.max_wait_secs = 4;
+            c.settlement.target_cost_per_payment_wei = 0;
+            c.admission.min_validity_remaining_secs = 1;
+        })
+        .await;
+        let payers = d.payers("mixed", 4, 1_000_000).await;
+        let now = SystemClock.now_unix();
+        let domain = d.domain();
+        let good = PaymentBuilder::new(&payers[0], &domain, now).to(PAYEE).nonce_index(1).build();
+        let used = PaymentBuilder::new(&payers[1], &domain, now).to(PAYEE).nonce_index(2).build();
+        let drained = PaymentBuilder::new(&payers[2], &domain, now).to(PAYEE).nonce_index(3).build();
+        let expiring = PaymentBuilder::new(&payers[3], &domain, now)
+            .to(PAYEE)
+            .nonce_index(4)
+            .valid_before(now + 3)
+            .build();
+        let ids = submit_all(&d, &[good.clone(), used.clone(), drained.clone(), expiring.clone()]).await;
+
+        // Outside the daemon: the nonce is spent by someone else's transaction ...
+        let receipt = s.devnet.send_batch(std::slice::from_ref(&used)).await.unwrap();
+        assert!(receipt.status());
+        // ... and the payer moves its whole balance away.
+        let drainer = s.devnet.provider_for(&payers[2]).await.unwrap();
+        ITestUSDC::new(s.devnet.token(), &drainer)
+            .transfer(Address::repeat_byte(0x99), U256::from(1_000_000u64))
+            .send()
+            .await
+            .unwrap()
+            .get_receipt()
+            .await
+            .unwrap();
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(200), None);
+
+        let done = wait_for(&d, &ids, LIMIT, is_final).await;
+        let outcome = |p: &v1::Payment| (status(p), p.failure_reason.clone());
+        assert_eq!(outcome(&done[0]), (v1::PaymentStatus::Settled, String::new()));
+        assert_eq!(
+            outcome(&done[1]),
+            (v1::PaymentStatus::Failed, "invalid_exact_evm_nonce_already_used".to_owned())
+        );
+        assert_eq!(outcome(&done[2]), (v1::PaymentStatus::Failed, "insufficient_funds".to_owned()));
+        assert_eq!(
+            outcome(&done[3]),
+            (v1::PaymentStatus::Expired, "invalid_exact_evm_payload_authorization_valid_before".to_owned())
+        );
+        d.stop().await;
+        let (log, _) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        assert_eq!(log.len(), 4, "one outcome each");
+        let token = x402_batcher::chain::IEip3009::new(s.devnet.token(), s.devnet.provider());
+        for a in [&drained, &expiring] {
+            let used =
+                token.authorizationState(a.authorization.from, a.authorization.nonce).call().await.unwrap();
+            assert!(!used, "never spent");
+        }
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_after_inclusion_resettles_everything_once() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        // Deep enough that no batch settles before the test reorganises the chain.
+        let d = daemon(&s, |c| c.settlement.confirmations = 30).await;
+        let payers = d.payers("reorg", 5, 1_000_000).await;
+        let items = payments(&d, &payers, 20, 3);
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+        let ids = submit_all(&d, &items).await;
+        // Automine: each batch is mined at once; nothing else makes blocks yet.
+        let included = |p: &v1::Payment| status(p) == v1::PaymentStatus::Included;
+        let first = wait_for(&d, &ids, LIMIT, included).await;
+        let first_txs: HashSet<String> = first.iter().map(|p| p.tx_hash.clone()).collect();
+        let lowest = first.iter().map(|p| p.block_number).min().unwrap();
+        let head = s.devnet.block_number().await.unwrap();
+        s.devnet.reorg(head - lowest + 1).await.unwrap();
+        let token = x402_batcher::chain::IEip3009::new(s.devnet.token(), s.devnet.provider());
+        let a = &items[0].authorization;
+        assert!(!token.authorizationState(a.from, a.nonce).call().await.unwrap(), "the reorg undid it");
+
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        for p in &done {
+            assert!(!first_txs.contains(&p.tx_hash), "settled by a new transaction, not the vanished one");
+        }
+        d.stop().await;
+        assert_settled_once(&s, &items, before).await;
+        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        assert!(
+            batches.iter().any(|b| b.status == BatchStatus::Abandoned),
+            "the reorged batch was abandoned"
+        );
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_transaction_is_resubmitted() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        let d = daemon(&s, |_| {}).await;
+        let payers = d.payers("drop", 3, 1_000_000).await;
+        s.devnet.set_automine(false).await.unwrap();
+        let items = payments(&d, &payers, 6, 4);
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+        let ids = submit_all(&d, &items).await;
+        let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
+        wait_for(&d, &ids, LIMIT, submitted).await;
+        let pool = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1).await;
+        s.devnet.drop_transaction(pool[0]).await.unwrap();
+        assert!(s.devnet.pool_hashes().await.unwrap().is_empty(), "dropped");
+        // The engine notices the node no longer knows it and sends it again.
+        let again = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| !h.is_empty()).await;
+        assert_eq!(again, pool, "the same signed transaction is back in the pool");
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        assert!(done.iter().all(|p| p.tx_hash == pool[0].to_string()));
+        d.stop().await;
+        assert_settled_once(&s, &items, before).await;
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        let d = daemon(&s, |c| {
+            c.settlement.max_wait_secs = 3;
+            c.settlement.max_fee_per_gas_wei = 1_000_000_000_000;
+        })
+        .await;
+        let payers = d.payers("spike", 6, 1_000_000).await;
+        s.devnet.set_automine(false).await.unwrap();
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+
+        // Cheap gas: the first payments go out at once, priced for ~1 gwei.
+        let wave1 = payments(&d, &payers, 4, 5);
+        let ids1 = submit_all(&d, &wave1).await;
+        let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
+        wait_for(&d, &ids1, LIMIT, submitted).await;
+        let stuck = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1).await[0];
+
+        // The base fee jumps to 100 gwei and stays there: the transaction cannot be mined.
+        let spike = 100_000_000_000u128;
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(150), Some(spike));
+        let done1 = wait_for(&d, &ids1, LIMIT, settled).await;
+        let replaced = done1[0].tx_hash.clone();
+        assert_ne!(replaced, stuck.to_string(), "settled by a replacement");
+        let receipt =
+            s.devnet.provider().get_transaction_receipt(replaced.parse().unwrap()).await.unwrap().unwrap();
+        assert!(receipt.effective_gas_price >= spike, "the replacement pays the new base fee");
+
+        // Expensive gas: payments arriving over a second wait for one bigger batch.
+        let wave2 = payments(&d, &payers, 12, 6);
+        let mut ids2 = Vec::new();
+        for chunk in wave2.chunks(4) {
+            ids2.extend(submit_all(&d, chunk).await);
+            tokio::time::sleep(Duration::from_millis(400)).await; // arrivals spread over time
+        }
+        let done2 = wait_for(&d, &ids2, LIMIT, settled).await;
+        d.stop().await;
+        let all: Vec<_> = wave1.iter().chain(&wave2).cloned().collect();
+        assert_settled_once(&s, &all, before).await;
+        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let first = batches.iter().find(|b| b.items.len() == 4 && b.attempts.len() >= 2);
+        assert!(first.is_some(), "the first batch was re-signed with a higher fee: {batches:#?}");
+        let grown: Vec<_> = batches.iter().filter(|b| b.cut_reason == "max_wait").collect();
+        assert!(!grown.is_empty(), "under the spike batches were cut by max wait: {batches:#?}");
+        assert!(grown.iter().any(|b| b.items.len() > 4), "a batch grew beyond one arrival wave");
+        for p in &done2 {
+            let valid_before: U256 = p.authorization.as_ref().unwrap().valid_before.parse().unwrap();
+            assert!(U256::from(p.block_time) < valid_before, "settled within its deadline");
+        }
+    })
+    .await
+    .expect("within the time limit");
+}
+
+/// Polls `read` until `done` holds (at most 30 s).
+async fn poll<T, F, Fut>(read: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, devnet::DevnetError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = read().await.unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 30 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
