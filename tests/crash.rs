@@ -48,6 +48,29 @@ fn start(config: &std::path::Path) -> Daemon {
     Daemon { child, url: format!("http://{addr}") }
 }
 
+/// A config file for the daemon binary over `net`, with `extra` TOML appended.
+fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("config.toml");
+    let t = net.token_config();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
+             [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
+             [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n{extra}",
+            dir.join("ledger").display(),
+            net.chain_id(),
+            net.rpc_url(),
+            t.chain_id,
+            t.address,
+            t.eip712_name,
+            t.eip712_version
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn key_of(req: &v1::SubmitRequest) -> v1::AuthorizationKey {
     let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
     v1::AuthorizationKey {
@@ -71,24 +94,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("config.toml");
-        let t = net.token_config();
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
-                 [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
-                 [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n",
-                dir.path().join("ledger").display(),
-                net.chain_id(),
-                net.rpc_url(),
-                t.chain_id,
-                t.address,
-                t.eip712_name,
-                t.eip712_version
-            ),
-        )
-        .unwrap();
+        let config = write_config(dir.path(), &net, "");
 
         let (mut offered, mut acked_total, mut lost, mut double) = (0, 0, 0, 0);
         for round in 0..ROUNDS {
@@ -191,6 +197,142 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         assert_eq!(lost, 0, "acknowledged payments were lost");
         assert_eq!(double, 0, "a nonce was accepted twice");
         assert!(acked_total > 0, "the load acknowledged nothing");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Polls every payment's status until all satisfy `done` (bounded).
+async fn wait_all(
+    client: &mut Client,
+    keys: &[v1::AuthorizationKey],
+    done: impl Fn(v1::PaymentStatus) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut states = Vec::new();
+        for k in keys {
+            let req = v1::GetPaymentRequest {
+                key: Some(v1::get_payment_request::Key::AuthorizationKey(k.clone())),
+            };
+            let p = client.payments.get_payment(req).await.unwrap().into_inner();
+            states.push(v1::PaymentStatus::try_from(p.status).unwrap());
+        }
+        if states.iter().all(|s| done(*s)) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "payments stuck: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL between sending and confirmation, twice: once while the batch waits in the pool
+/// (it is mined while the daemon is down) and once after inclusion, before depth. After each
+/// restart the engine resumes from the ledger and the chain; in the end every payment has
+/// exactly one outcome (settled, once in the settlement log, once on chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Devnet::start().await.unwrap();
+        let payers = devnet::payer_keys("crash-settle", 10);
+        let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
+        let settler = net.new_settlers("crash", 1).await.unwrap().remove(0);
+        net.set_automine(false).await.unwrap();
+        let payee = testkit::DEFAULT_PAYEE;
+        let before = net.balance_of(payee).await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let keys_file = dir.path().join("settler.keys");
+        std::fs::write(&keys_file, format!("{}\n", settler.to_bytes())).unwrap();
+        let config = write_config(
+            dir.path(),
+            &net,
+            &format!(
+                "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
+                 poll_interval_ms = 50\nconfirmations = 3\nmax_wait_secs = 1\n",
+                keys_file.display()
+            ),
+        );
+        let now = SystemClock.now_unix();
+        let wave = |run_id| {
+            let opts = LoadOptions {
+                payments: 30,
+                payers: payers.clone(),
+                rate: None,
+                streams: 1,
+                value: 1_000,
+                payee,
+                run_id,
+            };
+            loadgen::presign(&net.token_domain(), &opts, now)
+        };
+        let (first, second) = (wave(101), wave(102));
+        let keys = |reqs: &[v1::SubmitRequest]| reqs.iter().map(key_of).collect::<Vec<_>>();
+        let is = |want: v1::PaymentStatus| move |s: v1::PaymentStatus| s == want;
+
+        // Kill 1: the batch is signed, recorded and broadcast, but not mined.
+        let mut daemon = start(&config);
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let report = loadgen::run(&client, first.clone(), None, 1).await;
+        assert_eq!(report.acked.len(), first.len());
+        wait_all(&mut client, &keys(&first), is(v1::PaymentStatus::Submitted)).await;
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        net.mine().await.unwrap(); // mined while the daemon is down
+
+        // Kill 2: after restart, a second wave reaches inclusion but not depth.
+        let mut daemon = start(&config);
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        wait_all(&mut client, &keys(&first), is(v1::PaymentStatus::Included)).await;
+        let report = loadgen::run(&client, second.clone(), None, 1).await;
+        assert_eq!(report.acked.len(), second.len());
+        wait_all(&mut client, &keys(&second), is(v1::PaymentStatus::Submitted)).await;
+        net.mine().await.unwrap();
+        wait_all(&mut client, &keys(&second), is(v1::PaymentStatus::Included)).await;
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+
+        // Restart and let blocks come: everything settles, once.
+        let mut daemon = start(&config);
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            net.mine().await.unwrap();
+            let settled = |s: v1::PaymentStatus| s == v1::PaymentStatus::Settled;
+            let mut done = true;
+            for k in keys(&all) {
+                let req =
+                    v1::GetPaymentRequest { key: Some(v1::get_payment_request::Key::AuthorizationKey(k)) };
+                let p = client.payments.get_payment(req).await.unwrap().into_inner();
+                done &= settled(v1::PaymentStatus::try_from(p.status).unwrap());
+            }
+            if done {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not all settled after the restarts");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = daemon.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(daemon.child.wait().unwrap().success());
+
+        let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
+        let log = ledger.settlement_log(0, usize::MAX).unwrap();
+        let ids: std::collections::HashSet<_> = log.iter().map(|(_, r)| r.payment_id()).collect();
+        assert_eq!(log.len(), all.len(), "one settlement log entry per payment");
+        assert_eq!(ids.len(), all.len());
+        assert!(log.iter().all(|(_, r)| r.status == x402_batcher::ledger::Status::Settled));
+        assert_eq!(ledger.pending(), 0);
+        let sum = U256::from(1_000u64 * all.len() as u64);
+        assert_eq!(
+            net.balance_of(payee).await.unwrap() - before,
+            sum,
+            "the payee was paid each payment once"
+        );
+        let batches = ledger.batches(net.chain_id()).unwrap();
+        assert!(batches.iter().all(|b| b.status == x402_batcher::ledger::BatchStatus::Done), "{batches:#?}");
     })
     .await
     .expect("bounded");
