@@ -36,17 +36,22 @@
 //!   guard, per-payer exposure, the lifecycle, and the change log.
 //! - [`audit`]: fails accepted payments whose nonce was used on chain outside the daemon.
 //! - [`planner`]: the batch planner's deciding core (when to cut, what, and why), a pure
-//!   function of the waiting payments, fees, gas model, caps, policy and time. Not wired to
-//!   a submitter yet.
+//!   function of the waiting payments, fees, gas model, caps, policy and time; and the gas
+//!   model learnt from receipts.
 //! - [`simulate`]: pre-simulation of a batch with `eth_call`, each refused item with its
-//!   reason decoded from the token's revert string. Not wired to a submitter yet.
+//!   reason decoded from the token's revert string.
+//! - [`settle`]: the settlement engine, one per chain: drives the planner, pre-simulates,
+//!   signs and sends batches from settler accounts (nonces, EIP-1559 fees, replacement,
+//!   resubmission), follows receipts to the confirmation depth through reorgs, and resumes
+//!   from the ledger after a restart.
+//! - [`export`]: the settlement log as CSV.
 //! - [`chain`]: the on-chain interfaces (EIP-3009 token, Multicall3) and batch encoding.
 //! - [`config`]: the typed configuration; every default is a named constant with its reason.
 //! - [`client`], [`loadgen`]: the Rust client, and the load generator built on it.
 //! - [`devnet`], [`testkit`], [`demo`]: a local anvil chain with the project's contracts,
 //!   fixture builders, and the README's main job.
 //!
-//! Batch planning, settlement, confirmations and export arrive with the issues that build
+//! Metrics, runtime policy, reconciliation and hardening arrive with the issues that build
 //! them; see the README for what works today.
 
 pub mod admission;
@@ -60,6 +65,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod devnet;
+pub mod export;
 pub mod ingest;
 pub mod ledger;
 pub mod loadgen;

@@ -30,7 +30,8 @@ pub struct LoadOptions {
     pub streams: usize,
     /// Base units per payment.
     pub value: u64,
-    pub payee: Address,
+    /// Payees, taken in turn (empty: the test kit's default payee).
+    pub payees: Vec<Address>,
     /// Makes nonces differ between runs over the same payers.
     pub run_id: u64,
 }
@@ -53,7 +54,11 @@ pub fn presign(domain: &TokenDomain, opts: &LoadOptions, now: u64) -> Vec<v1::Su
                         .map(|i| {
                             let payer = &opts.payers[i % opts.payers.len()];
                             let b = PaymentBuilder::new(payer, domain, now)
-                                .to(opts.payee)
+                                .to(opts
+                                    .payees
+                                    .get(i % opts.payees.len().max(1))
+                                    .copied()
+                                    .unwrap_or(testkit::DEFAULT_PAYEE))
                                 .value(opts.value)
                                 .nonce_index((opts.run_id << 32) | i as u64);
                             let signed = b.build();

@@ -28,14 +28,30 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Start a local devnet, verify signed sample payments and settle one on chain.
+    /// The whole product on a local devnet: start anvil and the daemon, submit payments over
+    /// gRPC, settle them in batches at depth, and print a summary.
     Demo {
-        /// Number of sample payments to verify.
+        /// Payments to submit.
         #[arg(long, default_value_t = demo::DemoOptions::default().payments)]
         payments: usize,
-        /// Number of distinct payers.
+        /// Distinct payers.
         #[arg(long, default_value_t = demo::DemoOptions::default().payers)]
         payers: usize,
+        /// Distinct payees.
+        #[arg(long, default_value_t = demo::DemoOptions::default().payees)]
+        payees: usize,
+        /// Settler accounts.
+        #[arg(long, default_value_t = demo::DemoOptions::default().settlers)]
+        settlers: usize,
+        /// Submissions per second (0: flat out).
+        #[arg(long, default_value_t = 1_500.0)]
+        rate: f64,
+        /// Confirmation depth at which a payment counts as settled.
+        #[arg(long, default_value_t = demo::DemoOptions::default().confirmations)]
+        confirmations: u64,
+        /// Where the ledger and the CSV export are written (default: a new temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
     /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
@@ -108,8 +124,18 @@ async fn main() -> anyhow::Result<()> {
             println!("listening on {}", listener.local_addr()?);
             daemon::serve(config, listener, Arc::new(SystemClock), shutdown_signal()).await?;
         }
-        Command::Demo { payments, payers } => {
-            demo::run(&demo::DemoOptions { payments, payers }).await.context("demo failed")?;
+        Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir } => {
+            let opts = demo::DemoOptions {
+                payments,
+                payers,
+                payees,
+                settlers,
+                rate: (rate > 0.0).then_some(rate),
+                confirmations,
+                dir,
+                ..Default::default()
+            };
+            demo::run(&opts).await.context("demo failed")?;
         }
         Command::Loadgen(args) => loadgen(args).await?,
         Command::CheckConfig { config } => {
@@ -205,7 +231,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         rate: args.rate,
         streams: args.streams,
         value,
-        payee: x402_batcher::testkit::DEFAULT_PAYEE,
+        payees: vec![x402_batcher::testkit::DEFAULT_PAYEE],
         run_id: u64::from(std::process::id()),
     };
     let signing = std::time::Instant::now();

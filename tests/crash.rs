@@ -104,7 +104,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
                 rate: Some(RATE),
                 streams: 2,
                 value: 1_000,
-                payee: testkit::DEFAULT_PAYEE,
+                payees: vec![testkit::DEFAULT_PAYEE],
                 run_id: round + 1,
             };
             let now = SystemClock.now_unix();
@@ -262,7 +262,7 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
                 rate: None,
                 streams: 1,
                 value: 1_000,
-                payee,
+                payees: vec![payee],
                 run_id,
             };
             loadgen::presign(&net.token_domain(), &opts, now)

@@ -43,6 +43,7 @@ use alloy::providers::Provider;
 use alloy::rpc::types::{Filter, TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::{SolCall, SolEvent};
+use futures::FutureExt as _;
 use tokio::sync::watch;
 
 pub use keys::{KeyError, load as load_keys};
@@ -58,6 +59,10 @@ use crate::ledger::{
 use crate::planner::{self, Caps, CutReason, Fees, GasLearner, GasModel, Pending, Policy};
 use crate::simulate;
 use crate::x402::Reason;
+
+/// Longest a round may take. A round is a few RPC calls per open batch plus one per cut;
+/// an RPC that never answers must not stop settlement.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Receipts the gas model learns from (the most recent ones).
 const GAS_WINDOW: usize = 32;
@@ -195,13 +200,43 @@ impl Engine {
             if *stop.borrow() {
                 break;
             }
-            match self.round().await {
-                Ok(r) if r != RoundReport::default() => {
+            // A round that hangs (an RPC without an answer) or panics is cut short; what it
+            // wrote stands, and the open batches are read back from the ledger.
+            let round = std::panic::AssertUnwindSafe(self.round()).catch_unwind();
+            match tokio::time::timeout(ROUND_TIMEOUT, round).await {
+                Ok(Ok(Ok(r))) if r != RoundReport::default() => {
                     tracing::debug!(chain_id = self.chain_id, ?r, "round")
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(chain_id = self.chain_id, "settlement round failed: {e}"),
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(chain_id = self.chain_id, "settlement round failed: {e}"),
+                Ok(Err(_)) => {
+                    tracing::error!(
+                        chain_id = self.chain_id,
+                        "settlement round panicked; resuming from the ledger"
+                    );
+                    self.reload();
+                }
+                Err(_) => {
+                    tracing::error!(
+                        chain_id = self.chain_id,
+                        "settlement round took over {ROUND_TIMEOUT:?}; resuming from the ledger"
+                    );
+                    self.reload();
+                }
             }
+        }
+    }
+
+    /// Reads the open batches back from the ledger (after a round was cut short between a
+    /// ledger write and the in-memory update that follows it).
+    fn reload(&mut self) {
+        match self.ledger.ledger().batches(self.chain_id) {
+            Ok(all) => {
+                self.next_counter = self.next_counter.max(all.last().map_or(0, |b| b.counter) + 1);
+                self.open =
+                    all.into_iter().filter(|b| !b.status.is_final()).map(|b| (b.counter, b)).collect();
+            }
+            Err(e) => tracing::error!(chain_id = self.chain_id, "cannot read batches back: {e}"),
         }
     }
 
