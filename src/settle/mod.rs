@@ -128,6 +128,8 @@ pub struct Engine {
     next_counter: u64,
     /// Round-robin start among settlers, so every account takes its share of batches.
     next_settler: usize,
+    /// Batches whose nonce was seen consumed without a receipt of ours, with the head then.
+    consumed: HashMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -184,6 +186,7 @@ impl Engine {
             open,
             next_counter,
             next_settler: 0,
+            consumed: HashMap::new(),
         })
     }
 
@@ -404,6 +407,13 @@ impl Engine {
             if let Some(receipt) = self.receipt_of(&batch).await? {
                 return self.on_included(batch, receipt, report).await;
             }
+            // A node may count the nonce before it serves the receipt: abandon only when a
+            // later block still shows no receipt of ours.
+            let first_seen = *self.consumed.entry(batch.counter).or_insert(head.number);
+            if head.number <= first_seen {
+                return Ok(());
+            }
+            self.consumed.remove(&batch.counter);
             return self
                 .abandon(batch, head, "its account nonce was used by another transaction", report)
                 .await;
