@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, U256};
 
 use crate::api::v1;
-use crate::chain::{IEip3009, MULTICALL3};
+use crate::chain::MULTICALL3;
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ChainConfig, Config};
@@ -207,26 +207,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         .value(10_000)
         .nonce_index(u64::MAX)
         .build();
-    let a = &solo.authorization;
-    let solo_gas = IEip3009::new(net.token(), net.provider())
-        .transferWithAuthorization(
-            a.from,
-            a.to,
-            a.value,
-            a.valid_after,
-            a.valid_before,
-            a.nonce,
-            solo.signature.v(),
-            solo.signature.r(),
-            solo.signature.s(),
-        )
-        .send()
-        .await
-        .map_err(|e| DevnetError::Rpc { call: "solo transferWithAuthorization", detail: e.to_string() })?
-        .get_receipt()
-        .await
-        .map_err(|e| DevnetError::Rpc { call: "solo receipt", detail: e.to_string() })?
-        .gas_used;
+    let solo_gas = net.send_alone(&solo).await?.gas_used;
 
     let _ = stop.send(());
     match daemon.await {

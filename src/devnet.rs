@@ -342,6 +342,21 @@ impl Devnet {
         self.provider.get_block_number().await.map_err(|e| rpc_err("eth_blockNumber")(e.to_string()))
     }
 
+    /// Sends one authorization as its own `transferWithAuthorization` transaction straight
+    /// to the token (the one-transaction-per-payment baseline) and waits for the receipt.
+    pub async fn send_alone(&self, item: &SignedAuthorization) -> Result<TransactionReceipt, DevnetError> {
+        let tx = TransactionRequest::default()
+            .with_to(item.token)
+            .with_input(crate::chain::transfer_calldata(item));
+        self.provider
+            .send_transaction(tx)
+            .await
+            .map_err(|e| rpc_err("send transferWithAuthorization")(e.to_string()))?
+            .get_receipt()
+            .await
+            .map_err(|e| rpc_err("transferWithAuthorization receipt")(e.to_string()))
+    }
+
     /// The payer's token balance.
     pub async fn balance_of(&self, who: Address) -> Result<U256, DevnetError> {
         crate::chain::IEip3009::new(self.token, &self.provider)

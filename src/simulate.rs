@@ -56,19 +56,20 @@ pub enum SimulateError {
     Shape { got: usize, want: usize },
 }
 
-/// Simulates settling `items` in one batch, at the latest block; per item, `Ok` if the
-/// token would accept it.
+/// Simulates settling `items` in one batch with `gas_limit` (the limit the batch will be
+/// sent with: estimation under-funds `allowFailure` items), at the latest block; per item,
+/// `Ok` if the token would accept it.
 pub async fn simulate(
     endpoint: &RpcEndpoint,
     items: &[SignedAuthorization],
+    gas_limit: u64,
 ) -> Result<Vec<Result<(), ItemFailure>>, SimulateError> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
     let results = IMulticall3::new(MULTICALL3, &endpoint.provider)
         .aggregate3(chain::batch_calls(items))
-        // The same gas the batch would get: estimation under-funds allowFailure items.
-        .gas(chain::batch_gas_limit(items.len()))
+        .gas(gas_limit)
         .call()
         .await
         .map_err(|e| SimulateError::Rpc {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use alloy::primitives::U256;
 use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
-use x402_batcher::chain::{self, IEip3009};
+use x402_batcher::chain;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::testkit::{DEFAULT_PAYEE, PaymentBuilder};
@@ -38,26 +38,7 @@ async fn batching_saves_gas_with_no_overhead_per_item() {
 
         // The same payment as its own transaction, straight to the token.
         let alone = pay(&payers[101]);
-        let a = &alone.authorization;
-        let settler = net.settler_provider();
-        let single = IEip3009::new(net.token(), &settler)
-            .transferWithAuthorization(
-                a.from,
-                a.to,
-                a.value,
-                a.valid_after,
-                a.valid_before,
-                a.nonce,
-                alone.signature.v(),
-                alone.signature.r(),
-                alone.signature.s(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .get_receipt()
-            .await
-            .unwrap();
+        let single = net.send_alone(&alone).await.unwrap();
         assert!(single.status());
         let g1 = single.gas_used as f64;
 

@@ -39,7 +39,8 @@ async fn each_refusal_is_named_and_nothing_changes() {
             b(rich, 5).not_yet_valid().build(),
         ];
         let endpoint = RpcEndpoint::connect_http(net.chain_id(), net.rpc_url()).unwrap();
-        let verdicts = simulate(&endpoint, &items).await.unwrap();
+        let verdicts =
+            simulate(&endpoint, &items, x402_batcher::chain::batch_gas_limit(items.len())).await.unwrap();
         let reasons: Vec<Option<Reason>> =
             verdicts.iter().map(|v| v.as_ref().err().map(|f| f.reason)).collect();
         assert_eq!(
@@ -59,7 +60,7 @@ async fn each_refusal_is_named_and_nothing_changes() {
         let token = IEip3009::new(net.token(), net.provider());
         let a = &items[0].authorization;
         assert!(!token.authorizationState(a.from, a.nonce).call().await.unwrap());
-        assert!(simulate(&endpoint, &[]).await.unwrap().is_empty());
+        assert!(simulate(&endpoint, &[], 100_000).await.unwrap().is_empty());
     })
     .await
     .expect("bounded");

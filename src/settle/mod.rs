@@ -142,11 +142,6 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn rpc(chain_id: u64, call: &'static str, endpoint: &RpcEndpoint) -> impl FnOnce(String) -> SettleError {
-    let endpoint = endpoint.clone();
-    move |e| SettleError::Rpc { chain_id, call, detail: endpoint.redact(&e) }
-}
-
 impl Engine {
     /// An engine over `endpoint`'s chain, resuming the open batches the ledger holds.
     pub fn new(
@@ -230,6 +225,11 @@ impl Engine {
         }
     }
 
+    /// An RPC failure, with the endpoint's URL (and any key in it) redacted.
+    fn rpc_err(&self, call: &'static str, e: impl std::fmt::Display) -> SettleError {
+        SettleError::Rpc { chain_id: self.chain_id, call, detail: self.endpoint.redact(&e.to_string()) }
+    }
+
     /// Reads the open batches back from the ledger (after a round was cut short between a
     /// ledger write and the in-memory update that follows it).
     fn reload(&mut self) {
@@ -269,7 +269,7 @@ impl Engine {
             .provider
             .get_block_by_number(BlockNumberOrTag::Latest)
             .await
-            .map_err(|e| rpc(self.chain_id, "eth_getBlockByNumber", &self.endpoint)(e.to_string()))?
+            .map_err(|e| self.rpc_err("eth_getBlockByNumber", e))?
             .ok_or(SettleError::Chain { chain_id: self.chain_id, detail: "no latest block".into() })?;
         Ok(Head {
             number: block.header.number,
@@ -285,7 +285,7 @@ impl Engine {
             .provider
             .get_block_by_number(BlockNumberOrTag::Number(number))
             .await
-            .map_err(|e| rpc(self.chain_id, "eth_getBlockByNumber", &self.endpoint)(e.to_string()))?
+            .map_err(|e| self.rpc_err("eth_getBlockByNumber", e))?
             .map(|b| (b.header.hash, b.header.timestamp)))
     }
 
@@ -297,7 +297,7 @@ impl Engine {
             .provider
             .get_fee_history(1, BlockNumberOrTag::Latest, &[50.0])
             .await
-            .map_err(|e| rpc(self.chain_id, "eth_feeHistory", &self.endpoint)(e.to_string()))?;
+            .map_err(|e| self.rpc_err("eth_feeHistory", e))?;
         let base_fee = history.base_fee_per_gas.last().copied().unwrap_or_default();
         let tip = history
             .reward
@@ -315,14 +315,17 @@ impl Engine {
             .get_transaction_count(who)
             .block_id(BlockId::latest())
             .await
-            .map_err(|e| rpc(self.chain_id, "eth_getTransactionCount", &self.endpoint)(e.to_string()))
+            .map_err(|e| self.rpc_err("eth_getTransactionCount", e))
     }
 
     async fn receipt_of(&self, batch: &BatchRecord) -> Result<Option<TransactionReceipt>, SettleError> {
         for a in batch.attempts.iter().rev() {
-            let r = self.endpoint.provider.get_transaction_receipt(a.tx_hash).await.map_err(|e| {
-                rpc(self.chain_id, "eth_getTransactionReceipt", &self.endpoint)(e.to_string())
-            })?;
+            let r = self
+                .endpoint
+                .provider
+                .get_transaction_receipt(a.tx_hash)
+                .await
+                .map_err(|e| self.rpc_err("eth_getTransactionReceipt", e))?;
             if r.is_some() {
                 return Ok(r);
             }
@@ -442,7 +445,7 @@ impl Engine {
             .provider
             .get_transaction_by_hash(last.tx_hash)
             .await
-            .map_err(|e| rpc(self.chain_id, "eth_getTransactionByHash", &self.endpoint)(e.to_string()))?
+            .map_err(|e| self.rpc_err("eth_getTransactionByHash", e))?
             .is_some();
         if !known {
             match self.broadcast(&last.raw).await {
@@ -623,7 +626,8 @@ impl Engine {
     ) -> Result<TransitionRequest, SettleError> {
         let mut t = TransitionRequest::new(record.key(), Status::Accepted, now_ms);
         t.only_from = Some(record.status);
-        let sim = simulate::simulate(&self.endpoint, std::slice::from_ref(&record.signed))
+        let gas = self.batch_gas_limit(1);
+        let sim = simulate::simulate(&self.endpoint, std::slice::from_ref(&record.signed), gas)
             .await
             .map_err(|e| SettleError::Chain { chain_id: self.chain_id, detail: e.to_string() })?;
         match sim.into_iter().next() {
@@ -685,22 +689,20 @@ impl Engine {
             .topic2(a.nonce)
             .from_block(head.saturating_sub(LOG_LOOKBACK_BLOCKS))
             .to_block(head);
-        let logs = self
-            .endpoint
-            .provider
-            .get_logs(&filter)
-            .await
-            .map_err(|e| rpc(self.chain_id, "eth_getLogs", &self.endpoint)(e.to_string()))?;
+        let logs =
+            self.endpoint.provider.get_logs(&filter).await.map_err(|e| self.rpc_err("eth_getLogs", e))?;
         for log in logs.into_iter().filter(|l| !l.removed) {
             let (Some(tx_hash), Some(number), Some(hash)) =
                 (log.transaction_hash, log.block_number, log.block_hash)
             else {
                 continue;
             };
-            let tx =
-                self.endpoint.provider.get_transaction_by_hash(tx_hash).await.map_err(|e| {
-                    rpc(self.chain_id, "eth_getTransactionByHash", &self.endpoint)(e.to_string())
-                })?;
+            let tx = self
+                .endpoint
+                .provider
+                .get_transaction_by_hash(tx_hash)
+                .await
+                .map_err(|e| self.rpc_err("eth_getTransactionByHash", e))?;
             if tx.is_some_and(|tx| self.settlers.iter().any(|s| s.address == tx.from())) {
                 let block_time = self.block_at(number).await?.map(|(_, t)| t).unwrap_or_default();
                 return Ok(Some(Evidence {
@@ -948,7 +950,6 @@ impl Engine {
     fn caps(&self, head: &Head, model: GasModel) -> Caps {
         let cap = self.config.tx_gas_cap.min(head.gas_limit.max(1));
         let margin = self.config.gas_limit_margin_percent;
-        let mut fit = 0usize;
         // Largest n whose limit fits (the limit is linear in n: a short search).
         let (mut lo, mut hi) = (0usize, self.config.max_batch_size);
         while lo < hi {
@@ -959,11 +960,10 @@ impl Engine {
                 hi = mid - 1;
             }
         }
-        fit = fit.max(lo);
-        let tx_gas = if fit >= self.config.max_batch_size {
+        let tx_gas = if lo >= self.config.max_batch_size {
             u64::MAX
         } else {
-            model.fixed.saturating_add(model.per_item.saturating_mul(fit as u64))
+            model.fixed.saturating_add(model.per_item.saturating_mul(lo as u64))
         };
         Caps { tx_gas, block_gas: u64::MAX }
     }
@@ -982,7 +982,8 @@ impl Engine {
         let now_ms = self.now_ms();
         // Pre-simulation: what the token would refuse now does not go in the batch.
         let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
-        let sim = simulate::simulate(&self.endpoint, &signed)
+        let gas = self.batch_gas_limit(signed.len());
+        let sim = simulate::simulate(&self.endpoint, &signed, gas)
             .await
             .map_err(|e| SettleError::Chain { chain_id: self.chain_id, detail: e.to_string() })?;
         let mut refusals = Vec::new();
@@ -1036,10 +1037,7 @@ impl Engine {
             attempts: Vec::new(),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
-            gas_limit: self
-                .learner
-                .gas_limit(items.len(), self.config.gas_limit_margin_percent)
-                .min(self.config.tx_gas_cap),
+            gas_limit: self.batch_gas_limit(items.len()),
             inclusion: None,
         };
         let attempt = self.sign(&batch, nonce, fees, None, head).await?;
@@ -1143,6 +1141,11 @@ impl Engine {
             signed_at_block: head.number,
             tx_nonce: nonce,
         })
+    }
+
+    /// The gas limit a batch of `items` is sent (and simulated) with.
+    fn batch_gas_limit(&self, items: usize) -> u64 {
+        self.learner.gas_limit(items, self.config.gas_limit_margin_percent).min(self.config.tx_gas_cap)
     }
 
     fn now_ms(&self) -> u64 {
