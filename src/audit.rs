@@ -1,7 +1,8 @@
 //! The nonce audit: finds accepted payments whose nonce was used on chain outside the
 //! daemon (the payer spent it elsewhere, another facilitator settled it) and fails them,
-//! so they can never be reported as settled. Runs off the hot path: periodically, and
-//! (once settlement exists) before a batch is planned.
+//! so they can never be reported as settled. Runs off the hot path, periodically. Payments
+//! that were in a batch of ours are left to the settlement engine, which tells its own
+//! transactions' use of a nonce from someone else's.
 //!
 //! Reads are bulk: one `aggregate3` `eth_call` of `authorizationState` per chain per
 //! [`AUDIT_CHUNK`] payments.
@@ -48,14 +49,17 @@ impl NonceAudit {
         Self { ledger, endpoints }
     }
 
-    /// Checks every accepted payment once.
+    /// Checks every accepted payment never batched once.
     pub async fn run_once(&self, now_ms: u64) -> Result<AuditReport, AuditError> {
         let ledger = std::sync::Arc::clone(self.ledger.ledger());
         let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.pending_records())
             .await
             .map_err(|_| AuditError::Rpc { chain_id: 0, detail: "ledger scan task failed".into() })??
             .into_iter()
-            .filter(|r| r.status == Status::Accepted)
+            // A payment that was in a batch of ours may have been settled by that batch's
+            // transaction (mined after all, or mined again after a reorg): the settlement
+            // engine judges it, with the chain's logs, before it is batched again.
+            .filter(|r| r.status == Status::Accepted && r.batch_id.is_empty())
             .collect();
         let mut report = AuditReport::default();
         let mut by_chain: HashMap<u64, Vec<&PaymentRecord>> = HashMap::new();

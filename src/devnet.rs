@@ -232,8 +232,12 @@ impl Devnet {
 
     /// A provider that signs as the settler.
     pub fn settler_provider(&self) -> DynProvider {
+        self.signing_provider(&self.settler)
+    }
+
+    fn signing_provider(&self, signer: &PrivateKeySigner) -> DynProvider {
         ProviderBuilder::new()
-            .wallet(EthereumWallet::from(self.settler.clone()))
+            .wallet(EthereumWallet::from(signer.clone()))
             .connect_http(self.rpc_url.parse().expect("formatted URL parses"))
             .erased()
     }
@@ -258,7 +262,17 @@ impl Devnet {
     /// Sends `items` as one `aggregate3` batch from the settler account and waits for the
     /// receipt: the devnet's stand-in for the settlement engine in tests and the demo.
     pub async fn send_batch(&self, items: &[SignedAuthorization]) -> Result<TransactionReceipt, DevnetError> {
-        let settler = self.settler_provider();
+        self.send_batch_as(&self.settler, items).await
+    }
+
+    /// Sends `items` as one `aggregate3` batch signed by `sender` (which pays the gas) and
+    /// waits for the receipt.
+    pub async fn send_batch_as(
+        &self,
+        sender: &PrivateKeySigner,
+        items: &[SignedAuthorization],
+    ) -> Result<TransactionReceipt, DevnetError> {
+        let settler = self.signing_provider(sender);
         let tx = IMulticall3::new(MULTICALL3, &settler)
             .aggregate3(crate::chain::batch_calls(items))
             .into_transaction_request()
@@ -286,10 +300,7 @@ impl Devnet {
     pub async fn provider_for(&self, signer: &PrivateKeySigner) -> Result<DynProvider, DevnetError> {
         let wei = U256::from(10u64).pow(U256::from(18u64));
         self.raw::<_, ()>("anvil_setBalance", (signer.address(), wei)).await?;
-        Ok(ProviderBuilder::new()
-            .wallet(EthereumWallet::from(signer.clone()))
-            .connect_http(self.rpc_url.parse().expect("formatted URL parses"))
-            .erased())
+        Ok(self.signing_provider(signer))
     }
 
     /// Mines one block now.

@@ -330,6 +330,57 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
 }
 
 /// Polls `read` until `done` holds (at most 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        // First without settler keys: the payments are accepted and wait.
+        let d = TestDaemon::start_on(Arc::clone(&s.devnet), Arc::clone(&s.dir), |c| {
+            c.audit.nonce_interval_ms = 0
+        })
+        .await;
+        let payers = d.payers("ours", 2, 1_000_000).await;
+        let items = payments(&d, &payers, 2, 7);
+        let before = s.devnet.balance_of(PAYEE).await.unwrap();
+        let ids = submit_all(&d, &items).await;
+        d.stop().await;
+
+        // Our settler account settles them outside the engine, in two blocks (as a batch
+        // the engine lost track of would have).
+        let kept = s.devnet.send_batch_as(&s.settlers[0], &items[..1]).await.unwrap();
+        s.devnet.mine().await.unwrap();
+        let lost = s.devnet.send_batch_as(&s.settlers[0], &items[1..]).await.unwrap();
+        assert!(kept.status() && lost.status());
+
+        // The engine's pre-simulation finds both nonces used, by our settler's logs: both
+        // included with that evidence, none failed, no batch of their own.
+        let d = daemon(&s, |c| c.settlement.confirmations = 30).await;
+        let included = |p: &v1::Payment| status(p) == v1::PaymentStatus::Included;
+        let first = wait_for(&d, &ids, LIMIT, included).await;
+        assert_eq!(first[0].tx_hash, kept.transaction_hash.to_string());
+        assert_eq!(first[1].tx_hash, lost.transaction_hash.to_string());
+        assert!(first.iter().all(|p| p.batch_id.is_empty()));
+
+        // The second one's block is reorged away: it goes back to accepted and a batch of
+        // the engine settles it; the first settles at depth on its own evidence.
+        let head = s.devnet.block_number().await.unwrap();
+        s.devnet.reorg(head - lost.block_number.unwrap() + 1).await.unwrap();
+        let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        assert_eq!(
+            done[0].tx_hash,
+            kept.transaction_hash.to_string(),
+            "settled by the transaction that used it"
+        );
+        assert_ne!(done[1].tx_hash, lost.transaction_hash.to_string(), "the reorged transaction is gone");
+        assert!(!done[1].batch_id.is_empty(), "re-settled in a batch of the engine");
+        d.stop().await;
+        assert_settled_once(&s, &items, before).await;
+    })
+    .await
+    .expect("within the time limit");
+}
+
 async fn poll<T, F, Fut>(read: F, done: impl Fn(&T) -> bool) -> T
 where
     F: Fn() -> Fut,

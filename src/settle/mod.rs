@@ -11,8 +11,11 @@
 //!    against the canonical block hash at its height (a reorg: its transaction is looked
 //!    for again, else its payments go back to accepted or expire) and settled once
 //!    `confirmations` blocks deep;
-//! 2. **expires** accepted payments whose `validBefore` the chain has passed;
-//! 3. **plans** the accepted payments of each token ([`crate::planner::plan`]) and, for
+//! 2. **sweeps** included payments no open batch follows (their evidence is another
+//!    transaction of ours, found when their nonce turned out used): each is settled at
+//!    depth on its own block, or back to accepted if that block was reorged away;
+//! 3. **expires** accepted payments whose `validBefore` the chain has passed;
+//! 4. **plans** the accepted payments of each token ([`crate::planner::plan`]) and, for
 //!    each cut, pre-simulates the batch ([`crate::simulate`]), fails the items the token
 //!    would refuse, signs the transaction for an idle settler account, records the batch
 //!    with its raw signed bytes, and only then broadcasts it.
@@ -35,9 +38,7 @@ use std::time::Duration;
 
 use alloy::consensus::Transaction as _;
 use alloy::eips::{BlockId, BlockNumberOrTag, Encodable2718};
-use alloy::network::{
-    Ethereum, EthereumWallet, NetworkTransactionBuilder, TransactionBuilder, TransactionResponse,
-};
+use alloy::network::{Ethereum, EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::{Filter, TransactionReceipt, TransactionRequest};
@@ -243,7 +244,7 @@ impl Engine {
         }
     }
 
-    /// One round: confirm, expire, plan and send.
+    /// One round: confirm, sweep, expire, plan and send.
     pub async fn round(&mut self) -> Result<RoundReport, SettleError> {
         let mut report = RoundReport::default();
         let head = self.head().await?;
@@ -252,8 +253,23 @@ impl Engine {
         for counter in counters {
             self.advance(counter, &head, fees, &mut report).await?;
         }
-        self.plan_and_send(&head, fees, &mut report).await?;
+        let pending = self.pending_records().await?;
+        self.sweep_included(&pending, &head, &mut report).await?;
+        let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
+        self.plan_and_send(accepted, &head, fees, &mut report).await?;
         Ok(report)
+    }
+
+    /// This chain's payments not yet final, read off the async threads.
+    async fn pending_records(&self) -> Result<Vec<PaymentRecord>, SettleError> {
+        let ledger = Arc::clone(self.ledger.ledger());
+        let chain_id = self.chain_id;
+        Ok(tokio::task::spawn_blocking(move || ledger.pending_records())
+            .await
+            .map_err(|_| SettleError::Chain { chain_id, detail: "ledger scan task failed".into() })??
+            .into_iter()
+            .filter(|r| r.signed.chain_id == chain_id)
+            .collect())
     }
 
     /// The gas model as learned from receipts so far.
@@ -320,12 +336,7 @@ impl Engine {
 
     async fn receipt_of(&self, batch: &BatchRecord) -> Result<Option<TransactionReceipt>, SettleError> {
         for a in batch.attempts.iter().rev() {
-            let r = self
-                .endpoint
-                .provider
-                .get_transaction_receipt(a.tx_hash)
-                .await
-                .map_err(|e| self.rpc_err("eth_getTransactionReceipt", e))?;
+            let r = self.receipt_by_hash(a.tx_hash).await?;
             if r.is_some() {
                 return Ok(r);
             }
@@ -535,7 +546,7 @@ impl Engine {
         let mut transitions = Vec::new();
         let mut settled_items = 0u32;
         let mut learn_ok = true;
-        for record in &records {
+        for record in records.iter().filter(|r| !included_elsewhere(r, &batch)) {
             let a = &record.signed.authorization;
             let mut t = TransitionRequest::new(record.key(), Status::Included, now_ms);
             t.only_from = Some(record.status);
@@ -692,31 +703,163 @@ impl Engine {
         let logs =
             self.endpoint.provider.get_logs(&filter).await.map_err(|e| self.rpc_err("eth_getLogs", e))?;
         for log in logs.into_iter().filter(|l| !l.removed) {
-            let (Some(tx_hash), Some(number), Some(hash)) =
-                (log.transaction_hash, log.block_number, log.block_hash)
-            else {
-                continue;
-            };
-            let tx = self
-                .endpoint
-                .provider
-                .get_transaction_by_hash(tx_hash)
-                .await
-                .map_err(|e| self.rpc_err("eth_getTransactionByHash", e))?;
-            if tx.is_some_and(|tx| self.settlers.iter().any(|s| s.address == tx.from())) {
-                let block_time = self.block_at(number).await?.map(|(_, t)| t).unwrap_or_default();
-                return Ok(Some(Evidence {
-                    tx_hash,
-                    block_number: number,
-                    block_hash: hash,
-                    block_time,
-                    log_index: log.log_index.unwrap_or_default(),
-                    gas_share: 0,
-                    fee_share_wei: U256::ZERO,
-                }));
+            let Some(tx_hash) = log.transaction_hash else { continue };
+            let Some(receipt) = self.receipt_by_hash(tx_hash).await? else { continue };
+            if self.settlers.iter().any(|s| s.address == receipt.from) {
+                return self.evidence_in(&receipt, record).await;
             }
         }
         Ok(None)
+    }
+
+    async fn receipt_by_hash(&self, tx_hash: B256) -> Result<Option<TransactionReceipt>, SettleError> {
+        self.endpoint
+            .provider
+            .get_transaction_receipt(tx_hash)
+            .await
+            .map_err(|e| self.rpc_err("eth_getTransactionReceipt", e))
+    }
+
+    /// `record`'s own `AuthorizationUsed` log in a mined `receipt`, as evidence; its gas
+    /// and fee share is the transaction's divided by the authorizations it used.
+    async fn evidence_in(
+        &self,
+        receipt: &TransactionReceipt,
+        record: &PaymentRecord,
+    ) -> Result<Option<Evidence>, SettleError> {
+        let (Some(block_number), Some(block_hash)) = (receipt.block_number, receipt.block_hash) else {
+            return Ok(None);
+        };
+        let a = &record.signed.authorization;
+        let used: Vec<(Address, B256, u64)> = receipt
+            .logs()
+            .iter()
+            .filter(|l| l.address() == record.signed.token)
+            .filter_map(|l| {
+                IEip3009::AuthorizationUsed::decode_log(&l.inner)
+                    .ok()
+                    .map(|ev| (ev.authorizer, ev.nonce, l.log_index.unwrap_or_default()))
+            })
+            .collect();
+        let Some(&(_, _, log_index)) =
+            used.iter().find(|(from, nonce, _)| *from == a.from && *nonce == a.nonce)
+        else {
+            return Ok(None);
+        };
+        let n = used.len() as u64;
+        let block_time = self.block_at(block_number).await?.map(|(_, t)| t).unwrap_or_default();
+        Ok(Some(Evidence {
+            tx_hash: receipt.transaction_hash,
+            block_number,
+            block_hash,
+            block_time,
+            log_index,
+            gas_share: receipt.gas_used / n,
+            fee_share_wei: U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price)
+                / U256::from(n),
+        }))
+    }
+
+    /// Included payments that no open batch follows: those whose evidence is another
+    /// transaction of ours than their batch's (found by [`Self::find_our_use`]), or whose
+    /// batch was closed while they were included. Each is judged on its own evidence:
+    /// settled once its block is `confirmations` deep on the canonical chain; after a
+    /// reorg, included again where its transaction was mined anew, else back to accepted
+    /// (or expired). Without this sweep such a payment would wait forever.
+    async fn sweep_included(
+        &mut self,
+        pending: &[PaymentRecord],
+        head: &Head,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let followed: HashSet<(String, B256)> = self
+            .open
+            .values()
+            .filter(|b| b.status == BatchStatus::Included)
+            .filter_map(|b| b.inclusion.map(|i| (b.id(), i.tx_hash)))
+            .collect();
+        let orphans: Vec<&PaymentRecord> = pending
+            .iter()
+            .filter(|r| r.status == Status::Included)
+            .filter(|r| !r.tx_hash.is_some_and(|h| followed.contains(&(r.batch_id.clone(), h))))
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let now_ms = self.now_ms();
+        let mut canonical: HashMap<u64, Option<B256>> = HashMap::new();
+        let mut transitions = Vec::new();
+        for r in orphans {
+            let (Some(tx_hash), Some(block_hash)) = (r.tx_hash, r.block_hash) else {
+                transitions.push(self.requeue(r, head, "it was included without evidence", now_ms));
+                continue;
+            };
+            let hash = match canonical.get(&r.block_number) {
+                Some(h) => *h,
+                None => {
+                    let h = self.block_at(r.block_number).await?.map(|(h, _)| h);
+                    canonical.insert(r.block_number, h);
+                    h
+                }
+            };
+            if hash == Some(block_hash) {
+                let depth = head.number.saturating_sub(r.block_number) + 1;
+                if depth >= self.config.confirmations {
+                    if let Some(cache) = &self.balances {
+                        cache.invalidate(&r.key().payer());
+                    }
+                    let mut t = TransitionRequest::new(r.key(), Status::Settled, now_ms);
+                    t.only_from = Some(Status::Included);
+                    transitions.push(t);
+                }
+                continue;
+            }
+            tracing::warn!(payment = %r.payment_id(), block = r.block_number, "reorg: the block of an included payment changed");
+            let evidence = match self.receipt_by_hash(tx_hash).await? {
+                Some(receipt) => self.evidence_in(&receipt, r).await?,
+                None => None,
+            };
+            match evidence {
+                Some(ev) => {
+                    let mut t = TransitionRequest::new(r.key(), Status::Included, now_ms);
+                    t.only_from = Some(Status::Included);
+                    t.evidence = Some(ev);
+                    transitions.push(t);
+                }
+                None => transitions.push(self.requeue(r, head, "its transaction was reorged out", now_ms)),
+            }
+        }
+        let results = self
+            .ledger
+            .apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false })
+            .await?;
+        for (t, r) in transitions.iter().zip(&results) {
+            if r.is_ok() {
+                match t.to {
+                    Status::Settled => report.settled += 1,
+                    Status::Expired => report.expired += 1,
+                    Status::Accepted => report.requeued += 1,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A payment whose transaction is gone goes back to accepted while the chain can
+    /// still take it, else it expires.
+    fn requeue(&self, r: &PaymentRecord, head: &Head, why: &str, now_ms: u64) -> TransitionRequest {
+        let still_valid = r.signed.authorization.valid_before > U256::from(head.timestamp.saturating_add(1));
+        let mut t = TransitionRequest::new(
+            r.key(),
+            if still_valid { Status::Accepted } else { Status::Expired },
+            now_ms,
+        );
+        t.only_from = Some(r.status);
+        if !still_valid {
+            t.failure = Some((Reason::InvalidValidBefore, format!("validBefore passed after {why}")));
+        }
+        t
     }
 
     async fn follow_included(
@@ -743,7 +886,11 @@ impl Engine {
             return Ok(());
         }
         let records = self.records_of(&batch)?;
-        let included: Vec<&PaymentRecord> = records.iter().filter(|r| r.status == Status::Included).collect();
+        // A payment included by another transaction of ours is the sweep's to settle.
+        let included: Vec<&PaymentRecord> = records
+            .iter()
+            .filter(|r| r.status == Status::Included && r.tx_hash == Some(inc.tx_hash))
+            .collect();
         // Balances first: once exposure is released, a cached balance from before the
         // transfer would cover the same money twice.
         if let Some(cache) = &self.balances {
@@ -786,17 +933,10 @@ impl Engine {
         for r in records
             .iter()
             .filter(|r| matches!(r.status, Status::Batched | Status::Submitted | Status::Included))
+            .filter(|r| !included_elsewhere(r, &batch))
         {
-            let still_valid =
-                r.signed.authorization.valid_before > U256::from(head.timestamp.saturating_add(1));
-            let mut t = TransitionRequest::new(
-                r.key(),
-                if still_valid { Status::Accepted } else { Status::Expired },
-                now_ms,
-            );
-            t.only_from = Some(r.status);
-            if !still_valid {
-                t.failure = Some((Reason::InvalidValidBefore, format!("validBefore passed after {why}")));
+            let t = self.requeue(r, head, why, now_ms);
+            if t.to == Status::Expired {
                 report.expired += 1;
             } else {
                 report.requeued += 1;
@@ -842,18 +982,12 @@ impl Engine {
 
     async fn plan_and_send(
         &mut self,
+        accepted: Vec<PaymentRecord>,
         head: &Head,
         fees: Fees,
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
-        let ledger = Arc::clone(self.ledger.ledger());
         let chain_id = self.chain_id;
-        let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.pending_records())
-            .await
-            .map_err(|_| SettleError::Chain { chain_id, detail: "ledger scan task failed".into() })??
-            .into_iter()
-            .filter(|r| r.signed.chain_id == chain_id && r.status == Status::Accepted)
-            .collect();
         if accepted.is_empty() {
             return Ok(());
         }
@@ -1151,6 +1285,13 @@ impl Engine {
     fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }
+}
+
+/// Whether `record` is included by a transaction that is not one of `batch`'s: its own
+/// evidence, not the batch, decides its outcome (see [`Engine::sweep_included`]).
+fn included_elsewhere(record: &PaymentRecord, batch: &BatchRecord) -> bool {
+    record.status == Status::Included
+        && record.tx_hash.is_some_and(|h| !batch.attempts.iter().any(|a| a.tx_hash == h))
 }
 
 fn saturate(v: U256) -> u64 {
