@@ -3,11 +3,13 @@
 //! accepted state, and no nonce can be accepted twice. Each round ends with SIGTERM, which
 //! must drain and exit 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
 use alloy::primitives::{B256, U256};
+use common::binary::{start, write_config};
 use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
@@ -20,56 +22,6 @@ const PAYMENTS_PER_ROUND: usize = 600;
 /// Slow enough that the load lasts ~0.3 s, so every kill point lands inside it.
 const RATE: f64 = 2_000.0;
 const LIMIT: Duration = Duration::from_secs(300);
-
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-fn start(config: &std::path::Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-batcher"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("daemon binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("daemon prints its address");
-    Daemon { child, url: format!("http://{addr}") }
-}
-
-/// A config file for the daemon binary over `net`, with `extra` TOML appended.
-fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::path::PathBuf {
-    let config = dir.join("config.toml");
-    let t = net.token_config();
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
-             [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
-             [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n{extra}",
-            dir.join("ledger").display(),
-            net.chain_id(),
-            net.rpc_url(),
-            t.chain_id,
-            t.address,
-            t.eip712_name,
-            t.eip712_version
-        ),
-    )
-    .unwrap();
-    config
-}
 
 fn key_of(req: &v1::SubmitRequest) -> v1::AuthorizationKey {
     let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
@@ -202,14 +154,20 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
     .expect("bounded");
 }
 
-/// Polls every payment's status until all satisfy `done` (bounded).
+/// Polls until every payment is in one of `allowed` and, if given, at least one is `some`
+/// (bounded), mining a block per poll when given a devnet.
 async fn wait_all(
     client: &mut Client,
     keys: &[v1::AuthorizationKey],
-    done: impl Fn(v1::PaymentStatus) -> bool,
+    allowed: &[v1::PaymentStatus],
+    some: Option<v1::PaymentStatus>,
+    mine: Option<&Devnet>,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        if let Some(net) = mine {
+            net.mine().await.unwrap();
+        }
         let mut states = Vec::new();
         for k in keys {
             let req = v1::GetPaymentRequest {
@@ -218,7 +176,7 @@ async fn wait_all(
             let p = client.payments.get_payment(req).await.unwrap().into_inner();
             states.push(v1::PaymentStatus::try_from(p.status).unwrap());
         }
-        if states.iter().all(|s| done(*s)) {
+        if states.iter().all(|s| allowed.contains(s)) && some.is_none_or(|x| states.contains(&x)) {
             return;
         }
         assert!(tokio::time::Instant::now() < deadline, "payments stuck: {states:?}");
@@ -250,7 +208,8 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
             &net,
             &format!(
                 "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
-                 poll_interval_ms = 50\nconfirmations = 3\nmax_wait_secs = 1\n",
+                 poll_interval_ms = 50\nconfirmations = 3\nmax_wait_secs = 1\n\
+                 target_cost_per_payment_wei = \"0\"\n",
                 keys_file.display()
             ),
         );
@@ -269,14 +228,18 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
         };
         let (first, second) = (wave(101), wave(102));
         let keys = |reqs: &[v1::SubmitRequest]| reqs.iter().map(key_of).collect::<Vec<_>>();
-        let is = |want: v1::PaymentStatus| move |s: v1::PaymentStatus| s == want;
 
-        // Kill 1: the batch is signed, recorded and broadcast, but not mined.
+        // Kill 1: the batch is signed, recorded and broadcast, but not mined. (Waves are cut
+        // by max wait, so each is usually one batch; should a round fall inside a wave, the
+        // rest waits in Accepted for the settler's next nonce, which these waits allow.)
         let mut daemon = start(&config);
         let mut client = Client::connect(daemon.url.clone()).await.unwrap();
         let report = loadgen::run(&client, first.clone(), None, 1).await;
         assert_eq!(report.acked.len(), first.len());
-        wait_all(&mut client, &keys(&first), is(v1::PaymentStatus::Submitted)).await;
+        let (accepted, submitted, included) =
+            (v1::PaymentStatus::Accepted, v1::PaymentStatus::Submitted, v1::PaymentStatus::Included);
+        let sent = [accepted, submitted];
+        wait_all(&mut client, &keys(&first), &sent, Some(submitted), None).await;
         daemon.child.kill().unwrap();
         daemon.child.wait().unwrap();
         net.mine().await.unwrap(); // mined while the daemon is down
@@ -284,12 +247,13 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
         // Kill 2: after restart, a second wave reaches inclusion but not depth.
         let mut daemon = start(&config);
         let mut client = Client::connect(daemon.url.clone()).await.unwrap();
-        wait_all(&mut client, &keys(&first), is(v1::PaymentStatus::Included)).await;
+        let mined = [included, v1::PaymentStatus::Settled];
+        wait_all(&mut client, &keys(&first), &mined, None, Some(&net)).await;
         let report = loadgen::run(&client, second.clone(), None, 1).await;
         assert_eq!(report.acked.len(), second.len());
-        wait_all(&mut client, &keys(&second), is(v1::PaymentStatus::Submitted)).await;
+        wait_all(&mut client, &keys(&second), &sent, Some(submitted), None).await;
         net.mine().await.unwrap();
-        wait_all(&mut client, &keys(&second), is(v1::PaymentStatus::Included)).await;
+        wait_all(&mut client, &keys(&second), &[accepted, submitted, included], Some(included), None).await;
         daemon.child.kill().unwrap();
         daemon.child.wait().unwrap();
 

@@ -1,0 +1,93 @@
+//! The daemon binary as a child process, over a config file (for crash, signal and
+//! metrics tests).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use x402_batcher::devnet::Devnet;
+
+pub struct Daemon {
+    pub child: Child,
+    pub url: String,
+    /// The lines the daemon printed on stdout after `listening on`.
+    lines: Receiver<String>,
+}
+
+/// Starts `x402-batcher run --config CONFIG` and waits until it prints its address.
+pub fn start(config: &std::path::Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-batcher"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("daemon binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut daemon = Daemon { child, url: String::new(), lines: rx };
+    let addr = daemon.line_after("listening on ");
+    daemon.url = format!("http://{addr}");
+    daemon
+}
+
+impl Daemon {
+    /// The rest of the first stdout line starting with `prefix` (waits up to 60 s).
+    pub fn line_after(&mut self, prefix: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line =
+                self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("daemon printed no {prefix:?}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    /// Sends `signal` (a `kill` name such as `TERM` or `HUP`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
+    }
+}
+
+/// A test that fails midway must not leave its daemon running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A config file for the daemon binary over `net`, with `extra` TOML appended.
+pub fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("config.toml");
+    let t = net.token_config();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
+             [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
+             [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n{extra}",
+            dir.join("ledger").display(),
+            net.chain_id(),
+            net.rpc_url(),
+            t.chain_id,
+            t.address,
+            t.eip712_name,
+            t.eip712_version
+        ),
+    )
+    .unwrap();
+    config
+}
