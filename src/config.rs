@@ -152,6 +152,19 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub settlement: SettlementConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The file this config was loaded from (for a reload on SIGHUP); not a config key.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
+}
+
+/// The Prometheus scrape endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (e.g. `127.0.0.1:9464`); absent: not served.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The settlement engine: settler accounts, batching policy, fees, confirmations.
@@ -239,14 +252,12 @@ impl SettlementConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let f = |name: &str| format!("settlement.{name}");
-        if self.confirmations == 0 {
-            return Err(invalid(f("confirmations"), "must be at least 1 (the including block)"));
-        }
+        // The runtime-tunable fields obey the same bounds as a change through Admin.
+        crate::policy::SettlementPolicy::from_config(self)
+            .validate()
+            .map_err(|e| invalid(f(e.field), e.reason))?;
         if self.poll_interval_ms == 0 {
             return Err(invalid(f("poll_interval_ms"), "must be at least 1"));
-        }
-        if self.max_batch_size == 0 {
-            return Err(invalid(f("max_batch_size"), "must be at least 1"));
         }
         if self.fee_bump_percent < 13 {
             return Err(invalid(f("fee_bump_percent"), "must be at least 13 (nodes demand +12.5 %)"));
@@ -422,7 +433,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -553,6 +566,8 @@ impl Config {
             balances: BalanceConfig::default(),
             audit: AuditConfig::default(),
             settlement: SettlementConfig::default(),
+            metrics: MetricsConfig::default(),
+            source: None,
         }
     }
 }

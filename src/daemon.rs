@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError, DEFAULT_LEDGER_QUEUE_CAPACITY};
 use crate::ingest::Ingest;
 use crate::ledger::{Ledger, LedgerError, LedgerHandle};
+use crate::policy::{PolicyHandle, SettlementPolicy};
 use crate::server::Services;
 use crate::verify::VerifyPool;
 
@@ -62,6 +63,12 @@ pub enum DaemonError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then drains and returns.
@@ -74,6 +81,21 @@ pub async fn serve(
     config.validate()?;
     config.validate_for_run()?;
     let path = config.ledger.path.clone().expect("validate_for_run requires ledger.path");
+    let metrics_task = match (config.metrics.listen, crate::telemetry::install()) {
+        (Some(addr), Some(handle)) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+            let bound =
+                listener.local_addr().map_err(|source| DaemonError::MetricsListen { addr, source })?;
+            tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+            // Scripts and tests read the bound address (the port may be 0 in the config).
+            println!("metrics on {bound}");
+            Some(tokio::spawn(crate::telemetry::serve(listener, handle)))
+        }
+        _ => None,
+    };
+    let policy = PolicyHandle::new(SettlementPolicy::from_config(&config.settlement));
 
     let mut endpoints: HashMap<u64, RpcEndpoint> = HashMap::new();
     for c in &config.chains {
@@ -133,6 +155,7 @@ pub async fn serve(
                 Some(balances.clone()),
                 &signers,
                 config.settlement.clone(),
+                policy.subscribe(),
             )
             .map_err(|source| DaemonError::Settle { chain_id, source })?;
             tracing::info!(
@@ -153,7 +176,8 @@ pub async fn serve(
     let ingest = Arc::new(Ingest::new(admission, pool, writer, balances));
 
     let (drain_tx, drain_rx) = watch::channel(false);
-    let services = Services::new(Arc::clone(&ingest), drain_rx);
+    let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());
+    let reload_task = config.source.clone().map(|source| tokio::spawn(reload_on_sighup(source, policy)));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -185,7 +209,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming(listener), drain)
         .await?;
 
-    if let Some(task) = audit_task {
+    for task in [audit_task, metrics_task, reload_task].into_iter().flatten() {
         task.abort();
         let _ = task.await;
     }
@@ -213,6 +237,36 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads the config file on every SIGHUP and applies its settlement policy (batch size,
+/// max wait, target cost, confirmations, deadline margin; pause stays as it is). A file
+/// that does not parse or validate changes nothing and is logged; other sections need a
+/// restart, which the log says when they differ.
+async fn reload_on_sighup(source: std::path::PathBuf, policy: PolicyHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}); config reload is off");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        let path = source.display().to_string();
+        match Config::load(&source) {
+            Ok(new) => {
+                let from_file = SettlementPolicy::from_config(&new.settlement);
+                let result = policy.update(&format!("SIGHUP {path}"), |current| {
+                    Ok(SettlementPolicy { paused: current.paused, ..from_file.clone() })
+                });
+                if result.is_ok() {
+                    tracing::info!(config = %path, "config reloaded (only [settlement] policy fields apply without a restart)");
+                }
+            }
+            Err(e) => tracing::warn!(config = %path, "config reload refused, nothing changed: {e}"),
+        }
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off. The server's own `tcp_nodelay` setting

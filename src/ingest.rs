@@ -120,8 +120,30 @@ impl Ingest {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Decides one submission.
+    /// Decides one submission, and counts its outcome.
     pub async fn submit(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
+        let result = self.decide(req).await;
+        let m = crate::telemetry::hot();
+        match &result {
+            Ok(Decision::Accepted { duplicate: false, .. }) => m.accepted.increment(1),
+            Ok(Decision::Accepted { duplicate: true, .. }) => m.duplicate.increment(1),
+            Ok(Decision::Rejected { reason, .. }) => {
+                m.rejected.increment(1);
+                m.refused(reason.code());
+            }
+            Err(e) => {
+                m.error.increment(1);
+                m.refused(match e {
+                    SubmitError::InvalidArgument(_) => "invalid_argument",
+                    SubmitError::ResourceExhausted(_) => "resource_exhausted",
+                    SubmitError::Unavailable(_) => "unavailable",
+                });
+            }
+        }
+        result
+    }
+
+    async fn decide(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
         if self.is_draining() {
             return Err(SubmitError::Unavailable("the daemon is shutting down".into()));
         }
@@ -138,7 +160,11 @@ impl Ingest {
             Err(e) => return rejected(e.reason(), e.to_string()),
         };
 
+        let m = crate::telemetry::hot();
+        m.verify_queue_depth.set(self.pool.queue_depth() as f64);
+        let started = std::time::Instant::now();
         let verified = self.pool.verify(vec![admitted]).await;
+        m.verify_seconds.record(started.elapsed().as_secs_f64());
         let Some((admitted, outcome)) = verified.iter().next() else {
             return Err(SubmitError::Unavailable("verification returned no verdict".into()));
         };

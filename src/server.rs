@@ -1,5 +1,6 @@
 //! The gRPC services over [`crate::ingest::Ingest`] and the ledger: Ingest (unary and
-//! streaming submission), Payments (lookup and a resumable change feed) and Admin (status).
+//! streaming submission), Payments (lookup and a resumable change feed) and Admin (status
+//! and the runtime settlement policy).
 //!
 //! Every stream has a bound: a SubmitStream has at most [`MAX_IN_FLIGHT_PER_STREAM`]
 //! requests being decided (reading stops beyond that, so HTTP/2 flow control pushes back
@@ -19,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::api::v1;
 use crate::ingest::{self, Ingest};
 use crate::ledger::{AuthKey, LedgerHandle, PaymentId};
+use crate::policy::PolicyHandle;
 use crate::x402::decode;
 
 /// Requests of one SubmitStream decided concurrently: enough to keep both verify threads
@@ -38,12 +40,13 @@ pub struct Services {
     started: Instant,
     /// Turns true when the daemon starts draining: long-lived streams end.
     shutdown: watch::Receiver<bool>,
+    policy: PolicyHandle,
 }
 
 impl Services {
-    pub fn new(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>, policy: PolicyHandle) -> Self {
         let ledger = ingest.ledger().clone();
-        Self { ingest, ledger, started: Instant::now(), shutdown }
+        Self { ingest, ledger, started: Instant::now(), shutdown, policy }
     }
 }
 
@@ -211,7 +214,7 @@ impl v1::admin_server::Admin for Services {
         Ok(Response::new(v1::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            paused: false,
+            paused: self.policy.get().paused,
             draining: self.ingest.is_draining(),
             verify_queue_depth: self.ingest.pool().queue_depth() as u64,
             pending_payments: ledger.pending(),
@@ -222,17 +225,21 @@ impl v1::admin_server::Admin for Services {
     }
 
     async fn get_policy(&self, _: Request<v1::GetPolicyRequest>) -> Result<Response<v1::Policy>, Status> {
-        Err(Status::unimplemented(
-            "settlement policy arrives with the settlement engine; nothing is settled yet",
-        ))
+        Ok(Response::new(self.policy.get().to_api()))
     }
 
     async fn update_policy(
         &self,
-        _: Request<v1::UpdatePolicyRequest>,
+        request: Request<v1::UpdatePolicyRequest>,
     ) -> Result<Response<v1::Policy>, Status> {
-        Err(Status::unimplemented(
-            "settlement policy arrives with the settlement engine; nothing is settled yet",
-        ))
+        let source = match request.remote_addr() {
+            Some(peer) => format!("admin {peer}"),
+            None => "admin".to_owned(),
+        };
+        let req = request.into_inner();
+        match self.policy.update(&source, |p| p.with_update(&req)) {
+            Ok(p) => Ok(Response::new(p.to_api())),
+            Err(e) => Err(Status::invalid_argument(format!("policy not changed: {e}"))),
+        }
     }
 }

@@ -255,7 +255,12 @@ fn run(ledger: &Ledger, rx: &Receiver<Msg>, changes: &broadcast::Sender<u64>) {
                 next = rx.try_recv().ok();
             }
         }
+        let m = crate::telemetry::hot();
+        let started = std::time::Instant::now();
         let results = ledger.apply_group(&group);
+        m.commit_seconds.record(started.elapsed().as_secs_f64());
+        m.commit_group_size.record(group.len() as f64);
+        m.pending_payments.set(ledger.pending() as f64);
         let committed = results.iter().any(|r| r.is_ok());
         for (cmd, result) in group.into_iter().zip(results) {
             cmd.reply(result);

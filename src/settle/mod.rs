@@ -58,7 +58,9 @@ use crate::ledger::{
     PaymentRecord, Status, TransitionRequest,
 };
 use crate::planner::{self, Caps, CutReason, Fees, GasLearner, GasModel, Pending, Policy};
+use crate::policy::SettlementPolicy;
 use crate::simulate;
+use crate::telemetry::ChainMetrics;
 use crate::x402::Reason;
 
 /// Longest a round may take. A round is a few RPC calls per open batch plus one per cut;
@@ -71,6 +73,13 @@ const GAS_WINDOW: usize = 32;
 /// How far back an `AuthorizationUsed` log is looked for when a nonce turns out used:
 /// ~5.5 hours of 2-second blocks, within most nodes' `eth_getLogs` range limits.
 const LOG_LOOKBACK_BLOCKS: u64 = 10_000;
+
+/// Pending payments this close to their `validBefore` (chain time) count as near their
+/// deadline in the metrics (and the alert built on it).
+const NEAR_DEADLINE_SECS: u64 = 60;
+
+/// How often settler balances are read for the metrics.
+const SETTLER_BALANCE_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a round stopped early. Nothing half-done is left: every step is written first.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +140,14 @@ pub struct Engine {
     next_settler: usize,
     /// Batches whose nonce was seen consumed without a receipt of ours, with the head then.
     consumed: HashMap<u64, u64>,
+    /// The operators' runtime policy, and the copy this round uses.
+    policy_rx: watch::Receiver<SettlementPolicy>,
+    policy: SettlementPolicy,
+    metrics: ChainMetrics,
+    /// When settler balances were last read for the metrics.
+    balances_read_at: Option<std::time::Instant>,
+    /// Tokens whose pending value the metrics last showed.
+    value_tokens: Vec<Address>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -152,6 +169,7 @@ impl Engine {
         balances: Option<BalanceCache>,
         signers: &[PrivateKeySigner],
         config: SettlementConfig,
+        policy_rx: watch::Receiver<SettlementPolicy>,
     ) -> Result<Engine, SettleError> {
         let chain_id = endpoint.chain_id;
         let open = ledger
@@ -170,6 +188,7 @@ impl Engine {
         if !open.is_empty() {
             tracing::info!(chain_id, open = open.len(), "resuming open settlement batches");
         }
+        let policy = policy_rx.borrow().clone();
         Ok(Engine {
             chain_id,
             endpoint,
@@ -183,6 +202,11 @@ impl Engine {
             next_counter,
             next_settler: 0,
             consumed: HashMap::new(),
+            policy,
+            policy_rx,
+            metrics: ChainMetrics::new(chain_id),
+            balances_read_at: None,
+            value_tokens: Vec::new(),
         })
     }
 
@@ -228,6 +252,7 @@ impl Engine {
 
     /// An RPC failure, with the endpoint's URL (and any key in it) redacted.
     fn rpc_err(&self, call: &'static str, e: impl std::fmt::Display) -> SettleError {
+        self.metrics.rpc_error(call);
         SettleError::Rpc { chain_id: self.chain_id, call, detail: self.endpoint.redact(&e.to_string()) }
     }
 
@@ -246,18 +271,104 @@ impl Engine {
 
     /// One round: confirm, sweep, expire, plan and send.
     pub async fn round(&mut self) -> Result<RoundReport, SettleError> {
+        let started = std::time::Instant::now();
+        self.policy = self.policy_rx.borrow_and_update().clone();
         let mut report = RoundReport::default();
         let head = self.head().await?;
         let fees = self.fees().await?;
+        self.metrics.head_block.set(head.number as f64);
+        self.metrics.base_fee_wei.set(fees.base_fee as f64);
         let counters: Vec<u64> = self.open.keys().copied().collect();
         for counter in counters {
             self.advance(counter, &head, fees, &mut report).await?;
         }
         let pending = self.pending_records().await?;
+        self.pending_metrics(&pending, &head);
         self.sweep_included(&pending, &head, &mut report).await?;
         let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
         self.plan_and_send(accepted, &head, fees, &mut report).await?;
+        self.settler_balances().await;
+        self.metrics.transactions_replaced.increment(report.replaced as u64);
+        self.metrics.transactions_dropped.increment(report.rebroadcast as u64);
+        self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
+        self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
         Ok(report)
+    }
+
+    /// Gauges read off this round's view: transactions awaiting inclusion, how deep the
+    /// oldest unconfirmed inclusion is, pending value per token, payments near deadline.
+    fn pending_metrics(&mut self, pending: &[PaymentRecord], head: &Head) {
+        let m = &self.metrics;
+        let waiting = self
+            .open
+            .values()
+            .filter(|b| matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted))
+            .count();
+        m.transactions_pending.set(waiting as f64);
+        let lag = self
+            .open
+            .values()
+            .filter_map(|b| b.inclusion.filter(|_| b.status == BatchStatus::Included))
+            .map(|i| head.number.saturating_sub(i.block_number) + 1)
+            .max()
+            .unwrap_or(0);
+        m.confirmation_lag_blocks.set(lag as f64);
+        let mut by_token: BTreeMap<Address, U256> = BTreeMap::new();
+        let soon = U256::from(head.timestamp.saturating_add(NEAR_DEADLINE_SECS));
+        let mut near = 0usize;
+        for r in pending {
+            *by_token.entry(r.signed.token).or_default() += r.value();
+            if r.signed.authorization.valid_before <= soon {
+                near += 1;
+            }
+        }
+        // A token with nothing pending any more reads 0, not its last sum.
+        for token in self.value_tokens.iter().filter(|t| !by_token.contains_key(*t)) {
+            m.pending_value(*token, 0.0);
+        }
+        for (token, sum) in &by_token {
+            m.pending_value(*token, f64::from(*sum));
+        }
+        self.value_tokens = by_token.into_keys().collect();
+        m.near_deadline.set(near as f64);
+    }
+
+    /// Each settler's native balance, for the low-balance alert (every ~10 s).
+    async fn settler_balances(&mut self) {
+        if self.balances_read_at.is_some_and(|t| t.elapsed() < SETTLER_BALANCE_EVERY) {
+            return;
+        }
+        self.balances_read_at = Some(std::time::Instant::now());
+        for s in &self.settlers {
+            match self.endpoint.provider.get_balance(s.address).await {
+                Ok(wei) => self.metrics.settler_balance(s.address, f64::from(wei)),
+                Err(_) => self.metrics.rpc_error("eth_getBalance"),
+            }
+        }
+    }
+
+    /// Writes a settlement step, and counts the payments it made final (settled ones with
+    /// their accept-to-settled time).
+    async fn apply(&self, req: ApplyRequest) -> Result<crate::ledger::ApplyResults, LedgerError> {
+        let results = self.ledger.apply(req).await?;
+        let mut finals: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
+        for r in results.iter().flatten() {
+            let status = match r.status {
+                Status::Settled => {
+                    let secs = r.updated_at_ms.saturating_sub(r.accepted_at_ms) as f64 / 1000.0;
+                    self.metrics.accept_to_settled_seconds.record(secs);
+                    "settled"
+                }
+                Status::Failed => "failed",
+                Status::Expired => "expired",
+                _ => continue,
+            };
+            *finals.entry((status, r.failure_reason.clone())).or_default() += 1;
+        }
+        for ((status, reason), n) in finals {
+            self.metrics.finals(status, &reason, n);
+        }
+        Ok(results)
     }
 
     /// This chain's payments not yet final, read off the async threads.
@@ -397,7 +508,7 @@ impl Engine {
         batch.status = BatchStatus::Submitted;
         batch.updated_at_ms = now_ms;
         // Not atomic: an item already moved on (a restart after a partial round) keeps its state.
-        self.ledger.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
+        self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
         self.open.insert(batch.counter, batch);
         Ok(())
     }
@@ -595,6 +706,7 @@ impl Engine {
         }
         if learn_ok && receipt.status() {
             self.learner.observe(batch.items.len(), gas_used);
+            self.metrics.batch_gas_per_payment.record(gas_share as f64);
         }
         batch.status = BatchStatus::Included;
         batch.updated_at_ms = now_ms;
@@ -608,10 +720,8 @@ impl Engine {
             settled_items,
         });
         let failed_before = transitions.iter().filter(|t| t.to.is_final()).count();
-        let results = self
-            .ledger
-            .apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false })
-            .await?;
+        let results =
+            self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
         let moved = results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(
             batch = %batch.id(),
@@ -804,7 +914,7 @@ impl Engine {
             };
             if hash == Some(block_hash) {
                 let depth = head.number.saturating_sub(r.block_number) + 1;
-                if depth >= self.config.confirmations {
+                if depth >= self.policy.confirmations {
                     if let Some(cache) = &self.balances {
                         cache.invalidate(&r.key().payer());
                     }
@@ -815,6 +925,7 @@ impl Engine {
                 continue;
             }
             tracing::warn!(payment = %r.payment_id(), block = r.block_number, "reorg: the block of an included payment changed");
+            self.metrics.reorgs.increment(1);
             let evidence = match self.receipt_by_hash(tx_hash).await? {
                 Some(receipt) => self.evidence_in(&receipt, r).await?,
                 None => None,
@@ -829,10 +940,8 @@ impl Engine {
                 None => transitions.push(self.requeue(r, head, "its transaction was reorged out", now_ms)),
             }
         }
-        let results = self
-            .ledger
-            .apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false })
-            .await?;
+        let results =
+            self.apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false }).await?;
         for (t, r) in transitions.iter().zip(&results) {
             if r.is_ok() {
                 match t.to {
@@ -874,6 +983,7 @@ impl Engine {
         let canonical = self.block_at(inc.block_number).await?.map(|(h, _)| h);
         if canonical != Some(inc.block_hash) {
             tracing::warn!(batch = %batch.id(), block = inc.block_number, "reorg: the including block changed");
+            self.metrics.reorgs.increment(1);
             return match self.receipt_of(&batch).await? {
                 Some(receipt) if receipt.block_hash.is_some() => {
                     self.on_included(batch, receipt, report).await
@@ -882,7 +992,7 @@ impl Engine {
             };
         }
         let depth = head.number.saturating_sub(inc.block_number) + 1;
-        if depth < self.config.confirmations {
+        if depth < self.policy.confirmations {
             return Ok(());
         }
         let records = self.records_of(&batch)?;
@@ -910,8 +1020,7 @@ impl Engine {
         let mut done = batch.clone();
         done.status = BatchStatus::Done;
         done.updated_at_ms = now_ms;
-        let results =
-            self.ledger.apply(ApplyRequest { transitions, batch: Some(done), atomic: false }).await?;
+        let results = self.apply(ApplyRequest { transitions, batch: Some(done), atomic: false }).await?;
         report.settled += results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(batch = %batch.id(), settled = included.len(), depth, "batch settled");
         self.open.remove(&batch.counter);
@@ -946,7 +1055,7 @@ impl Engine {
         let mut gone = batch.clone();
         gone.status = BatchStatus::Abandoned;
         gone.updated_at_ms = now_ms;
-        self.ledger.apply(ApplyRequest { transitions, batch: Some(gone), atomic: false }).await?;
+        self.apply(ApplyRequest { transitions, batch: Some(gone), atomic: false }).await?;
         tracing::warn!(batch = %batch.id(), items = batch.items.len(), "batch abandoned: {why}");
         self.open.remove(&batch.counter);
         Ok(())
@@ -1014,7 +1123,7 @@ impl Engine {
                     t
                 })
                 .collect();
-            let results = self.ledger.apply(ApplyRequest { transitions, batch: None, atomic: false }).await?;
+            let results = self.apply(ApplyRequest { transitions, batch: None, atomic: false }).await?;
             report.expired += results.iter().filter(|r| r.is_ok()).count();
         }
 
@@ -1026,11 +1135,14 @@ impl Engine {
         for r in live {
             by_token.entry(r.signed.token).or_default().push(r);
         }
+        if self.policy.paused {
+            return Ok(());
+        }
         let policy = Policy {
-            max_batch_size: self.config.max_batch_size,
-            max_wait_secs: self.config.max_wait_secs,
-            target_cost_per_payment_wei: self.config.target_cost_per_payment_wei,
-            deadline_margin_secs: self.config.deadline_margin_secs,
+            max_batch_size: self.policy.max_batch_size,
+            max_wait_secs: self.policy.max_wait_secs,
+            target_cost_per_payment_wei: self.policy.target_cost_per_payment_wei,
+            deadline_margin_secs: self.policy.deadline_margin_secs,
         };
         let model = self.learner.model();
         let caps = self.caps(head, model);
@@ -1085,7 +1197,7 @@ impl Engine {
         let cap = self.config.tx_gas_cap.min(head.gas_limit.max(1));
         let margin = self.config.gas_limit_margin_percent;
         // Largest n whose limit fits (the limit is linear in n: a short search).
-        let (mut lo, mut hi) = (0usize, self.config.max_batch_size);
+        let (mut lo, mut hi) = (0usize, self.policy.max_batch_size);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
             if self.learner.gas_limit(mid, margin) <= cap {
@@ -1094,7 +1206,7 @@ impl Engine {
                 hi = mid - 1;
             }
         }
-        let tx_gas = if lo >= self.config.max_batch_size {
+        let tx_gas = if lo >= self.policy.max_batch_size {
             u64::MAX
         } else {
             model.fixed.saturating_add(model.per_item.saturating_mul(lo as u64))
@@ -1137,7 +1249,6 @@ impl Engine {
         }
         if !refusals.is_empty() {
             let results = self
-                .ledger
                 .apply(ApplyRequest { transitions: refusals.clone(), batch: None, atomic: false })
                 .await?;
             for (t, r) in refusals.iter().zip(&results) {
@@ -1188,8 +1299,7 @@ impl Engine {
             .collect();
         // Atomic: the signed transaction carries exactly these items, so either all of
         // them join the batch or the batch is not recorded (and never sent).
-        match self.ledger.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: true }).await
-        {
+        match self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: true }).await {
             Ok(_) => {}
             Err(LedgerError::IllegalTransition { id, .. }) => {
                 tracing::info!(%id, "a payment changed while its batch was prepared; planning again next round");
@@ -1206,6 +1316,7 @@ impl Engine {
             gas_limit = batch.gas_limit,
             "batch cut"
         );
+        self.metrics.batch_cut(reason.as_str(), batch.items.len());
         if let Err(e) = self.broadcast(&raw).await {
             // Recorded as submitted anyway: the next round finds it unknown to the node and
             // re-signs it with current fees.

@@ -1,0 +1,268 @@
+//! The settlement policy operators tune while the daemon runs: batch size, max wait,
+//! target cost per payment, confirmation depth, deadline margin, and pause.
+//!
+//! It starts from the config's `[settlement]` section and changes through the Admin
+//! service's `UpdatePolicy` or a config reload on SIGHUP. Every change is validated as a
+//! whole (a bad value refuses the change, naming the field, and nothing changes), logged
+//! with what changed and who asked, and published on a watch channel: each settlement
+//! engine reads the current policy at the start of every round, so a change applies from
+//! the next batch planned (and, for the depth, from the next confirmation check).
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::api::v1;
+use crate::config::SettlementConfig;
+
+/// Most payments one batch may hold (a batch is also capped by gas).
+pub const MAX_BATCH_SIZE_LIMIT: usize = 10_000;
+/// Longest wait or margin accepted, in seconds (a day).
+pub const MAX_SECONDS_LIMIT: u64 = 86_400;
+/// Deepest confirmation depth accepted.
+pub const MAX_CONFIRMATIONS_LIMIT: u64 = 10_000;
+
+/// The runtime-tunable part of the settlement config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlementPolicy {
+    pub max_batch_size: usize,
+    pub max_wait_secs: u64,
+    pub target_cost_per_payment_wei: u128,
+    pub confirmations: u64,
+    pub deadline_margin_secs: u64,
+    pub paused: bool,
+}
+
+/// A refused policy value: the field (as the config names it) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct PolicyError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn refuse(field: &'static str, reason: impl Into<String>) -> PolicyError {
+    PolicyError { field, reason: reason.into() }
+}
+
+impl SettlementPolicy {
+    /// The policy a config starts with (never paused).
+    pub fn from_config(c: &SettlementConfig) -> Self {
+        Self {
+            max_batch_size: c.max_batch_size,
+            max_wait_secs: c.max_wait_secs,
+            target_cost_per_payment_wei: c.target_cost_per_payment_wei,
+            confirmations: c.confirmations,
+            deadline_margin_secs: c.deadline_margin_secs,
+            paused: false,
+        }
+    }
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.max_batch_size == 0 || self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
+            return Err(refuse("max_batch_size", format!("must be 1 to {MAX_BATCH_SIZE_LIMIT}")));
+        }
+        if self.max_wait_secs > MAX_SECONDS_LIMIT {
+            return Err(refuse("max_wait_secs", format!("must be at most {MAX_SECONDS_LIMIT} seconds")));
+        }
+        if self.confirmations == 0 || self.confirmations > MAX_CONFIRMATIONS_LIMIT {
+            return Err(refuse(
+                "confirmations",
+                format!("must be 1 (the including block) to {MAX_CONFIRMATIONS_LIMIT}"),
+            ));
+        }
+        if self.deadline_margin_secs > MAX_SECONDS_LIMIT {
+            return Err(refuse(
+                "deadline_margin_secs",
+                format!("must be at most {MAX_SECONDS_LIMIT} seconds"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This policy with `req`'s present fields applied, validated.
+    pub fn with_update(&self, req: &v1::UpdatePolicyRequest) -> Result<Self, PolicyError> {
+        let mut p = self.clone();
+        if let Some(v) = req.max_batch_size {
+            p.max_batch_size = v as usize;
+        }
+        if let Some(v) = req.max_wait_seconds {
+            p.max_wait_secs = v;
+        }
+        if let Some(v) = &req.target_cost_per_payment_wei {
+            p.target_cost_per_payment_wei = v.trim().parse().map_err(|_| {
+                refuse("target_cost_per_payment_wei", format!("{v:?} is not a decimal integer of wei"))
+            })?;
+        }
+        if let Some(v) = req.confirmation_depth {
+            p.confirmations = u64::from(v);
+        }
+        if let Some(v) = req.deadline_margin_seconds {
+            p.deadline_margin_secs = v;
+        }
+        if let Some(v) = req.paused {
+            p.paused = v;
+        }
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn to_api(&self) -> v1::Policy {
+        v1::Policy {
+            max_batch_size: u32::try_from(self.max_batch_size).unwrap_or(u32::MAX),
+            max_wait_seconds: self.max_wait_secs,
+            target_cost_per_payment_wei: self.target_cost_per_payment_wei.to_string(),
+            confirmation_depth: u32::try_from(self.confirmations).unwrap_or(u32::MAX),
+            deadline_margin_seconds: self.deadline_margin_secs,
+            paused: self.paused,
+        }
+    }
+
+    /// `field old -> new` for each field that differs from `before`.
+    pub fn changes_from(&self, before: &SettlementPolicy) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name} {a} -> {b}"));
+            }
+        };
+        diff("max_batch_size", before.max_batch_size.to_string(), self.max_batch_size.to_string());
+        diff("max_wait_secs", before.max_wait_secs.to_string(), self.max_wait_secs.to_string());
+        diff(
+            "target_cost_per_payment_wei",
+            before.target_cost_per_payment_wei.to_string(),
+            self.target_cost_per_payment_wei.to_string(),
+        );
+        diff("confirmations", before.confirmations.to_string(), self.confirmations.to_string());
+        diff(
+            "deadline_margin_secs",
+            before.deadline_margin_secs.to_string(),
+            self.deadline_margin_secs.to_string(),
+        );
+        diff("paused", before.paused.to_string(), self.paused.to_string());
+        out
+    }
+}
+
+/// The current policy, shared by the Admin service, the SIGHUP reload and the engines.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle(Arc<watch::Sender<SettlementPolicy>>);
+
+impl PolicyHandle {
+    pub fn new(initial: SettlementPolicy) -> Self {
+        crate::telemetry::policy(&initial);
+        Self(Arc::new(watch::Sender::new(initial)))
+    }
+
+    pub fn get(&self) -> SettlementPolicy {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<SettlementPolicy> {
+        self.0.subscribe()
+    }
+
+    /// Applies `update` to the current policy atomically (two concurrent updates never
+    /// lose one another's fields), publishes and logs the result.
+    pub fn update(
+        &self,
+        source: &str,
+        update: impl FnOnce(&SettlementPolicy) -> Result<SettlementPolicy, PolicyError>,
+    ) -> Result<SettlementPolicy, PolicyError> {
+        let mut outcome = None;
+        self.0.send_if_modified(|current| match update(current) {
+            Ok(next) => {
+                let changes = next.changes_from(current);
+                if changes.is_empty() {
+                    outcome = Some(Ok(next));
+                    return false;
+                }
+                tracing::info!(source, changes = %changes.join(", "), "settlement policy changed");
+                crate::telemetry::policy(&next);
+                *current = next.clone();
+                outcome = Some(Ok(next));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(source, "settlement policy change refused: {e}");
+                outcome = Some(Err(e));
+                false
+            }
+        });
+        outcome.expect("send_if_modified runs the closure once")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> SettlementPolicy {
+        SettlementPolicy::from_config(&SettlementConfig::default())
+    }
+
+    #[test]
+    fn absent_fields_keep_their_value() {
+        let req = v1::UpdatePolicyRequest { max_batch_size: Some(7), ..Default::default() };
+        let p = base().with_update(&req).unwrap();
+        assert_eq!(p.max_batch_size, 7);
+        assert_eq!(SettlementPolicy { max_batch_size: base().max_batch_size, ..p }, base());
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_field() {
+        let cases = [
+            (v1::UpdatePolicyRequest { max_batch_size: Some(0), ..Default::default() }, "max_batch_size"),
+            (
+                v1::UpdatePolicyRequest { max_batch_size: Some(10_001), ..Default::default() },
+                "max_batch_size",
+            ),
+            (v1::UpdatePolicyRequest { confirmation_depth: Some(0), ..Default::default() }, "confirmations"),
+            (
+                v1::UpdatePolicyRequest { max_wait_seconds: Some(86_401), ..Default::default() },
+                "max_wait_secs",
+            ),
+            (
+                v1::UpdatePolicyRequest {
+                    target_cost_per_payment_wei: Some("1.5".into()),
+                    ..Default::default()
+                },
+                "target_cost_per_payment_wei",
+            ),
+            (
+                v1::UpdatePolicyRequest {
+                    target_cost_per_payment_wei: Some("-1".into()),
+                    ..Default::default()
+                },
+                "target_cost_per_payment_wei",
+            ),
+            (
+                v1::UpdatePolicyRequest { deadline_margin_seconds: Some(u64::MAX), ..Default::default() },
+                "deadline_margin_secs",
+            ),
+        ];
+        for (req, field) in cases {
+            assert_eq!(base().with_update(&req).unwrap_err().field, field, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_update_changes_nothing_and_a_good_one_is_published() {
+        let h = PolicyHandle::new(base());
+        let rx = h.subscribe();
+        let bad = v1::UpdatePolicyRequest {
+            max_batch_size: Some(5),
+            confirmation_depth: Some(0),
+            ..Default::default()
+        };
+        assert!(h.update("test", |p| p.with_update(&bad)).is_err());
+        assert_eq!(h.get(), base(), "the good field of a refused update is not applied either");
+        assert!(!rx.has_changed().unwrap());
+        let good = v1::UpdatePolicyRequest { paused: Some(true), ..Default::default() };
+        let p = h.update("test", |p| p.with_update(&good)).unwrap();
+        assert!(p.paused && h.get().paused);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(p.changes_from(&base()), vec!["paused false -> true".to_owned()]);
+    }
+}

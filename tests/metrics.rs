@@ -1,0 +1,185 @@
+//! The daemon binary on a devnet with `[metrics] listen`: a scrape after a settled run finds
+//! every metric it exports with plausible values, and SIGHUP applies a changed policy from
+//! the config file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::{Address, U256};
+use common::binary::{start, write_config};
+use common::settle::Miner;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use x402_batcher::api::v1;
+use x402_batcher::client::{self, Client};
+use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::loadgen::{self, LoadOptions};
+use x402_batcher::telemetry::NAMES;
+use x402_batcher::testkit::{self, PaymentBuilder};
+
+const LIMIT: Duration = Duration::from_secs(180);
+const PAYMENTS: usize = 50;
+
+/// `GET /metrics` over plain TCP.
+async fn scrape(addr: &str) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// Series of the exposition text: `name{labels}` -> value.
+fn series(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?))))
+        .collect()
+}
+
+/// The sum of `name`'s series whose labels contain every `label="value"` given.
+fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for (k, v) in s {
+        let base = k.split('{').next().unwrap();
+        if base == name && labels.iter().all(|l| k.contains(l)) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+fn config_text(keys: &std::path::Path, batch: usize, depth: u64) -> String {
+    format!(
+        "[audit]\nnonce_interval_ms = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n[settlement]\n\
+         settler_keys_file = \"{}\"\npoll_interval_ms = 50\nconfirmations = {depth}\nmax_wait_secs = 1\n\
+         max_batch_size = {batch}\n",
+        keys.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_policy() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        let payers = devnet::payer_keys("metrics", 10);
+        let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
+        let settler = net.new_settlers("metrics", 1).await.unwrap().remove(0);
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("settler.keys");
+        std::fs::write(&keys, format!("{}\n", settler.to_bytes())).unwrap();
+        let config = write_config(dir.path(), &net, &config_text(&keys, 20, 2));
+
+        let mut daemon = start(&config);
+        let metrics = daemon.line_after("metrics on ");
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let payee = Address::repeat_byte(0xbe);
+        let now = SystemClock.now_unix();
+        let opts = LoadOptions {
+            payments: PAYMENTS,
+            payers: payers.clone(),
+            rate: None,
+            streams: 1,
+            value: 1_000,
+            payees: vec![payee],
+            run_id: 1,
+        };
+        let requests = loadgen::presign(&net.token_domain(), &opts, now);
+        let report = loadgen::run(&client, requests.clone(), None, 1).await;
+        assert_eq!(report.acked.len(), PAYMENTS);
+        // One refusal: signed by someone other than the payer.
+        let forged = PaymentBuilder::new(&payers[0], &net.token_domain(), now)
+            .nonce_index(999_999)
+            .signed_by(&payers[1])
+            .build();
+        let req = client::typed_request("forged".into(), &forged, &testkit::requirements_for(&forged));
+        let reply = client.ingest.submit(req).await.unwrap().into_inner();
+        assert!(matches!(reply.outcome, Some(v1::submit_reply::Outcome::Rejected(_))));
+
+        // Every payment settled and the engine has seen it (nothing pending in its gauges).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let s = loop {
+            let s = series(&scrape(&metrics).await);
+            let settled =
+                sum(&s, "x402_batcher_payments_final_total", &["status=\"settled\""]).unwrap_or(0.0);
+            let pending_value = sum(&s, "x402_batcher_pending_value_base_units", &[]).unwrap_or(1.0);
+            if settled == PAYMENTS as f64 && pending_value == 0.0 {
+                break s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not settled: {settled} of {PAYMENTS}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+
+        // Every exported metric is there (rpc_errors_total appears with the first error).
+        for name in NAMES.iter().filter(|n| **n != "x402_batcher_rpc_errors_total") {
+            let present = s.keys().any(|k| {
+                let base = k.split('{').next().unwrap();
+                base == *name
+                    || base.strip_prefix(*name).is_some_and(|r| ["_count", "_sum", "_bucket"].contains(&r))
+            });
+            assert!(present, "{name} missing from the scrape");
+        }
+        let get = |name: &str, labels: &[&str]| {
+            sum(&s, name, labels).unwrap_or_else(|| panic!("{name} {labels:?}"))
+        };
+        assert_eq!(get("x402_batcher_submissions_total", &["outcome=\"accepted\""]), PAYMENTS as f64);
+        assert_eq!(
+            get("x402_batcher_refusals_total", &["reason=\"invalid_exact_evm_payload_signature\""]),
+            1.0
+        );
+        assert!(get("x402_batcher_verify_seconds_count", &[]) >= (PAYMENTS + 1) as f64);
+        assert!(get("x402_batcher_ledger_commit_seconds_count", &[]) > 0.0);
+        assert_eq!(get("x402_batcher_pending_payments", &[]), 0.0);
+        assert_eq!(get("x402_batcher_payments_near_deadline", &[]), 0.0);
+        let batches = get("x402_batcher_batches_total", &[]);
+        assert!(batches >= (PAYMENTS / 20) as f64, "{batches} batches of at most 20");
+        assert_eq!(get("x402_batcher_batch_size_count", &[]), batches);
+        assert_eq!(get("x402_batcher_batch_size_sum", &[]), PAYMENTS as f64);
+        let gas = get("x402_batcher_batch_gas_per_payment_sum", &[])
+            / get("x402_batcher_batch_gas_per_payment_count", &[]);
+        assert!((30_000.0..100_000.0).contains(&gas), "gas per payment {gas}");
+        assert!(get("x402_batcher_head_block", &[]) > 0.0);
+        assert!(get("x402_batcher_base_fee_wei", &[]) > 0.0);
+        let settler_label = format!("settler=\"{}\"", settler.address());
+        assert!(get("x402_batcher_settler_balance_wei", &[&settler_label]) > 1e18, "funded with 1,000 ETH");
+        assert_eq!(get("x402_batcher_transactions_pending", &[]), 0.0);
+        assert_eq!(get("x402_batcher_reorgs_total", &[]), 0.0);
+        assert_eq!(get("x402_batcher_accept_to_settled_seconds_count", &[]), PAYMENTS as f64);
+        let latency = get("x402_batcher_accept_to_settled_seconds_sum", &[]) / PAYMENTS as f64;
+        assert!(latency > 0.0 && latency < 90.0, "mean accept-to-settled {latency} s");
+        assert!(get("x402_batcher_settlement_round_seconds_count", &[]) > 0.0);
+        let last_round = get("x402_batcher_settlement_last_round_timestamp_seconds", &[]);
+        assert!((SystemClock.now_unix() as f64 - last_round).abs() < 60.0, "last round at {last_round}");
+        assert_eq!(get("x402_batcher_policy_max_batch_size", &[]), 20.0);
+        assert_eq!(get("x402_batcher_policy_confirmations", &[]), 2.0);
+        assert_eq!(get("x402_batcher_settlement_paused", &[]), 0.0);
+
+        // SIGHUP: the file's new policy applies without a restart, in Admin and in metrics.
+        write_config(dir.path(), &net, &config_text(&keys, 7, 5));
+        daemon.signal("HUP");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = client.admin.get_policy(v1::GetPolicyRequest {}).await.unwrap().into_inner();
+            if (p.max_batch_size, p.confirmation_depth) == (7, 5) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not apply: {p:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let s = series(&scrape(&metrics).await);
+        assert_eq!(sum(&s, "x402_batcher_policy_max_batch_size", &[]), Some(7.0));
+        assert_eq!(sum(&s, "x402_batcher_policy_confirmations", &[]), Some(5.0));
+
+        daemon.signal("TERM");
+        assert!(daemon.child.wait().unwrap().success());
+    })
+    .await
+    .expect("within the time limit");
+}
