@@ -17,6 +17,9 @@ use x402_batcher::devnet::Devnet;
 use x402_batcher::testkit::PaymentBuilder;
 
 const LIMIT: Duration = Duration::from_secs(120);
+/// How long one wait for payment states may take: below LIMIT, so a stuck wait reports the
+/// states it saw.
+const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
 
 async fn admin(d: &TestDaemon) -> v1::admin_client::AdminClient<Channel> {
@@ -100,7 +103,7 @@ async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_a
             assert!(tokio::time::Instant::now() < deadline, "the engine stopped running rounds");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let held = wait_for(&d, &ids, LIMIT, |_| true).await;
+        let held = wait_for(&d, &ids, WAIT, |_| true).await;
         assert!(
             held.iter().all(|p| status(p) == v1::PaymentStatus::Accepted),
             "nothing batched while paused"
@@ -117,7 +120,7 @@ async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_a
         let p = admin.update_policy(resume).await.unwrap().into_inner();
         assert_eq!((p.max_batch_size, p.confirmation_depth, p.paused), (4, 1, false));
         let settled = |p: &v1::Payment| status(p) == v1::PaymentStatus::Settled;
-        wait_for(&d, &ids, LIMIT, settled).await;
+        wait_for(&d, &ids, WAIT, settled).await;
         let dir = Arc::clone(&d.dir);
         d.stop().await;
         let (log, batches) = ledger_after(dir.path(), devnet.chain_id());

@@ -22,6 +22,9 @@ use x402_batcher::testkit::PaymentBuilder;
 use x402_batcher::x402::SignedAuthorization;
 
 const LIMIT: Duration = Duration::from_secs(120);
+/// How long one wait for payment states may take: below LIMIT, so a stuck wait reports the
+/// states it saw.
+const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
 
 struct Setup {
@@ -56,6 +59,19 @@ fn payments(d: &TestDaemon, payers: &[PrivateKeySigner], n: usize, tag: u64) -> 
                 .build()
         })
         .collect()
+}
+
+/// Submits `items` while settlement is paused, then resumes it: the next round sees them
+/// all, so they go out in one batch. (Submitted one by one while the engine runs, a round
+/// can fall between two of them and cut the first ones alone; with automine off the rest
+/// then wait for the settler's next nonce.)
+async fn submit_as_one_wave(d: &TestDaemon, items: &[SignedAuthorization]) -> Vec<String> {
+    let mut admin = v1::admin_client::AdminClient::connect(d.url()).await.unwrap();
+    let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
+    admin.update_policy(pause(true)).await.unwrap();
+    let ids = submit_all(d, items).await;
+    admin.update_policy(pause(false)).await.unwrap();
+    ids
 }
 
 async fn submit_all(d: &TestDaemon, items: &[SignedAuthorization]) -> Vec<String> {
@@ -100,7 +116,7 @@ async fn happy_path_settles_every_payment_at_depth_in_batches() {
         let items = payments(&d, &payers, 60, 1);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
-        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        let done = wait_for(&d, &ids, WAIT, settled).await;
         for p in &done {
             assert!(!p.tx_hash.is_empty() && p.block_number > 0 && !p.batch_id.is_empty(), "{p:?}");
         }
@@ -126,7 +142,7 @@ async fn a_batch_of_one_really_settles() {
         let items = payments(&d, &payers, 1, 2);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
-        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        let done = wait_for(&d, &ids, WAIT, settled).await;
         d.stop().await;
         assert_settled_once(&s, &items, before).await;
         let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
@@ -181,7 +197,7 @@ async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
             .unwrap();
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(200), None);
 
-        let done = wait_for(&d, &ids, LIMIT, is_final).await;
+        let done = wait_for(&d, &ids, WAIT, is_final).await;
         let outcome = |p: &v1::Payment| (status(p), p.failure_reason.clone());
         assert_eq!(outcome(&done[0]), (v1::PaymentStatus::Settled, String::new()));
         assert_eq!(
@@ -219,7 +235,7 @@ async fn a_reorg_after_inclusion_resettles_everything_once() {
         let ids = submit_all(&d, &items).await;
         // Automine: each batch is mined at once; nothing else makes blocks yet.
         let included = |p: &v1::Payment| status(p) == v1::PaymentStatus::Included;
-        let first = wait_for(&d, &ids, LIMIT, included).await;
+        let first = wait_for(&d, &ids, WAIT, included).await;
         let first_txs: HashSet<String> = first.iter().map(|p| p.tx_hash.clone()).collect();
         let lowest = first.iter().map(|p| p.block_number).min().unwrap();
         let head = s.devnet.block_number().await.unwrap();
@@ -229,7 +245,7 @@ async fn a_reorg_after_inclusion_resettles_everything_once() {
         assert!(!token.authorizationState(a.from, a.nonce).call().await.unwrap(), "the reorg undid it");
 
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
-        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        let done = wait_for(&d, &ids, WAIT, settled).await;
         for p in &done {
             assert!(!first_txs.contains(&p.tx_hash), "settled by a new transaction, not the vanished one");
         }
@@ -254,9 +270,9 @@ async fn a_dropped_transaction_is_resubmitted() {
         s.devnet.set_automine(false).await.unwrap();
         let items = payments(&d, &payers, 6, 4);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
-        let ids = submit_all(&d, &items).await;
+        let ids = submit_as_one_wave(&d, &items).await;
         let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
-        wait_for(&d, &ids, LIMIT, submitted).await;
+        wait_for(&d, &ids, WAIT, submitted).await;
         let pool = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1).await;
         s.devnet.drop_transaction(pool[0]).await.unwrap();
         assert!(s.devnet.pool_hashes().await.unwrap().is_empty(), "dropped");
@@ -264,7 +280,7 @@ async fn a_dropped_transaction_is_resubmitted() {
         let again = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| !h.is_empty()).await;
         assert_eq!(again, pool, "the same signed transaction is back in the pool");
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
-        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        let done = wait_for(&d, &ids, WAIT, settled).await;
         assert!(done.iter().all(|p| p.tx_hash == pool[0].to_string()));
         d.stop().await;
         assert_settled_once(&s, &items, before).await;
@@ -288,15 +304,15 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
 
         // Cheap gas: the first payments go out at once, priced for ~1 gwei.
         let wave1 = payments(&d, &payers, 4, 5);
-        let ids1 = submit_all(&d, &wave1).await;
+        let ids1 = submit_as_one_wave(&d, &wave1).await;
         let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
-        wait_for(&d, &ids1, LIMIT, submitted).await;
+        wait_for(&d, &ids1, WAIT, submitted).await;
         let stuck = poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1).await[0];
 
         // The base fee jumps to 100 gwei and stays there: the transaction cannot be mined.
         let spike = 100_000_000_000u128;
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(150), Some(spike));
-        let done1 = wait_for(&d, &ids1, LIMIT, settled).await;
+        let done1 = wait_for(&d, &ids1, WAIT, settled).await;
         let replaced = done1[0].tx_hash.clone();
         assert_ne!(replaced, stuck.to_string(), "settled by a replacement");
         let receipt =
@@ -310,7 +326,7 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
             ids2.extend(submit_all(&d, chunk).await);
             tokio::time::sleep(Duration::from_millis(400)).await; // arrivals spread over time
         }
-        let done2 = wait_for(&d, &ids2, LIMIT, settled).await;
+        let done2 = wait_for(&d, &ids2, WAIT, settled).await;
         d.stop().await;
         let all: Vec<_> = wave1.iter().chain(&wave2).cloned().collect();
         assert_settled_once(&s, &all, before).await;
@@ -329,7 +345,6 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
     .expect("within the time limit");
 }
 
-/// Polls `read` until `done` holds (at most 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() {
     tokio::time::timeout(LIMIT, async {
@@ -356,7 +371,7 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
         // included with that evidence, none failed, no batch of their own.
         let d = daemon(&s, |c| c.settlement.confirmations = 30).await;
         let included = |p: &v1::Payment| status(p) == v1::PaymentStatus::Included;
-        let first = wait_for(&d, &ids, LIMIT, included).await;
+        let first = wait_for(&d, &ids, WAIT, included).await;
         assert_eq!(first[0].tx_hash, kept.transaction_hash.to_string());
         assert_eq!(first[1].tx_hash, lost.transaction_hash.to_string());
         assert!(first.iter().all(|p| p.batch_id.is_empty()));
@@ -366,7 +381,7 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
         let head = s.devnet.block_number().await.unwrap();
         s.devnet.reorg(head - lost.block_number.unwrap() + 1).await.unwrap();
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
-        let done = wait_for(&d, &ids, LIMIT, settled).await;
+        let done = wait_for(&d, &ids, WAIT, settled).await;
         assert_eq!(
             done[0].tx_hash,
             kept.transaction_hash.to_string(),
@@ -381,6 +396,7 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
     .expect("within the time limit");
 }
 
+/// Polls `read` until `done` holds (at most 30 s).
 async fn poll<T, F, Fut>(read: F, done: impl Fn(&T) -> bool) -> T
 where
     F: Fn() -> Fut,
