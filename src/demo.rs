@@ -220,7 +220,15 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let ledger = Ledger::open(&ledger_path)?;
     let export_path = dir.join("settlements.csv");
     let mut file = std::io::BufWriter::new(std::fs::File::create(&export_path).map_err(io)?);
-    let rows = crate::export::write_csv(&ledger, &tokens, 0, &mut file)?;
+    let rows = crate::export::export(
+        &ledger,
+        &tokens,
+        0,
+        &crate::export::Filter::default(),
+        crate::export::Format::Csv,
+        &mut file,
+    )?
+    .rows;
     std::io::Write::flush(&mut file).map_err(io)?;
 
     let mut report = DemoReport {

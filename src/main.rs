@@ -57,6 +57,10 @@ enum Command {
     /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
     /// starts its own devnet and in-process daemon first (the benchmark set-up).
     Loadgen(LoadgenArgs),
+    /// Export the settlement log (settled, failed and expired payments) as CSV or JSON
+    /// Lines. Reads the ledger read-only, so it runs beside the daemon. With --cursor, each
+    /// run writes only what was logged since the last one (no duplicates, no gaps).
+    Export(ExportArgs),
     /// Validate a config file and print its token table.
     CheckConfig {
         #[arg(long)]
@@ -68,6 +72,50 @@ enum Command {
         /// The header value (base64).
         header: String,
     },
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The daemon's config: its ledger path and its tokens (symbols, decimals).
+    #[arg(long)]
+    config: PathBuf,
+    /// The ledger directory, if not the config's.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// csv (RFC 4180) or jsonl.
+    #[arg(long, default_value = "csv")]
+    format: String,
+    /// Where to write (default: stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A file holding the last exported log position; read at start (missing: from the
+    /// beginning), rewritten once the output is complete.
+    #[arg(long)]
+    cursor: Option<PathBuf>,
+    /// Start after this log position (instead of a cursor file).
+    #[arg(long, conflicts_with = "cursor")]
+    after: Option<u64>,
+    /// Only payments final at or after this time: unix seconds, YYYY-MM-DD, or
+    /// YYYY-MM-DDTHH:MM:SSZ (UTC). Settled payments count at their block's time.
+    #[arg(long)]
+    from: Option<String>,
+    /// Only payments final before this time (same forms as --from).
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long)]
+    payee: Option<alloy::primitives::Address>,
+    #[arg(long)]
+    payer: Option<alloy::primitives::Address>,
+    /// settled, failed or expired.
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    chain_id: Option<u64>,
+    #[arg(long)]
+    token: Option<alloy::primitives::Address>,
+    /// Also write settled totals per payee per UTC day (CSV) to this file.
+    #[arg(long)]
+    totals: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -105,6 +153,82 @@ struct LoadgenArgs {
     ceiling_seconds: f64,
 }
 
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    use x402_batcher::export::{self, Filter, Format};
+    use x402_batcher::ledger::{Ledger, Status};
+    let config = Config::load(&args.config).with_context(|| format!("config {}", args.config.display()))?;
+    let path =
+        args.ledger.or(config.ledger.path.clone()).context("no ledger: pass --ledger or set ledger.path")?;
+    let format = match args.format.as_str() {
+        "csv" => Format::Csv,
+        "jsonl" => Format::JsonLines,
+        other => anyhow::bail!("--format {other:?}: expected csv or jsonl"),
+    };
+    let time = |flag: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
+        v.map(|t| {
+            export::parse_time(&t).with_context(|| {
+                format!("{flag} {t:?}: expected unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ")
+            })
+        })
+        .transpose()
+    };
+    let status = match args.status.as_deref() {
+        None => None,
+        Some("settled") => Some(Status::Settled),
+        Some("failed") => Some(Status::Failed),
+        Some("expired") => Some(Status::Expired),
+        Some(other) => anyhow::bail!("--status {other:?}: expected settled, failed or expired"),
+    };
+    let filter = Filter {
+        from: time("--from", args.from)?,
+        to: time("--to", args.to)?,
+        payer: args.payer,
+        payee: args.payee,
+        status,
+        chain_id: args.chain_id,
+        token: args.token,
+    };
+    let after = match (&args.cursor, args.after) {
+        (Some(c), _) => match std::fs::read_to_string(c) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("cursor file {} does not hold a log position", c.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("cursor file {}", c.display())),
+        },
+        (None, a) => a.unwrap_or(0),
+    };
+    let ledger = Ledger::open_read_only(&path).with_context(|| format!("ledger {}", path.display()))?;
+    let tokens = config.token_table();
+    let summary = match &args.out {
+        Some(out) => {
+            let file = std::fs::File::create(out).with_context(|| format!("output {}", out.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let s = export::export(&ledger, &tokens, after, &filter, format, &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            s
+        }
+        None => export::export(&ledger, &tokens, after, &filter, format, &mut std::io::stdout().lock())?,
+    };
+    if let Some(t) = &args.totals {
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(t).with_context(|| format!("totals {}", t.display()))?,
+        );
+        export::write_totals(&summary, &tokens, &mut w)?;
+    }
+    if let Some(c) = &args.cursor {
+        // Written whole or not at all: a crash here repeats this export, never skips one.
+        let tmp = c.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", summary.cursor))
+            .with_context(|| format!("cursor {}", tmp.display()))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, c).with_context(|| format!("cursor {}", c.display()))?;
+    }
+    eprintln!("exported {} rows; log position {}", summary.rows, summary.cursor);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -138,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
             demo::run(&opts).await.context("demo failed")?;
         }
         Command::Loadgen(args) => loadgen(args).await?,
+        Command::Export(args) => export(args)?,
         Command::CheckConfig { config } => {
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             for t in &config.tokens {

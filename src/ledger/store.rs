@@ -61,6 +61,10 @@ pub enum LedgerError {
     NotFound(PaymentId),
     #[error("payment {id} cannot move from {from:?} to {to:?}")]
     IllegalTransition { id: PaymentId, from: Status, to: Status },
+    #[error(
+        "ledger at {path} has schema version {found}, older than this build's: start the daemon once to upgrade it"
+    )]
+    OlderSchema { path: String, found: u32 },
     #[error("ledger write queue is full")]
     QueueFull,
     #[error("ledger writer has stopped")]
@@ -113,23 +117,72 @@ impl Ledger {
             pending: AtomicU64::new(0),
             last_settlement: AtomicU64::new(0),
         };
-
-        let meta = ledger.cf(CF_META);
-        let stored = ledger.db.get_cf(meta, META_SCHEMA).map_err(db_err("get", CF_META))?;
-        if let Some(v) = stored {
-            let found = <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes).map_err(|_| {
-                LedgerError::Corrupt { cf: CF_META, source: CorruptRecord { field: "schema_version" } }
-            })?;
-            if found > SCHEMA_VERSION {
-                return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
-            }
+        if let Some(found) = ledger.stored_schema()?
+            && found > SCHEMA_VERSION
+        {
+            return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
         }
         // New or older: the missing column families were created at open; record the
         // version so an older daemon refuses this ledger with a clear message.
         ledger
             .db
-            .put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &synced_write_options())
+            .put_cf_opt(
+                ledger.cf(CF_META),
+                META_SCHEMA,
+                SCHEMA_VERSION.to_be_bytes(),
+                &synced_write_options(),
+            )
             .map_err(db_err("put", CF_META))?;
+        ledger.count()?;
+        Ok(ledger)
+    }
+
+    /// Opens an existing ledger for reading only, beside a daemon that has it open (finance
+    /// exports, reconciliation). It sees every commit durable at the time it opens (the
+    /// write-ahead log included) and never writes. A ledger of another schema is refused:
+    /// the daemon upgrades an older one when it starts.
+    pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
+        let opts = Options::default();
+        let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
+        let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(db_err("open", "*"))?;
+        let ledger = Ledger {
+            db,
+            path: path.to_owned(),
+            last_seq: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            last_settlement: AtomicU64::new(0),
+        };
+        match ledger.stored_schema()? {
+            Some(SCHEMA_VERSION) => {}
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(LedgerError::NewerSchema { path: path.display().to_string(), found });
+            }
+            found => {
+                return Err(LedgerError::OlderSchema {
+                    path: path.display().to_string(),
+                    found: found.unwrap_or(0),
+                });
+            }
+        }
+        ledger.count()?;
+        Ok(ledger)
+    }
+
+    fn stored_schema(&self) -> Result<Option<u32>, LedgerError> {
+        let stored = self.db.get_cf(self.cf(CF_META), META_SCHEMA).map_err(db_err("get", CF_META))?;
+        stored
+            .map(|v| {
+                <[u8; 4]>::try_from(v.as_slice()).map(u32::from_be_bytes).map_err(|_| LedgerError::Corrupt {
+                    cf: CF_META,
+                    source: CorruptRecord { field: "schema_version" },
+                })
+            })
+            .transpose()
+    }
+
+    /// Reads the counters kept in memory: last sequence numbers and pending payments.
+    fn count(&self) -> Result<(), LedgerError> {
+        let ledger = self;
         let last = ledger
             .db
             .iterator_cf(ledger.cf(CF_SEQ), IteratorMode::End)
@@ -156,7 +209,7 @@ impl Ledger {
             pending += 1;
         }
         ledger.pending.store(pending, Ordering::SeqCst);
-        Ok(ledger)
+        Ok(())
     }
 
     /// Payments accepted and not yet settled, failed or expired.
