@@ -71,6 +71,7 @@ pub mod ledger;
 pub mod loadgen;
 pub mod planner;
 pub mod policy;
+pub mod reconcile;
 pub mod server;
 pub mod settle;
 pub mod simulate;

@@ -53,6 +53,20 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Start a local devnet (anvil, the test token, aggregate3) to try the daemon by hand:
+    /// funds settler and payer accounts, writes DIR/config.toml and DIR/settler.keys for
+    /// it, prints the commands to run the daemon and load it, and makes a block every
+    /// second until Ctrl-C.
+    Devnet {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Settler accounts (each given 1,000 ETH).
+        #[arg(long, default_value_t = 2)]
+        settlers: usize,
+        /// Payers of the load generator's default seed, each given 1,000 USDC.
+        #[arg(long, default_value_t = 200)]
+        payers: usize,
+    },
     /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
     /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
     /// starts its own devnet and in-process daemon first (the benchmark set-up).
@@ -61,6 +75,24 @@ enum Command {
     /// Lines. Reads the ledger read-only, so it runs beside the daemon. With --cursor, each
     /// run writes only what was logged since the last one (no duplicates, no gaps).
     Export(ExportArgs),
+    /// Prove the settlement log against the chain for a block range: every settled payment
+    /// has its AuthorizationUsed log and its Transfer, every log of our settlement
+    /// transactions has its settled payment, and no recorded authorization was used by
+    /// someone else. Prints each discrepancy; exits 1 if there is any.
+    Reconcile {
+        #[arg(long)]
+        config: PathBuf,
+        /// The ledger directory, if not the config's.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        #[arg(long)]
+        from_block: u64,
+        #[arg(long)]
+        to_block: u64,
+        /// Only this chain (default: every chain with a configured token).
+        #[arg(long)]
+        chain_id: Option<u64>,
+    },
     /// Validate a config file and print its token table.
     CheckConfig {
         #[arg(long)]
@@ -229,6 +261,53 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs reconciliation per chain; `Ok(true)` when nothing differs.
+async fn reconcile(
+    config: PathBuf,
+    ledger: Option<PathBuf>,
+    from: u64,
+    to: u64,
+    only: Option<u64>,
+) -> anyhow::Result<bool> {
+    use x402_batcher::chain::RpcEndpoint;
+    use x402_batcher::ledger::Ledger;
+    let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
+    let path =
+        ledger.or(config.ledger.path.clone()).context("no ledger: pass --ledger or set ledger.path")?;
+    let ledger = Ledger::open_read_only(&path).with_context(|| format!("ledger {}", path.display()))?;
+    let mut chains: Vec<u64> = config.tokens.iter().map(|t| t.chain_id).collect();
+    chains.sort_unstable();
+    chains.dedup();
+    if let Some(c) = only {
+        anyhow::ensure!(chains.contains(&c), "--chain-id {c}: no configured token on that chain");
+        chains = vec![c];
+    }
+    let mut clean = true;
+    for chain_id in chains {
+        let rpc = config
+            .chains
+            .iter()
+            .find(|c| c.chain_id == chain_id)
+            .with_context(|| format!("chain {chain_id} has no [[chains]] rpc_url"))?;
+        let endpoint = RpcEndpoint::connect_http(chain_id, &rpc.rpc_url)
+            .with_context(|| format!("chain {chain_id}: rpc_url is not a valid URL"))?;
+        let tokens: Vec<_> =
+            config.tokens.iter().filter(|t| t.chain_id == chain_id).map(|t| t.address).collect();
+        let report = x402_batcher::reconcile::reconcile(&ledger, &endpoint, &tokens, from, to).await?;
+        for d in &report.discrepancies {
+            println!("chain {chain_id}: {d}");
+        }
+        println!(
+            "chain {chain_id}: blocks {from}..={to}: {} settled payments and {} AuthorizationUsed logs checked, {} discrepancies",
+            report.settled_checked,
+            report.logs_checked,
+            report.discrepancies.len()
+        );
+        clean &= report.discrepancies.is_empty();
+    }
+    Ok(clean)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -263,6 +342,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Loadgen(args) => loadgen(args).await?,
         Command::Export(args) => export(args)?,
+        Command::Devnet { dir, settlers, payers } => devnet(dir, settlers, payers).await?,
+        Command::Reconcile { config, ledger, from_block, to_block, chain_id } => {
+            let clean = reconcile(config, ledger, from_block, to_block, chain_id).await?;
+            if !clean {
+                std::process::exit(1);
+            }
+        }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             for t in &config.tokens {
@@ -285,6 +371,74 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
+async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use x402_batcher::devnet::{Devnet, payer_keys};
+    std::fs::create_dir_all(&dir).with_context(|| format!("directory {}", dir.display()))?;
+    let net = Devnet::start().await?;
+    let keys = net.new_settlers("devnet", settlers).await?;
+    let payer_addrs: Vec<_> = payer_keys("loadgen", payers).iter().map(|p| p.address()).collect();
+    net.fund(&payer_addrs, alloy::primitives::U256::from(1_000_000_000u64)).await?;
+    let keys_path = dir.join("settler.keys");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&keys_path)
+        .with_context(|| format!("settler keys {}", keys_path.display()))?;
+    for k in &keys {
+        std::io::Write::write_all(&mut file, format!("{}\n", k.to_bytes()).as_bytes())?;
+    }
+    let t = net.token_config();
+    let config_path = dir.join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "# Written by `x402-batcher devnet` (see ops/config.devnet.toml).\n\
+             [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
+             decimals = 6\nsymbol = \"USDC\"\n\n[network_aliases]\ndevnet = {}\n\n\
+             [server]\nlisten = \"127.0.0.1:50051\"\n\n[ledger]\npath = \"{}\"\n\n\
+             [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\n\
+             [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_secs = 2\n\n\
+             [metrics]\nlisten = \"127.0.0.1:9464\"\n",
+            t.chain_id,
+            t.address,
+            t.eip712_name,
+            t.eip712_version,
+            t.chain_id,
+            dir.join("ledger").display(),
+            t.chain_id,
+            net.rpc_url(),
+            keys_path.display(),
+        ),
+    )
+    .with_context(|| format!("config {}", config_path.display()))?;
+    println!("devnet on {} (chain {}), token {}", net.rpc_url(), t.chain_id, t.address);
+    println!("  {} settlers funded; {payers} payers (seed \"loadgen\") hold 1,000 USDC each", keys.len());
+    println!("  run:  x402-batcher run --config {}", config_path.display());
+    println!(
+        "  load: x402-batcher loadgen --target http://127.0.0.1:50051 --chain-id {} --token {} --payers {payers} --payments 2000 --rate 500",
+        t.chain_id, t.address
+    );
+    println!("A block every second (besides one per transaction); Ctrl-C stops the devnet.");
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                if let Err(e) = net.mine().await {
+                    tracing::warn!("devnet block production: {e}");
+                }
+            }
+        }
+    }
+    drop(net);
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,

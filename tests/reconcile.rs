@@ -1,0 +1,110 @@
+//! `x402-batcher reconcile`, the binary, against a devnet the daemon settled on: a clean run
+//! reports nothing and exits 0 (beside the running daemon); a nonce used outside the daemon
+//! and a tampered settlement log entry are each reported, and the exit code says so.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::{Address, U256};
+use common::binary::write_config;
+use common::daemon::TestDaemon;
+use common::settle::{Miner, settle_with, status, submit, wait_for};
+use x402_batcher::api::v1;
+use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::devnet::Devnet;
+use x402_batcher::ledger::PaymentRecord;
+use x402_batcher::testkit::PaymentBuilder;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(60);
+const PAYEE: Address = Address::repeat_byte(0xbe);
+
+fn reconcile(config: &std::path::Path, to_block: u64) -> (bool, String) {
+    let Output { status, stdout, stderr } = Command::new(env!("CARGO_BIN_EXE_x402-batcher"))
+        .args(["reconcile", "--config"])
+        .arg(config)
+        .args(["--from-block", "0", "--to-block", &to_block.to_string()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8(stdout).unwrap();
+    assert!(status.code().is_some_and(|c| c <= 1), "{out}\n{}", String::from_utf8_lossy(&stderr));
+    (status.success(), out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported() {
+    tokio::time::timeout(LIMIT, async {
+        let devnet = Arc::new(Devnet::start().await.unwrap());
+        let settlers = devnet.new_settlers("reconcile", 1).await.unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let path = dir.path().to_owned();
+        let d = TestDaemon::start_on(Arc::clone(&devnet), Arc::clone(&dir), move |c| {
+            settle_with(c, &path, &settlers)
+        })
+        .await;
+        // The same ledger and chain, for the command.
+        let config = write_config(dir.path(), &devnet, "");
+        let payers = d.payers("reconcile", 4, 10_000_000).await;
+        let _miner = Miner::start(Arc::clone(&devnet), Duration::from_millis(100), None);
+        let now = SystemClock.now_unix();
+        let pay = |i: u64| {
+            PaymentBuilder::new(&payers[i as usize % payers.len()], &d.domain(), now)
+                .to(PAYEE)
+                .value(1_000 + i)
+                .nonce_index(i)
+                .build()
+        };
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            ids.push(submit(&d, &pay(i)).await);
+        }
+        let settled = |p: &v1::Payment| status(p) == v1::PaymentStatus::Settled;
+        wait_for(&d, &ids, WAIT, settled).await;
+
+        // Clean, while the daemon runs.
+        let head = devnet.block_number().await.unwrap();
+        let (clean, out) = reconcile(&config, head);
+        assert!(clean, "{out}");
+        assert!(out.contains("10 settled payments") && out.contains("0 discrepancies"), "{out}");
+
+        // A payment the daemon holds is settled by someone else's transaction.
+        let mut admin = v1::admin_client::AdminClient::connect(d.url()).await.unwrap();
+        let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
+        admin.update_policy(pause(true)).await.unwrap();
+        let outside = pay(100);
+        let outside_id = submit(&d, &outside).await;
+        assert!(devnet.send_batch(std::slice::from_ref(&outside)).await.unwrap().status());
+        admin.update_policy(pause(false)).await.unwrap();
+        let failed = |p: &v1::Payment| status(p) == v1::PaymentStatus::Failed;
+        wait_for(&d, std::slice::from_ref(&outside_id), WAIT, failed).await;
+        let head = devnet.block_number().await.unwrap();
+        let (clean, out) = reconcile(&config, head);
+        assert!(!clean, "{out}");
+        assert!(out.contains(&format!("used_outside payment {outside_id}")), "{out}");
+        assert!(out.contains("1 discrepancies"), "only that one: {out}");
+        let dir_keep = Arc::clone(&d.dir);
+        d.stop().await;
+
+        // Someone edits a settled amount in the settlement log.
+        let ledger_path = dir_keep.path().join("ledger");
+        let tampered = {
+            let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &ledger_path).unwrap();
+            let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &ledger_path, &cfs).unwrap();
+            let cf = db.cf_handle("settlement").unwrap();
+            let (key, bytes) = db.iterator_cf(cf, rocksdb::IteratorMode::Start).next().unwrap().unwrap();
+            let mut record = PaymentRecord::decode(&bytes).unwrap();
+            record.signed.authorization.value += U256::from(1u64);
+            db.put_cf(cf, key, record.encode()).unwrap();
+            record.payment_id().to_string()
+        };
+        let (clean, out) = reconcile(&config, head);
+        assert!(!clean);
+        assert!(out.contains(&format!("transfer_mismatch payment {tampered}")), "{out}");
+        assert!(out.contains("2 discrepancies"), "{out}");
+    })
+    .await
+    .expect("within the time limit");
+}
