@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what x402-batcher needs to build, test and run its demo on a fresh Debian machine
-# that has Rust and Node: libclang (RocksDB's bindgen) through apt-get, and anvil through
-# npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
+# that has Rust and Node: libclang (RocksDB's bindgen) and prometheus (its promtool checks
+# the alert rules in ops/prometheus) through apt-get, and anvil through npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
 # only what is missing.
 #
 # Source it (`. ops/setup.sh`) to also get CARGO_TARGET_DIR: one build directory outside
@@ -13,7 +13,7 @@ X402_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/x402-batcher-target}"
 
 missing=()
-for pkg in libclang-dev g++ make; do
+for pkg in libclang-dev g++ make prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -21,7 +21,8 @@ if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Recommends left out: prometheus would pull in node-exporter and friends.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 anvil="$X402_ROOT/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
