@@ -82,7 +82,15 @@ impl NonceAudit {
                         "the nonce was used on chain outside this daemon (authorizationState is true)".into(),
                     ));
                     match self.ledger.transition(t).await {
-                        Ok(_) => report.failed += 1,
+                        Ok(_) => {
+                            report.failed += 1;
+                            crate::telemetry::finals(
+                                &chain_id.to_string(),
+                                "failed",
+                                Reason::NonceAlreadyUsed.code(),
+                                1,
+                            );
+                        }
                         // Moved on meanwhile (a settlement began): not ours to fail here.
                         Err(LedgerError::IllegalTransition { .. }) => {}
                         Err(e) => return Err(e.into()),

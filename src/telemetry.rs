@@ -112,7 +112,15 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     };
     let _upkeep = AbortOnDrop(upkeep);
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors and the like: back off rather than spin.
+                tracing::warn!("metrics listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -259,16 +267,7 @@ impl ChainMetrics {
 
     /// Payments that reached a final state; `reason` is empty for settled ones.
     pub fn finals(&self, status: &'static str, reason: &str, n: usize) {
-        if n == 0 {
-            return;
-        }
-        metrics::counter!(
-            "x402_batcher_payments_final_total",
-            "chain_id" => self.chain.clone(),
-            "status" => status,
-            "reason" => reason.to_owned()
-        )
-        .increment(n as u64);
+        finals(&self.chain, status, reason, n);
     }
 
     pub fn rpc_error(&self, call: &'static str) {
@@ -294,6 +293,20 @@ impl ChainMetrics {
         )
         .set(base_units);
     }
+}
+
+/// Counts payments of `chain` that reached a final state (the engine's and the audit's).
+pub fn finals(chain: &str, status: &'static str, reason: &str, n: usize) {
+    if n == 0 {
+        return;
+    }
+    metrics::counter!(
+        "x402_batcher_payments_final_total",
+        "chain_id" => chain.to_owned(),
+        "status" => status,
+        "reason" => reason.to_owned()
+    )
+    .increment(n as u64);
 }
 
 /// Publishes the policy's values (at start and on every change).

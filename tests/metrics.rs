@@ -56,7 +56,8 @@ fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> Option<f64> {
 
 fn config_text(keys: &std::path::Path, batch: usize, depth: u64) -> String {
     format!(
-        "[audit]\nnonce_interval_ms = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n[settlement]\n\
+        "[admission]\nmin_validity_remaining_secs = 1\n\
+         [audit]\nnonce_interval_ms = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n[settlement]\n\
          settler_keys_file = \"{}\"\npoll_interval_ms = 50\nconfirmations = {depth}\nmax_wait_secs = 1\n\
          max_batch_size = {batch}\n",
         keys.display()
@@ -160,6 +161,53 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         assert_eq!(get("x402_batcher_policy_max_batch_size", &[]), 20.0);
         assert_eq!(get("x402_batcher_policy_confirmations", &[]), 2.0);
         assert_eq!(get("x402_batcher_settlement_paused", &[]), 0.0);
+
+        // One payment fails (its nonce is used outside the daemon) and one expires, while
+        // settlement is paused; both are counted with their reason codes.
+        let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
+        client.admin.update_policy(pause(true)).await.unwrap();
+        let now = SystemClock.now_unix();
+        let builder =
+            |i| PaymentBuilder::new(&payers[i], &net.token_domain(), now).nonce_index(500_000 + i as u64);
+        let outside = builder(2).build();
+        let expiring = builder(3).valid_before(now + 3).build();
+        let mut ids = Vec::new();
+        for p in [&outside, &expiring] {
+            let req = client::typed_request("late".into(), p, &testkit::requirements_for(p));
+            match client.ingest.submit(req).await.unwrap().into_inner().outcome {
+                Some(v1::submit_reply::Outcome::Accepted(a)) => ids.push(a.payment_id),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(net.send_batch(std::slice::from_ref(&outside)).await.unwrap().status());
+        let state = |c: &Client, id: String| {
+            let mut payments = c.payments.clone();
+            async move {
+                let req = v1::GetPaymentRequest { key: Some(v1::get_payment_request::Key::PaymentId(id)) };
+                v1::PaymentStatus::try_from(payments.get_payment(req).await.unwrap().into_inner().status)
+                    .unwrap()
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while state(&client, ids[1].clone()).await != v1::PaymentStatus::Expired {
+            assert!(tokio::time::Instant::now() < deadline, "the payment did not expire");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.admin.update_policy(pause(false)).await.unwrap();
+        while state(&client, ids[0].clone()).await != v1::PaymentStatus::Failed {
+            assert!(tokio::time::Instant::now() < deadline, "the payment did not fail");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let s = series(&scrape(&metrics).await);
+        let failed = ["status=\"failed\"", "reason=\"invalid_exact_evm_nonce_already_used\""];
+        assert_eq!(sum(&s, "x402_batcher_payments_final_total", &failed), Some(1.0));
+        let expired =
+            ["status=\"expired\"", "reason=\"invalid_exact_evm_payload_authorization_valid_before\""];
+        assert_eq!(sum(&s, "x402_batcher_payments_final_total", &expired), Some(1.0));
+        assert_eq!(
+            sum(&s, "x402_batcher_payments_final_total", &["status=\"settled\""]),
+            Some(PAYMENTS as f64)
+        );
 
         // SIGHUP: the file's new policy applies without a restart, in Admin and in metrics.
         write_config(dir.path(), &net, &config_text(&keys, 7, 5));

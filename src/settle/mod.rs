@@ -1135,7 +1135,9 @@ impl Engine {
         for r in live {
             by_token.entry(r.signed.token).or_default().push(r);
         }
-        if self.policy.paused {
+        // The live value, read after this round's pending payments were: a payment
+        // accepted after a pause took effect is never batched before the resume.
+        if self.policy.paused || self.policy_rx.borrow().paused {
             return Ok(());
         }
         let policy = Policy {
