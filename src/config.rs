@@ -172,7 +172,7 @@ pub struct MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SettlementConfig {
     /// A file holding settler private keys, one hex key per line (`#` comments allowed).
-    /// Keep it readable by the daemon only.
+    /// Readable by its owner only (mode 600), or the daemon refuses it.
     pub settler_keys_file: Option<std::path::PathBuf>,
     /// The name of an environment variable holding settler keys, comma separated.
     pub settler_keys_env: Option<String>,

@@ -143,8 +143,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
 
     // The daemon, configured as an operator would, in this process.
     let keys = dir.join("settler.keys");
-    let text: String = settlers.iter().map(|s| format!("{}\n", s.to_bytes())).collect();
-    write_private(&keys, &text).map_err(io)?;
+    crate::settle::write_key_file(&keys, &settlers).map_err(io)?;
     let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
     config.tokens.push(net.token_config());
     config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
@@ -317,12 +316,4 @@ fn print_summary(r: &DemoReport, rows: usize, seconds: f64) {
     println!("  wall time   {seconds:.1} s from the first submission to the last payment final");
     println!("  ledger      {} (settlement log: column family `settlement`)", r.ledger_path.display());
     println!("  export      {} ({rows} rows, CSV)", r.export_path.display());
-}
-
-/// Writes a file readable by its owner only (settler keys).
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(text.as_bytes())
 }

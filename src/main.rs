@@ -372,7 +372,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     use x402_batcher::devnet::{Devnet, payer_keys};
     std::fs::create_dir_all(&dir).with_context(|| format!("directory {}", dir.display()))?;
     let net = Devnet::start().await?;
@@ -380,16 +379,8 @@ async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<
     let payer_addrs: Vec<_> = payer_keys("loadgen", payers).iter().map(|p| p.address()).collect();
     net.fund(&payer_addrs, alloy::primitives::U256::from(1_000_000_000u64)).await?;
     let keys_path = dir.join("settler.keys");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&keys_path)
+    x402_batcher::settle::write_key_file(&keys_path, &keys)
         .with_context(|| format!("settler keys {}", keys_path.display()))?;
-    for k in &keys {
-        std::io::Write::write_all(&mut file, format!("{}\n", k.to_bytes()).as_bytes())?;
-    }
     let t = net.token_config();
     let config_path = dir.join("config.toml");
     std::fs::write(

@@ -202,7 +202,7 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
 
         let dir = tempfile::tempdir().unwrap();
         let keys_file = dir.path().join("settler.keys");
-        std::fs::write(&keys_file, format!("{}\n", settler.to_bytes())).unwrap();
+        x402_batcher::settle::write_key_file(&keys_file, std::slice::from_ref(&settler)).unwrap();
         let config = write_config(
             dir.path(),
             &net,

@@ -74,7 +74,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         let settler = net.new_settlers("metrics", 1).await.unwrap().remove(0);
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("settler.keys");
-        std::fs::write(&keys, format!("{}\n", settler.to_bytes())).unwrap();
+        x402_batcher::settle::write_key_file(&keys, std::slice::from_ref(&settler)).unwrap();
         let config = write_config(dir.path(), &net, &config_text(&keys, 20, 2));
 
         let mut daemon = start(&config);

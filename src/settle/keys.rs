@@ -1,5 +1,6 @@
 //! Settler keys: read from a file or an environment variable, never printed. Errors name
-//! the source and the line, never the key material.
+//! the source and the line, never the key material. A key file others could read (or
+//! write) is refused: group and world permission bits must be clear (`chmod 600`).
 
 use alloy::signers::local::PrivateKeySigner;
 
@@ -14,6 +15,10 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "settler key file {path} is accessible to other users (mode {mode:o}): allow its owner only (chmod 600)"
+    )]
+    LoosePermissions { path: String, mode: u32 },
     #[error("environment variable {0} (settlement.settler_keys_env) is not set or not UTF-8")]
     Env(String),
     #[error("{source_name}: entry {entry} is not a 32-byte hex private key")]
@@ -24,12 +29,29 @@ pub enum KeyError {
     Duplicate { source_name: String, entry: usize, first: usize, address: alloy::primitives::Address },
 }
 
+/// Writes `signers`' keys to a new file at `path`, one per line, readable by its owner
+/// only (what [`load`] accepts).
+pub fn write_file(path: &std::path::Path, signers: &[PrivateKeySigner]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    for s in signers {
+        writeln!(f, "{}", s.to_bytes())?;
+    }
+    f.sync_all()
+}
+
 /// The configured settler signers, in the order given. Empty when none is configured.
 pub fn load(config: &SettlementConfig) -> Result<Vec<PrivateKeySigner>, KeyError> {
     let mut signers = Vec::new();
     if let Some(path) = &config.settler_keys_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+        use std::os::unix::fs::PermissionsExt as _;
+        let read_err = |source| KeyError::Read { path: path.display().to_string(), source };
+        let mode = std::fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::LoosePermissions { path: path.display().to_string(), mode });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
         let entries: Vec<&str> = text
             .lines()
             .map(|l| l.split('#').next().unwrap_or("").trim())
@@ -84,6 +106,14 @@ mod tests {
         let path = dir.path().join("keys");
         std::fs::write(&path, format!("# settlers\n0x{KEY}\n")).unwrap();
         let mut config = SettlementConfig { settler_keys_file: Some(path.clone()), ..Default::default() };
+        use std::os::unix::fs::PermissionsExt as _;
+        for loose in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+            let err = load(&config).unwrap_err();
+            assert!(matches!(err, KeyError::LoosePermissions { .. }), "mode {loose:o}: {err}");
+            assert!(err.to_string().contains("chmod 600") && !err.to_string().contains(&KEY[..20]));
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let signers = load(&config).unwrap();
         assert_eq!(signers.len(), 1);
         assert!(!format!("{:?}", signers[0]).contains(KEY), "a signer's Debug shows no key");

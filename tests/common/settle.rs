@@ -18,8 +18,7 @@ use super::daemon::TestDaemon;
 /// that keep tests quick: 50 ms rounds, 3 confirmations, batches cut at once when cheap.
 pub fn settle_with(config: &mut Config, dir: &std::path::Path, settlers: &[PrivateKeySigner]) {
     let path = dir.join("settler.keys");
-    let text: String = settlers.iter().map(|s| format!("{}\n", s.to_bytes())).collect();
-    std::fs::write(&path, text).unwrap();
+    x402_batcher::settle::write_key_file(&path, settlers).unwrap();
     config.settlement.settler_keys_file = Some(path);
     config.settlement.poll_interval_ms = 50;
     config.settlement.confirmations = 3;
