@@ -106,6 +106,11 @@ pub enum ChainError {
     },
 }
 
+/// Longest an RPC call may take, connection included.
+pub const RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a connection to the node may take to open.
+pub const RPC_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// One chain's RPC connection, and how to speak of it without its secret: node URLs often
 /// carry an API key (in the path, the query or the user info), and transport errors quote
 /// the URL. Every error text that leaves the process goes through [`RpcEndpoint::redact`].
@@ -134,7 +139,14 @@ impl RpcEndpoint {
         secrets.extend(parsed.password().map(str::to_owned));
         // Longest first, so a URL is replaced whole before its parts are.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        let provider = ProviderBuilder::new().connect_http(parsed).erased();
+        // A node that accepts and never answers must not hang a submission or a settlement
+        // round: every call ends within RPC_TIMEOUT, as an error.
+        let client = alloy::transports::http::reqwest::Client::builder()
+            .timeout(RPC_TIMEOUT)
+            .connect_timeout(RPC_CONNECT_TIMEOUT)
+            .build()
+            .ok()?;
+        let provider = ProviderBuilder::new().connect_reqwest(client, parsed).erased();
         Some(RpcEndpoint { chain_id, provider, secrets })
     }
 

@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod daemon;
+pub mod proxy;
 pub mod settle;
 
 use std::collections::BTreeMap;
