@@ -81,6 +81,17 @@ pub async fn serve(
     config.validate()?;
     config.validate_for_run()?;
     let path = config.ledger.path.clone().expect("validate_for_run requires ledger.path");
+    // Installed first: a SIGHUP during start-up must not kill the daemon (the default action).
+    let hangup = match config.source {
+        Some(_) => match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); config reload is off");
+                None
+            }
+        },
+        None => None,
+    };
     let metrics_task = match (config.metrics.listen, crate::telemetry::install()) {
         (Some(addr), Some(handle)) => {
             let listener = TcpListener::bind(addr)
@@ -177,7 +188,11 @@ pub async fn serve(
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());
-    let reload_task = config.source.clone().map(|source| tokio::spawn(reload_on_sighup(source, policy)));
+    let reload_task = config
+        .source
+        .clone()
+        .zip(hangup)
+        .map(|(source, hangup)| tokio::spawn(reload_on_sighup(source, hangup, policy)));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -243,15 +258,11 @@ pub async fn serve(
 /// max wait, target cost, confirmations, deadline margin; pause stays as it is). A file
 /// that does not parse or validate changes nothing and is logged; other sections need a
 /// restart, which the log says when they differ.
-async fn reload_on_sighup(source: std::path::PathBuf, policy: PolicyHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGHUP ({e}); config reload is off");
-            return;
-        }
-    };
+async fn reload_on_sighup(
+    source: std::path::PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+    policy: PolicyHandle,
+) {
     while hangup.recv().await.is_some() {
         let path = source.display().to_string();
         match Config::load(&source) {

@@ -430,18 +430,27 @@ async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the daemon");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// it is first awaited: a signal during start-up then ends the daemon cleanly once it is up,
+/// instead of killing it by the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (term, int) => {
+                let e = term.err().or(int.err()).map(|e| e.to_string()).unwrap_or_default();
+                tracing::warn!("cannot watch SIGTERM/SIGINT ({e}); stop the daemon with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

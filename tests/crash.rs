@@ -1,7 +1,9 @@
-//! Crash safety: the daemon binary is SIGKILLed at random points under load, ten times,
-//! over one ledger. After each restart every acknowledged payment is present in the
-//! accepted state, and no nonce can be accepted twice. Each round ends with SIGTERM, which
-//! must drain and exit 0.
+//! Crash safety: the daemon binary is SIGKILLed at varied points under a mixed load
+//! (submissions while it settles earlier ones), twenty times, over one ledger. After each
+//! restart every acknowledged payment is present and on its way to settled, and no nonce
+//! can be accepted twice; each round ends with SIGTERM, which must drain and exit 0. In the
+//! end every acknowledged payment is settled exactly once. A second test kills it between
+//! sending a batch and its confirmation.
 
 mod common;
 
@@ -17,7 +19,7 @@ use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::loadgen::{self, LoadOptions};
 use x402_batcher::testkit::{self, PaymentBuilder};
 
-const ROUNDS: u64 = 10;
+const ROUNDS: u64 = 20;
 const PAYMENTS_PER_ROUND: usize = 600;
 /// Slow enough that the load lasts ~0.3 s, so every kill point lands inside it.
 const RATE: f64 = 2_000.0;
@@ -45,8 +47,24 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
         net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
 
+        // Mixed load: submissions, and settlement of what was accepted in earlier rounds.
+        let net = std::sync::Arc::new(net);
+        let settler = net.new_settlers("crash-mixed", 1).await.unwrap().remove(0);
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), &net, "");
+        let keys_file = dir.path().join("settler.keys");
+        x402_batcher::settle::write_key_file(&keys_file, std::slice::from_ref(&settler)).unwrap();
+        let config = write_config(
+            dir.path(),
+            &net,
+            &format!(
+                "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
+                 poll_interval_ms = 50\nconfirmations = 2\nmax_wait_secs = 1\n",
+                keys_file.display()
+            ),
+        );
+        let _miner = common::settle::Miner::start(std::sync::Arc::clone(&net), Duration::from_millis(200), None);
+        let payee_before = net.balance_of(testkit::DEFAULT_PAYEE).await.unwrap();
+        let mut all_acked: Vec<v1::AuthorizationKey> = Vec::new();
 
         let (mut offered, mut acked_total, mut lost, mut double) = (0, 0, 0, 0);
         for round in 0..ROUNDS {
@@ -81,6 +99,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
             daemon.child.wait().unwrap();
             let report = load.await.unwrap();
             acked_total += report.acked.len();
+            all_acked.extend(report.acked.iter().map(|&i| key_of(&requests[i])));
             assert!(report.acked.len() < requests.len(), "round {round}: the kill came after the load ended");
 
             let mut daemon = start(&config);
@@ -92,8 +111,16 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
                         key: Some(v1::get_payment_request::Key::AuthorizationKey(key_of(&requests[i]))),
                     })
                     .await;
+                // Anywhere on its way to settled; never gone, failed or expired.
+                let alive = [
+                    v1::PaymentStatus::Accepted,
+                    v1::PaymentStatus::Batched,
+                    v1::PaymentStatus::Submitted,
+                    v1::PaymentStatus::Included,
+                    v1::PaymentStatus::Settled,
+                ];
                 match got {
-                    Ok(p) if p.get_ref().status == v1::PaymentStatus::Accepted as i32 => {}
+                    Ok(p) if alive.iter().any(|s| *s as i32 == p.get_ref().status) => {}
                     other => {
                         lost += 1;
                         eprintln!("round {round}: acked payment {i} is missing or wrong: {other:?}");
@@ -142,10 +169,41 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
                 report.acked.len()
             );
         }
+        // Then everything acknowledged settles, once: one settlement log entry each, and the
+        // payee paid each exactly once.
+        let mut daemon = start(&config);
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while client.admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner().pending_payments > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "acknowledged payments did not settle");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        daemon.signal("TERM");
+        assert!(daemon.child.wait().unwrap().success());
+        let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
+        let log = ledger.settlement_log(0, usize::MAX).unwrap();
+        let ids: std::collections::HashSet<_> = log.iter().map(|(_, r)| r.payment_id()).collect();
+        double += log.len() - ids.len();
+        let settled = log.iter().filter(|(_, r)| r.status == x402_batcher::ledger::Status::Settled).count();
+        for k in &all_acked {
+            let key = x402_batcher::ledger::AuthKey::new(
+                k.chain_id,
+                k.token.parse().unwrap(),
+                k.from.parse().unwrap(),
+                k.nonce.parse().unwrap(),
+            );
+            if !ids.contains(&key.payment_id()) {
+                lost += 1;
+            }
+        }
+        let paid = net.balance_of(testkit::DEFAULT_PAYEE).await.unwrap() - payee_before;
+        assert_eq!(paid, U256::from(1_000u64 * settled as u64), "the payee was paid each settled payment once");
         println!(
-            "crash summary: load offered {offered}, faults injected {ROUNDS} SIGKILLs, acked {acked_total}, \
-             lost {lost}, duplicated {double}"
+            "crash summary: load offered {offered} (submissions and settlement), faults injected {ROUNDS} \
+             SIGKILLs, acked {acked_total}, settled {settled}, lost {lost}, duplicated {double}"
         );
+        // (A payment can be recorded and the daemon killed before its ack: it settles too.)
+        assert!(settled >= acked_total, "every acknowledged payment settled: {settled} < {acked_total}");
         assert_eq!(lost, 0, "acknowledged payments were lost");
         assert_eq!(double, 0, "a nonce was accepted twice");
         assert!(acked_total > 0, "the load acknowledged nothing");
@@ -297,6 +355,32 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
         );
         let batches = ledger.batches(net.chain_id()).unwrap();
         assert!(batches.iter().all(|b| b.status == x402_batcher::ledger::BatchStatus::Done), "{batches:#?}");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// SIGTERM (and SIGHUP) while the daemon is still starting (it prints its address before
+/// it checks the chain and opens the ledger) must not kill it by the default action: it
+/// comes up and exits cleanly, 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_start_up_is_handled() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Devnet::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &net, "");
+        for signal in ["HUP", "TERM"] {
+            let mut daemon = start(&config);
+            daemon.signal(signal);
+            if signal == "HUP" {
+                // Still running: a reload, not a stop.
+                let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+                assert!(client.admin.get_status(v1::GetStatusRequest {}).await.is_ok());
+                daemon.signal("TERM");
+            }
+            let status = daemon.child.wait().unwrap();
+            assert!(status.success(), "{signal} at start-up: {status}");
+        }
     })
     .await
     .expect("bounded");
