@@ -288,8 +288,6 @@ impl Engine {
         let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
         self.plan_and_send(accepted, &head, fees, &mut report).await?;
         self.settler_balances().await;
-        self.metrics.transactions_replaced.increment(report.replaced as u64);
-        self.metrics.transactions_dropped.increment(report.rebroadcast as u64);
         self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
         self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
         Ok(report)
@@ -570,6 +568,7 @@ impl Engine {
             .map_err(|e| self.rpc_err("eth_getTransactionByHash", e))?
             .is_some();
         if !known {
+            self.metrics.transactions_dropped.increment(1);
             match self.broadcast(&last.raw).await {
                 Ok(()) => {
                     report.rebroadcast += 1;
@@ -624,6 +623,9 @@ impl Engine {
             tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
         }
         report.replaced += 1;
+        if replacement {
+            self.metrics.transactions_replaced.increment(1);
+        }
         Ok(())
     }
 
