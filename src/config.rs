@@ -154,9 +154,23 @@ pub struct Config {
     pub settlement: SettlementConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The file this config was loaded from (for a reload on SIGHUP); not a config key.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
+}
+
+/// Per-API-server submission limits (by the submission's `api_server`); all off by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Submissions per second per server (token bucket); 0 = no limit.
+    pub per_server_rate: f64,
+    /// Submissions a server may send at once above its rate; 0 = one second's worth.
+    pub per_server_burst: usize,
+    /// Submissions of one server being decided at once; 0 = no limit.
+    pub per_server_in_flight: usize,
 }
 
 /// The Prometheus scrape endpoint.
@@ -496,6 +510,12 @@ impl Config {
             return Err(invalid("server.max_concurrent_streams", "must be at least 1"));
         }
         self.settlement.validate()?;
+        if !(self.limits.per_server_rate >= 0.0 && self.limits.per_server_rate.is_finite()) {
+            return Err(invalid(
+                "limits.per_server_rate",
+                "must be a number of submissions per second, 0 or more",
+            ));
+        }
         if self.balances.max_batch == 0 {
             return Err(invalid("balances.max_batch", "must be at least 1"));
         }
@@ -567,6 +587,7 @@ impl Config {
             audit: AuditConfig::default(),
             settlement: SettlementConfig::default(),
             metrics: MetricsConfig::default(),
+            limits: LimitsConfig::default(),
             source: None,
         }
     }

@@ -184,7 +184,8 @@ pub async fn serve(
         );
     }
     let admission = Admission::new(tokens, config.network_aliases.clone(), config.admission.clone(), clock);
-    let ingest = Arc::new(Ingest::new(admission, pool, writer, balances));
+    let limits = crate::limits::Limits::new(&config.limits);
+    let ingest = Arc::new(Ingest::new(admission, pool, writer, balances, limits));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());

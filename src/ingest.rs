@@ -23,6 +23,7 @@ use crate::config::DEFAULT_MAX_TIMEOUT_SECS;
 use crate::ledger::{
     AcceptOutcome, AcceptRequest, AuthKey, LedgerError, LedgerHandle, PaymentRecord, Submission,
 };
+use crate::limits::Limits;
 use crate::verify::{PoolError, VerifyPool};
 use crate::x402::Reason;
 
@@ -90,6 +91,7 @@ pub struct Ingest {
     pool: Arc<VerifyPool>,
     ledger: LedgerHandle,
     balances: BalanceCache,
+    limits: Limits,
     draining: AtomicBool,
 }
 
@@ -99,8 +101,9 @@ impl Ingest {
         pool: Arc<VerifyPool>,
         ledger: LedgerHandle,
         balances: BalanceCache,
+        limits: Limits,
     ) -> Self {
-        Self { admission, pool, ledger, balances, draining: AtomicBool::new(false) }
+        Self { admission, pool, ledger, balances, limits, draining: AtomicBool::new(false) }
     }
 
     pub fn ledger(&self) -> &LedgerHandle {
@@ -147,6 +150,8 @@ impl Ingest {
         if self.is_draining() {
             return Err(SubmitError::Unavailable("the daemon is shutting down".into()));
         }
+        // Held until this submission is decided: its server's in-flight slot.
+        let _permit = self.limits.admit(&req.api_server).map_err(SubmitError::ResourceExhausted)?;
         let rejected = |reason: Reason, message: String| Ok(Decision::Rejected { reason, message });
 
         let input = match api::payment_input(req) {

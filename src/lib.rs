@@ -68,6 +68,7 @@ pub mod devnet;
 pub mod export;
 pub mod ingest;
 pub mod ledger;
+pub mod limits;
 pub mod loadgen;
 pub mod planner;
 pub mod policy;
