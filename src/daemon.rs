@@ -63,6 +63,8 @@ pub enum DaemonError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the ledger failed to commit, nothing more could be made durable: {0}")]
+    LedgerFailed(String),
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -188,6 +190,7 @@ pub async fn serve(
     let ingest = Arc::new(Ingest::new(admission, pool, writer, balances, limits));
 
     let (drain_tx, drain_rx) = watch::channel(false);
+    let mut drain_seen = drain_rx.clone();
     let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());
     let reload_task = config
         .source
@@ -203,17 +206,26 @@ pub async fn serve(
 
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving gRPC");
+    // Stops on the shutdown signal, or when the ledger can no longer make anything
+    // durable (then the daemon exits with an error, for its supervisor to restart it).
+    let fatal: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let drain = {
         let ingest = Arc::clone(&ingest);
+        let (writer, fatal) = (ingest.ledger().clone(), Arc::clone(&fatal));
         async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
+            tokio::select! {
+                _ = shutdown => tracing::info!("shutdown requested: draining"),
+                cause = writer.failure() => {
+                    tracing::error!("the ledger can no longer record payments ({cause}): draining and stopping");
+                    *fatal.lock() = Some(cause);
+                }
+            }
             ingest.start_draining();
             health.set_not_serving::<v1::ingest_server::IngestServer<Services>>().await;
             let _ = drain_tx.send(true);
         }
     };
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .add_service(health_service)
         .add_service(reflection)
@@ -222,8 +234,26 @@ pub async fn serve(
             v1::payments_server::PaymentsServer::new(services.clone()).max_decoding_message_size(max),
         )
         .add_service(v1::admin_server::AdminServer::new(services).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(incoming(listener), drain)
-        .await?;
+        .serve_with_incoming_shutdown(incoming(listener), drain);
+    // A commit that never returns (storage that blocks rather than fails) holds every
+    // submission waiting on it, and a drain would wait for them forever: stop at once.
+    // Nothing waiting was acknowledged; the supervisor restarts the daemon.
+    // A drain ends when every connection has closed; a client that keeps a stream open
+    // (its request half never finished) must not hold the daemon up for ever.
+    let drain_deadline = async move {
+        let _ = drain_seen.wait_for(|draining| *draining).await;
+        tokio::time::sleep(DRAIN_LIMIT).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = drain_deadline => {
+            tracing::warn!("the drain did not finish within {DRAIN_LIMIT:?}: closing the connections still open");
+        }
+        stalled = ledger_stall(ingest.ledger().clone()) => {
+            tracing::error!("a ledger commit has not returned for {stalled:?}: stopping without draining");
+            return Err(DaemonError::LedgerFailed(format!("a commit has not returned for {stalled:?}")));
+        }
+    }
 
     for task in [audit_task, metrics_task, reload_task].into_iter().flatten() {
         task.abort();
@@ -251,8 +281,31 @@ pub async fn serve(
             "ledger writer still busy after {WRITER_JOIN_TIMEOUT:?}; exiting anyway (answered writes are on disk)"
         );
     }
+    if let Some(cause) = fatal.lock().take() {
+        return Err(DaemonError::LedgerFailed(cause));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Longest a drain waits for clients to close their connections after every request read
+/// was answered.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Longest a ledger commit may run before the daemon gives up on the storage.
+const LEDGER_STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Resolves when a ledger commit has been running for over [`LEDGER_STALL_LIMIT`].
+async fn ledger_stall(writer: LedgerHandle) -> Duration {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Some(d) = writer.commit_running_for()
+            && d > LEDGER_STALL_LIMIT
+        {
+            return d;
+        }
+    }
 }
 
 /// Re-reads the config file on every SIGHUP and applies its settlement policy (batch size,

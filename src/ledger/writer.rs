@@ -162,6 +162,11 @@ pub struct LedgerHandle {
     tx: Sender<Msg>,
     ledger: Arc<Ledger>,
     changes: broadcast::Sender<u64>,
+    /// Set once, when a commit fails on the storage: why the writer stopped.
+    failed: tokio::sync::watch::Receiver<Option<String>>,
+    /// When the commit in progress started (ms after `epoch`, plus one); 0 when none is.
+    commit_started: Arc<std::sync::atomic::AtomicU64>,
+    epoch: std::time::Instant,
 }
 
 impl std::fmt::Debug for LedgerHandle {
@@ -178,14 +183,39 @@ impl LedgerHandle {
     ) -> std::io::Result<(LedgerHandle, JoinHandle<()>)> {
         let (tx, rx) = crossbeam_channel::bounded(queue_capacity.max(1));
         let (changes, _) = broadcast::channel(CHANGE_CAPACITY);
+        let (failed_tx, failed) = tokio::sync::watch::channel(None);
+        let commit_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let epoch = std::time::Instant::now();
         let thread = {
             let ledger = Arc::clone(&ledger);
             let changes = changes.clone();
+            let timer = CommitTimer { started: Arc::clone(&commit_started), epoch };
             std::thread::Builder::new()
                 .name("ledger-writer".into())
-                .spawn(move || run(&ledger, &rx, &changes))?
+                .spawn(move || run(&ledger, &rx, &changes, &failed_tx, &timer))?
         };
-        Ok((LedgerHandle { tx, ledger, changes }, thread))
+        Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch }, thread))
+    }
+
+    /// How long the commit in progress has been running, if one is. A commit that does
+    /// not return (storage that blocks instead of failing) shows here.
+    pub fn commit_running_for(&self) -> Option<std::time::Duration> {
+        match self.commit_started.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            at => Some(self.epoch.elapsed().saturating_sub(std::time::Duration::from_millis(at - 1))),
+        }
+    }
+
+    /// Resolves with the cause once a commit failed on the storage (a full disk, an I/O
+    /// error): the writer has stopped, and every later command gets WriterStopped.
+    pub async fn failure(&self) -> String {
+        let mut failed = self.failed.clone();
+        let cause = failed.wait_for(Option::is_some).await.map(|c| c.clone().unwrap_or_default());
+        match cause {
+            Ok(cause) => cause,
+            // The writer ended without failing (a clean stop): never resolves.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub fn ledger(&self) -> &Arc<Ledger> {
@@ -237,7 +267,19 @@ impl LedgerHandle {
     }
 }
 
-fn run(ledger: &Ledger, rx: &Receiver<Msg>, changes: &broadcast::Sender<u64>) {
+/// Marks the commit in progress for [`LedgerHandle::commit_running_for`].
+struct CommitTimer {
+    started: Arc<std::sync::atomic::AtomicU64>,
+    epoch: std::time::Instant,
+}
+
+fn run(
+    ledger: &Ledger,
+    rx: &Receiver<Msg>,
+    changes: &broadcast::Sender<u64>,
+    failed: &tokio::sync::watch::Sender<Option<String>>,
+    timer: &CommitTimer,
+) {
     let mut stopping = false;
     while !stopping {
         let Ok(first) = rx.recv() else { break };
@@ -257,13 +299,32 @@ fn run(ledger: &Ledger, rx: &Receiver<Msg>, changes: &broadcast::Sender<u64>) {
         }
         let m = crate::telemetry::hot();
         let started = std::time::Instant::now();
+        let since_epoch = started.duration_since(timer.epoch).as_millis() as u64;
+        timer.started.store(since_epoch + 1, std::sync::atomic::Ordering::SeqCst);
         let results = ledger.apply_group(&group);
+        timer.started.store(0, std::sync::atomic::Ordering::SeqCst);
         m.commit_seconds.record(started.elapsed().as_secs_f64());
         m.commit_group_size.record(group.len() as f64);
         m.pending_payments.set(ledger.pending() as f64);
         let committed = results.iter().any(|r| r.is_ok());
+        // A commit the storage refused (nothing of the group is durable, so nothing of it
+        // was acknowledged). RocksDB refuses every later write until it is reopened: stop,
+        // so the daemon exits and its supervisor restarts it once the cause is fixed.
+        let storage_error = results.iter().find_map(|r| match r {
+            Err(e @ LedgerError::Db { op: "write", .. }) => Some(e.clone()),
+            _ => None,
+        });
         for (cmd, result) in group.into_iter().zip(results) {
             cmd.reply(result);
+        }
+        if let Some(e) = storage_error {
+            let cause = match std::error::Error::source(&e) {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            };
+            tracing::error!("ledger commit failed, the writer stops: {cause}");
+            failed.send_replace(Some(cause));
+            break;
         }
         if committed {
             // No subscriber is not an error.
