@@ -319,13 +319,18 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run { config } => {
+            // First: from here on SIGTERM/SIGINT stop the daemon cleanly, and SIGHUP (before
+            // the daemon listens for it to reload, with the config just read) is ignored
+            // rather than fatal.
+            let stop = shutdown_signal();
+            let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             config.validate_for_run()?;
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.server.listen))?;
             println!("listening on {}", listener.local_addr()?);
-            daemon::serve(config, listener, Arc::new(SystemClock), shutdown_signal()).await?;
+            daemon::serve(config, listener, Arc::new(SystemClock), stop).await?;
         }
         Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir } => {
             let opts = demo::DemoOptions {
