@@ -235,11 +235,11 @@ pub async fn serve(
         )
         .add_service(v1::admin_server::AdminServer::new(services).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(incoming(listener), drain);
-    // A commit that never returns (storage that blocks rather than fails) holds every
-    // submission waiting on it, and a drain would wait for them forever: stop at once.
-    // Nothing waiting was acknowledged; the supervisor restarts the daemon.
     // A drain ends when every connection has closed; a client that keeps a stream open
-    // (its request half never finished) must not hold the daemon up for ever.
+    // (its request half never finished) must not hold the daemon up for ever. A commit
+    // that never returns (storage that blocks rather than fails) holds every submission
+    // waiting on it, and a drain would wait for them for ever: stop at once (nothing
+    // waiting was acknowledged; the supervisor restarts the daemon).
     let drain_deadline = async move {
         let _ = drain_seen.wait_for(|draining| *draining).await;
         tokio::time::sleep(DRAIN_LIMIT).await;
