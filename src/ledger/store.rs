@@ -110,13 +110,7 @@ impl Ledger {
         opts.set_write_buffer_size(64 << 20);
         let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err("open", "*"))?;
-        let ledger = Ledger {
-            db,
-            path: path.to_owned(),
-            last_seq: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
-            last_settlement: AtomicU64::new(0),
-        };
+        let ledger = Ledger::over(db, path);
         if let Some(found) = ledger.stored_schema()?
             && found > SCHEMA_VERSION
         {
@@ -145,13 +139,7 @@ impl Ledger {
         let opts = Options::default();
         let cfs = CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_options(n)));
         let db = DB::open_cf_descriptors_read_only(&opts, path, cfs, false).map_err(db_err("open", "*"))?;
-        let ledger = Ledger {
-            db,
-            path: path.to_owned(),
-            last_seq: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
-            last_settlement: AtomicU64::new(0),
-        };
+        let ledger = Ledger::over(db, path);
         match ledger.stored_schema()? {
             Some(SCHEMA_VERSION) => {}
             Some(found) if found > SCHEMA_VERSION => {
@@ -180,36 +168,40 @@ impl Ledger {
             .transpose()
     }
 
+    /// A ledger over an open database, its counters not yet read ([`Self::count`]).
+    fn over(db: DB, path: &Path) -> Ledger {
+        Ledger {
+            db,
+            path: path.to_owned(),
+            last_seq: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            last_settlement: AtomicU64::new(0),
+        }
+    }
+
     /// Reads the counters kept in memory: last sequence numbers and pending payments.
     fn count(&self) -> Result<(), LedgerError> {
-        let ledger = self;
-        let last = ledger
-            .db
-            .iterator_cf(ledger.cf(CF_SEQ), IteratorMode::End)
-            .next()
-            .transpose()
-            .map_err(db_err("iterate", CF_SEQ))?
-            .map(|(k, _)| seq_from_key(&k))
-            .transpose()?
-            .unwrap_or(0);
-        ledger.last_seq.store(last, Ordering::SeqCst);
-        let last_settlement = ledger
-            .db
-            .iterator_cf(ledger.cf(CF_SETTLEMENT), IteratorMode::End)
-            .next()
-            .transpose()
-            .map_err(db_err("iterate", CF_SETTLEMENT))?
-            .map(|(k, _)| seq_from_key(&k))
-            .transpose()?
-            .unwrap_or(0);
-        ledger.last_settlement.store(last_settlement, Ordering::SeqCst);
+        self.last_seq.store(self.last_seq_in(CF_SEQ)?, Ordering::SeqCst);
+        self.last_settlement.store(self.last_seq_in(CF_SETTLEMENT)?, Ordering::SeqCst);
         let mut pending = 0u64;
-        for kv in ledger.db.iterator_cf(ledger.cf(CF_PENDING), IteratorMode::Start) {
+        for kv in self.db.iterator_cf(self.cf(CF_PENDING), IteratorMode::Start) {
             kv.map_err(db_err("iterate", CF_PENDING))?;
             pending += 1;
         }
-        ledger.pending.store(pending, Ordering::SeqCst);
+        self.pending.store(pending, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The highest sequence number keying `cf` (0 when it is empty).
+    fn last_seq_in(&self, cf: &'static str) -> Result<u64, LedgerError> {
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::End)
+            .next()
+            .transpose()
+            .map_err(db_err("iterate", cf))?
+            .map(|(k, _)| seq_from_key(&k))
+            .transpose()
+            .map(Option::unwrap_or_default)
     }
 
     /// Payments accepted and not yet settled, failed or expired.
