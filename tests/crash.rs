@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use alloy::primitives::{B256, U256};
-use common::binary::{start, write_config};
+use common::binary::{settling_config, start, write_config};
 use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
@@ -51,17 +51,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         let net = std::sync::Arc::new(net);
         let settler = net.new_settlers("crash-mixed", 1).await.unwrap().remove(0);
         let dir = tempfile::tempdir().unwrap();
-        let keys_file = dir.path().join("settler.keys");
-        x402_batcher::settle::write_key_file(&keys_file, std::slice::from_ref(&settler)).unwrap();
-        let config = write_config(
-            dir.path(),
-            &net,
-            &format!(
-                "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
-                 poll_interval_ms = 50\nconfirmations = 2\nmax_wait_secs = 1\n",
-                keys_file.display()
-            ),
-        );
+        let config = settling_config(dir.path(), &net, &settler, "confirmations = 2\n");
         let _miner = common::settle::Miner::start(std::sync::Arc::clone(&net), Duration::from_millis(200), None);
         let payee_before = net.balance_of(testkit::DEFAULT_PAYEE).await.unwrap();
         let mut all_acked: Vec<v1::AuthorizationKey> = Vec::new();
@@ -173,11 +163,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         // payee paid each exactly once.
         let mut daemon = start(&config);
         let mut client = Client::connect(daemon.url.clone()).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while client.admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner().pending_payments > 0 {
-            assert!(tokio::time::Instant::now() < deadline, "acknowledged payments did not settle");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        common::settle::wait_nothing_pending(&mut client.admin, Duration::from_secs(120)).await;
         daemon.signal("TERM");
         assert!(daemon.child.wait().unwrap().success());
         let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
@@ -259,17 +245,11 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
         let before = net.balance_of(payee).await.unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let keys_file = dir.path().join("settler.keys");
-        x402_batcher::settle::write_key_file(&keys_file, std::slice::from_ref(&settler)).unwrap();
-        let config = write_config(
+        let config = settling_config(
             dir.path(),
             &net,
-            &format!(
-                "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
-                 poll_interval_ms = 50\nconfirmations = 3\nmax_wait_secs = 1\n\
-                 target_cost_per_payment_wei = \"0\"\n",
-                keys_file.display()
-            ),
+            &settler,
+            "confirmations = 3\ntarget_cost_per_payment_wei = \"0\"\n",
         );
         let now = SystemClock.now_unix();
         let wave = |run_id| {

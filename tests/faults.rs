@@ -13,8 +13,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, U256};
 use common::daemon::TestDaemon;
 use common::proxy::{FaultProxy, Mode};
-use common::settle::{Miner, ledger_after, settle_with};
-use x402_batcher::api::v1;
+use common::settle::{Miner, ledger_after, settle_with, wait_nothing_pending};
 use x402_batcher::chain::RPC_TIMEOUT;
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
@@ -96,16 +95,7 @@ async fn under_faults(name: &str, payments: usize, rate: f64, schedule: Vec<(Dur
     );
 
     // Afterwards everything acknowledged settles.
-    let mut admin = client.admin.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner();
-        if s.pending_payments == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{} payments still pending", s.pending_payments);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_nothing_pending(&mut client.admin.clone(), Duration::from_secs(120)).await;
     d.stop().await;
     let (log, batches) = ledger_after(dir.path(), net.chain_id());
     let ids: HashSet<_> = log.iter().map(|r| r.payment_id()).collect();

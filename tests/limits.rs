@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
 use common::daemon::TestDaemon;
-use common::settle::{Miner, ledger_after, settle_with};
-use x402_batcher::api::v1;
+use common::settle::{Miner, ledger_after, settle_with, wait_nothing_pending};
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
@@ -71,12 +70,7 @@ async fn a_noisy_server_is_shed_while_a_quiet_one_is_served_and_acked_payments_s
         );
 
         // Everything acknowledged settles.
-        let mut admin = client.admin.clone();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner().pending_payments > 0 {
-            assert!(tokio::time::Instant::now() < deadline, "acked payments did not settle");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_nothing_pending(&mut client.admin.clone(), Duration::from_secs(60)).await;
         d.stop().await;
         let (log, _) = ledger_after(dir.path(), net.chain_id());
         assert_eq!(log.len(), noisy_report.acked.len() + 30);

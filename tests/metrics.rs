@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
-use common::binary::{start, write_config};
+use common::binary::{settling_config, start};
 use common::settle::Miner;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use x402_batcher::api::v1;
@@ -54,13 +54,11 @@ fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> Option<f64> {
     found
 }
 
-fn config_text(keys: &std::path::Path, batch: usize, depth: u64) -> String {
+/// The settlement policy part of the config (what SIGHUP reloads), and the rest.
+fn settlement(batch: usize, depth: u64) -> String {
     format!(
-        "[admission]\nmin_validity_remaining_secs = 1\n\
-         [audit]\nnonce_interval_ms = 0\n[metrics]\nlisten = \"127.0.0.1:0\"\n[settlement]\n\
-         settler_keys_file = \"{}\"\npoll_interval_ms = 50\nconfirmations = {depth}\nmax_wait_secs = 1\n\
-         max_batch_size = {batch}\n",
-        keys.display()
+        "confirmations = {depth}\nmax_batch_size = {batch}\n\
+         [admission]\nmin_validity_remaining_secs = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
     )
 }
 
@@ -73,9 +71,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();
         let settler = net.new_settlers("metrics", 1).await.unwrap().remove(0);
         let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("settler.keys");
-        x402_batcher::settle::write_key_file(&keys, std::slice::from_ref(&settler)).unwrap();
-        let config = write_config(dir.path(), &net, &config_text(&keys, 20, 2));
+        let config = settling_config(dir.path(), &net, &settler, &settlement(20, 2));
 
         let mut daemon = start(&config);
         let metrics = daemon.line_after("metrics on ");
@@ -210,7 +206,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         );
 
         // SIGHUP: the file's new policy applies without a restart, in Admin and in metrics.
-        write_config(dir.path(), &net, &config_text(&keys, 7, 5));
+        settling_config(dir.path(), &net, &settler, &settlement(7, 5));
         daemon.signal("HUP");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {

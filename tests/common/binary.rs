@@ -91,3 +91,22 @@ pub fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::pa
     .unwrap();
     config
 }
+
+/// A config for the daemon binary that settles with `settler` (its key written to a
+/// private file in `dir`): 50 ms rounds, 1 s max wait, no periodic nonce audit. `settlement`
+/// continues the `[settlement]` section and may open other sections after it.
+pub fn settling_config(
+    dir: &std::path::Path,
+    net: &Devnet,
+    settler: &alloy::signers::local::PrivateKeySigner,
+    settlement: &str,
+) -> std::path::PathBuf {
+    let keys = dir.join("settler.keys");
+    x402_batcher::settle::write_key_file(&keys, std::slice::from_ref(settler)).unwrap();
+    let extra = format!(
+        "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
+         poll_interval_ms = 50\nmax_wait_secs = 1\n{settlement}",
+        keys.display()
+    );
+    write_config(dir, net, &extra)
+}

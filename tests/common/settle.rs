@@ -107,3 +107,19 @@ pub fn ledger_after(d_dir: &std::path::Path, chain_id: u64) -> (Vec<PaymentRecor
 pub fn status(p: &v1::Payment) -> v1::PaymentStatus {
     v1::PaymentStatus::try_from(p.status).unwrap()
 }
+
+/// Polls Admin GetStatus until no payment is pending (all final), or panics after `limit`.
+pub async fn wait_nothing_pending(
+    admin: &mut v1::admin_client::AdminClient<tonic::transport::Channel>,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let pending = admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner().pending_payments;
+        if pending == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pending} payments still pending after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
