@@ -190,12 +190,19 @@ pub fn batch_gas_limit(items: usize) -> u64 {
 /// The `(authorizer, nonce)` pairs of every `AuthorizationUsed` log `token` emitted in a
 /// receipt: the evidence that those authorizations settled.
 pub fn authorizations_used(receipt: &TransactionReceipt, token: Address) -> Vec<(Address, B256)> {
+    authorization_logs(receipt, token).into_iter().map(|(from, nonce, _)| (from, nonce)).collect()
+}
+
+/// [`authorizations_used`] with each log's index in its block.
+pub fn authorization_logs(receipt: &TransactionReceipt, token: Address) -> Vec<(Address, B256, u64)> {
     receipt
         .logs()
         .iter()
         .filter(|log| log.address() == token)
-        .filter_map(|log| IEip3009::AuthorizationUsed::decode_log(&log.inner).ok())
-        .map(|ev| (ev.authorizer, ev.nonce))
+        .filter_map(|log| {
+            let ev = IEip3009::AuthorizationUsed::decode_log(&log.inner).ok()?;
+            Some((ev.authorizer, ev.nonce, log.log_index.unwrap_or_default()))
+        })
         .collect()
 }
 

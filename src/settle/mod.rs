@@ -645,15 +645,9 @@ impl Engine {
         let price = receipt.effective_gas_price;
         let gas_share = gas_used / n;
         let fee_share = U256::from(gas_used) * U256::from(price) / U256::from(n);
-        let used: HashMap<(Address, B256), u64> = receipt
-            .logs()
-            .iter()
-            .filter(|l| l.address() == batch.token)
-            .filter_map(|l| {
-                IEip3009::AuthorizationUsed::decode_log(&l.inner)
-                    .ok()
-                    .map(|ev| ((ev.authorizer, ev.nonce), l.log_index.unwrap_or_default()))
-            })
+        let used: HashMap<(Address, B256), u64> = chain::authorization_logs(&receipt, batch.token)
+            .into_iter()
+            .map(|(from, nonce, index)| ((from, nonce), index))
             .collect();
         let now_ms = self.now_ms();
         let mut transitions = Vec::new();
@@ -843,16 +837,7 @@ impl Engine {
             return Ok(None);
         };
         let a = &record.signed.authorization;
-        let used: Vec<(Address, B256, u64)> = receipt
-            .logs()
-            .iter()
-            .filter(|l| l.address() == record.signed.token)
-            .filter_map(|l| {
-                IEip3009::AuthorizationUsed::decode_log(&l.inner)
-                    .ok()
-                    .map(|ev| (ev.authorizer, ev.nonce, l.log_index.unwrap_or_default()))
-            })
-            .collect();
+        let used = chain::authorization_logs(receipt, record.signed.token);
         let Some(&(_, _, log_index)) =
             used.iter().find(|(from, nonce, _)| *from == a.from && *nonce == a.nonce)
         else {
