@@ -32,6 +32,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// Largest gRPC message accepted. A submission is ~2 KiB; 64 KiB leaves room for large
 /// headers and refuses abuse cheaply.
+/// The Admin listener: loopback, so only someone on the host can change settlement policy
+/// unless the operator decides otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:50052";
+
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Concurrent HTTP/2 streams per connection. A fleet node needs a few (one SubmitStream,
@@ -156,6 +160,15 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// TLS on both gRPC listeners; off without this section.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who may call, by bearer token or client certificate. With none, the daemon
+    /// authenticates no one, which it allows only while both listeners are on loopback.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
     /// The file this config was loaded from (for a reload on SIGHUP); not a config key.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
@@ -339,6 +352,70 @@ impl Default for ServerConfig {
     }
 }
 
+/// The Admin listener (the Admin service and health only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// See [`DEFAULT_ADMIN_LISTEN`].
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: DEFAULT_ADMIN_LISTEN.parse().expect("constant address parses") }
+    }
+}
+
+/// TLS for both listeners (rustls; TLS 1.2 and 1.3, ALPN h2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert_file: std::path::PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1). Refused if group or others may read it.
+    pub key_file: std::path::PathBuf,
+    /// CA certificates (PEM) whose client certificates are verified. Clients may then
+    /// authenticate by certificate; a certificate from another CA fails the handshake.
+    /// Clients without a certificate may still present a bearer token.
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// What a credential may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// An API server: Ingest and Payments, on `server.listen`.
+    Api,
+    /// An operator: Admin, on `admin.listen`.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// One caller: an API server or an operator, by bearer token, client certificate or both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The caller's name: in logs, in the ledger's `api_server`, and the key of its limits.
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of its bearer token, 64 hex digits (`x402-batcher new-token` makes a pair).
+    /// The token itself is never stored in the config.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// A DNS name in its client certificate's subjectAltName (needs `tls.client_ca_file`).
+    #[serde(default)]
+    pub cert_name: Option<String>,
+}
+
 /// The RocksDB ledger.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -519,6 +596,7 @@ impl Config {
         if self.balances.max_batch == 0 {
             return Err(invalid("balances.max_batch", "must be at least 1"));
         }
+        self.validate_access()?;
         let mut chains = HashMap::new();
         for (i, c) in self.chains.iter().enumerate() {
             if let Some(j) = chains.insert(c.chain_id, i) {
@@ -526,6 +604,87 @@ impl Config {
             }
             if !(c.rpc_url.starts_with("http://") || c.rpc_url.starts_with("https://")) {
                 return Err(invalid(format!("chains[{i}].rpc_url"), "must be an http:// or https:// URL"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the listeners, TLS and credentials together: no listener reachable from
+    /// other hosts without authentication, no bearer token in clear text off the host, and
+    /// every credential well formed and unique.
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        let listeners = [("server.listen", self.server.listen), ("admin.listen", self.admin.listen)];
+        if self.server.listen.port() != 0 && self.server.listen == self.admin.listen {
+            return Err(invalid("admin.listen", "must differ from server.listen"));
+        }
+        let client_ca = self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        let (mut names, mut tokens, mut certs) = (HashMap::new(), HashMap::new(), HashMap::new());
+        for (i, c) in self.credentials.iter().enumerate() {
+            let field = |f: &str| format!("credentials[{i}].{f}");
+            if c.name.is_empty() || c.name.len() > 128 || c.name.chars().any(char::is_control) {
+                return Err(invalid(field("name"), "must be 1 to 128 printable characters"));
+            }
+            if let Some(j) = names.insert(c.name.as_str(), i) {
+                return Err(invalid(field("name"), format!("duplicates credentials[{j}]")));
+            }
+            if c.token_sha256.is_none() && c.cert_name.is_none() {
+                return Err(invalid(field("name"), "needs token_sha256, cert_name or both"));
+            }
+            if let Some(hash) = &c.token_sha256 {
+                let hash =
+                    crate::auth::parse_token_hash(hash).map_err(|e| invalid(field("token_sha256"), e))?;
+                if let Some(j) = tokens.insert(hash, i) {
+                    return Err(invalid(field("token_sha256"), format!("duplicates credentials[{j}]")));
+                }
+            }
+            if let Some(name) = &c.cert_name {
+                let name = crate::auth::parse_cert_name(name).map_err(|e| invalid(field("cert_name"), e))?;
+                if !client_ca {
+                    return Err(invalid(
+                        field("cert_name"),
+                        "needs tls.client_ca_file: client certificates are verified against it",
+                    ));
+                }
+                if let Some(j) = certs.insert(name, i) {
+                    return Err(invalid(field("cert_name"), format!("duplicates credentials[{j}]")));
+                }
+            }
+        }
+        if self.credentials.is_empty() {
+            for (field, addr) in listeners {
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{addr} is reachable from other hosts and no [[credentials]] are configured: \
+                             anyone who can connect could call it. Add credentials, or listen on loopback"
+                        ),
+                    ));
+                }
+            }
+        }
+        for role in [Role::Api, Role::Admin] {
+            if !self.credentials.is_empty() && !self.credentials.iter().any(|c| c.role == role) {
+                return Err(invalid(
+                    "credentials",
+                    format!(
+                        "no entry with role = \"{}\": with authentication on, its listener would refuse every call",
+                        role.as_str()
+                    ),
+                ));
+            }
+        }
+        if self.tls.is_none() && self.credentials.iter().any(|c| c.token_sha256.is_some()) {
+            for (field, addr) in listeners {
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{addr} is reachable from other hosts without [tls]: bearer tokens would \
+                             cross the network in clear text"
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -588,6 +747,9 @@ impl Config {
             settlement: SettlementConfig::default(),
             metrics: MetricsConfig::default(),
             limits: LimitsConfig::default(),
+            admin: AdminConfig::default(),
+            tls: None,
+            credentials: Vec::new(),
             source: None,
         }
     }
@@ -646,6 +808,45 @@ mod tests {
         let usdc = table.get(8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")).unwrap();
         assert_eq!(usdc.domain.name, "USD Coin");
         assert_eq!(config.admission.max_value, Some(U256::from(100_000_000u64)));
+    }
+
+    #[test]
+    fn listeners_off_the_host_need_credentials_and_tokens_need_tls() {
+        let hash = "ab".repeat(32);
+        let other = "cd".repeat(32);
+        let api = format!("[[credentials]]\nname = \"api-1\"\nrole = \"api\"\ntoken_sha256 = \"{hash}\"\n");
+        let admin =
+            format!("[[credentials]]\nname = \"ops\"\nrole = \"admin\"\ntoken_sha256 = \"{other}\"\n");
+        let tls = "[tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\n";
+        let remote = "[server]\nlisten = \"0.0.0.0:50051\"\n";
+        let field = |text: &str| match Config::parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{text}: {other:?}"),
+        };
+        assert!(Config::parse("").is_ok(), "loopback without credentials");
+        assert_eq!(field(remote), "server.listen");
+        assert_eq!(field("[admin]\nlisten = \"10.0.0.1:50052\"\n"), "admin.listen");
+        assert_eq!(field(&format!("{remote}{api}{admin}")), "server.listen", "tokens in clear text");
+        assert!(Config::parse(&format!("{remote}{tls}{api}{admin}")).is_ok());
+        assert!(Config::parse(&format!("{api}{admin}")).is_ok(), "tokens on loopback without TLS");
+        assert_eq!(field(&api), "credentials", "no admin credential");
+        let dup = admin.replace(&other, &hash);
+        assert_eq!(field(&format!("{api}{dup}")), "credentials[1].token_sha256");
+        assert_eq!(field(&format!("{api}{}", admin.replace("ops", "api-1"))), "credentials[1].name");
+        let bad = admin.replace(&other, "xyz");
+        assert_eq!(field(&format!("{api}{bad}")), "credentials[1].token_sha256");
+        let cert = "[[credentials]]\nname = \"c\"\nrole = \"admin\"\ncert_name = \"ops.example\"\n";
+        assert_eq!(field(&format!("{api}{cert}")), "credentials[1].cert_name", "needs a client CA");
+        let ca = format!("{tls}client_ca_file = \"ca.pem\"\n");
+        assert!(Config::parse(&format!("{ca}{api}{cert}")).is_ok());
+        let ip = cert.replace("ops.example", "10.1.2.3");
+        assert_eq!(field(&format!("{ca}{api}{ip}")), "credentials[1].cert_name");
+        let neither = "[[credentials]]\nname = \"n\"\nrole = \"admin\"\n";
+        assert_eq!(field(&format!("{api}{neither}")), "credentials[1].name");
+        assert!(matches!(
+            Config::parse("[[credentials]]\nname = \"x\"\nrole = \"root\"\n"),
+            Err(ConfigError::Parse(_))
+        ));
     }
 
     #[test]

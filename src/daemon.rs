@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::admission::Admission;
 use crate::api::{self, v1};
 use crate::audit::NonceAudit;
+use crate::auth::{Auth, Role};
 use crate::balance::{BalanceCache, ChainBalances};
 use crate::chain::{self, RpcEndpoint};
 use crate::clock::Clock;
@@ -65,6 +66,10 @@ pub enum DaemonError {
     Transport(#[from] tonic::transport::Error),
     #[error("the ledger failed to commit, nothing more could be made durable: {0}")]
     LedgerFailed(String),
+    #[error("TLS")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("credentials: {0}")]
+    Credentials(String),
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -73,10 +78,45 @@ pub enum DaemonError {
     },
 }
 
-/// Runs the daemon on `listener` until `shutdown` resolves, then drains and returns.
+/// The daemon's two gRPC listeners, bound before it starts (so their addresses can be
+/// reported, and a port 0 resolved, first).
+pub struct Listeners {
+    /// API servers: Ingest and Payments (`server.listen`).
+    pub api: TcpListener,
+    /// Operators: Admin (`admin.listen`).
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `admin.listen`.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let bind = |addr: std::net::SocketAddr, field: &str| {
+            let field = field.to_owned();
+            async move {
+                TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}"))
+                })
+            }
+        };
+        Ok(Listeners {
+            api: bind(config.server.listen, "server.listen").await?,
+            admin: bind(config.admin.listen, "admin.listen").await?,
+        })
+    }
+
+    /// Both on 127.0.0.1, on ports the system picks (tests, the demo, the load generator).
+    pub async fn loopback() -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            api: TcpListener::bind("127.0.0.1:0").await?,
+            admin: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+}
+
+/// Runs the daemon on `listeners` until `shutdown` resolves, then drains and returns.
 pub async fn serve(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
@@ -109,6 +149,13 @@ pub async fn serve(
         _ => None,
     };
     let policy = PolicyHandle::new(SettlementPolicy::from_config(&config.settlement));
+    let auth = Auth::new(&config.credentials).map_err(DaemonError::Credentials)?;
+    let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
+    if !auth.required() {
+        tracing::warn!(
+            "no [[credentials]] configured: calls are not authenticated (the listeners are on loopback)"
+        );
+    }
 
     let mut endpoints: HashMap<u64, RpcEndpoint> = HashMap::new();
     for c in &config.chains {
@@ -192,11 +239,10 @@ pub async fn serve(
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut drain_seen = drain_rx.clone();
     let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());
-    let reload_task = config
-        .source
-        .clone()
-        .zip(hangup)
-        .map(|(source, hangup)| tokio::spawn(reload_on_sighup(source, hangup, policy)));
+    let reload_task =
+        config.source.clone().zip(hangup).map(|(source, hangup)| {
+            tokio::spawn(reload_on_sighup(source, hangup, policy, Arc::clone(&auth)))
+        });
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -204,8 +250,14 @@ pub async fn serve(
         .build_v1()?;
     let max = config.server.max_message_bytes;
 
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving gRPC");
+    let (api_addr, admin_addr) = (listeners.api.local_addr().ok(), listeners.admin.local_addr().ok());
+    tracing::info!(
+        ?api_addr,
+        ?admin_addr,
+        tls = tls.is_some(),
+        authenticated = auth.required(),
+        "serving gRPC"
+    );
     // Stops on the shutdown signal, or when the ledger can no longer make anything
     // durable (then the daemon exits with an error, for its supervisor to restart it).
     let fatal: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
@@ -225,16 +277,33 @@ pub async fn serve(
             let _ = drain_tx.send(true);
         }
     };
-    let server = tonic::transport::Server::builder()
+    // Health answers anyone (load balancers probe it); everything else passes the gate.
+    let (api_gate, admin_gate) = (auth.gate(Role::Api), auth.gate(Role::Admin));
+    let api = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(v1::ingest_server::IngestServer::new(services.clone()).max_decoding_message_size(max))
-        .add_service(
+        .add_service(health_service.clone())
+        .add_service(InterceptedService::new(reflection, api_gate.clone()))
+        .add_service(InterceptedService::new(
+            v1::ingest_server::IngestServer::new(services.clone()).max_decoding_message_size(max),
+            api_gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             v1::payments_server::PaymentsServer::new(services.clone()).max_decoding_message_size(max),
-        )
-        .add_service(v1::admin_server::AdminServer::new(services).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(incoming(listener), drain);
+            api_gate,
+        ))
+        .serve_with_incoming_shutdown(crate::tls::incoming(listeners.api, tls.clone(), Role::Api), drain);
+    let mut admin_drain = drain_seen.clone();
+    let admin = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(ADMIN_MAX_CONCURRENT_STREAMS))
+        .add_service(health_service)
+        .add_service(InterceptedService::new(
+            v1::admin_server::AdminServer::new(services).max_decoding_message_size(max),
+            admin_gate,
+        ))
+        .serve_with_incoming_shutdown(crate::tls::incoming(listeners.admin, tls, Role::Admin), async move {
+            let _ = admin_drain.wait_for(|draining| *draining).await;
+        });
+    let server = async move { tokio::try_join!(api, admin).map(|_| ()) };
     // A drain ends when every connection has closed; a client that keeps a stream open
     // (its request half never finished) must not hold the daemon up for ever. A commit
     // that never returns (storage that blocks rather than fails) holds every submission
@@ -288,6 +357,9 @@ pub async fn serve(
     Ok(())
 }
 
+/// Concurrent calls on one Admin connection: operators and their scripts, not a fleet.
+const ADMIN_MAX_CONCURRENT_STREAMS: u32 = 16;
+
 /// Longest a drain waits for clients to close their connections after every request read
 /// was answered.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -309,41 +381,43 @@ async fn ledger_stall(writer: LedgerHandle) -> Duration {
 }
 
 /// Re-reads the config file on every SIGHUP and applies its settlement policy (batch size,
-/// max wait, target cost, confirmations, deadline margin; pause stays as it is). A file
-/// that does not parse or validate changes nothing and is logged; other sections need a
-/// restart, which the log says when they differ.
+/// max wait, target cost, confirmations, deadline margin; pause stays as it is) and its
+/// credentials (a removed one is revoked for the next call). A file that does not parse or
+/// validate, or that would turn authentication on or off, changes nothing and is logged;
+/// other sections need a restart.
 async fn reload_on_sighup(
     source: std::path::PathBuf,
     mut hangup: tokio::signal::unix::Signal,
     policy: PolicyHandle,
+    auth: Arc<Auth>,
 ) {
     while hangup.recv().await.is_some() {
         let path = source.display().to_string();
         match Config::load(&source) {
+            Ok(new) if new.credentials.is_empty() == auth.required() => tracing::warn!(
+                config = %path,
+                "config reload refused, nothing changed: turning authentication on or off needs a restart"
+            ),
             Ok(new) => {
                 let from_file = SettlementPolicy::from_config(&new.settlement);
                 let result = policy.update(&format!("SIGHUP {path}"), |current| {
                     Ok(SettlementPolicy { paused: current.paused, ..from_file.clone() })
                 });
-                if result.is_ok() {
-                    tracing::info!(config = %path, "config reloaded (only [settlement] policy fields apply without a restart)");
+                if result.is_err() {
+                    continue;
                 }
+                // Validated with the file, and the on/off switch is excluded above.
+                if let Err(e) = auth.reload(&new.credentials) {
+                    tracing::error!(config = %path, "policy reloaded but credentials not: {e}");
+                    continue;
+                }
+                tracing::info!(
+                    config = %path,
+                    credentials = new.credentials.len(),
+                    "config reloaded ([settlement] policy fields and [[credentials]] apply without a restart)"
+                );
             }
             Err(e) => tracing::warn!(config = %path, "config reload refused, nothing changed: {e}"),
         }
     }
-}
-
-/// Accepted connections with Nagle's algorithm off. The server's own `tcp_nodelay` setting
-/// does not reach connections it is handed; without this, small replies wait for the
-/// client's delayed ACK and each unary call takes ~40 ms instead of well under one.
-fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|c| {
-            if let Err(e) = c.set_nodelay(true) {
-                tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
-            }
-        })
-    })
 }

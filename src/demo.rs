@@ -152,11 +152,11 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.settlement.confirmations = opts.confirmations;
     config.settlement.poll_interval_ms = 250;
     let tokens = config.token_table();
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| DemoError::Daemon(e.to_string()))?;
-    let url = format!("http://{}", listener.local_addr().map_err(|e| DemoError::Daemon(e.to_string()))?);
+    let listeners =
+        crate::daemon::Listeners::loopback().await.map_err(|e| DemoError::Daemon(e.to_string()))?;
+    let url = format!("http://{}", listeners.api.local_addr().map_err(|e| DemoError::Daemon(e.to_string()))?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(crate::daemon::serve(config, listener, Arc::new(SystemClock), async {
+    let daemon = tokio::spawn(crate::daemon::serve(config, listeners, Arc::new(SystemClock), async {
         let _ = stopped.await;
     }));
     println!("daemon listening on {url} (ledger {})", ledger_path.display());

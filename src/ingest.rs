@@ -45,6 +45,8 @@ pub enum SubmitError {
     ResourceExhausted(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl SubmitError {
@@ -53,6 +55,7 @@ impl SubmitError {
             SubmitError::InvalidArgument(_) => tonic::Code::InvalidArgument,
             SubmitError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             SubmitError::Unavailable(_) => tonic::Code::Unavailable,
+            SubmitError::PermissionDenied(_) => tonic::Code::PermissionDenied,
         }
     }
 
@@ -140,6 +143,7 @@ impl Ingest {
                     SubmitError::InvalidArgument(_) => "invalid_argument",
                     SubmitError::ResourceExhausted(_) => "resource_exhausted",
                     SubmitError::Unavailable(_) => "unavailable",
+                    SubmitError::PermissionDenied(_) => "permission_denied",
                 });
             }
         }

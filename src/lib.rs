@@ -57,6 +57,7 @@
 pub mod admission;
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod balance;
 pub mod chain;
 pub mod client;
@@ -78,5 +79,6 @@ pub mod settle;
 pub mod simulate;
 pub mod telemetry;
 pub mod testkit;
+pub mod tls;
 pub mod verify;
 pub mod x402;

@@ -2,9 +2,9 @@
 //! decided at once. One noisy server is refused with RESOURCE_EXHAUSTED while the others,
 //! and settlement, go on.
 //!
-//! A server is named by the submission's `api_server` field. Until the API listener
-//! authenticates its callers (issue #6), that name is the caller's own claim: the limits
-//! protect against a misbehaving server of the fleet, not against a hostile one.
+//! A server is named by the submission's `api_server` field, which the API listener sets to
+//! the authenticated credential's name ([`crate::auth`]; another name is refused). Without
+//! authentication (loopback only) the name is the caller's own claim.
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -98,6 +98,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a bearer token for a [[credentials]] entry: prints the token (give it to the
+    /// caller, once) and the config lines holding only its SHA-256.
+    NewToken {
+        /// The caller's name (an API server's, or an operator's).
+        #[arg(long)]
+        name: String,
+        /// api (Ingest and Payments) or admin (Admin).
+        #[arg(long, default_value = "api")]
+        role: String,
+    },
     /// Decode an x402 payment header (v1 X-PAYMENT or v2 PAYMENT-SIGNATURE) and print it,
     /// or the reason code it would be refused with.
     Decode {
@@ -313,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         // Logs go to stderr; stdout carries only what scripts read (`listening on ADDR`).
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -326,11 +338,10 @@ async fn main() -> anyhow::Result<()> {
             let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
             config.validate_for_run()?;
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-            println!("listening on {}", listener.local_addr()?);
-            daemon::serve(config, listener, Arc::new(SystemClock), stop).await?;
+            let listeners = daemon::Listeners::bind(&config).await?;
+            println!("listening on {}", listeners.api.local_addr()?);
+            println!("admin on {}", listeners.admin.local_addr()?);
+            daemon::serve(config, listeners, Arc::new(SystemClock), stop).await?;
         }
         Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir } => {
             let opts = demo::DemoOptions {
@@ -353,6 +364,13 @@ async fn main() -> anyhow::Result<()> {
             if !clean {
                 std::process::exit(1);
             }
+        }
+        Command::NewToken { name, role } => {
+            anyhow::ensure!(role == "api" || role == "admin", "--role must be api or admin");
+            let (token, hash) = x402_batcher::auth::new_token().context("reading /dev/urandom")?;
+            println!("token (give it to {name}; it is not stored anywhere): {token}");
+            println!();
+            println!("[[credentials]]\nname = {name:?}\nrole = \"{role}\"\ntoken_sha256 = \"{hash}\"");
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).with_context(|| format!("config {}", config.display()))?;
@@ -492,10 +510,10 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         config.tokens.push(net.token_config());
         config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
         config.ledger.path = Some(dir.join("ledger"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let listeners = daemon::Listeners::loopback().await?;
+        let url = format!("http://{}", listeners.api.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(daemon::serve(config, listener, Arc::new(SystemClock), async {
+        let server = tokio::spawn(daemon::serve(config, listeners, Arc::new(SystemClock), async {
             let _ = stopped.await;
         }));
         let domain = net.token_domain();

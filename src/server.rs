@@ -18,7 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::v1;
-use crate::ingest::{self, Ingest};
+use crate::auth::{Peer, Principal, Role};
+use crate::ingest::{self, Ingest, SubmitError};
 use crate::ledger::{AuthKey, LedgerHandle, PaymentId};
 use crate::policy::PolicyHandle;
 use crate::x402::decode;
@@ -53,7 +54,9 @@ impl Services {
 #[tonic::async_trait]
 impl v1::ingest_server::Ingest for Services {
     async fn submit(&self, request: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitReply>, Status> {
-        let req = request.into_inner();
+        let caller = Caller::of(&request);
+        let mut req = request.into_inner();
+        caller.bind(&mut req).map_err(|e| e.to_status())?;
         let decision = self.ingest.submit(&req).await.map_err(|e| e.to_status())?;
         Ok(Response::new(ingest::reply(req.request_id, Ok(decision))))
     }
@@ -64,6 +67,7 @@ impl v1::ingest_server::Ingest for Services {
         &self,
         request: Request<Streaming<v1::SubmitRequest>>,
     ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
         let ingest = Arc::clone(&self.ingest);
@@ -81,11 +85,15 @@ impl v1::ingest_server::Ingest for Services {
                     }
                     next = inbound.message() => next,
                 };
-                let req = match next {
+                let mut req = match next {
                     Ok(Some(req)) => req,
                     // The client closed its side, or the connection broke.
                     Ok(None) | Err(_) => break,
                 };
+                if let Err(e) = caller.bind(&mut req) {
+                    let _ = tx.send(Ok(ingest::reply(req.request_id, Err(e)))).await;
+                    continue;
+                }
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { break };
                 let (ingest, tx) = (Arc::clone(&ingest), tx.clone());
                 tasks.spawn(async move {
@@ -106,6 +114,38 @@ impl v1::ingest_server::Ingest for Services {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Who sent a submission: the authenticated API server, if authentication is on.
+struct Caller {
+    principal: Option<Arc<Principal>>,
+    peer: String,
+}
+
+impl Caller {
+    fn of<T>(request: &Request<T>) -> Caller {
+        Caller {
+            principal: request.extensions().get::<Arc<Principal>>().cloned(),
+            peer: request.extensions().get::<Peer>().map_or_else(String::new, Peer::describe),
+        }
+    }
+
+    /// Names the submission after its authenticated sender: an empty `api_server` takes the
+    /// credential's name; another name is refused (one server cannot record, or spend the
+    /// limits of, another). Without authentication the field is the sender's own claim.
+    fn bind(&self, req: &mut v1::SubmitRequest) -> Result<(), SubmitError> {
+        let Some(principal) = &self.principal else { return Ok(()) };
+        if !req.api_server.is_empty() && req.api_server != *principal.name {
+            let why = format!(
+                "api_server {:?} is not the authenticated caller {:?}; leave it empty or use your own name",
+                req.api_server, principal.name
+            );
+            crate::auth::refused(Role::Api, &self.peer, Some(tonic::Code::PermissionDenied), &why);
+            return Err(SubmitError::PermissionDenied(why));
+        }
+        req.api_server = principal.name.to_string();
+        Ok(())
     }
 }
 
@@ -232,9 +272,10 @@ impl v1::admin_server::Admin for Services {
         &self,
         request: Request<v1::UpdatePolicyRequest>,
     ) -> Result<Response<v1::Policy>, Status> {
-        let source = match request.remote_addr() {
-            Some(peer) => format!("admin {peer}"),
-            None => "admin".to_owned(),
+        let caller = Caller::of(&request);
+        let source = match &caller.principal {
+            Some(p) => format!("admin {} from {}", p.name, caller.peer),
+            None => format!("admin from {}", caller.peer),
         };
         let req = request.into_inner();
         match self.policy.update(&source, |p| p.with_update(&req)) {

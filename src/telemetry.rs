@@ -54,6 +54,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_policy_target_cost_per_payment_wei",
     "x402_batcher_policy_confirmations",
     "x402_batcher_policy_deadline_margin_seconds",
+    "x402_batcher_auth_refused_total",
 ];
 
 /// How often histograms are compacted when nobody scrapes.

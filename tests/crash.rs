@@ -35,6 +35,7 @@ fn key_of(req: &v1::SubmitRequest) -> v1::AuthorizationKey {
     }
 }
 
+/// The ledger's last sequence number, through `client`'s Admin stub (on the Admin listener).
 async fn ledger_seq(client: &mut Client) -> u64 {
     client.admin.get_status(v1::GetStatusRequest {}).await.map(|s| s.into_inner().ledger_seq).unwrap_or(0)
 }
@@ -72,8 +73,9 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
             offered += requests.len();
 
             let mut daemon = start(&config);
-            let mut client = Client::connect(daemon.url.clone()).await.unwrap();
-            let base = ledger_seq(&mut client).await;
+            let client = Client::connect(daemon.url.clone()).await.unwrap();
+            let mut admin = Client::connect(daemon.admin_url.clone()).await.unwrap();
+            let base = ledger_seq(&mut admin).await;
             let load = {
                 let (client, requests) = (client.clone(), requests.clone());
                 tokio::spawn(async move { loadgen::run(&client, requests, Some(RATE), 2).await })
@@ -81,7 +83,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
             // A kill point that differs per round: after 1..=500 of the 600 changes.
             let threshold = base + 1 + (round * 197 + 13) % 500;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while ledger_seq(&mut client).await < threshold {
+            while ledger_seq(&mut admin).await < threshold {
                 assert!(tokio::time::Instant::now() < deadline, "round {round}: load did not progress");
                 tokio::task::yield_now().await;
             }
@@ -162,8 +164,7 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         // Then everything acknowledged settles, once: one settlement log entry each, and the
         // payee paid each exactly once.
         let mut daemon = start(&config);
-        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
-        common::settle::wait_nothing_pending(&mut client.admin, Duration::from_secs(120)).await;
+        common::settle::wait_nothing_pending(&daemon.admin_url, Duration::from_secs(120)).await;
         daemon.signal("TERM");
         assert!(daemon.child.wait().unwrap().success());
         let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
@@ -354,7 +355,7 @@ async fn a_signal_during_start_up_is_handled() {
             daemon.signal(signal);
             if signal == "HUP" {
                 // Still running: a reload, not a stop.
-                let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+                let mut client = Client::connect(daemon.admin_url.clone()).await.unwrap();
                 assert!(client.admin.get_status(v1::GetStatusRequest {}).await.is_ok());
                 daemon.signal("TERM");
             }

@@ -95,7 +95,7 @@ async fn under_faults(name: &str, payments: usize, rate: f64, schedule: Vec<(Dur
     );
 
     // Afterwards everything acknowledged settles.
-    wait_nothing_pending(&mut client.admin.clone(), Duration::from_secs(120)).await;
+    wait_nothing_pending(&d.admin_url(), Duration::from_secs(120)).await;
     d.stop().await;
     let (log, batches) = ledger_after(dir.path(), net.chain_id());
     let ids: HashSet<_> = log.iter().map(|r| r.payment_id()).collect();

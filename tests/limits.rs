@@ -70,7 +70,7 @@ async fn a_noisy_server_is_shed_while_a_quiet_one_is_served_and_acked_payments_s
         );
 
         // Everything acknowledged settles.
-        wait_nothing_pending(&mut client.admin.clone(), Duration::from_secs(60)).await;
+        wait_nothing_pending(&d.admin_url(), Duration::from_secs(60)).await;
         d.stop().await;
         let (log, _) = ledger_after(dir.path(), net.chain_id());
         assert_eq!(log.len(), noisy_report.acked.len() + 30);

@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
 use common::binary::{settling_config, start};
+use common::metrics::{scrape, series, sum};
 use common::settle::Miner;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
@@ -22,37 +21,6 @@ use x402_batcher::testkit::{self, PaymentBuilder};
 
 const LIMIT: Duration = Duration::from_secs(180);
 const PAYMENTS: usize = 50;
-
-/// `GET /metrics` over plain TCP.
-async fn scrape(addr: &str) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).await.unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
-
-/// Series of the exposition text: `name{labels}` -> value.
-fn series(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?))))
-        .collect()
-}
-
-/// The sum of `name`'s series whose labels contain every `label="value"` given.
-fn sum(s: &HashMap<String, f64>, name: &str, labels: &[&str]) -> Option<f64> {
-    let mut found = None;
-    for (k, v) in s {
-        let base = k.split('{').next().unwrap();
-        if base == name && labels.iter().all(|l| k.contains(l)) {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
-}
 
 /// The settlement policy part of the config (what SIGHUP reloads), and the rest.
 fn settlement(batch: usize, depth: u64) -> String {
@@ -77,6 +45,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         let metrics = daemon.line_after("metrics on ");
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
         let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let mut admin = Client::connect(daemon.admin_url.clone()).await.unwrap().admin;
         let payee = Address::repeat_byte(0xbe);
         let now = SystemClock.now_unix();
         let opts = LoadOptions {
@@ -114,8 +83,10 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
 
-        // Every exported metric is there (rpc_errors_total appears with the first error).
-        for name in NAMES.iter().filter(|n| **n != "x402_batcher_rpc_errors_total") {
+        // Every exported metric is there (rpc_errors_total appears with the first error,
+        // auth_refused_total with the first refusal: tests/auth.rs checks it).
+        let later = ["x402_batcher_rpc_errors_total", "x402_batcher_auth_refused_total"];
+        for name in NAMES.iter().filter(|n| !later.contains(n)) {
             let present = s.keys().any(|k| {
                 let base = k.split('{').next().unwrap();
                 base == *name
@@ -161,7 +132,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         // One payment fails (its nonce is used outside the daemon) and one expires, while
         // settlement is paused; both are counted with their reason codes.
         let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
-        client.admin.update_policy(pause(true)).await.unwrap();
+        admin.update_policy(pause(true)).await.unwrap();
         let now = SystemClock.now_unix();
         let builder =
             |i| PaymentBuilder::new(&payers[i], &net.token_domain(), now).nonce_index(500_000 + i as u64);
@@ -189,7 +160,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
             assert!(tokio::time::Instant::now() < deadline, "the payment did not expire");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        client.admin.update_policy(pause(false)).await.unwrap();
+        admin.update_policy(pause(false)).await.unwrap();
         while state(&client, ids[0].clone()).await != v1::PaymentStatus::Failed {
             assert!(tokio::time::Instant::now() < deadline, "the payment did not fail");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -210,7 +181,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         daemon.signal("HUP");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let p = client.admin.get_policy(v1::GetPolicyRequest {}).await.unwrap().into_inner();
+            let p = admin.get_policy(v1::GetPolicyRequest {}).await.unwrap().into_inner();
             if (p.max_batch_size, p.confirmation_depth) == (7, 5) {
                 break;
             }

@@ -23,7 +23,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
 
 async fn admin(d: &TestDaemon) -> v1::admin_client::AdminClient<Channel> {
-    v1::admin_client::AdminClient::connect(d.url()).await.unwrap()
+    v1::admin_client::AdminClient::connect(d.admin_url()).await.unwrap()
 }
 
 /// The engine's completed rounds, from the process's metrics (the daemon runs in-process).

@@ -71,7 +71,7 @@ async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported(
         assert!(out.contains("10 settled payments") && out.contains("0 discrepancies"), "{out}");
 
         // A payment the daemon holds is settled by someone else's transaction.
-        let mut admin = v1::admin_client::AdminClient::connect(d.url()).await.unwrap();
+        let mut admin = v1::admin_client::AdminClient::connect(d.admin_url()).await.unwrap();
         let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
         admin.update_policy(pause(true)).await.unwrap();
         let outside = pay(100);

@@ -66,7 +66,7 @@ fn payments(d: &TestDaemon, payers: &[PrivateKeySigner], n: usize, tag: u64) -> 
 /// can fall between two of them and cut the first ones alone; with automine off the rest
 /// then wait for the settler's next nonce.)
 async fn submit_as_one_wave(d: &TestDaemon, items: &[SignedAuthorization]) -> Vec<String> {
-    let mut admin = v1::admin_client::AdminClient::connect(d.url()).await.unwrap();
+    let mut admin = v1::admin_client::AdminClient::connect(d.admin_url()).await.unwrap();
     let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
     admin.update_policy(pause(true)).await.unwrap();
     let ids = submit_all(d, items).await;

@@ -41,14 +41,19 @@ pub fn write_file(path: &std::path::Path, signers: &[PrivateKeySigner]) -> std::
     f.sync_all()
 }
 
+/// The permission bits of a secret file (a key) if group or others have any access to it.
+pub fn loose_mode(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & 0o077 != 0).then_some(mode))
+}
+
 /// The configured settler signers, in the order given. Empty when none is configured.
 pub fn load(config: &SettlementConfig) -> Result<Vec<PrivateKeySigner>, KeyError> {
     let mut signers = Vec::new();
     if let Some(path) = &config.settler_keys_file {
-        use std::os::unix::fs::PermissionsExt as _;
         let read_err = |source| KeyError::Read { path: path.display().to_string(), source };
-        let mode = std::fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = loose_mode(path).map_err(read_err)? {
             return Err(KeyError::LoosePermissions { path: path.display().to_string(), mode });
         }
         let text = std::fs::read_to_string(path).map_err(read_err)?;

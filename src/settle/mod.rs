@@ -47,7 +47,7 @@ use alloy::sol_types::{SolCall, SolEvent};
 use futures::FutureExt as _;
 use tokio::sync::watch;
 
-pub use keys::{KeyError, load as load_keys, write_file as write_key_file};
+pub use keys::{KeyError, load as load_keys, loose_mode, write_file as write_key_file};
 
 use crate::balance::BalanceCache;
 use crate::chain::{self, IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};

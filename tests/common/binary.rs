@@ -11,8 +11,12 @@ use x402_batcher::devnet::Devnet;
 pub struct Daemon {
     pub child: Child,
     pub url: String,
+    /// The Admin listener's.
+    pub admin_url: String,
     /// The lines the daemon printed on stdout after `listening on`.
     lines: Receiver<String>,
+    /// Its log lines (stderr, at `warn`), also echoed to the test's stderr.
+    logs: Receiver<String>,
 }
 
 /// Starts `x402-batcher run --config CONFIG` and waits until it prints its address.
@@ -22,7 +26,7 @@ pub fn start(config: &std::path::Path) -> Daemon {
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("daemon binary starts");
     let stdout = child.stdout.take().unwrap();
@@ -32,9 +36,17 @@ pub fn start(config: &std::path::Path) -> Daemon {
             let _ = tx.send(line);
         }
     });
-    let mut daemon = Daemon { child, url: String::new(), lines: rx };
-    let addr = daemon.line_after("listening on ");
-    daemon.url = format!("http://{addr}");
+    let stderr = child.stderr.take().unwrap();
+    let (log_tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = log_tx.send(line);
+        }
+    });
+    let mut daemon = Daemon { child, url: String::new(), admin_url: String::new(), lines: rx, logs };
+    daemon.url = format!("http://{}", daemon.line_after("listening on "));
+    daemon.admin_url = format!("http://{}", daemon.line_after("admin on "));
     daemon
 }
 
@@ -48,6 +60,21 @@ impl Daemon {
                 self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("daemon printed no {prefix:?}"));
             if let Some(rest) = line.strip_prefix(prefix) {
                 return rest.to_owned();
+            }
+        }
+    }
+
+    /// The first log line from now on containing every one of `needles` (waits up to 30 s).
+    pub fn log_with(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("daemon logged no line with {needles:?}"));
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
             }
         }
     }
@@ -76,7 +103,7 @@ pub fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::pa
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
              [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
              [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n{extra}",
             dir.join("ledger").display(),

@@ -15,6 +15,7 @@ use x402_batcher::x402::eip712::TokenDomain;
 pub struct TestDaemon {
     pub devnet: Arc<Devnet>,
     pub addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
     /// Holds the ledger; shared with a restarted daemon.
     pub dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
@@ -40,19 +41,19 @@ impl TestDaemon {
         config.chains.push(ChainConfig { chain_id: devnet.chain_id(), rpc_url: devnet.rpc_url().to_owned() });
         config.ledger.path = Some(dir.path().join("ledger"));
         tune(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listeners = x402_batcher::daemon::Listeners::loopback().await.unwrap();
+        let (addr, admin_addr) = (listeners.api.local_addr().unwrap(), listeners.admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task =
-            tokio::spawn(x402_batcher::daemon::serve(config, listener, Arc::new(SystemClock), async {
+            tokio::spawn(x402_batcher::daemon::serve(config, listeners, Arc::new(SystemClock), async {
                 let _ = stopped.await;
             }));
-        let daemon = TestDaemon { devnet, addr, dir, stop: Some(stop), task: Some(task) };
+        let daemon = TestDaemon { devnet, addr, admin_addr, dir, stop: Some(stop), task: Some(task) };
         // The listener is bound before the daemon starts, so this connects at once and the
         // request is answered as soon as the daemon serves: no polling needed. A daemon that
         // fails to start drops the listener, and the request fails.
         let ready = async {
-            let mut admin = v1::admin_client::AdminClient::connect(daemon.url()).await?;
+            let mut admin = v1::admin_client::AdminClient::connect(daemon.admin_url()).await?;
             admin.get_status(v1::GetStatusRequest {}).await.map_err(|s| s.into())
         };
         let ready: Result<_, Box<dyn std::error::Error>> =
@@ -65,6 +66,15 @@ impl TestDaemon {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The Admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    pub async fn admin(&self) -> v1::admin_client::AdminClient<Channel> {
+        v1::admin_client::AdminClient::connect(self.admin_url()).await.unwrap()
     }
 
     pub async fn ingest(&self) -> v1::ingest_client::IngestClient<Channel> {

@@ -3,6 +3,8 @@
 
 pub mod binary;
 pub mod daemon;
+pub mod metrics;
+pub mod pki;
 pub mod proxy;
 pub mod settle;
 

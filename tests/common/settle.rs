@@ -109,10 +109,8 @@ pub fn status(p: &v1::Payment) -> v1::PaymentStatus {
 }
 
 /// Polls Admin GetStatus until no payment is pending (all final), or panics after `limit`.
-pub async fn wait_nothing_pending(
-    admin: &mut v1::admin_client::AdminClient<tonic::transport::Channel>,
-    limit: Duration,
-) {
+pub async fn wait_nothing_pending(admin_url: &str, limit: Duration) {
+    let mut admin = v1::admin_client::AdminClient::connect(admin_url.to_owned()).await.unwrap();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let pending = admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner().pending_payments;
