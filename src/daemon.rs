@@ -245,9 +245,12 @@ pub async fn serve(
         });
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection on both listeners (grpcurl needs it), behind each listener's gate.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .build_v1()
+    };
     let max = config.server.max_message_bytes;
 
     let (api_addr, admin_addr) = (listeners.api.local_addr().ok(), listeners.admin.local_addr().ok());
@@ -282,7 +285,7 @@ pub async fn serve(
     let api = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .add_service(health_service.clone())
-        .add_service(InterceptedService::new(reflection, api_gate.clone()))
+        .add_service(InterceptedService::new(reflection()?, api_gate.clone()))
         .add_service(InterceptedService::new(
             v1::ingest_server::IngestServer::new(services.clone()).max_decoding_message_size(max),
             api_gate.clone(),
@@ -296,6 +299,7 @@ pub async fn serve(
     let admin = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ADMIN_MAX_CONCURRENT_STREAMS))
         .add_service(health_service)
+        .add_service(InterceptedService::new(reflection()?, admin_gate.clone()))
         .add_service(InterceptedService::new(
             v1::admin_server::AdminServer::new(services).max_decoding_message_size(max),
             admin_gate,

@@ -18,9 +18,12 @@
 //!
 //! In the order a payment meets them:
 //!
-//! - [`server`]: the gRPC services (Ingest, Payments, Admin) over [`ingest`] and the ledger;
-//!   [`daemon`] assembles everything, checks the tokens' domains at start-up, and drains on
-//!   shutdown.
+//! - [`tls`], [`auth`]: the listeners' connections (TLS through rustls, handshakes logged
+//!   with their peer) and who may call: credentials by client certificate or bearer token,
+//!   each with a role, checked on every call by an interceptor.
+//! - [`server`]: the gRPC services (Ingest and Payments for API servers, Admin for operators
+//!   on its own listener) over [`ingest`] and the ledger; [`daemon`] assembles everything,
+//!   checks the tokens' domains at start-up, and drains on shutdown.
 //! - [`api`]: the generated gRPC contract (`proto/x402/batcher/v1`) and the conversion of its
 //!   messages into domain types, with typed errors.
 //! - [`ingest`]: the decision path for one submission, and the one place decisions become
@@ -51,8 +54,9 @@
 //! - [`devnet`], [`testkit`], [`demo`]: a local anvil chain with the project's contracts,
 //!   fixture builders, and the README's main job.
 //!
-//! Metrics, runtime policy, reconciliation and hardening arrive with the issues that build
-//! them; see the README for what works today.
+//! Also: [`telemetry`] (Prometheus metrics), [`policy`] (the runtime settlement policy),
+//! [`limits`] (per-API-server limits), [`reconcile`] (the ledger proved against the chain).
+//! The README says what works today.
 
 pub mod admission;
 pub mod api;

@@ -193,6 +193,42 @@ struct LoadgenArgs {
     /// load (0: skip).
     #[arg(long, default_value_t = 3.0)]
     ceiling_seconds: f64,
+    /// TLS: the CA certificate (PEM) that issued the daemon's; use an https:// --target.
+    #[arg(long, conflicts_with = "devnet")]
+    ca_file: Option<PathBuf>,
+    /// The name the daemon's certificate carries, if not the target's host.
+    #[arg(long, requires = "ca_file")]
+    server_name: Option<String>,
+    /// A client certificate (PEM) for mutual TLS, with --key-file.
+    #[arg(long, requires_all = ["ca_file", "key_file"])]
+    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// The environment variable holding a bearer token (not a flag: flags show in `ps`).
+    #[arg(long, conflicts_with = "devnet")]
+    token_env: Option<String>,
+}
+
+impl LoadgenArgs {
+    /// The client credentials the flags name.
+    fn client_auth(&self) -> anyhow::Result<x402_batcher::client::ClientAuth> {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        let token = self
+            .token_env
+            .as_ref()
+            .map(|var| std::env::var(var).with_context(|| format!("--token-env: {var} is not set")))
+            .transpose()?;
+        Ok(x402_batcher::client::ClientAuth {
+            ca_pem: self.ca_file.as_ref().map(read).transpose()?,
+            server_name: self.server_name.clone(),
+            identity,
+            token,
+        })
+    }
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<()> {
@@ -544,7 +580,7 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         opts.payers.len(),
         signing.elapsed().as_secs_f64()
     );
-    let client = Client::connect(url.clone()).await?;
+    let client = Client::connect_with(url.clone(), &args.client_auth()?).await?;
     let report = loadgen::run(&client, requests, args.rate, args.streams).await;
     println!("{}", report.summary());
     if let (Some(before), Some(after)) = (ceiling_before, ceiling()) {

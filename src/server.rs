@@ -1,6 +1,7 @@
 //! The gRPC services over [`crate::ingest::Ingest`] and the ledger: Ingest (unary and
 //! streaming submission), Payments (lookup and a resumable change feed) and Admin (status
-//! and the runtime settlement policy).
+//! and the runtime settlement policy). Calls arrive here authenticated ([`crate::auth`]);
+//! a submission is named after its authenticated sender.
 //!
 //! Every stream has a bound: a SubmitStream has at most [`MAX_IN_FLIGHT_PER_STREAM`]
 //! requests being decided (reading stops beyond that, so HTTP/2 flow control pushes back
