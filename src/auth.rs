@@ -321,6 +321,27 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_names_exactly_one_credential_or_none() {
+        let cert = |san: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let der = rcgen::CertificateParams::new(vec![san.to_owned()]).unwrap().self_signed(&key).unwrap();
+            der.der().clone()
+        };
+        let by_cert = |name: &str| CredentialConfig {
+            name: name.split('.').next().unwrap().into(),
+            role: Role::Api,
+            token_sha256: None,
+            cert_name: Some(name.into()),
+        };
+        let table = Table::new(0, &[by_cert("a.fleet.test"), by_cert("b.fleet.test")]).unwrap();
+        assert_eq!(&*table.match_cert(&cert("a.fleet.test")).unwrap().name, "a");
+        assert_eq!(&*table.match_cert(&cert("B.fleet.test")).unwrap().name, "b");
+        assert!(table.match_cert(&cert("c.fleet.test")).unwrap_err().contains("no configured credential"));
+        assert!(table.match_cert(&cert("*.fleet.test")).unwrap_err().contains("several"));
+        assert!(table.match_cert(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
+    }
+
+    #[test]
     fn token_hashes_and_cert_names_are_checked() {
         let (token, hash) = new_token().unwrap();
         assert_eq!(parse_token_hash(&hash).unwrap(), hash_token(&token));
