@@ -11,16 +11,14 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::Address;
 use common::binary::{Daemon, start, write_config};
 use common::metrics::{scrape, series, sum};
 use common::pki::{Ca, Leaf};
 use tonic::Code;
 use x402_batcher::api::v1;
 use x402_batcher::client::{Client, ClientAuth, ClientError};
-use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::loadgen::{self, LoadOptions};
+use x402_batcher::devnet::Devnet;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -67,23 +65,6 @@ async fn connect(
 
 fn https(url: &str) -> String {
     url.replace("http://", "https://")
-}
-
-/// `n` signed submissions from funded payers.
-async fn payments(net: &Devnet, n: usize) -> Vec<v1::SubmitRequest> {
-    let payers = devnet::payer_keys("auth", 2);
-    let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
-    net.fund(&addrs, U256::from(1_000_000u64)).await.unwrap();
-    let opts = LoadOptions {
-        payments: n,
-        payers,
-        rate: None,
-        streams: 1,
-        value: 1_000,
-        payees: vec![Address::repeat_byte(0xa7)],
-        run_id: 1,
-    };
-    loadgen::presign(&net.token_domain(), &opts, SystemClock.now_unix())
 }
 
 /// Submits `req` and expects a refusal with `code`; returns its message.
@@ -137,7 +118,7 @@ async fn mutual_tls_admits_named_certificates_only_and_each_role_on_its_own_list
         let mut daemon = start(&write_config(dir.path(), &net, &extra));
         let metrics = daemon.line_after("metrics on ");
         let (api_url, admin_url) = (daemon.url.clone(), daemon.admin_url.clone());
-        let reqs = payments(&net, 2).await;
+        let reqs = common::funded_submissions(&net, "auth", 2, 2, Address::repeat_byte(0xa7)).await;
         let (api1, ops) = (fleet.client("api-1.fleet.test"), fleet.client("ops.fleet.test"));
 
         // No certificate (and no token): UNAUTHENTICATED, logged with the peer.
@@ -247,7 +228,7 @@ async fn bearer_tokens_wrong_or_revoked_are_refused_and_admin_needs_an_admin_tok
         let config = write_config(dir.path(), &net, &with(&both));
         let mut daemon = start(&config);
         let (api_url, admin_url) = (daemon.url.clone(), daemon.admin_url.clone());
-        let reqs = payments(&net, 2).await;
+        let reqs = common::funded_submissions(&net, "auth", 2, 2, Address::repeat_byte(0xa7)).await;
 
         // Plaintext against the TLS listener: no call gets through; logged.
         if let Ok(mut plain) = Client::connect(api_url.clone()).await {

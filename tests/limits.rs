@@ -84,23 +84,6 @@ async fn a_noisy_server_is_shed_while_a_quiet_one_is_served_and_acked_payments_s
     .expect("within the time limit");
 }
 
-/// `n` signed submissions from `n` funded payers (each a balance the daemon has not read).
-async fn submissions(net: &Devnet, seed: &str, n: usize) -> Vec<v1::SubmitRequest> {
-    let payers = devnet::payer_keys(seed, n);
-    let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
-    net.fund(&addrs, U256::from(1_000_000u64)).await.unwrap();
-    let opts = LoadOptions {
-        payments: n,
-        payers,
-        rate: None,
-        streams: 1,
-        value: 1_000,
-        payees: vec![Address::repeat_byte(0x1e)],
-        run_id: 3,
-    };
-    loadgen::presign(&net.token_domain(), &opts, SystemClock.now_unix())
-}
-
 fn with_deadline(req: &v1::SubmitRequest, deadline: Duration) -> tonic::Request<v1::SubmitRequest> {
     let mut request = tonic::Request::new(req.clone());
     request.set_timeout(deadline);
@@ -121,7 +104,8 @@ async fn a_call_past_its_client_deadline_is_dropped_by_the_daemon_and_records_no
             c.limits.per_server_in_flight = 1;
         })
         .await;
-        let mut reqs = submissions(&d.devnet, "deadline", 2).await;
+        let mut reqs =
+            common::funded_submissions(&d.devnet, "deadline", 2, 2, Address::repeat_byte(0x1e)).await;
         for r in &mut reqs {
             r.api_server = "api-1".into();
         }
@@ -184,7 +168,7 @@ async fn an_oversized_message_is_refused_and_streams_beyond_the_connection_cap_w
             c.server.max_concurrent_streams = 2;
         })
         .await;
-        let reqs = submissions(&d.devnet, "caps", 3).await;
+        let reqs = common::funded_submissions(&d.devnet, "caps", 3, 3, Address::repeat_byte(0x1e)).await;
         let mut client = Client::connect(d.url()).await.unwrap();
 
         // Twice the size cap: refused before it is decoded, nothing recorded, the
