@@ -41,8 +41,9 @@ pub struct Principal {
 #[derive(Clone)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
-    /// The client's certificate, verified during the TLS handshake.
-    pub cert: Option<CertificateDer<'static>>,
+    /// The client's certificate, verified during the TLS handshake (shared: tonic clones
+    /// the connection's info into every request).
+    pub cert: Option<Arc<CertificateDer<'static>>>,
     /// The credential the certificate matched, against the table of that generation.
     matched: Arc<Mutex<Option<(u64, CertMatch)>>>,
 }
@@ -52,7 +53,7 @@ type CertMatch = Result<Arc<Principal>, &'static str>;
 
 impl Peer {
     pub fn new(addr: Option<SocketAddr>, cert: Option<CertificateDer<'static>>) -> Peer {
-        Peer { addr, cert, matched: Arc::default() }
+        Peer { addr, cert: cert.map(Arc::new), matched: Arc::default() }
     }
 
     /// The peer's address for logs.
@@ -193,13 +194,13 @@ impl tonic::service::Interceptor for Gate {
         if !self.auth.required {
             return Ok(request);
         }
-        let peer = request.extensions().get::<Peer>().cloned();
+        let peer = request.extensions().get::<Peer>();
         let refuse = |status: Status| {
-            let who = peer.as_ref().map_or_else(|| "an unknown peer".to_owned(), Peer::describe);
+            let who = peer.map_or_else(|| "an unknown peer".to_owned(), Peer::describe);
             refused(self.serves, &who, Some(status.code()), status.message());
             status
         };
-        let principal = self.auth.identify(&request, peer.as_ref()).map_err(refuse)?;
+        let principal = self.auth.identify(&request, peer).map_err(refuse)?;
         if principal.role != self.serves {
             return Err(refuse(Status::permission_denied(format!(
                 "`{}` is an {} credential; this listener serves {} calls only",
