@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
-use common::daemon::TestDaemon;
 use common::proxy::{FaultProxy, Mode};
-use common::settle::{Miner, ledger_after, settle_with, wait_nothing_pending};
+use common::settle::{Miner, ledger_after, settling_daemon, wait_nothing_pending};
 use x402_batcher::chain::RPC_TIMEOUT;
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
@@ -29,14 +28,9 @@ const VALUE: u64 = 1_000;
 async fn under_faults(name: &str, payments: usize, rate: f64, schedule: Vec<(Duration, Mode)>) {
     let net = Arc::new(Devnet::start().await.unwrap());
     let proxy = FaultProxy::start(net.rpc_url()).await;
-    let settlers = net.new_settlers(name, 2).await.unwrap();
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let (path, url) = (dir.path().to_owned(), proxy.url.clone());
-    let d = TestDaemon::start_on(Arc::clone(&net), Arc::clone(&dir), move |c| {
-        settle_with(c, &path, &settlers);
-        c.chains[0].rpc_url = url;
-    })
-    .await;
+    let url = proxy.url.clone();
+    let d = settling_daemon(&net, name, 2, |c| c.chains[0].rpc_url = url).await;
+    let dir = Arc::clone(&d.dir);
     let payers = devnet::payer_keys(name, 100);
     let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
     net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();

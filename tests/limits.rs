@@ -12,7 +12,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, U256};
 use common::daemon::TestDaemon;
 use common::proxy::{FaultProxy, Mode};
-use common::settle::{Miner, ledger_after, settle_with, wait_nothing_pending};
+use common::settle::{Miner, ledger_after, settling_daemon, wait_nothing_pending};
 use x402_batcher::api::v1;
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
@@ -25,16 +25,13 @@ const LIMIT: Duration = Duration::from_secs(120);
 async fn a_noisy_server_is_shed_while_a_quiet_one_is_served_and_acked_payments_settle() {
     tokio::time::timeout(LIMIT, async {
         let net = Arc::new(Devnet::start().await.unwrap());
-        let settlers = net.new_settlers("limits", 1).await.unwrap();
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        let path = dir.path().to_owned();
-        let d = TestDaemon::start_on(Arc::clone(&net), Arc::clone(&dir), move |c| {
-            settle_with(c, &path, &settlers);
+        let d = settling_daemon(&net, "limits", 1, |c| {
             c.limits.per_server_rate = 20.0;
             c.limits.per_server_burst = 20;
             c.limits.per_server_in_flight = 8;
         })
         .await;
+        let dir = Arc::clone(&d.dir);
         let payers = devnet::payer_keys("limits", 40);
         let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
         net.fund(&addrs, U256::from(100_000_000u64)).await.unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use alloy::primitives::Address;
 use common::daemon::TestDaemon;
-use common::settle::{ledger_after, settle_with, status, submit, wait_for};
+use common::settle::{ledger_after, settling_daemon, status, submit, wait_for};
 use tonic::transport::Channel;
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
@@ -40,11 +40,7 @@ fn rounds() -> u64 {
 async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_are_refused() {
     tokio::time::timeout(LIMIT, async {
         let devnet = Arc::new(Devnet::start().await.unwrap());
-        let settlers = devnet.new_settlers("policy", 1).await.unwrap();
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        let path = dir.path().to_owned();
-        let d = TestDaemon::start_on(Arc::clone(&devnet), dir, move |c| {
-            settle_with(c, &path, &settlers);
+        let d = settling_daemon(&devnet, "policy", 1, |c| {
             c.settlement.max_batch_size = 200;
             c.settlement.confirmations = 3;
         })

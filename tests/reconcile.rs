@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
 use common::binary::write_config;
-use common::daemon::TestDaemon;
-use common::settle::{Miner, settle_with, status, submit, wait_for};
+use common::settle::{Miner, settling_daemon, status, submit, wait_for};
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::Devnet;
@@ -38,13 +37,8 @@ fn reconcile(config: &std::path::Path, to_block: u64) -> (bool, String) {
 async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported() {
     tokio::time::timeout(LIMIT, async {
         let devnet = Arc::new(Devnet::start().await.unwrap());
-        let settlers = devnet.new_settlers("reconcile", 1).await.unwrap();
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        let path = dir.path().to_owned();
-        let d = TestDaemon::start_on(Arc::clone(&devnet), Arc::clone(&dir), move |c| {
-            settle_with(c, &path, &settlers)
-        })
-        .await;
+        let d = settling_daemon(&devnet, "reconcile", 1, |_| {}).await;
+        let dir = Arc::clone(&d.dir);
         // The same ledger and chain, for the command.
         let config = write_config(dir.path(), &devnet, "");
         let payers = d.payers("reconcile", 4, 10_000_000).await;

@@ -27,6 +27,24 @@ pub fn settle_with(config: &mut Config, dir: &std::path::Path, settlers: &[Priva
     config.audit.nonce_interval_ms = 0;
 }
 
+/// A daemon on `net` over a new ledger directory (`d.dir`), settling with `settlers` new
+/// funded settler accounts of `seed` ([`settle_with`]), then `tune`d.
+pub async fn settling_daemon(
+    net: &std::sync::Arc<Devnet>,
+    seed: &str,
+    settlers: usize,
+    tune: impl FnOnce(&mut Config),
+) -> TestDaemon {
+    let settlers = net.new_settlers(seed, settlers).await.unwrap();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let path = dir.path().to_owned();
+    TestDaemon::start_on(std::sync::Arc::clone(net), dir, move |c| {
+        settle_with(c, &path, &settlers);
+        tune(c);
+    })
+    .await
+}
+
 /// Produces a block every `every` until dropped (optionally holding the base fee at a
 /// fixed value, as a fee spike that does not decay).
 pub struct Miner(tokio::task::JoinHandle<()>);
