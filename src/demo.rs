@@ -154,7 +154,10 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let tokens = config.token_table();
     let listeners =
         crate::daemon::Listeners::loopback().await.map_err(|e| DemoError::Daemon(e.to_string()))?;
-    let url = format!("http://{}", listeners.api.local_addr().map_err(|e| DemoError::Daemon(e.to_string()))?);
+    let addr = |l: &tokio::net::TcpListener| {
+        l.local_addr().map(|a| format!("http://{a}")).map_err(|e| DemoError::Daemon(e.to_string()))
+    };
+    let (url, admin_url) = (addr(&listeners.api)?, addr(&listeners.admin)?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(crate::daemon::serve(config, listeners, Arc::new(SystemClock), async {
         let _ = stopped.await;
@@ -179,7 +182,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     println!("  {}", loaded.summary());
 
     println!("settling (confirmation depth {}) ...", opts.confirmations);
-    let mut admin = client.admin.clone();
+    // Admin is served on its own listener.
+    let mut admin = Client::connect(admin_url).await.map_err(|e| DemoError::Daemon(e.to_string()))?.admin;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let status = admin

@@ -1,0 +1,26 @@
+//! The README's main job, small: the demo settles every payment it submits and exports them.
+//! (The full-size run is `./ops/demo.sh`; its figures are in BENCHMARKS.md.)
+
+use std::time::Duration;
+
+use x402_batcher::demo::{self, DemoOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_demo_settles_and_exports_every_payment() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DemoOptions {
+        payments: 200,
+        payers: 20,
+        rate: None,
+        dir: Some(dir.path().to_owned()),
+        ..DemoOptions::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(120), demo::run(&opts))
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    assert_eq!((report.offered, report.accepted, report.settled), (200, 200, 200), "{report:?}");
+    assert_eq!((report.failed, report.expired), (0, 0));
+    let csv = std::fs::read_to_string(&report.export_path).unwrap();
+    assert_eq!(csv.lines().count(), 201, "a header and one row per settled payment");
+}
