@@ -56,9 +56,9 @@ impl Peer {
         Peer { addr, cert: cert.map(Arc::new), matched: Arc::default() }
     }
 
-    /// The peer's address for logs.
-    pub fn describe(&self) -> String {
-        self.addr.map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string())
+    /// The address of a request's peer, for logs.
+    pub fn describe(peer: Option<&Peer>) -> String {
+        peer.and_then(|p| p.addr).map_or_else(|| "an unknown peer".to_owned(), |a| a.to_string())
     }
 }
 
@@ -196,8 +196,7 @@ impl tonic::service::Interceptor for Gate {
         }
         let peer = request.extensions().get::<Peer>();
         let refuse = |status: Status| {
-            let who = peer.map_or_else(|| "an unknown peer".to_owned(), Peer::describe);
-            refused(self.serves, &who, Some(status.code()), status.message());
+            refused(self.serves, &Peer::describe(peer), Some(status.code()), status.message());
             status
         };
         let principal = self.auth.identify(&request, peer).map_err(refuse)?;

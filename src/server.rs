@@ -128,7 +128,7 @@ impl Caller {
     fn of<T>(request: &Request<T>) -> Caller {
         Caller {
             principal: request.extensions().get::<Arc<Principal>>().cloned(),
-            peer: request.extensions().get::<Peer>().map_or_else(String::new, Peer::describe),
+            peer: Peer::describe(request.extensions().get::<Peer>()),
         }
     }
 
