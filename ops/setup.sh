@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what x402-batcher needs to build, test and run its demo on a fresh Debian machine
 # that has Rust and Node: libclang (RocksDB's bindgen) and prometheus (its promtool checks
-# the alert rules in ops/prometheus) through apt-get, and anvil through npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
+# the alert rules in ops/prometheus) through apt-get, anvil and the x402 packages through
+# npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
 # only what is missing.
 #
 # Source it (`. ops/setup.sh`) to also get CARGO_TARGET_DIR: one build directory outside
@@ -35,3 +36,11 @@ if [ ! -x "$anvil" ]; then
   npm install --prefix "$X402_ROOT/ops/devnet" --omit=dev --no-save --no-audit --no-fund >/dev/null
 fi
 "$anvil" --version | head -n 1
+
+# The x402 ecosystem's own packages (x402-express, @x402/express, their clients), pinned in
+# ops/interop/package-lock.json: the interop tests, the demo's middleware flow and the
+# facilitator benchmark run them against the daemon.
+if [ ! -d "$X402_ROOT/ops/interop/node_modules/@x402/express" ] || [ ! -d "$X402_ROOT/ops/interop/node_modules/x402-express" ]; then
+  echo "setup: installing the x402 packages (ops/interop) from the npm registry"
+  npm install --prefix "$X402_ROOT/ops/interop" --no-audit --no-fund >/dev/null
+fi

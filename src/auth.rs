@@ -48,6 +48,12 @@ pub struct Peer {
     matched: Arc<Mutex<Option<(u64, CertMatch)>>>,
 }
 
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("addr", &self.addr).field("cert", &self.cert.is_some()).finish()
+    }
+}
+
 /// The credential a client certificate names, or why none.
 type CertMatch = Result<Arc<Principal>, &'static str>;
 
@@ -144,13 +150,45 @@ impl Auth {
         Gate { auth: Arc::clone(self), serves }
     }
 
+    /// Checks one call on the listener `listener` serving `serves` calls, from its
+    /// `authorization` header (`Some(None)`: present but not text) and its connection. `Ok`
+    /// with the caller, or `None` while authentication is off; a refusal is logged and
+    /// counted. Both surfaces (gRPC's [`Gate`], the HTTP facilitator) call this.
+    pub fn check(
+        &self,
+        listener: &'static str,
+        serves: Role,
+        authorization: Option<Option<&str>>,
+        peer: Option<&Peer>,
+    ) -> Result<Option<Arc<Principal>>, Status> {
+        if !self.required {
+            return Ok(None);
+        }
+        let refuse = |status: Status| {
+            refused(listener, &Peer::describe(peer), Some(status.code()), status.message());
+            status
+        };
+        let principal = self.identify(authorization, peer).map_err(refuse)?;
+        if principal.role != serves {
+            return Err(refuse(Status::permission_denied(format!(
+                "`{}` is an {} credential; this listener serves {} calls only",
+                principal.name,
+                principal.role.as_str(),
+                serves.as_str()
+            ))));
+        }
+        Ok(Some(principal))
+    }
+
     /// Who is calling, or why nobody the daemon knows is.
-    fn identify<T>(&self, request: &Request<T>, peer: Option<&Peer>) -> Result<Arc<Principal>, Status> {
+    fn identify(
+        &self,
+        authorization: Option<Option<&str>>,
+        peer: Option<&Peer>,
+    ) -> Result<Arc<Principal>, Status> {
         let table = Arc::clone(&self.table.read());
-        if let Some(value) = request.metadata().get("authorization") {
+        if let Some(value) = authorization {
             let token = value
-                .to_str()
-                .ok()
                 .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
@@ -191,40 +229,26 @@ pub struct Gate {
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if !self.auth.required {
-            return Ok(request);
-        }
+        let authorization = request.metadata().get("authorization").map(|v| v.to_str().ok());
         let peer = request.extensions().get::<Peer>();
-        let refuse = |status: Status| {
-            refused(self.serves, &Peer::describe(peer), Some(status.code()), status.message());
-            status
-        };
-        let principal = self.auth.identify(&request, peer).map_err(refuse)?;
-        if principal.role != self.serves {
-            return Err(refuse(Status::permission_denied(format!(
-                "`{}` is an {} credential; this listener serves {} calls only",
-                principal.name,
-                principal.role.as_str(),
-                self.serves.as_str()
-            ))));
+        if let Some(principal) = self.auth.check(self.serves.as_str(), self.serves, authorization, peer)? {
+            request.extensions_mut().insert(principal);
         }
-        request.extensions_mut().insert(principal);
         Ok(request)
     }
 }
 
-/// Logs and counts one refused call (its status code), or connection (`None`: its TLS
-/// handshake failed or could not start).
-pub fn refused(listener: Role, peer: &str, code: Option<tonic::Code>, why: &str) {
+/// Logs and counts one refused call (its status code) on `listener` (`api`, `admin`,
+/// `facilitator`), or connection (`None`: its TLS handshake failed or could not start).
+pub fn refused(listener: &'static str, peer: &str, code: Option<tonic::Code>, why: &str) {
     let code = match code {
         Some(tonic::Code::Unauthenticated) => "unauthenticated",
         Some(tonic::Code::PermissionDenied) => "permission_denied",
         Some(_) => "other",
         None => "tls_handshake",
     };
-    tracing::warn!(peer, listener = listener.as_str(), code, "refused: {why}");
-    metrics::counter!("x402_batcher_auth_refused_total", "listener" => listener.as_str(), "code" => code)
-        .increment(1);
+    tracing::warn!(peer, listener, code, "refused: {why}");
+    metrics::counter!("x402_batcher_auth_refused_total", "listener" => listener, "code" => code).increment(1);
 }
 
 /// SHA-256 of a bearer token: what the config holds.

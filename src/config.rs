@@ -110,6 +110,20 @@ pub const DEFAULT_ITEM_GAS: u64 = 60_000;
 /// unused gas is not paid for.
 pub const DEFAULT_GAS_LIMIT_MARGIN_PERCENT: u64 = 50;
 
+/// How long `POST /settle` waits for the payment to reach its settle mode's state before
+/// it answers `settlement_pending` (and the v2 client retries once). Two waits, the retry
+/// included, stay well inside the v2 client's 90 s timeout; a batch on a 2 s chain is
+/// usually included within the planner's max wait plus two blocks.
+pub const DEFAULT_SETTLE_TIMEOUT_MS: u64 = 30_000;
+
+/// Longest settle timeout allowed: two waits must end before the v2 client's 90 s timeout.
+pub const MAX_SETTLE_TIMEOUT_MS: u64 = 44_000;
+
+/// How long a payment verified by `POST /verify` stays held for its `POST /settle`. The API
+/// route's handler runs in between; a minute covers a slow one, and a hold that is never
+/// claimed only reserves the payer's balance (and refuses replays) that long.
+pub const DEFAULT_HOLD_MS: u64 = 60_000;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -166,12 +180,84 @@ pub struct Config {
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Who may call, by bearer token or client certificate. With none, the daemon
-    /// authenticates no one, which it allows only while both listeners are on loopback.
+    /// authenticates no one, which it allows only while every listener is on loopback.
     #[serde(default)]
     pub credentials: Vec<CredentialConfig>,
+    /// The x402 facilitator HTTP API; off without `listen`.
+    #[serde(default)]
+    pub facilitator: FacilitatorConfig,
     /// The file this config was loaded from (for a reload on SIGHUP); not a config key.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
+}
+
+/// When `POST /settle` answers success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettleMode {
+    /// Once the payment's batch is included on chain: `transaction` is its hash (what the
+    /// x402 specification means by settled).
+    #[default]
+    Included,
+    /// Once it is at the configured confirmation depth.
+    Confirmed,
+    /// As soon as the payment is durably accepted, with `transaction` empty: the API serves
+    /// at once, and the operator carries the risk of the batch window (the payer could
+    /// spend the funds elsewhere before the batch lands).
+    Accepted,
+}
+
+impl SettleMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SettleMode::Included => "included",
+            SettleMode::Confirmed => "confirmed",
+            SettleMode::Accepted => "accepted",
+        }
+    }
+}
+
+/// The x402 facilitator HTTP API (`GET /supported`, `POST /verify`, `POST /settle`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FacilitatorConfig {
+    /// Where it listens (e.g. `127.0.0.1:8402`); absent: not served.
+    pub listen: Option<std::net::SocketAddr>,
+    /// See [`SettleMode`].
+    pub settle_mode: SettleMode,
+    /// See [`DEFAULT_SETTLE_TIMEOUT_MS`]; 1,000 to [`MAX_SETTLE_TIMEOUT_MS`].
+    pub settle_timeout_ms: u64,
+    /// See [`DEFAULT_HOLD_MS`]; 1,000 to 600,000.
+    pub hold_ms: u64,
+}
+
+impl Default for FacilitatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            settle_mode: SettleMode::default(),
+            settle_timeout_ms: DEFAULT_SETTLE_TIMEOUT_MS,
+            hold_ms: DEFAULT_HOLD_MS,
+        }
+    }
+}
+
+impl FacilitatorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1_000..=MAX_SETTLE_TIMEOUT_MS).contains(&self.settle_timeout_ms) {
+            return Err(invalid(
+                "facilitator.settle_timeout_ms",
+                format!(
+                    "must be 1000 to {MAX_SETTLE_TIMEOUT_MS}: a settle and its one retry must answer within the \
+                     x402 v2 client's 90 s timeout"
+                ),
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.hold_ms) {
+            return Err(invalid("facilitator.hold_ms", "must be 1000 to 600000 (ten minutes)"));
+        }
+        Ok(())
+    }
 }
 
 /// Per-API-server submission limits (by the submission's `api_server`); all off by default.
@@ -587,6 +673,7 @@ impl Config {
             return Err(invalid("server.max_concurrent_streams", "must be at least 1"));
         }
         self.settlement.validate()?;
+        self.facilitator.validate()?;
         if !(self.limits.per_server_rate >= 0.0 && self.limits.per_server_rate.is_finite()) {
             return Err(invalid(
                 "limits.per_server_rate",
@@ -613,9 +700,14 @@ impl Config {
     /// other hosts without authentication, no bearer token in clear text off the host, and
     /// every credential well formed and unique.
     fn validate_access(&self) -> Result<(), ConfigError> {
-        let listeners = [("server.listen", self.server.listen), ("admin.listen", self.admin.listen)];
-        if self.server.listen.port() != 0 && self.server.listen == self.admin.listen {
-            return Err(invalid("admin.listen", "must differ from server.listen"));
+        let mut listeners = vec![("server.listen", self.server.listen), ("admin.listen", self.admin.listen)];
+        if let Some(addr) = self.facilitator.listen {
+            listeners.push(("facilitator.listen", addr));
+        }
+        for (i, (field, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| a.port() != 0 && a == addr) {
+                return Err(invalid(*field, format!("must differ from {other}")));
+            }
         }
         let client_ca = self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         let (mut names, mut tokens, mut certs) = (HashMap::new(), HashMap::new(), HashMap::new());
@@ -651,7 +743,7 @@ impl Config {
             }
         }
         if self.credentials.is_empty() {
-            for (field, addr) in listeners {
+            for &(field, addr) in &listeners {
                 if !addr.ip().is_loopback() {
                     return Err(invalid(
                         field,
@@ -675,7 +767,7 @@ impl Config {
             }
         }
         if self.tls.is_none() && self.credentials.iter().any(|c| c.token_sha256.is_some()) {
-            for (field, addr) in listeners {
+            for &(field, addr) in &listeners {
                 if !addr.ip().is_loopback() {
                     return Err(invalid(
                         field,
@@ -706,6 +798,24 @@ impl Config {
                     format!("chain {} has no [[chains]] entry with an rpc_url", t.chain_id),
                 ));
             }
+        }
+        if self.facilitator.listen.is_some() {
+            self.validate_facilitator_settles()?;
+        }
+        Ok(())
+    }
+
+    /// A facilitator that waits for settlement needs an engine that settles.
+    pub fn validate_facilitator_settles(&self) -> Result<(), ConfigError> {
+        if self.facilitator.settle_mode != SettleMode::Accepted && !self.settlement.enabled() {
+            return Err(invalid(
+                "facilitator.settle_mode",
+                format!(
+                    "{:?} waits for settlement, which needs settler keys (settlement.settler_keys_file or \
+                     settler_keys_env); use \"accepted\" to record payments without settling them",
+                    self.facilitator.settle_mode.as_str()
+                ),
+            ));
         }
         Ok(())
     }
@@ -750,6 +860,7 @@ impl Config {
             admin: AdminConfig::default(),
             tls: None,
             credentials: Vec::new(),
+            facilitator: FacilitatorConfig::default(),
             source: None,
         }
     }

@@ -70,6 +70,8 @@ pub enum DaemonError {
     Tls(#[from] crate::tls::TlsError),
     #[error("credentials: {0}")]
     Credentials(String),
+    #[error("facilitator HTTP server failed")]
+    Facilitator(#[source] std::io::Error),
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -78,13 +80,16 @@ pub enum DaemonError {
     },
 }
 
-/// The daemon's two gRPC listeners, bound before it starts (so their addresses can be
-/// reported, and a port 0 resolved, first).
+/// The daemon's listeners, bound before it starts (so their addresses can be reported,
+/// and a port 0 resolved, first).
 pub struct Listeners {
     /// API servers: Ingest and Payments (`server.listen`).
     pub api: TcpListener,
     /// Operators: Admin (`admin.listen`).
     pub admin: TcpListener,
+    /// API servers' x402 middlewares: the facilitator HTTP API (`facilitator.listen`), when
+    /// served.
+    pub facilitator: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -98,18 +103,32 @@ impl Listeners {
                 })
             }
         };
+        let facilitator = match config.facilitator.listen {
+            Some(addr) => Some(bind(addr, "facilitator.listen").await?),
+            None => None,
+        };
         Ok(Listeners {
             api: bind(config.server.listen, "server.listen").await?,
             admin: bind(config.admin.listen, "admin.listen").await?,
+            facilitator,
         })
     }
 
-    /// Both on 127.0.0.1, on ports the system picks (tests, the demo, the load generator).
+    /// The gRPC listeners on 127.0.0.1, on ports the system picks (tests, the demo, the
+    /// load generator); no facilitator.
     pub async fn loopback() -> std::io::Result<Listeners> {
         Ok(Listeners {
             api: TcpListener::bind("127.0.0.1:0").await?,
             admin: TcpListener::bind("127.0.0.1:0").await?,
+            facilitator: None,
         })
+    }
+
+    /// [`Listeners::loopback`] with the facilitator on 127.0.0.1 too.
+    pub async fn loopback_with_facilitator() -> std::io::Result<Listeners> {
+        let mut listeners = Self::loopback().await?;
+        listeners.facilitator = Some(TcpListener::bind("127.0.0.1:0").await?);
+        Ok(listeners)
     }
 }
 
@@ -122,6 +141,9 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     config.validate()?;
     config.validate_for_run()?;
+    if listeners.facilitator.is_some() {
+        config.validate_facilitator_settles()?;
+    }
     let path = config.ledger.path.clone().expect("validate_for_run requires ledger.path");
     // Installed first: a SIGHUP during start-up must not kill the daemon (the default action).
     let hangup = match config.source {
@@ -204,8 +226,9 @@ pub async fn serve(
     });
     let (settle_stop, settle_stopped) = watch::channel(false);
     let mut engines = Vec::new();
+    let signers =
+        if config.settlement.enabled() { crate::settle::load_keys(&config.settlement)? } else { Vec::new() };
     if config.settlement.enabled() {
-        let signers = crate::settle::load_keys(&config.settlement)?;
         let chains: std::collections::BTreeSet<u64> = tokens.iter().map(|t| t.domain.chain_id).collect();
         for chain_id in chains {
             let engine = crate::settle::Engine::new(
@@ -232,12 +255,28 @@ pub async fn serve(
              accepted and held, not settled"
         );
     }
+    let supported = crate::facilitator::supported(
+        &tokens,
+        &config.network_aliases,
+        &signers.iter().map(|s| s.address()).collect::<Vec<_>>(),
+    );
     let admission = Admission::new(tokens, config.network_aliases.clone(), config.admission.clone(), clock);
     let limits = crate::limits::Limits::new(&config.limits);
     let ingest = Arc::new(Ingest::new(admission, pool, writer, balances, limits));
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut drain_seen = drain_rx.clone();
+    let facilitator_addr = listeners.facilitator.as_ref().and_then(|l| l.local_addr().ok());
+    let facilitator = listeners.facilitator.map(|listener| {
+        let f = crate::facilitator::Facilitator::new(
+            Arc::clone(&ingest),
+            Arc::clone(&auth),
+            config.facilitator.clone(),
+            supported,
+            drain_rx.clone(),
+        );
+        (f, listener)
+    });
     let services = Services::new(Arc::clone(&ingest), drain_rx, policy.clone());
     let reload_task =
         config.source.clone().zip(hangup).map(|(source, hangup)| {
@@ -257,6 +296,7 @@ pub async fn serve(
     tracing::info!(
         ?api_addr,
         ?admin_addr,
+        ?facilitator_addr,
         tls = tls.is_some(),
         authenticated = auth.required(),
         "serving gRPC"
@@ -294,8 +334,13 @@ pub async fn serve(
             v1::payments_server::PaymentsServer::new(services.clone()).max_decoding_message_size(max),
             api_gate,
         ))
-        .serve_with_incoming_shutdown(crate::tls::incoming(listeners.api, tls.clone(), Role::Api), drain);
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(listeners.api, tls.clone(), Role::Api.as_str()),
+            drain,
+        );
     let mut admin_drain = drain_seen.clone();
+    let http_drain = drain_seen.clone();
+    let tls_http = tls.as_deref().map(crate::tls::http_server_config);
     let admin = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ADMIN_MAX_CONCURRENT_STREAMS))
         .add_service(health_service)
@@ -304,10 +349,25 @@ pub async fn serve(
             v1::admin_server::AdminServer::new(services).max_decoding_message_size(max),
             admin_gate,
         ))
-        .serve_with_incoming_shutdown(crate::tls::incoming(listeners.admin, tls, Role::Admin), async move {
-            let _ = admin_drain.wait_for(|draining| *draining).await;
-        });
-    let server = async move { tokio::try_join!(api, admin).map(|_| ()) };
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(listeners.admin, tls, Role::Admin.as_str()),
+            async move {
+                let _ = admin_drain.wait_for(|draining| *draining).await;
+            },
+        );
+    let http = async move {
+        let Some((f, listener)) = facilitator else { return Ok(()) };
+        let tls = tls_http;
+        let mut drained = http_drain;
+        let shutdown = async move {
+            let _ = drained.wait_for(|draining| *draining).await;
+        };
+        crate::facilitator::serve(f, listener, tls, max, shutdown).await.map_err(DaemonError::Facilitator)
+    };
+    let server = async move {
+        let grpc = async { tokio::try_join!(api, admin).map_err(DaemonError::from) };
+        tokio::try_join!(grpc, http).map(|_| ())
+    };
     // A drain ends when every connection has closed; a client that keeps a stream open
     // (its request half never finished) must not hold the daemon up for ever. A commit
     // that never returns (storage that blocks rather than fails) holds every submission

@@ -28,6 +28,10 @@ pub const ANVIL_VERSION: &str = "1.7.1";
 /// The chain id anvil uses by default.
 pub const CHAIN_ID: u64 = 31337;
 
+/// Base Sepolia's chain id: a devnet with it is `base-sepolia` to the x402 v1 packages,
+/// which pay only on networks they name (v2 takes any `eip155:N`).
+pub const X402_CHAIN_ID: u64 = 84532;
+
 /// How long anvil may take to print its address. It starts in ~0.1 s; the margin covers
 /// a loaded CI machine.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,9 +90,27 @@ pub fn anvil_path() -> PathBuf {
     })
 }
 
+/// How to start a devnet.
+#[derive(Debug, Clone)]
+pub struct DevnetOptions {
+    /// The chain id anvil reports (default [`CHAIN_ID`]). The x402 v1 packages only pay
+    /// on networks they name: 84532 makes the devnet `base-sepolia` to them.
+    pub chain_id: u64,
+    /// A block every this many seconds (anvil `--block-time`); `None`: a block per
+    /// transaction.
+    pub block_time_secs: Option<u64>,
+}
+
+impl Default for DevnetOptions {
+    fn default() -> Self {
+        Self { chain_id: CHAIN_ID, block_time_secs: None }
+    }
+}
+
 /// A running local chain with the project's contracts.
 pub struct Devnet {
     child: Child,
+    chain_id: u64,
     rpc_url: String,
     token: Address,
     deployer: PrivateKeySigner,
@@ -106,12 +128,28 @@ impl std::fmt::Debug for Devnet {
 impl Devnet {
     /// Starts anvil on 127.0.0.1 port 0, deploys the token and installs aggregate3.
     pub async fn start() -> Result<Devnet, DevnetError> {
+        Self::start_with(DevnetOptions::default()).await
+    }
+
+    /// [`Devnet::start`] with `options`.
+    pub async fn start_with(options: DevnetOptions) -> Result<Devnet, DevnetError> {
         let path = anvil_path();
         if !path.exists() {
             return Err(DevnetError::AnvilMissing { path: path.display().to_string() });
         }
+        let mut args = vec![
+            "--host".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--chain-id".to_owned(),
+            options.chain_id.to_string(),
+        ];
+        if let Some(secs) = options.block_time_secs {
+            args.extend(["--block-time".to_owned(), secs.to_string()]);
+        }
         let mut child = Command::new(&path)
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .stdin(Stdio::null())
@@ -153,7 +191,15 @@ impl Devnet {
             .connect_http(rpc_url.parse().expect("formatted URL parses"))
             .erased();
         // From here on, dropping `devnet` stops anvil on every error path.
-        let mut devnet = Devnet { child, rpc_url, token: Address::ZERO, deployer, settler, provider };
+        let mut devnet = Devnet {
+            child,
+            chain_id: options.chain_id,
+            rpc_url,
+            token: Address::ZERO,
+            deployer,
+            settler,
+            provider,
+        };
 
         let (bytecode, _) = artifact("TestUSDC", TEST_USDC_ARTIFACT)?;
         let receipt = devnet
@@ -191,7 +237,7 @@ impl Devnet {
     }
 
     pub fn chain_id(&self) -> u64 {
-        CHAIN_ID
+        self.chain_id
     }
 
     /// The test token's address.
@@ -201,13 +247,13 @@ impl Devnet {
 
     /// The test token's EIP-712 domain.
     pub fn token_domain(&self) -> TokenDomain {
-        TokenDomain::new("USD Coin", "2", CHAIN_ID, self.token)
+        TokenDomain::new("USD Coin", "2", self.chain_id, self.token)
     }
 
     /// The test token as a config entry.
     pub fn token_config(&self) -> TokenConfig {
         TokenConfig {
-            chain_id: CHAIN_ID,
+            chain_id: self.chain_id,
             address: self.token,
             eip712_name: "USD Coin".into(),
             eip712_version: "2".into(),

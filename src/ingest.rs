@@ -1,39 +1,79 @@
-//! The decision path for one submitted payment, and the one place decisions become gRPC
+//! The decision path for one submitted payment, shared by both surfaces (gRPC `Submit`,
+//! the HTTP facilitator's `/verify` and `/settle`), and the one place decisions become gRPC
 //! replies and statuses.
 //!
 //! ```text
-//! SubmitRequest ─▶ convert ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance ─▶ ledger writer ─▶ reply
+//! PaymentRequest ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance ─▶ ledger writer ─▶ decision
+//!                                                                            (accept, or hold)
 //! ```
 //!
 //! Business refusals (bad signature, mismatch, expired, insufficient funds, nonce reuse)
-//! are normal replies with the official x402 reason code. System conditions are
+//! are normal decisions with the official x402 reason code. System conditions are
 //! [`SubmitError`]s: INVALID_ARGUMENT for a malformed request, RESOURCE_EXHAUSTED when a
 //! bounded queue is full, UNAVAILABLE while draining or when a balance or the ledger cannot
-//! be read or written. Nothing is recorded unless the reply is an acceptance.
+//! be read or written. Nothing is recorded unless the decision is an acceptance.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use alloy::primitives::U256;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, PaymentInput};
 use crate::api::{self, v1};
 use crate::balance::BalanceCache;
 use crate::config::DEFAULT_MAX_TIMEOUT_SECS;
 use crate::ledger::{
-    AcceptOutcome, AcceptRequest, AuthKey, LedgerError, LedgerHandle, PaymentRecord, Submission,
+    AcceptOutcome, AcceptRequest, AuthKey, HoldOutcome, HoldRequest, LedgerError, LedgerHandle,
+    PaymentRecord, Repeat, Submission,
 };
 use crate::limits::Limits;
 use crate::verify::{PoolError, VerifyPool};
-use crate::x402::Reason;
+use crate::x402::{PaymentRequirements, Reason};
+
+/// A payment as an API server hands it in, whichever surface it came by.
+#[derive(Debug, Clone)]
+pub struct PaymentRequest {
+    pub payment: PaymentInput,
+    pub requirements: PaymentRequirements,
+    /// The x402 `payment-identifier` or another key the client names the payment by.
+    pub idempotency_key: String,
+    /// What the payment is for (the request URL), for finance.
+    pub resource: String,
+    /// The API server that received it: its credential's name when authenticated.
+    pub api_server: String,
+}
+
+/// What the caller wants once the payment is judged good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// Record it: an acceptance is durable and owed (gRPC `Submit`, HTTP `/settle`).
+    Accept,
+    /// Reserve it for `hold_ms` without recording anything (HTTP `/verify`); the acceptance
+    /// that follows claims the hold.
+    Hold { hold_ms: u64 },
+}
 
 /// The daemon's answer to a payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Durably recorded (now, or before if `duplicate`).
-    Accepted { record: PaymentRecord, duplicate: bool },
-    /// Refused; nothing recorded.
+    /// Durably recorded: now ([`Repeat::New`]), or before, by this submission's key
+    /// ([`Repeat::Retry`]) or not ([`Repeat::Replay`]).
+    Accepted { record: PaymentRecord, repeat: Repeat },
+    /// Good, and held until then (Unix ms); nothing recorded.
+    Held { payer: alloy::primitives::Address, expires_at_ms: u64 },
+    /// Refused; nothing recorded or held.
     Rejected { reason: Reason, message: String },
+}
+
+impl Decision {
+    /// Whether the API server may serve for this payment.
+    pub fn serves(&self) -> bool {
+        match self {
+            Decision::Accepted { repeat, .. } => *repeat != Repeat::Replay,
+            Decision::Held { .. } => true,
+            Decision::Rejected { .. } => false,
+        }
+    }
 }
 
 /// A system condition that kept a request from being decided. Nothing was recorded.
@@ -75,10 +115,16 @@ impl SubmitError {
 pub fn reply(request_id: String, result: Result<Decision, SubmitError>) -> v1::SubmitReply {
     use v1::submit_reply::Outcome;
     let outcome = match result {
-        Ok(Decision::Accepted { record, duplicate }) => Outcome::Accepted(v1::Accepted {
+        Ok(Decision::Accepted { record, repeat }) => Outcome::Accepted(v1::Accepted {
             payment_id: record.payment_id().to_string(),
             status: record.status.to_api() as i32,
-            duplicate,
+            duplicate: repeat != Repeat::New,
+            repeat: repeat_to_api(repeat) as i32,
+        }),
+        // gRPC submissions always accept; a hold is the HTTP facilitator's.
+        Ok(Decision::Held { .. }) => Outcome::Error(v1::SubmitError {
+            code: tonic::Code::Internal as i32,
+            message: "a gRPC submission was held instead of accepted".into(),
         }),
         Ok(Decision::Rejected { reason, message }) => {
             Outcome::Rejected(v1::Rejected { reason: reason.code().into(), message })
@@ -86,6 +132,26 @@ pub fn reply(request_id: String, result: Result<Decision, SubmitError>) -> v1::S
         Err(e) => Outcome::Error(v1::SubmitError { code: e.code() as i32, message: e.to_string() }),
     };
     v1::SubmitReply { request_id, outcome: Some(outcome) }
+}
+
+/// The payment and terms of a gRPC submission.
+pub fn payment_request(req: &v1::SubmitRequest) -> Result<PaymentRequest, api::ConvertError> {
+    Ok(PaymentRequest {
+        payment: api::payment_input(req)?,
+        requirements: api::requirements(req)?,
+        idempotency_key: req.idempotency_key.clone(),
+        resource: req.resource.clone(),
+        api_server: req.api_server.clone(),
+    })
+}
+
+/// The gRPC form of a [`Repeat`].
+fn repeat_to_api(repeat: Repeat) -> v1::Repeat {
+    match repeat {
+        Repeat::New => v1::Repeat::New,
+        Repeat::Retry => v1::Repeat::Retry,
+        Repeat::Replay => v1::Repeat::Replay,
+    }
 }
 
 /// Everything a submission passes through.
@@ -117,6 +183,11 @@ impl Ingest {
         &self.pool
     }
 
+    /// The clock decisions are made against.
+    pub fn clock(&self) -> &Arc<dyn crate::clock::Clock> {
+        self.admission.clock()
+    }
+
     /// From now on, new submissions are answered UNAVAILABLE; those in flight finish.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -126,13 +197,32 @@ impl Ingest {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Decides one submission, and counts its outcome.
+    /// Decides one gRPC submission (an acceptance), and counts its outcome.
     pub async fn submit(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
-        let result = self.decide(req).await;
+        let request = match payment_request(req) {
+            Ok(request) => request,
+            Err(e) if e.is_malformed_request() => {
+                return self.count(Err(SubmitError::InvalidArgument(e.to_string())));
+            }
+            Err(e) => {
+                return self.count(Ok(Decision::Rejected { reason: e.reason(), message: e.to_string() }));
+            }
+        };
+        self.decide(request, Intent::Accept).await
+    }
+
+    /// Decides one payment with `intent`, and counts its outcome.
+    pub async fn decide(&self, request: PaymentRequest, intent: Intent) -> Result<Decision, SubmitError> {
+        let result = self.judge(request, intent).await;
+        self.count(result)
+    }
+
+    fn count(&self, result: Result<Decision, SubmitError>) -> Result<Decision, SubmitError> {
         let m = crate::telemetry::hot();
         match &result {
-            Ok(Decision::Accepted { duplicate: false, .. }) => m.accepted.increment(1),
-            Ok(Decision::Accepted { duplicate: true, .. }) => m.duplicate.increment(1),
+            Ok(Decision::Accepted { repeat: Repeat::New, .. }) => m.accepted.increment(1),
+            Ok(Decision::Accepted { .. }) => m.duplicate.increment(1),
+            Ok(Decision::Held { .. }) => m.held.increment(1),
             Ok(Decision::Rejected { reason, .. }) => {
                 m.rejected.increment(1);
                 m.refused(reason.code());
@@ -150,7 +240,7 @@ impl Ingest {
         result
     }
 
-    async fn decide(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
+    async fn judge(&self, req: PaymentRequest, intent: Intent) -> Result<Decision, SubmitError> {
         if self.is_draining() {
             return Err(SubmitError::Unavailable("the daemon is shutting down".into()));
         }
@@ -158,13 +248,8 @@ impl Ingest {
         let _permit = self.limits.admit(&req.api_server).map_err(SubmitError::ResourceExhausted)?;
         let rejected = |reason: Reason, message: String| Ok(Decision::Rejected { reason, message });
 
-        let input = match api::payment_input(req) {
-            Ok(input) => input,
-            Err(e) if e.is_malformed_request() => return Err(SubmitError::InvalidArgument(e.to_string())),
-            Err(e) => return rejected(e.reason(), e.to_string()),
-        };
-        let requirements = api::requirements(req).map_err(|e| SubmitError::InvalidArgument(e.to_string()))?;
-        let admitted = match self.admission.admit_static(input, &requirements) {
+        let requirements = req.requirements;
+        let admitted = match self.admission.admit_static(req.payment, &requirements) {
             Ok(a) => a,
             Err(e) => return rejected(e.reason(), e.to_string()),
         };
@@ -211,23 +296,38 @@ impl Ingest {
             }
         };
 
+        let payer = signed.authorization.from;
         let accept = AcceptRequest {
             signed,
             submission: Submission {
                 network: requirements.network,
                 max_timeout_seconds: requirements.max_timeout_seconds.unwrap_or(DEFAULT_MAX_TIMEOUT_SECS),
-                idempotency_key: req.idempotency_key.clone(),
-                resource: req.resource.clone(),
-                api_server: req.api_server.clone(),
+                idempotency_key: req.idempotency_key,
+                resource: req.resource,
+                api_server: req.api_server,
             },
             balance,
             window,
             now_ms: self.admission.clock().now_ms(),
         };
-        match self.ledger.accept(accept).await.map_err(SubmitError::from_ledger)? {
-            AcceptOutcome::Accepted(record) => Ok(Decision::Accepted { record, duplicate: false }),
-            AcceptOutcome::Duplicate(record) => Ok(Decision::Accepted { record, duplicate: true }),
-            AcceptOutcome::Refused { reason, message } => rejected(reason, message),
+        match intent {
+            Intent::Accept => match self.ledger.accept(accept).await.map_err(SubmitError::from_ledger)? {
+                AcceptOutcome::Accepted(record) => Ok(Decision::Accepted { record, repeat: Repeat::New }),
+                AcceptOutcome::Duplicate(record, repeat) => Ok(Decision::Accepted { record, repeat }),
+                AcceptOutcome::Refused { reason, message } => rejected(reason, message),
+            },
+            Intent::Hold { hold_ms } => {
+                match self
+                    .ledger
+                    .hold(HoldRequest { accept, hold_ms })
+                    .await
+                    .map_err(SubmitError::from_ledger)?
+                {
+                    HoldOutcome::Held { expires_at_ms } => Ok(Decision::Held { payer, expires_at_ms }),
+                    HoldOutcome::Recorded(record, repeat) => Ok(Decision::Accepted { record, repeat }),
+                    HoldOutcome::Refused { reason, message } => rejected(reason, message),
+                }
+            }
         }
     }
 }

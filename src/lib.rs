@@ -71,6 +71,7 @@ pub mod daemon;
 pub mod demo;
 pub mod devnet;
 pub mod export;
+pub mod facilitator;
 pub mod ingest;
 pub mod ledger;
 pub mod limits;

@@ -377,6 +377,9 @@ async fn main() -> anyhow::Result<()> {
             let listeners = daemon::Listeners::bind(&config).await?;
             println!("listening on {}", listeners.api.local_addr()?);
             println!("admin on {}", listeners.admin.local_addr()?);
+            if let Some(http) = &listeners.facilitator {
+                println!("facilitator on {}", http.local_addr()?);
+            }
             daemon::serve(config, listeners, Arc::new(SystemClock), stop).await?;
         }
         Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir } => {
@@ -431,9 +434,9 @@ async fn main() -> anyhow::Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<()> {
-    use x402_batcher::devnet::{Devnet, payer_keys};
+    use x402_batcher::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID, payer_keys};
     std::fs::create_dir_all(&dir).with_context(|| format!("directory {}", dir.display()))?;
-    let net = Devnet::start().await?;
+    let net = Devnet::start_with(DevnetOptions { chain_id: X402_CHAIN_ID, ..Default::default() }).await?;
     let keys = net.new_settlers("devnet", settlers).await?;
     let payer_addrs: Vec<_> = payer_keys("loadgen", payers).iter().map(|p| p.address()).collect();
     net.fund(&payer_addrs, alloy::primitives::U256::from(1_000_000_000u64)).await?;
@@ -448,7 +451,8 @@ async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<
             "# Written by `x402-batcher devnet` (see ops/config.devnet.toml).\n\
              [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
              decimals = 6\nsymbol = \"USDC\"\n\n[network_aliases]\ndevnet = {}\n\n\
-             [server]\nlisten = \"127.0.0.1:50051\"\n\n[ledger]\npath = \"{}\"\n\n\
+             [server]\nlisten = \"127.0.0.1:50051\"\n\n[facilitator]\nlisten = \"127.0.0.1:8402\"\n\n\
+             [ledger]\npath = \"{}\"\n\n\
              [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\n\
              [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_secs = 2\n\n\
              [metrics]\nlisten = \"127.0.0.1:9464\"\n",

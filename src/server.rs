@@ -142,7 +142,7 @@ impl Caller {
                 "api_server {:?} is not the authenticated caller {:?}; leave it empty or use your own name",
                 req.api_server, principal.name
             );
-            crate::auth::refused(Role::Api, &self.peer, Some(tonic::Code::PermissionDenied), &why);
+            crate::auth::refused(Role::Api.as_str(), &self.peer, Some(tonic::Code::PermissionDenied), &why);
             return Err(SubmitError::PermissionDenied(why));
         }
         req.api_server = principal.name.to_string();

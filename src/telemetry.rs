@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_ledger_commit_seconds",
     "x402_batcher_ledger_commit_group_size",
     "x402_batcher_pending_payments",
+    "x402_batcher_holds",
     "x402_batcher_pending_value_base_units",
     "x402_batcher_payments_near_deadline",
     "x402_batcher_batches_total",
@@ -55,6 +56,8 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_policy_confirmations",
     "x402_batcher_policy_deadline_margin_seconds",
     "x402_batcher_auth_refused_total",
+    "x402_batcher_facilitator_requests_total",
+    "x402_batcher_facilitator_settle_wait_seconds",
 ];
 
 /// How often histograms are compacted when nobody scrapes.
@@ -175,6 +178,7 @@ impl Drop for AbortOnDrop {
 pub struct Hot {
     pub accepted: Counter,
     pub duplicate: Counter,
+    pub held: Counter,
     pub rejected: Counter,
     pub error: Counter,
     pub verify_queue_depth: Gauge,
@@ -182,6 +186,8 @@ pub struct Hot {
     pub commit_seconds: Histogram,
     pub commit_group_size: Histogram,
     pub pending_payments: Gauge,
+    /// Verified payments held for their settlement (the HTTP facilitator's `/verify`).
+    pub holds: Gauge,
     refusals: Mutex<HashMap<&'static str, Counter>>,
 }
 
@@ -194,6 +200,7 @@ pub fn hot() -> &'static Hot {
         Hot {
             accepted: outcome("accepted"),
             duplicate: outcome("duplicate"),
+            held: outcome("held"),
             rejected: outcome("rejected"),
             error: outcome("error"),
             verify_queue_depth: metrics::gauge!("x402_batcher_verify_queue_depth"),
@@ -201,6 +208,7 @@ pub fn hot() -> &'static Hot {
             commit_seconds: metrics::histogram!("x402_batcher_ledger_commit_seconds"),
             commit_group_size: metrics::histogram!("x402_batcher_ledger_commit_group_size"),
             pending_payments: metrics::gauge!("x402_batcher_pending_payments"),
+            holds: metrics::gauge!("x402_batcher_holds"),
             refusals: Mutex::new(HashMap::new()),
         }
     })

@@ -168,7 +168,28 @@ fn payload_json(signed: &SignedAuthorization) -> serde_json::Value {
 
 /// An x402 v2 `PAYMENT-SIGNATURE` header value for `signed`, accepting `req`.
 pub fn v2_header(signed: &SignedAuthorization, req: &PaymentRequirements, domain: &TokenDomain) -> String {
-    let body = json!({
+    base64::engine::general_purpose::STANDARD.encode(v2_payload(signed, req, domain).to_string())
+}
+
+/// The body of an HTTP facilitator `POST /verify` or `/settle` for `signed` (x402 v2), as
+/// `@x402/express` sends it: the payload and the requirements it accepted.
+pub fn facilitator_body(
+    signed: &SignedAuthorization,
+    req: &PaymentRequirements,
+    domain: &TokenDomain,
+) -> String {
+    let payload = v2_payload(signed, req, domain);
+    json!({ "x402Version": 2, "paymentRequirements": payload["accepted"].clone(), "paymentPayload": payload })
+        .to_string()
+}
+
+/// The v2 payment payload (a `PAYMENT-SIGNATURE` header before base64).
+fn v2_payload(
+    signed: &SignedAuthorization,
+    req: &PaymentRequirements,
+    domain: &TokenDomain,
+) -> serde_json::Value {
+    json!({
         "x402Version": 2,
         "resource": { "url": "https://api.example/paid", "description": "", "mimeType": "application/json" },
         "accepted": {
@@ -181,8 +202,7 @@ pub fn v2_header(signed: &SignedAuthorization, req: &PaymentRequirements, domain
             "extra": { "name": domain.name, "version": domain.version },
         },
         "payload": payload_json(signed),
-    });
-    base64::engine::general_purpose::STANDARD.encode(body.to_string())
+    })
 }
 
 /// An x402 v1 `X-PAYMENT` header value for `signed` on the v1 network `network`.

@@ -18,7 +18,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::{Peer, Role};
+use crate::auth::Peer;
 use crate::config::TlsConfig;
 
 /// Longest a client may take to finish its TLS handshake.
@@ -102,6 +102,14 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The same configuration for an HTTP listener: HTTP/2 or HTTP/1.1, as the client offers
+/// (the x402 middlewares speak HTTP/1.1).
+pub fn http_server_config(grpc: &ServerConfig) -> Arc<ServerConfig> {
+    let mut config = grpc.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// One accepted connection.
@@ -189,7 +197,7 @@ impl AsyncWrite for Conn {
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
-    serves: Role,
+    name: &'static str,
 ) -> ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tls.map(TlsAcceptor::from);
@@ -202,7 +210,7 @@ pub fn incoming(
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors and the like: back off rather than spin.
-                        tracing::warn!(listener = serves.as_str(), "cannot accept a connection: {e}");
+                        tracing::warn!(listener = name, "cannot accept a connection: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -219,7 +227,7 @@ pub fn incoming(
             };
             let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
                 let why = format!("{MAX_HANDSHAKES} TLS handshakes already in progress: connection closed");
-                crate::auth::refused(serves, &addr.to_string(), None, &why);
+                crate::auth::refused(name, &addr.to_string(), None, &why);
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
@@ -233,7 +241,7 @@ pub fn incoming(
                     Err(_) => format!("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
                 };
                 drop(permit);
-                crate::auth::refused(serves, &addr.to_string(), None, &why);
+                crate::auth::refused(name, &addr.to_string(), None, &why);
             });
         }
     });

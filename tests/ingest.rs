@@ -122,10 +122,26 @@ async fn retries_are_idempotent_even_when_concurrent_and_nonce_reuse_is_refused(
         // Same idempotency key on a different payment: refused.
         let mut first = request(&payment.clone().nonce_index(10));
         first.idempotency_key = "pay-abc".into();
-        submit(&d, first).await.expect("accepted");
+        submit(&d, first.clone()).await.expect("accepted");
         let mut second = request(&payment.clone().nonce_index(11));
         second.idempotency_key = "pay-abc".into();
         assert_eq!(submit(&d, second).await, Err(Reason::InvalidPayload.code().to_owned()));
+
+        // Whether to serve: the first acceptance and a retry under its key, yes; the same
+        // authorization without that key (a resent header), no.
+        let repeat = |req: v1::SubmitRequest| async {
+            let mut client = d.ingest().await;
+            match client.submit(req).await.unwrap().into_inner().outcome {
+                Some(v1::submit_reply::Outcome::Accepted(a)) => v1::Repeat::try_from(a.repeat).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let fresh = request(&payment.clone().nonce_index(12));
+        assert_eq!(repeat(fresh.clone()).await, v1::Repeat::New);
+        assert_eq!(repeat(fresh).await, v1::Repeat::Replay);
+        assert_eq!(repeat(first.clone()).await, v1::Repeat::Retry, "the same key: the same submission");
+        first.idempotency_key.clear();
+        assert_eq!(repeat(first).await, v1::Repeat::Replay, "without its key: a replay");
         d.stop().await;
     })
     .await

@@ -1,6 +1,8 @@
 //! The ledger's invariants hold over random operation sequences: exposure equals the sum of
 //! pending values per payer, one record per authorization key, transitions only along the
-//! lifecycle, strictly increasing sequence numbers, and all of it survives a reopen.
+//! lifecycle, strictly increasing sequence numbers, and all of it survives a reopen. Holds
+//! (verified payments reserved for their settlement) reserve their nonce and count in their
+//! payer's cover until an acceptance claims them or they lapse, and record nothing.
 
 use std::collections::HashMap;
 
@@ -9,7 +11,8 @@ use proptest::prelude::*;
 use x402_batcher::admission::AdmissionError;
 use x402_batcher::ledger::store::Applied;
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, AuthKey, Command, Ledger, Status, Submission, TransitionRequest,
+    AcceptOutcome, AcceptRequest, AuthKey, Command, HoldOutcome, HoldRequest, Ledger, Repeat, Status,
+    Submission, TransitionRequest,
 };
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
 
@@ -23,19 +26,36 @@ enum Op {
         balance: u64,
         in_window: bool,
     },
+    /// A verification's hold: payer, nonce, value, balance, window ok, with an idempotency key
+    Hold {
+        payer: u8,
+        nonce: u8,
+        value: u64,
+        balance: u64,
+        in_window: bool,
+        keyed: bool,
+    },
     /// index into the keys seen so far, target status
     Transition {
         pick: prop::sample::Index,
         to: usize,
     },
+    /// Time passes (ms).
+    Tick(u64),
     Reopen,
 }
+
+/// How long a hold lasts in these tests (ms).
+const HOLD_MS: u64 = 100;
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0u8..3, 0u8..5, 1u64..5, 0u64..15, prop::bool::weighted(0.9))
             .prop_map(|(payer, nonce, value, balance, in_window)| Op::Accept { payer, nonce, value, balance, in_window }),
+        4 => (0u8..3, 0u8..5, 1u64..5, 0u64..15, prop::bool::weighted(0.9), any::<bool>())
+            .prop_map(|(payer, nonce, value, balance, in_window, keyed)| Op::Hold { payer, nonce, value, balance, in_window, keyed }),
         4 => (any::<prop::sample::Index>(), 0usize..7).prop_map(|(pick, to)| Op::Transition { pick, to }),
+        2 => (1u64..80).prop_map(Op::Tick),
         1 => Just(Op::Reopen),
     ]
 }
@@ -54,6 +74,11 @@ fn signed(payer: u8, nonce: u8, value: u64) -> SignedAuthorization {
         },
         signature: RawSignature([0; 65]),
     }
+}
+
+/// What `payer` has on hold.
+fn held_by(holds: &HashMap<AuthKey, (Authorization, String, u64)>, payer: Address) -> U256 {
+    holds.values().filter(|h| h.0.from == payer).map(|h| h.0.value).sum()
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +131,10 @@ proptest! {
         let mut ledger = Ledger::open(dir.path()).unwrap();
         let mut model: HashMap<AuthKey, Model> = HashMap::new();
         let mut keys: Vec<AuthKey> = Vec::new();
+        // Live holds: key -> (authorization, idempotency key, expiry). Lost on a reopen (they
+        // live in memory), like the ledger's.
+        let mut holds: HashMap<AuthKey, (Authorization, String, u64)> = HashMap::new();
+        let mut now = 1u64;
 
         let mut ops = ops.into_iter().peekable();
         let mut sizes = group_sizes.into_iter().cycle();
@@ -114,13 +143,20 @@ proptest! {
                 ops.next();
                 drop(ledger);
                 ledger = Ledger::open(dir.path()).unwrap();
+                holds.clear();
                 check_invariants(&ledger, &model);
+                continue;
+            }
+            if let Some(Op::Tick(ms)) = ops.peek() {
+                now += ms;
+                ops.next();
                 continue;
             }
             // A group of commands, applied against the model in the same order.
             let mut commands = Vec::new();
             let mut expect = Vec::new();
             let mut overlay = model.clone();
+            let mut held = holds.clone();
             let mut exposure: HashMap<_, U256> = HashMap::new();
             for m in overlay.values() {
                 if !m.status.is_final() {
@@ -128,19 +164,27 @@ proptest! {
                 }
             }
             for _ in 0..sizes.next().unwrap() {
-                let Some(op) = ops.next_if(|o| !matches!(o, Op::Reopen)) else { break };
+                let Some(op) = ops.next_if(|o| !matches!(o, Op::Reopen | Op::Tick(_))) else { break };
                 match op {
                     Op::Accept { payer, nonce, value, balance, in_window } => {
                         let s = signed(payer, nonce, value);
                         let key = AuthKey::of(&s);
                         let window = if in_window { Ok(()) } else { Err(AdmissionError::ZeroAmount) };
-                        let outcome = match overlay.get(&key) {
-                            Some(m) if m.authorization == s.authorization => "duplicate",
-                            Some(_) => "nonce_used",
-                            None if !in_window => "window",
-                            None => {
+                        held.retain(|_, h| h.2 > now);
+                        let outcome = match (overlay.get(&key), held.get(&key)) {
+                            (Some(m), _) if m.authorization == s.authorization => "duplicate",
+                            (Some(_), _) => "nonce_used",
+                            (None, Some(h)) if h.0 != s.authorization => "nonce_used",
+                            (None, live) => {
+                                // Claimed, whatever follows.
+                                if live.is_some() {
+                                    held.remove(&key);
+                                }
+                                let on_hold = held_by(&held, s.authorization.from);
                                 let e = exposure.entry(s.authorization.from).or_default();
-                                if *e + U256::from(value) > U256::from(balance) {
+                                if !in_window {
+                                    "window"
+                                } else if *e + on_hold + U256::from(value) > U256::from(balance) {
                                     "insufficient"
                                 } else {
                                     *e += U256::from(value);
@@ -156,8 +200,47 @@ proptest! {
                             submission: Submission { network: "eip155:8453".into(), ..Submission::default() },
                             balance: U256::from(balance),
                             window,
-                            now_ms: 1,
+                            now_ms: now,
                         }).0);
+                    }
+                    Op::Hold { payer, nonce, value, balance, in_window, keyed } => {
+                        let s = signed(payer, nonce, value);
+                        let key = AuthKey::of(&s);
+                        let idem = if keyed { format!("pay-{payer}-{nonce}-{value}") } else { String::new() };
+                        let window = if in_window { Ok(()) } else { Err(AdmissionError::ZeroAmount) };
+                        held.retain(|_, h| h.2 > now);
+                        let outcome = match (overlay.get(&key), held.get(&key)) {
+                            // Accepted without a key: a verification of it is a replay.
+                            (Some(m), _) if m.authorization == s.authorization => "recorded_replay",
+                            (Some(_), _) => "nonce_used",
+                            (None, Some(h)) if h.0 == s.authorization && keyed && h.1 == idem => "held",
+                            (None, Some(_)) => "nonce_used",
+                            (None, None) => {
+                                let on_hold = held_by(&held, s.authorization.from);
+                                let e = exposure.get(&s.authorization.from).copied().unwrap_or_default();
+                                if !in_window {
+                                    "window"
+                                } else if e + on_hold + U256::from(value) > U256::from(balance) {
+                                    "insufficient"
+                                } else {
+                                    held.insert(key, (s.authorization.clone(), idem.clone(), now + HOLD_MS));
+                                    "held"
+                                }
+                            }
+                        };
+                        expect.push(outcome);
+                        let accept = AcceptRequest {
+                            signed: s,
+                            submission: Submission {
+                                network: "eip155:8453".into(),
+                                idempotency_key: idem,
+                                ..Submission::default()
+                            },
+                            balance: U256::from(balance),
+                            window,
+                            now_ms: now,
+                        };
+                        commands.push(Command::hold(HoldRequest { accept, hold_ms: HOLD_MS }).0);
                     }
                     Op::Transition { pick, to } => {
                         let key = if keys.is_empty() { AuthKey::of(&signed(9, 9, 1)) } else { *pick.get(&keys) };
@@ -176,17 +259,22 @@ proptest! {
                         expect.push(outcome);
                         commands.push(Command::transition(TransitionRequest::new(key, to, 2)).0);
                     }
-                    Op::Reopen => unreachable!(),
+                    Op::Reopen | Op::Tick(_) => unreachable!(),
                 }
             }
             let results = ledger.apply_group(&commands);
             for (result, expected) in results.iter().zip(&expect) {
                 let got = match result {
                     Ok(Applied::Accept(AcceptOutcome::Accepted(_))) => "accepted",
-                    Ok(Applied::Accept(AcceptOutcome::Duplicate(_))) => "duplicate",
+                    Ok(Applied::Accept(AcceptOutcome::Duplicate(..))) => "duplicate",
                     Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => "nonce_used",
                     Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => "insufficient",
                     Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InvalidPaymentRequirements, .. })) => "window",
+                    Ok(Applied::Hold(HoldOutcome::Held { .. })) => "held",
+                    Ok(Applied::Hold(HoldOutcome::Recorded(_, Repeat::Replay))) => "recorded_replay",
+                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => "nonce_used",
+                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => "insufficient",
+                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::InvalidPaymentRequirements, .. })) => "window",
                     Ok(Applied::Transition(_)) => "moved",
                     Err(x402_batcher::ledger::LedgerError::NotFound(_)) => "not_found",
                     Err(x402_batcher::ledger::LedgerError::IllegalTransition { .. }) => "illegal",
@@ -195,7 +283,9 @@ proptest! {
                 prop_assert_eq!(got, *expected);
             }
             model = overlay;
+            holds = held;
             check_invariants(&ledger, &model);
+            prop_assert_eq!(ledger.holds(), holds.len(), "the live holds are the model's");
         }
     }
 }

@@ -26,7 +26,8 @@ const PAYMENTS: usize = 50;
 fn settlement(batch: usize, depth: u64) -> String {
     format!(
         "confirmations = {depth}\nmax_batch_size = {batch}\n\
-         [admission]\nmin_validity_remaining_secs = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+         [admission]\nmin_validity_remaining_secs = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [facilitator]\nlisten = \"127.0.0.1:0\"\n"
     )
 }
 
@@ -42,6 +43,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         let config = settling_config(dir.path(), &net, &settler, &settlement(20, 2));
 
         let mut daemon = start(&config);
+        let facilitator = format!("http://{}", daemon.line_after("facilitator on "));
         let metrics = daemon.line_after("metrics on ");
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
         let mut client = Client::connect(daemon.url.clone()).await.unwrap();
@@ -68,6 +70,17 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         let req = client::typed_request("forged".into(), &forged, &testkit::requirements_for(&forged));
         let reply = client.ingest.submit(req).await.unwrap().into_inner();
         assert!(matches!(reply.outcome, Some(v1::submit_reply::Outcome::Rejected(_))));
+        // One payment through the facilitator: verified (held), then settled once included.
+        let paid = PaymentBuilder::new(&payers[0], &net.token_domain(), now).nonce_index(888_888).build();
+        let body = testkit::facilitator_body(&paid, &testkit::requirements_for(&paid), &net.token_domain());
+        let http = reqwest::Client::new();
+        for endpoint in ["verify", "settle"] {
+            let reply =
+                http.post(format!("{facilitator}/{endpoint}")).body(body.clone()).send().await.unwrap();
+            let reply: serde_json::Value = reply.json().await.unwrap();
+            assert!(reply["isValid"] == true || reply["success"] == true, "{endpoint}: {reply}");
+        }
+        let paid_total = PAYMENTS + 1;
 
         // Every payment settled and the engine has seen it (nothing pending in its gauges).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -76,10 +89,10 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
             let settled =
                 sum(&s, "x402_batcher_payments_final_total", &["status=\"settled\""]).unwrap_or(0.0);
             let pending_value = sum(&s, "x402_batcher_pending_value_base_units", &[]).unwrap_or(1.0);
-            if settled == PAYMENTS as f64 && pending_value == 0.0 {
+            if settled == paid_total as f64 && pending_value == 0.0 {
                 break s;
             }
-            assert!(tokio::time::Instant::now() < deadline, "not settled: {settled} of {PAYMENTS}");
+            assert!(tokio::time::Instant::now() < deadline, "not settled: {settled} of {paid_total}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
 
@@ -97,19 +110,26 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         let get = |name: &str, labels: &[&str]| {
             sum(&s, name, labels).unwrap_or_else(|| panic!("{name} {labels:?}"))
         };
-        assert_eq!(get("x402_batcher_submissions_total", &["outcome=\"accepted\""]), PAYMENTS as f64);
+        assert_eq!(get("x402_batcher_submissions_total", &["outcome=\"accepted\""]), paid_total as f64);
+        assert_eq!(get("x402_batcher_submissions_total", &["outcome=\"held\""]), 1.0);
+        assert_eq!(get("x402_batcher_holds", &[]), 0.0, "the settle claimed the hold");
+        let verified = ["endpoint=\"verify\"", "outcome=\"valid\""];
+        assert_eq!(get("x402_batcher_facilitator_requests_total", &verified), 1.0);
+        let settled = ["endpoint=\"settle\"", "outcome=\"success\""];
+        assert_eq!(get("x402_batcher_facilitator_requests_total", &settled), 1.0);
+        assert_eq!(get("x402_batcher_facilitator_settle_wait_seconds_count", &["mode=\"included\""]), 1.0);
         assert_eq!(
             get("x402_batcher_refusals_total", &["reason=\"invalid_exact_evm_payload_signature\""]),
             1.0
         );
-        assert!(get("x402_batcher_verify_seconds_count", &[]) >= (PAYMENTS + 1) as f64);
+        assert!(get("x402_batcher_verify_seconds_count", &[]) >= (paid_total + 2) as f64);
         assert!(get("x402_batcher_ledger_commit_seconds_count", &[]) > 0.0);
         assert_eq!(get("x402_batcher_pending_payments", &[]), 0.0);
         assert_eq!(get("x402_batcher_payments_near_deadline", &[]), 0.0);
         let batches = get("x402_batcher_batches_total", &[]);
-        assert!(batches >= (PAYMENTS / 20) as f64, "{batches} batches of at most 20");
+        assert!(batches >= (paid_total / 20) as f64, "{batches} batches of at most 20");
         assert_eq!(get("x402_batcher_batch_size_count", &[]), batches);
-        assert_eq!(get("x402_batcher_batch_size_sum", &[]), PAYMENTS as f64);
+        assert_eq!(get("x402_batcher_batch_size_sum", &[]), paid_total as f64);
         let gas = get("x402_batcher_batch_gas_per_payment_sum", &[])
             / get("x402_batcher_batch_gas_per_payment_count", &[]);
         assert!((30_000.0..100_000.0).contains(&gas), "gas per payment {gas}");
@@ -119,8 +139,8 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         assert!(get("x402_batcher_settler_balance_wei", &[&settler_label]) > 1e18, "funded with 1,000 ETH");
         assert_eq!(get("x402_batcher_transactions_pending", &[]), 0.0);
         assert_eq!(get("x402_batcher_reorgs_total", &[]), 0.0);
-        assert_eq!(get("x402_batcher_accept_to_settled_seconds_count", &[]), PAYMENTS as f64);
-        let latency = get("x402_batcher_accept_to_settled_seconds_sum", &[]) / PAYMENTS as f64;
+        assert_eq!(get("x402_batcher_accept_to_settled_seconds_count", &[]), paid_total as f64);
+        let latency = get("x402_batcher_accept_to_settled_seconds_sum", &[]) / paid_total as f64;
         assert!(latency > 0.0 && latency < 90.0, "mean accept-to-settled {latency} s");
         assert!(get("x402_batcher_settlement_round_seconds_count", &[]) > 0.0);
         let last_round = get("x402_batcher_settlement_last_round_timestamp_seconds", &[]);
@@ -173,7 +193,7 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         assert_eq!(sum(&s, "x402_batcher_payments_final_total", &expired), Some(1.0));
         assert_eq!(
             sum(&s, "x402_batcher_payments_final_total", &["status=\"settled\""]),
-            Some(PAYMENTS as f64)
+            Some(paid_total as f64)
         );
 
         // SIGHUP: the file's new policy applies without a restart, in Admin and in metrics.

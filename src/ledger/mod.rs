@@ -2,6 +2,7 @@
 //! lifecycle of every payment, and the ordered change log `WatchPayments` and recovery read.
 //!
 //! - [`batch`]: settlement batches (items, settler, signed attempts, inclusion);
+//! - [`holds`]: verified payments reserved (in memory) until their settlement claims them;
 //! - [`record`]: keys, lifecycle states, the payment record and its on-disk codec;
 //! - [`store`]: the RocksDB layout, schema check, reads, and the group logic that turns a
 //!   batch of commands into one atomic `WriteBatch`;
@@ -23,6 +24,7 @@
 //! | `meta` | name | schema version, ... |
 
 pub mod batch;
+pub mod holds;
 pub mod record;
 pub mod store;
 pub mod writer;
@@ -31,6 +33,6 @@ pub use batch::{Attempt, BatchRecord, BatchStatus, Inclusion};
 pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use store::{Ledger, LedgerError};
 pub use writer::{
-    AcceptOutcome, AcceptRequest, ApplyRequest, ApplyResults, Command, Evidence, LedgerHandle,
-    TransitionRequest,
+    AcceptOutcome, AcceptRequest, ApplyRequest, ApplyResults, Command, Evidence, Follow, HoldOutcome,
+    HoldRequest, LedgerHandle, Repeat, TransitionRequest,
 };

@@ -132,6 +132,19 @@ impl Status {
         Status::Expired,
     ];
 
+    /// The status as a lower-case word (logs, the HTTP facilitator's replies).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::Batched => "batched",
+            Status::Submitted => "submitted",
+            Status::Included => "included",
+            Status::Settled => "settled",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+        }
+    }
+
     /// Settled, failed and expired payments never change again.
     pub fn is_final(self) -> bool {
         matches!(self, Status::Settled | Status::Failed | Status::Expired)

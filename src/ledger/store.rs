@@ -10,8 +10,11 @@ use alloy::primitives::U256;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
 use super::batch::{BatchRecord, batch_key};
+use super::holds::{Hold, Holds};
 use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord, Status};
-use super::writer::{AcceptOutcome, AcceptRequest, ApplyRequest, Command, TransitionRequest};
+use super::writer::{
+    AcceptOutcome, AcceptRequest, ApplyRequest, Command, HoldOutcome, HoldRequest, Repeat, TransitionRequest,
+};
 use crate::x402::Reason;
 
 pub const CF_AUTH: &str = "auth";
@@ -92,6 +95,9 @@ pub struct Ledger {
     pending: AtomicU64,
     /// Sequence number of the newest settlement log entry.
     last_settlement: AtomicU64,
+    /// Verified payments held for their settlement (in memory only; see [`super::holds`]).
+    /// Only the writer thread locks it.
+    holds: parking_lot::Mutex<Holds>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -176,6 +182,7 @@ impl Ledger {
             last_seq: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             last_settlement: AtomicU64::new(0),
+            holds: parking_lot::Mutex::new(Holds::default()),
         }
     }
 
@@ -202,6 +209,11 @@ impl Ledger {
             .map(|(k, _)| seq_from_key(&k))
             .transpose()
             .map(Option::unwrap_or_default)
+    }
+
+    /// Verified payments held and not yet claimed or lapsed (as of the last group).
+    pub fn holds(&self) -> usize {
+        self.holds.lock().len()
     }
 
     /// Payments accepted and not yet settled, failed or expired.
@@ -375,11 +387,23 @@ impl Ledger {
     /// Each command gets its own result; if the commit fails, every command fails with the
     /// commit's error and nothing of the group is visible.
     pub fn apply_group(&self, commands: &[Command]) -> Vec<Result<Applied, LedgerError>> {
-        let mut group = Group::new(self);
+        self.apply_group_changes(commands).0
+    }
+
+    /// [`Ledger::apply_group`], also returning every record the group wrote (each as it
+    /// stands after the group), for the writer to tell followers once it is durable.
+    /// A failed commit stops the writer (the storage refuses writes from then on), so the
+    /// in-memory holds this group changed need no undoing.
+    pub fn apply_group_changes(
+        &self,
+        commands: &[Command],
+    ) -> (Vec<Result<Applied, LedgerError>>, Vec<PaymentRecord>) {
+        let mut holds = self.holds.lock();
+        let mut group = Group::new(self, &mut holds);
         let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
         match group.commit() {
-            Ok(()) => results,
-            Err(e) => results.into_iter().map(|_| Err(e.clone())).collect(),
+            Ok(changed) => (results, changed),
+            Err(e) => (results.into_iter().map(|_| Err(e.clone())).collect(), Vec::new()),
         }
     }
 }
@@ -388,6 +412,7 @@ impl Ledger {
 #[derive(Debug, Clone)]
 pub enum Applied {
     Accept(AcceptOutcome),
+    Hold(HoldOutcome),
     Transition(PaymentRecord),
     Apply(Vec<Result<PaymentRecord, LedgerError>>),
 }
@@ -426,6 +451,7 @@ fn decode_u256(v: &[u8]) -> Result<U256, LedgerError> {
 /// conflict exactly as in two groups).
 struct Group<'a> {
     ledger: &'a Ledger,
+    holds: &'a mut Holds,
     batch: WriteBatch,
     records: HashMap<AuthKey, PaymentRecord>,
     exposures: HashMap<PayerKey, U256>,
@@ -437,9 +463,10 @@ struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    fn new(ledger: &'a Ledger) -> Self {
+    fn new(ledger: &'a Ledger, holds: &'a mut Holds) -> Self {
         Self {
             ledger,
+            holds,
             batch: WriteBatch::default(),
             records: HashMap::new(),
             exposures: HashMap::new(),
@@ -484,6 +511,7 @@ impl<'a> Group<'a> {
     fn apply(&mut self, command: &Command) -> Result<Applied, LedgerError> {
         match command {
             Command::Accept(req, _) => self.accept(req).map(Applied::Accept),
+            Command::Hold(req, _) => self.hold(req).map(Applied::Hold),
             Command::Transition(req, _) => self.transition(req).map(Applied::Transition),
             Command::Apply(req, _) => self.apply_request(req).map(Applied::Apply),
         }
@@ -528,30 +556,32 @@ impl<'a> Group<'a> {
         Ok(record)
     }
 
-    fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
+    /// What every acceptance and hold checks first, in this order: the idempotency key, a
+    /// record of the authorization, a hold on it. `Err` is the answer; `Ok` carries the live
+    /// hold on the key, if any, for the caller to judge.
+    fn precheck(&mut self, req: &AcceptRequest) -> Result<Result<Option<Hold>, Prechecked>, LedgerError> {
+        self.holds.lapse(req.now_ms);
         let key = AuthKey::of(&req.signed);
-        if !req.submission.idempotency_key.is_empty()
-            && let Some(named) = self.idem_key(&req.submission.idempotency_key)?
+        let idem = &req.submission.idempotency_key;
+        if !idem.is_empty()
+            && let Some(named) = self.idem_key(idem)?
             && named != key
         {
-            return Ok(AcceptOutcome::Refused {
+            return Ok(Err(Prechecked::Refused {
                 reason: Reason::InvalidPayload,
-                message: format!(
-                    "idempotency key {:?} already names payment {}",
-                    req.submission.idempotency_key,
-                    named.payment_id()
-                ),
-            });
+                message: format!("idempotency key {idem:?} already names payment {}", named.payment_id()),
+            }));
         }
         if let Some(existing) = self.record(&key)? {
-            // The same transfer again (a retry, a second API server) is the same payment,
-            // whatever signature bytes carry it; a different transfer under a used nonce is
-            // a double spend.
+            // The same transfer again (a retry, a replay, a second API server) is the same
+            // payment, whatever signature bytes carry it; a different transfer under a used
+            // nonce is a double spend.
             let (a, b) = (&existing.signed.authorization, &req.signed.authorization);
-            return Ok(if a == b {
-                AcceptOutcome::Duplicate(existing)
+            return Ok(Err(if a == b {
+                let repeat = Repeat::of(&existing, idem);
+                Prechecked::Recorded(existing, repeat)
             } else {
-                AcceptOutcome::Refused {
+                Prechecked::Refused {
                     reason: Reason::NonceAlreadyUsed,
                     message: format!(
                         "nonce {} of {} is already used by payment {}",
@@ -560,24 +590,111 @@ impl<'a> Group<'a> {
                         existing.payment_id()
                     ),
                 }
-            });
+            }));
         }
+        Ok(Ok(self.holds.get(&key, req.now_ms).cloned()))
+    }
+
+    /// The window, then the payer's cover: what is pending, what is held, and this
+    /// payment. `Ok` with the payer's exposure once this payment is recorded.
+    fn cover(&mut self, req: &AcceptRequest) -> Result<Result<U256, (Reason, String)>, LedgerError> {
         if let Err(e) = &req.window {
-            return Ok(AcceptOutcome::Refused { reason: e.reason(), message: e.to_string() });
+            return Ok(Err((e.reason(), e.to_string())));
         }
-        let payer = key.payer();
+        let payer = AuthKey::of(&req.signed).payer();
         let exposure = self.exposure(&payer)?;
+        let held = self.holds.held(&payer);
         let value = req.signed.authorization.value;
         let needed = exposure.saturating_add(value);
-        if needed > req.balance {
-            return Ok(AcceptOutcome::Refused {
-                reason: Reason::InsufficientFunds,
-                message: format!(
-                    "balance {} of {} does not cover {} already pending plus {}",
+        if needed.saturating_add(held) > req.balance {
+            let held =
+                if held.is_zero() { String::new() } else { format!(", {held} held for verified payments") };
+            return Ok(Err((
+                Reason::InsufficientFunds,
+                format!(
+                    "balance {} of {} does not cover {} already pending{held} plus {}",
                     req.balance, req.signed.authorization.from, exposure, value
+                ),
+            )));
+        }
+        Ok(Ok(needed))
+    }
+
+    /// Holds a verified payment: refused or answered like an acceptance, but nothing is
+    /// written; the payment is reserved until it is claimed or lapses.
+    fn hold(&mut self, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        let accept = &req.accept;
+        let key = AuthKey::of(&accept.signed);
+        let live = match self.precheck(accept)? {
+            Err(Prechecked::Recorded(record, repeat)) => return Ok(HoldOutcome::Recorded(record, repeat)),
+            Err(Prechecked::Refused { reason, message }) => {
+                return Ok(HoldOutcome::Refused { reason, message });
+            }
+            Ok(live) => live,
+        };
+        if let Some(hold) = live {
+            let idem = &accept.submission.idempotency_key;
+            // The same verification again, named by its payment-identifier: the first answer.
+            if hold.authorization == accept.signed.authorization
+                && !idem.is_empty()
+                && hold.idempotency_key == *idem
+            {
+                return Ok(HoldOutcome::Held { expires_at_ms: hold.expires_at_ms });
+            }
+            return Ok(HoldOutcome::Refused {
+                reason: Reason::NonceAlreadyUsed,
+                message: format!(
+                    "nonce {} of {} is held by a verification in progress (payment {}): a payment is \
+                     verified once",
+                    accept.signed.authorization.nonce,
+                    accept.signed.authorization.from,
+                    key.payment_id()
                 ),
             });
         }
+        if let Err((reason, message)) = self.cover(accept)? {
+            return Ok(HoldOutcome::Refused { reason, message });
+        }
+        let expires_at_ms = accept.now_ms.saturating_add(req.hold_ms);
+        self.holds.insert(
+            key,
+            Hold {
+                authorization: accept.signed.authorization.clone(),
+                idempotency_key: accept.submission.idempotency_key.clone(),
+                expires_at_ms,
+            },
+        );
+        Ok(HoldOutcome::Held { expires_at_ms })
+    }
+
+    fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
+        let key = AuthKey::of(&req.signed);
+        let live = match self.precheck(req)? {
+            Err(Prechecked::Recorded(record, repeat)) => return Ok(AcceptOutcome::Duplicate(record, repeat)),
+            Err(Prechecked::Refused { reason, message }) => {
+                return Ok(AcceptOutcome::Refused { reason, message });
+            }
+            Ok(live) => live,
+        };
+        if let Some(hold) = live {
+            if hold.authorization != req.signed.authorization {
+                return Ok(AcceptOutcome::Refused {
+                    reason: Reason::NonceAlreadyUsed,
+                    message: format!(
+                        "nonce {} of {} is held by a verification of another authorization",
+                        req.signed.authorization.nonce, req.signed.authorization.from
+                    ),
+                });
+            }
+            // The acceptance claims the hold: its value moves from held to pending below
+            // (or, refused, is released: a claim is made once).
+            self.holds.remove(&key);
+        }
+        let needed = match self.cover(req)? {
+            Ok(needed) => needed,
+            Err((reason, message)) => return Ok(AcceptOutcome::Refused { reason, message }),
+        };
+        let payer = key.payer();
 
         let record = PaymentRecord {
             status: Status::Accepted,
@@ -674,9 +791,10 @@ impl<'a> Group<'a> {
         self.exposures.insert(payer, value);
     }
 
-    fn commit(self) -> Result<(), LedgerError> {
+    /// Commits the group; returns the records it wrote.
+    fn commit(self) -> Result<Vec<PaymentRecord>, LedgerError> {
         if self.batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
         self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
@@ -684,6 +802,12 @@ impl<'a> Group<'a> {
         // Only the writer commits, so this read-modify-write does not race.
         let pending = self.ledger.pending().saturating_add_signed(self.pending_delta);
         self.ledger.pending.store(pending, Ordering::SeqCst);
-        Ok(())
+        Ok(self.records.into_values().collect())
     }
+}
+
+/// An answer the checks shared by acceptances and holds reached early.
+enum Prechecked {
+    Recorded(PaymentRecord, Repeat),
+    Refused { reason: Reason, message: String },
 }

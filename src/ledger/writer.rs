@@ -4,12 +4,14 @@
 //! twice, a payer's balance) are decided in one place, in one order; grouping means one
 //! fsync (~90 µs) is shared by every payment that arrived while the previous one ran.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use alloy::primitives::{B256, U256};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use tokio::sync::{broadcast, oneshot};
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::batch::BatchRecord;
 use super::record::{AuthKey, PaymentRecord, Status, Submission};
@@ -39,14 +41,69 @@ pub struct AcceptRequest {
     pub now_ms: u64,
 }
 
+/// How a submission relates to what the ledger holds for its authorization, and so
+/// whether the API server may serve for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Repeat {
+    /// Recorded now: the first acceptance. Serve.
+    New,
+    /// Recorded before under the same, non-empty idempotency key (an x402
+    /// `payment-identifier`): the same submission again, one payment. Serve the same
+    /// answer again.
+    Retry,
+    /// Recorded before, and this submission does not carry the key it was recorded with
+    /// (a resent header, a second API server): do not serve for it.
+    Replay,
+}
+
+impl Repeat {
+    /// Judges a resubmission of `existing` carrying `idempotency_key`.
+    pub fn of(existing: &PaymentRecord, idempotency_key: &str) -> Repeat {
+        if !idempotency_key.is_empty() && existing.submission.idempotency_key == idempotency_key {
+            Repeat::Retry
+        } else {
+            Repeat::Replay
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Repeat::New => "new",
+            Repeat::Retry => "retry",
+            Repeat::Replay => "replay",
+        }
+    }
+}
+
 /// The ledger's answer to an [`AcceptRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AcceptOutcome {
     /// Newly recorded, durably.
     Accepted(PaymentRecord),
-    /// Recorded before: the record as it stands now.
-    Duplicate(PaymentRecord),
+    /// Recorded before: the record as it stands now, and whether this submission is a
+    /// [`Repeat::Retry`] or a [`Repeat::Replay`] of the one recorded.
+    Duplicate(PaymentRecord, Repeat),
     /// Not recorded, for this reason.
+    Refused { reason: Reason, message: String },
+}
+
+/// A verified payment to hold (see [`super::holds`]): the same checks as an acceptance,
+/// then a reservation for `hold_ms` instead of a record.
+#[derive(Debug, Clone)]
+pub struct HoldRequest {
+    pub accept: AcceptRequest,
+    pub hold_ms: u64,
+}
+
+/// The ledger's answer to a [`HoldRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// Held (now, or already by a verification with the same idempotency key) until then
+    /// (Unix ms).
+    Held { expires_at_ms: u64 },
+    /// Already recorded: the record, and how this verification relates to it.
+    Recorded(PaymentRecord, Repeat),
+    /// Neither held nor recorded, for this reason.
     Refused { reason: Reason, message: String },
 }
 
@@ -100,6 +157,7 @@ pub type ApplyResults = Vec<Result<PaymentRecord, LedgerError>>;
 #[derive(Debug)]
 pub enum Command {
     Accept(AcceptRequest, oneshot::Sender<Result<AcceptOutcome, LedgerError>>),
+    Hold(HoldRequest, oneshot::Sender<Result<HoldOutcome, LedgerError>>),
     Transition(TransitionRequest, oneshot::Sender<Result<PaymentRecord, LedgerError>>),
     Apply(ApplyRequest, oneshot::Sender<Result<ApplyResults, LedgerError>>),
 }
@@ -108,6 +166,11 @@ impl Command {
     pub fn accept(req: AcceptRequest) -> (Command, oneshot::Receiver<Result<AcceptOutcome, LedgerError>>) {
         let (tx, rx) = oneshot::channel();
         (Command::Accept(req, tx), rx)
+    }
+
+    pub fn hold(req: HoldRequest) -> (Command, oneshot::Receiver<Result<HoldOutcome, LedgerError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Command::Hold(req, tx), rx)
     }
 
     pub fn transition(
@@ -129,6 +192,12 @@ impl Command {
                 let _ = tx.send(result.map(|a| match a {
                     Applied::Accept(o) => o,
                     _ => unreachable!("an accept applies as an accept"),
+                }));
+            }
+            Command::Hold(_, tx) => {
+                let _ = tx.send(result.map(|a| match a {
+                    Applied::Hold(o) => o,
+                    _ => unreachable!("a hold applies as a hold"),
                 }));
             }
             Command::Transition(_, tx) => {
@@ -167,6 +236,8 @@ pub struct LedgerHandle {
     /// When the commit in progress started (ms after `epoch`, plus one); 0 when none is.
     commit_started: Arc<std::sync::atomic::AtomicU64>,
     epoch: std::time::Instant,
+    /// Followers of single payments ([`LedgerHandle::follow`]).
+    watchers: Arc<Watchers>,
 }
 
 impl std::fmt::Debug for LedgerHandle {
@@ -186,15 +257,16 @@ impl LedgerHandle {
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let commit_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let epoch = std::time::Instant::now();
+        let watchers = Arc::new(Watchers::default());
         let thread = {
             let ledger = Arc::clone(&ledger);
-            let changes = changes.clone();
+            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers) };
             let timer = CommitTimer { started: Arc::clone(&commit_started), epoch };
             std::thread::Builder::new()
                 .name("ledger-writer".into())
-                .spawn(move || run(&ledger, &rx, &changes, &failed_tx, &timer))?
+                .spawn(move || run(&ledger, &rx, &notify, &failed_tx, &timer))?
         };
-        Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch }, thread))
+        Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch, watchers }, thread))
     }
 
     /// How long the commit in progress has been running, if one is. A commit that does
@@ -245,6 +317,26 @@ impl LedgerHandle {
         rx.await.map_err(|_| LedgerError::WriterStopped)?
     }
 
+    /// Holds a verified payment for `req.hold_ms` (nothing is written to disk).
+    pub async fn hold(&self, req: HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        let (cmd, rx) = Command::hold(req);
+        self.send(cmd)?;
+        rx.await.map_err(|_| LedgerError::WriterStopped)?
+    }
+
+    /// Follows one payment: the returned [`Follow`] sees every committed change of its
+    /// record from now on, starting with the record as it stands.
+    pub fn follow(&self, key: AuthKey) -> Result<Follow, LedgerError> {
+        let rx = self.watchers.register(key);
+        let follow = Follow { key, rx, watchers: Arc::clone(&self.watchers) };
+        // Registered before this read: a change committed after it is both read here or
+        // sent by the writer, and the newer of the two (by seq) is kept.
+        if let Some(record) = self.ledger.get(&key)? {
+            self.watchers.offer(&record);
+        }
+        Ok(follow)
+    }
+
     /// Moves a payment along its lifecycle; answers once the change is on disk.
     pub async fn transition(&self, req: TransitionRequest) -> Result<PaymentRecord, LedgerError> {
         let (cmd, rx) = Command::transition(req);
@@ -267,6 +359,78 @@ impl LedgerHandle {
     }
 }
 
+/// Followers of single payments, by key: each holds the newest committed record.
+#[derive(Default)]
+struct Watchers(Mutex<HashMap<AuthKey, watch::Sender<Option<PaymentRecord>>>>);
+
+impl Watchers {
+    fn register(&self, key: AuthKey) -> watch::Receiver<Option<PaymentRecord>> {
+        self.0.lock().entry(key).or_insert_with(|| watch::channel(None).0).subscribe()
+    }
+
+    /// Publishes `record` to its followers, if any, unless they hold a newer one.
+    fn offer(&self, record: &PaymentRecord) {
+        if let Some(tx) = self.0.lock().get(&record.key()) {
+            tx.send_if_modified(|current| {
+                let newer = current.as_ref().is_none_or(|c| c.seq < record.seq);
+                if newer {
+                    *current = Some(record.clone());
+                }
+                newer
+            });
+        }
+    }
+
+    /// After one follower of `key` went: forgets the key when it was the last.
+    fn release(&self, key: &AuthKey) {
+        let mut map = self.0.lock();
+        if map.get(key).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(key);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().is_empty()
+    }
+}
+
+/// One payment followed through its lifecycle ([`LedgerHandle::follow`]).
+pub struct Follow {
+    key: AuthKey,
+    rx: watch::Receiver<Option<PaymentRecord>>,
+    watchers: Arc<Watchers>,
+}
+
+impl Follow {
+    /// The record as last committed (`None` while the payment is not in the ledger).
+    pub fn current(&self) -> Option<PaymentRecord> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the record satisfies `done`, and returns it (`None` only if the ledger
+    /// went away). A writer that stops leaves this waiting: callers bound it with a timeout.
+    pub async fn until(&mut self, mut done: impl FnMut(&PaymentRecord) -> bool) -> Option<PaymentRecord> {
+        let found = self.rx.wait_for(|r| r.as_ref().is_some_and(&mut done)).await.ok()?;
+        found.clone()
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        // The receiver is dropped after this body: replace it first so the count is right.
+        let (_, closed) = watch::channel(None);
+        drop(std::mem::replace(&mut self.rx, closed));
+        self.watchers.release(&self.key);
+    }
+}
+
+/// What the writer tells after each commit: the newest sequence number to change-feed
+/// subscribers, and each changed record to its followers.
+struct Notify {
+    changes: broadcast::Sender<u64>,
+    watchers: Arc<Watchers>,
+}
+
 /// Marks the commit in progress for [`LedgerHandle::commit_running_for`].
 struct CommitTimer {
     started: Arc<std::sync::atomic::AtomicU64>,
@@ -276,7 +440,7 @@ struct CommitTimer {
 fn run(
     ledger: &Ledger,
     rx: &Receiver<Msg>,
-    changes: &broadcast::Sender<u64>,
+    notify: &Notify,
     failed: &tokio::sync::watch::Sender<Option<String>>,
     timer: &CommitTimer,
 ) {
@@ -301,11 +465,12 @@ fn run(
         let started = std::time::Instant::now();
         let since_epoch = started.duration_since(timer.epoch).as_millis() as u64;
         timer.started.store(since_epoch + 1, std::sync::atomic::Ordering::SeqCst);
-        let results = ledger.apply_group(&group);
+        let (results, changed) = ledger.apply_group_changes(&group);
         timer.started.store(0, std::sync::atomic::Ordering::SeqCst);
         m.commit_seconds.record(started.elapsed().as_secs_f64());
         m.commit_group_size.record(group.len() as f64);
         m.pending_payments.set(ledger.pending() as f64);
+        m.holds.set(ledger.holds() as f64);
         let committed = results.iter().any(|r| r.is_ok());
         // A commit the storage refused (nothing of the group is durable, so nothing of it
         // was acknowledged). RocksDB refuses every later write until it is reopened: stop,
@@ -328,7 +493,12 @@ fn run(
         }
         if committed {
             // No subscriber is not an error.
-            let _ = changes.send(ledger.last_seq());
+            let _ = notify.changes.send(ledger.last_seq());
+            if !notify.watchers.is_empty() {
+                for record in &changed {
+                    notify.watchers.offer(record);
+                }
+            }
         }
     }
     // Dropping the receiver makes later sends fail with WriterStopped; commands already

@@ -105,6 +105,12 @@ pub fn decode_header(header: &str) -> Result<PaymentPayload, DecodeError> {
 /// Decodes the JSON of a payment payload (the header after base64).
 pub fn decode_json(json: &[u8]) -> Result<PaymentPayload, DecodeError> {
     let value: Value = serde_json::from_slice(json).map_err(DecodeError::Json)?;
+    decode_value(&value)
+}
+
+/// Decodes a payment payload already parsed as JSON (the HTTP facilitator's
+/// `paymentPayload`).
+pub fn decode_value(value: &Value) -> Result<PaymentPayload, DecodeError> {
     let root = value.as_object().ok_or(DecodeError::NotAnObject)?;
     match root.get("x402Version") {
         Some(v) if v.as_u64() == Some(1) => decode_v1(root),
@@ -207,7 +213,11 @@ fn scheme(found: &str) -> Result<String, DecodeError> {
     }
 }
 
-fn str_field<'a>(obj: &'a Map<String, Value>, key: &str, path: &'static str) -> Result<&'a str, DecodeError> {
+pub fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &'static str,
+) -> Result<&'a str, DecodeError> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(DecodeError::field(path, FieldProblem::NotString)),
@@ -215,7 +225,7 @@ fn str_field<'a>(obj: &'a Map<String, Value>, key: &str, path: &'static str) -> 
     }
 }
 
-fn opt_str_field(
+pub fn opt_str_field(
     obj: &Map<String, Value>,
     key: &str,
     path: &'static str,
@@ -227,7 +237,7 @@ fn opt_str_field(
     }
 }
 
-fn obj_field<'a>(
+pub fn obj_field<'a>(
     obj: &'a Map<String, Value>,
     key: &str,
     path: &'static str,

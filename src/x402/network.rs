@@ -62,6 +62,13 @@ pub fn resolve(name: &str, aliases: &BTreeMap<String, u64>) -> Result<u64, Netwo
         .ok_or_else(|| NetworkError::Unknown { name: name.to_owned() })
 }
 
+/// The x402 v1 names of `chain_id`: the operator's aliases, then the built-in name.
+pub fn v1_names(chain_id: u64, aliases: &BTreeMap<String, u64>) -> Vec<String> {
+    let aliased = aliases.iter().filter(|(_, id)| **id == chain_id).map(|(n, _)| n.clone());
+    let built_in = V1_NETWORKS.iter().filter(|(_, id)| *id == chain_id).map(|(n, _)| (*n).to_owned());
+    aliased.chain(built_in).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +88,13 @@ mod tests {
         for bad in ["solana:mainnet", "Base", "", "base "] {
             assert!(matches!(resolve(bad, &aliases), Err(NetworkError::Unknown { .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn v1_names_of_a_chain() {
+        let mut aliases = BTreeMap::new();
+        aliases.insert("my-sepolia".to_owned(), 84532);
+        assert_eq!(v1_names(84532, &aliases), ["my-sepolia", "base-sepolia"]);
+        assert!(v1_names(31337, &aliases).is_empty());
     }
 }

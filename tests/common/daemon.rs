@@ -16,6 +16,8 @@ pub struct TestDaemon {
     pub devnet: Arc<Devnet>,
     pub addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
+    /// The facilitator HTTP API, when the config asked for it (`facilitator.listen` set).
+    pub facilitator_addr: Option<std::net::SocketAddr>,
     /// Holds the ledger; shared with a restarted daemon.
     pub dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
@@ -41,20 +43,36 @@ impl TestDaemon {
         config.chains.push(ChainConfig { chain_id: devnet.chain_id(), rpc_url: devnet.rpc_url().to_owned() });
         config.ledger.path = Some(dir.path().join("ledger"));
         tune(&mut config);
-        let listeners = x402_batcher::daemon::Listeners::loopback().await.unwrap();
+        let listeners = if config.facilitator.listen.is_some() {
+            x402_batcher::daemon::Listeners::loopback_with_facilitator().await.unwrap()
+        } else {
+            x402_batcher::daemon::Listeners::loopback().await.unwrap()
+        };
         let (addr, admin_addr) = (listeners.api.local_addr().unwrap(), listeners.admin.local_addr().unwrap());
+        let facilitator_addr = listeners.facilitator.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task =
             tokio::spawn(x402_batcher::daemon::serve(config, listeners, Arc::new(SystemClock), async {
                 let _ = stopped.await;
             }));
-        let daemon = TestDaemon { devnet, addr, admin_addr, dir, stop: Some(stop), task: Some(task) };
+        let daemon = TestDaemon {
+            devnet,
+            addr,
+            admin_addr,
+            facilitator_addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
         // The listener is bound before the daemon starts, so this connects at once and the
         // request is answered as soon as the daemon serves: no polling needed. A daemon that
-        // fails to start drops the listener, and the request fails.
+        // fails to start drops the listener, and the request fails. Health answers without
+        // credentials.
         let ready = async {
-            let mut admin = v1::admin_client::AdminClient::connect(daemon.admin_url()).await?;
-            admin.get_status(v1::GetStatusRequest {}).await.map_err(|s| s.into())
+            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+            let channel = tonic::transport::Channel::from_shared(daemon.admin_url())?.connect().await?;
+            let mut health = HealthClient::new(channel);
+            health.check(HealthCheckRequest { service: String::new() }).await.map_err(|s| s.into())
         };
         let ready: Result<_, Box<dyn std::error::Error>> =
             tokio::time::timeout(std::time::Duration::from_secs(30), ready)
@@ -66,6 +84,11 @@ impl TestDaemon {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The facilitator's base URL (the daemon must have been started with one).
+    pub fn facilitator_url(&self) -> String {
+        format!("http://{}", self.facilitator_addr.expect("started with a facilitator listener"))
     }
 
     /// The Admin listener.
