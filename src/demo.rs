@@ -1,9 +1,13 @@
 //! The README's main job: the whole product on a local devnet. Starts anvil with the test
 //! token and aggregate3, runs the daemon in-process with settler accounts, drives a few
 //! thousand payments from many payers to a few payees through gRPC with the load
-//! generator, waits until every one is settled at depth, and prints a summary: outcomes,
+//! generator, waits until every one is settled at depth; then the x402 ecosystem's own
+//! flow: Express APIs protected by `x402-express` (v1) and `@x402/express` (v2) with the
+//! daemon as their facilitator, paid for by `x402-axios` and `@x402/fetch` clients
+//! (`ops/interop`, Node), with a replayed header each. It prints a summary: outcomes,
 //! batches with sizes and cut reasons, gas per payment beside the same payment sent as its
-//! own transaction, end-to-end latency, and where the settlement log and its export are.
+//! own transaction (for the gRPC fleet and for the middlewares' payments), end-to-end
+//! latency, and where the settlement log and its export are.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -58,6 +62,9 @@ pub struct DemoOptions {
     /// Where the ledger and the export go (a fresh directory under the system temp dir if
     /// absent).
     pub dir: Option<PathBuf>,
+    /// Paid requests each x402 client makes through its middleware after the gRPC load
+    /// (0: skip the middleware flow, which needs Node and `ops/interop`'s packages).
+    pub http_requests: usize,
 }
 
 impl Default for DemoOptions {
@@ -71,6 +78,7 @@ impl Default for DemoOptions {
             confirmations: 3,
             block_ms: 500,
             dir: None,
+            http_requests: 300,
         }
     }
 }
@@ -95,6 +103,24 @@ pub struct DemoReport {
     pub latency_ms: [u64; 4],
     pub ledger_path: PathBuf,
     pub export_path: PathBuf,
+    /// The middlewares' flow, when it ran.
+    pub http: Option<HttpReport>,
+}
+
+/// What the x402 middlewares and clients did through the facilitator.
+#[derive(Debug, Default, Clone)]
+pub struct HttpReport {
+    /// Paid requests answered 200, by client (`v1-axios`, `v2-fetch`).
+    pub paid: BTreeMap<String, u64>,
+    /// Paid requests made.
+    pub requests: u64,
+    /// Replayed payment headers refused (402, handler not run), of those sent.
+    pub replays_refused: u64,
+    pub replays: u64,
+    /// Their payments, settled; the batches that carried them; gas per payment.
+    pub settled: usize,
+    pub batches: usize,
+    pub gas_per_payment: f64,
 }
 
 /// Runs the demo, printing progress and the summary to stdout.
@@ -114,7 +140,9 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
 
     println!("starting devnet (anvil {}) ...", devnet::ANVIL_VERSION);
-    let net = Arc::new(Devnet::start().await?);
+    // Base Sepolia's chain id: the x402 v1 packages pay only on networks they name.
+    let options = devnet::DevnetOptions { chain_id: devnet::X402_CHAIN_ID, ..Default::default() };
+    let net = Arc::new(Devnet::start_with(options).await?);
     println!("  rpc {}  token {}  aggregate3 at {}", net.rpc_url(), net.token(), MULTICALL3);
     let settlers = net.new_settlers("demo", opts.settlers.max(1)).await?;
     let payers = devnet::payer_keys("demo", opts.payers.max(1));
@@ -152,17 +180,22 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.settlement.confirmations = opts.confirmations;
     config.settlement.poll_interval_ms = 250;
     let tokens = config.token_table();
-    let listeners =
-        crate::daemon::Listeners::loopback().await.map_err(|e| DemoError::Daemon(e.to_string()))?;
+    let listeners = crate::daemon::Listeners::loopback_with_facilitator()
+        .await
+        .map_err(|e| DemoError::Daemon(e.to_string()))?;
     let addr = |l: &tokio::net::TcpListener| {
         l.local_addr().map(|a| format!("http://{a}")).map_err(|e| DemoError::Daemon(e.to_string()))
     };
     let (url, admin_url) = (addr(&listeners.api)?, addr(&listeners.admin)?);
+    let facilitator_url = addr(listeners.facilitator.as_ref().expect("bound above"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(crate::daemon::serve(config, listeners, Arc::new(SystemClock), async {
         let _ = stopped.await;
     }));
-    println!("daemon listening on {url} (ledger {})", ledger_path.display());
+    println!(
+        "daemon listening on {url}, facilitator on {facilitator_url} (ledger {})",
+        ledger_path.display()
+    );
 
     let client = Client::connect(url).await.map_err(|e| DemoError::Daemon(e.to_string()))?;
     let load = LoadOptions {
@@ -184,25 +217,26 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     println!("settling (confirmation depth {}) ...", opts.confirmations);
     // Admin is served on its own listener.
     let mut admin = Client::connect(admin_url).await.map_err(|e| DemoError::Daemon(e.to_string()))?.admin;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let status = admin
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .map_err(|e| DemoError::Daemon(e.to_string()))?
-            .into_inner();
-        if status.pending_payments == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::Mismatch(format!(
-                "{} payments still pending after 10 minutes",
-                status.pending_payments
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_settled(&mut admin).await?;
     let settle_seconds = started.elapsed().as_secs_f64();
+
+    // The x402 ecosystem's own flow, through the facilitator URL.
+    let http = if opts.http_requests > 0 {
+        let payers = devnet::payer_keys("demo-http", 3);
+        let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, U256::from(100_000_000u64)).await?;
+        println!(
+            "paying {} requests per client through x402 middlewares (x402-express <- x402-axios, \
+             @x402/express <- @x402/fetch), facilitator {facilitator_url} ...",
+            opts.http_requests
+        );
+        let result =
+            run_interop(&interop_config(&net, &facilitator_url, &payers, opts.http_requests)).await?;
+        wait_settled(&mut admin).await?;
+        Some(result)
+    } else {
+        None
+    };
 
     // The same payment as its own transaction: the reference facilitators' way.
     let solo = PaymentBuilder::new(&payers[0], &net.token_domain(), SystemClock.now_unix())
@@ -242,8 +276,13 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         export_path,
         ..Default::default()
     };
+    // The middlewares' payments are named after their callers' addresses (`http:<ip>`).
+    let via_http = |r: &crate::ledger::PaymentRecord| r.submission.api_server.starts_with("http:");
     let mut latencies = Vec::new();
-    for (_, r) in ledger.settlement_log(0, usize::MAX)? {
+    let log = ledger.settlement_log(0, usize::MAX)?;
+    let http_keys: std::collections::HashSet<_> =
+        log.iter().filter(|(_, r)| via_http(r)).map(|(_, r)| r.key()).collect();
+    for (_, r) in log.iter().filter(|(_, r)| !via_http(r)) {
         match r.status {
             Status::Settled => {
                 report.settled += 1;
@@ -255,7 +294,18 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         }
     }
     let (mut gas, mut items) = (0u64, 0u64);
+    let (mut http_gas, mut http_items, mut http_batches) = (0u64, 0u64, 0usize);
     for b in ledger.batches(net.chain_id())? {
+        if b.items.iter().any(|k| http_keys.contains(k)) {
+            http_batches += 1;
+            if b.status == BatchStatus::Done
+                && let Some(inc) = b.inclusion
+            {
+                http_gas += inc.gas_used;
+                http_items += u64::from(inc.settled_items);
+            }
+            continue;
+        }
         report.batches += 1;
         report.batch_sizes.push(b.items.len());
         *report.cut_reasons.entry(b.cut_reason.clone()).or_default() += 1;
@@ -268,6 +318,12 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         }
     }
     report.gas_per_payment = if items == 0 { 0.0 } else { gas as f64 / items as f64 };
+    report.http = http.map(|mut h| {
+        h.settled = log.iter().filter(|(_, r)| via_http(r) && r.status == Status::Settled).count();
+        h.batches = http_batches;
+        h.gas_per_payment = if http_items == 0 { 0.0 } else { http_gas as f64 / http_items as f64 };
+        h
+    });
     latencies.sort_unstable();
     let pct = |p: f64| {
         latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0)
@@ -284,6 +340,116 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     if report.settled == 0 {
         return Err(DemoError::Mismatch("nothing settled".into()));
+    }
+    if let Some(h) = &report.http {
+        let paid: u64 = h.paid.values().sum();
+        if paid != h.requests || h.settled as u64 != paid || h.replays_refused != h.replays {
+            return Err(DemoError::Mismatch(format!(
+                "middlewares: {paid} of {} requests paid, {} settled, {} of {} replays refused",
+                h.requests, h.settled, h.replays_refused, h.replays
+            )));
+        }
+    }
+    Ok(report)
+}
+
+/// Polls Admin until no payment is pending (10 minutes at most).
+async fn wait_settled(
+    admin: &mut v1::admin_client::AdminClient<crate::client::AuthChannel>,
+) -> Result<(), DemoError> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let status = admin
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .map_err(|e| DemoError::Daemon(e.to_string()))?
+            .into_inner();
+        if status.pending_payments == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Mismatch(format!(
+                "{} payments still pending after 10 minutes",
+                status.pending_payments
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where the x402 packages and the scripts that drive them are: `$X402_INTEROP_DIR`, else
+/// `ops/interop` in the source tree (`ops/setup.sh` installs the packages there).
+pub fn interop_dir() -> PathBuf {
+    std::env::var_os("X402_INTEROP_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/interop")))
+}
+
+/// The middleware flow's settings for `ops/interop/run.mjs` (its `pay` scenario).
+fn interop_config(
+    net: &Devnet,
+    facilitator: &str,
+    payers: &[alloy::signers::local::PrivateKeySigner],
+    requests: usize,
+) -> serde_json::Value {
+    let key = |i: usize| format!("0x{}", alloy::hex::encode(payers[i].to_bytes()));
+    serde_json::json!({
+        "scenario": "pay",
+        "facilitator": facilitator,
+        "token": null,
+        "chainId": net.chain_id(),
+        "v1Network": "base-sepolia",
+        "asset": net.token().to_checksum(None),
+        "assetName": "USD Coin",
+        "assetVersion": "2",
+        "decimals": 6,
+        "payTo": Address::repeat_byte(0xa0).to_checksum(None),
+        "price": "10000",
+        "payers": { "v1-axios": key(0), "v2-fetch": key(1), "v2-axios": key(2) },
+        "clients": ["v1-axios", "v2-fetch"],
+        "requests": requests,
+        "concurrency": 20,
+        "upfront": 0,
+    })
+}
+
+/// Runs `run.mjs` with `config` and reads its result.
+async fn run_interop(config: &serde_json::Value) -> Result<HttpReport, DemoError> {
+    let dir = interop_dir();
+    if !dir.join("node_modules/@x402/express").exists() {
+        return Err(DemoError::Mismatch(format!(
+            "the x402 packages are not installed under {}: run ops/setup.sh (or pass --http-requests 0)",
+            dir.display()
+        )));
+    }
+    let file = dir.join(format!(".demo-{}.json", std::process::id()));
+    let io = |source| DemoError::Dir { path: file.display().to_string(), source };
+    std::fs::write(&file, config.to_string()).map_err(io)?;
+    let output = tokio::process::Command::new("node")
+        .arg(dir.join("run.mjs"))
+        .arg(&file)
+        .current_dir(&dir)
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let _ = std::fs::remove_file(&file);
+    let output = output.map_err(|e| DemoError::Daemon(format!("cannot run node: {e}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(result) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        return Err(DemoError::Mismatch(format!(
+            "the middleware flow gave no result: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(result).map_err(|e| DemoError::Mismatch(e.to_string()))?;
+    let mut report = HttpReport::default();
+    for (kind, c) in v["clients"].as_object().into_iter().flatten() {
+        report.requests += config["requests"].as_u64().unwrap_or(0);
+        report.paid.insert(kind.clone(), c["statuses"]["200"].as_u64().unwrap_or(0));
+        report.replays += 1;
+        let refused = c["replay"]["status"] == 402 && c["replay"]["handlerRuns"] == 0;
+        report.replays_refused += u64::from(refused);
     }
     Ok(report)
 }
@@ -318,6 +484,21 @@ fn print_summary(r: &DemoReport, rows: usize, seconds: f64) {
         "  latency     accepted -> settled at depth: p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms"
     );
     println!("  wall time   {seconds:.1} s from the first submission to the last payment final");
+    if let Some(h) = &r.http {
+        let paid: u64 = h.paid.values().sum();
+        let by: Vec<String> = h.paid.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("\n  x402 middlewares through the facilitator URL (x402-express, @x402/express)");
+        println!("  paid        {paid} of {} requests answered 200 ({})", h.requests, by.join(", "));
+        println!(
+            "  replays     {} of {} resent payment headers refused (402, handler not run)",
+            h.replays_refused, h.replays
+        );
+        let ratio = if r.solo_gas == 0 { 0.0 } else { h.gas_per_payment / r.solo_gas as f64 };
+        println!(
+            "  settled     {} payments in {} batches: {:.0} gas per payment ({:.3}x its own transaction; gRPC fleet {:.0})",
+            h.settled, h.batches, h.gas_per_payment, ratio, r.gas_per_payment
+        );
+    }
     println!("  ledger      {} (settlement log: column family `settlement`)", r.ledger_path.display());
     println!("  export      {} ({rows} rows, CSV)", r.export_path.display());
 }

@@ -216,3 +216,130 @@ pub async fn run(
     total.acked.sort();
     total
 }
+
+/// Signs `opts.payments` facilitator request bodies (x402 v2, `POST /verify` or `/settle`)
+/// up front, on every core: the HTTP facilitator's load.
+pub fn presign_facilitator(domain: &TokenDomain, opts: &LoadOptions, now: u64) -> Vec<String> {
+    presign(domain, opts, now)
+        .into_iter()
+        .map(|req| {
+            let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else {
+                unreachable!("presign makes typed submissions")
+            };
+            let signed = crate::api::signed_authorization(a).expect("presign makes well-formed submissions");
+            testkit::facilitator_body(&signed, &testkit::requirements_for(&signed), domain)
+        })
+        .collect()
+}
+
+/// What a burst of `POST /verify` calls achieved.
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    pub sent: usize,
+    pub valid: usize,
+    /// Refusals by x402 reason code (`isValid: false`).
+    pub invalid: BTreeMap<String, usize>,
+    /// Answers other than 200, by HTTP status (0: no answer).
+    pub errors: BTreeMap<u16, usize>,
+    pub elapsed: Duration,
+    /// Latencies of every call, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+impl VerifyReport {
+    /// Verifications answered valid per second.
+    pub fn throughput(&self) -> f64 {
+        self.valid as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
+        self.latencies[i.min(self.latencies.len() - 1)]
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "sent {}, valid {}, invalid {:?}, errors {:?}, in {:.2} s: {:.0} verifications/s, latency p50 \
+             {:.2} ms p99 {:.2} ms",
+            self.sent,
+            self.valid,
+            self.invalid,
+            self.errors,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            self.percentile(50.0).as_secs_f64() * 1e3,
+            self.percentile(99.0).as_secs_f64() * 1e3,
+        )
+    }
+}
+
+/// Posts every body to `{url}/verify`, `concurrency` calls at a time over kept-alive
+/// connections, with `token` as a bearer credential if given.
+pub async fn run_verify(
+    url: &str,
+    bodies: Vec<String>,
+    concurrency: usize,
+    token: Option<&str>,
+) -> VerifyReport {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("a plain HTTP client builds");
+    let endpoint = format!("{}/verify", url.trim_end_matches('/'));
+    let bodies = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (http, endpoint, bodies) = (http.clone(), endpoint.clone(), Arc::clone(&bodies));
+        let token = token.map(str::to_owned);
+        tasks.spawn(async move {
+            let mut report = VerifyReport::default();
+            loop {
+                let Some(body) = bodies.lock().expect("not poisoned").next() else { break };
+                report.sent += 1;
+                let mut req = http.post(&endpoint).header("content-type", "application/json").body(body);
+                if let Some(t) = &token {
+                    req = req.bearer_auth(t);
+                }
+                let at = Instant::now();
+                let reply = match req.send().await {
+                    Ok(reply) => reply,
+                    Err(_) => {
+                        *report.errors.entry(0).or_default() += 1;
+                        continue;
+                    }
+                };
+                let status = reply.status().as_u16();
+                let verdict = reply.json::<serde_json::Value>().await;
+                report.latencies.push(at.elapsed());
+                match (status, verdict) {
+                    (200, Ok(v)) if v["isValid"] == true => report.valid += 1,
+                    (200, Ok(v)) => {
+                        let reason = v["invalidReason"].as_str().unwrap_or("(none)").to_owned();
+                        *report.invalid.entry(reason).or_default() += 1;
+                    }
+                    (status, _) => *report.errors.entry(status).or_default() += 1,
+                }
+            }
+            report
+        });
+    }
+    let mut total = VerifyReport::default();
+    while let Some(Ok(r)) = tasks.join_next().await {
+        total.sent += r.sent;
+        total.valid += r.valid;
+        for (k, v) in r.invalid {
+            *total.invalid.entry(k).or_default() += v;
+        }
+        for (k, v) in r.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+        total.latencies.extend(r.latencies);
+    }
+    total.elapsed = started.elapsed();
+    total.latencies.sort();
+    total
+}

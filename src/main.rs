@@ -52,6 +52,11 @@ enum Command {
         /// Where the ledger and the CSV export are written (default: a new temp directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Paid requests each x402 client (x402-axios, @x402/fetch) makes through its
+        /// middleware (x402-express, @x402/express) with the daemon as facilitator, after the
+        /// gRPC load (0: skip; the flow needs Node and the packages ops/setup.sh installs).
+        #[arg(long, default_value_t = demo::DemoOptions::default().http_requests)]
+        http_requests: usize,
     },
     /// Start a local devnet (anvil, the test token, aggregate3) to try the daemon by hand:
     /// funds settler and payer accounts, writes DIR/config.toml and DIR/settler.keys for
@@ -66,6 +71,10 @@ enum Command {
         /// Payers of the load generator's default seed, each given 1,000 USDC.
         #[arg(long, default_value_t = 200)]
         payers: usize,
+        /// Blocks only every this many seconds, as on a real chain (anvil's interval
+        /// mining); without it, a block per transaction and one more every second.
+        #[arg(long)]
+        block_time: Option<u64>,
     },
     /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
     /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
@@ -165,8 +174,8 @@ struct LoadgenArgs {
     /// Start a devnet and an in-process daemon, fund the payers, and load that.
     #[arg(long)]
     devnet: bool,
-    /// The daemon's URL (without --devnet).
-    #[arg(long, required_unless_present = "devnet")]
+    /// The daemon's URL (without --devnet or --facilitator).
+    #[arg(long, required_unless_present_any = ["devnet", "facilitator"])]
     target: Option<String>,
     /// The token's chain id, address, and EIP-712 domain (without --devnet).
     #[arg(long, required_unless_present = "devnet")]
@@ -207,6 +216,14 @@ struct LoadgenArgs {
     /// The environment variable holding a bearer token (not a flag: flags show in `ps`).
     #[arg(long, conflicts_with = "devnet")]
     token_env: Option<String>,
+    /// Load an x402 facilitator's `POST /verify` at this URL (this daemon's, or any other
+    /// facilitator's) instead of the gRPC API: pre-signed x402 v2 bodies, --concurrency
+    /// calls at a time.
+    #[arg(long, conflicts_with = "devnet", requires_all = ["chain_id", "token"])]
+    facilitator: Option<String>,
+    /// Calls in flight at once with --facilitator.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
 }
 
 impl LoadgenArgs {
@@ -382,7 +399,7 @@ async fn main() -> anyhow::Result<()> {
             }
             daemon::serve(config, listeners, Arc::new(SystemClock), stop).await?;
         }
-        Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir } => {
+        Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir, http_requests } => {
             let opts = demo::DemoOptions {
                 payments,
                 payers,
@@ -391,13 +408,16 @@ async fn main() -> anyhow::Result<()> {
                 rate: (rate > 0.0).then_some(rate),
                 confirmations,
                 dir,
+                http_requests,
                 ..Default::default()
             };
             demo::run(&opts).await.context("demo failed")?;
         }
         Command::Loadgen(args) => loadgen(args).await?,
         Command::Export(args) => export(args)?,
-        Command::Devnet { dir, settlers, payers } => devnet(dir, settlers, payers).await?,
+        Command::Devnet { dir, settlers, payers, block_time } => {
+            devnet(dir, settlers, payers, block_time).await?
+        }
         Command::Reconcile { config, ledger, from_block, to_block, chain_id } => {
             let clean = reconcile(config, ledger, from_block, to_block, chain_id).await?;
             if !clean {
@@ -433,10 +453,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<()> {
+async fn devnet(dir: PathBuf, settlers: usize, payers: usize, block_time: Option<u64>) -> anyhow::Result<()> {
     use x402_batcher::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID, payer_keys};
     std::fs::create_dir_all(&dir).with_context(|| format!("directory {}", dir.display()))?;
-    let net = Devnet::start_with(DevnetOptions { chain_id: X402_CHAIN_ID, ..Default::default() }).await?;
+    let net =
+        Devnet::start_with(DevnetOptions { chain_id: X402_CHAIN_ID, block_time_secs: block_time }).await?;
     let keys = net.new_settlers("devnet", settlers).await?;
     let payer_addrs: Vec<_> = payer_keys("loadgen", payers).iter().map(|p| p.address()).collect();
     net.fund(&payer_addrs, alloy::primitives::U256::from(1_000_000_000u64)).await?;
@@ -475,16 +496,21 @@ async fn devnet(dir: PathBuf, settlers: usize, payers: usize) -> anyhow::Result<
         "  load: x402-batcher loadgen --target http://127.0.0.1:50051 --chain-id {} --token {} --payers {payers} --payments 2000 --rate 500",
         t.chain_id, t.address
     );
-    println!("A block every second (besides one per transaction); Ctrl-C stops the devnet.");
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tick.tick() => {
-                if let Err(e) = net.mine().await {
-                    tracing::warn!("devnet block production: {e}");
+    if let Some(secs) = block_time {
+        println!("A block every {secs} s; Ctrl-C stops the devnet.");
+        stop.await;
+    } else {
+        println!("A block every second (besides one per transaction); Ctrl-C stops the devnet.");
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => {
+                    if let Err(e) = net.mine().await {
+                        tracing::warn!("devnet block production: {e}");
+                    }
                 }
             }
         }
@@ -560,9 +586,12 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         _devnet_parts = Some((net, dir, stop, server));
         (url, domain)
     } else {
-        let (Some(url), Some(chain_id), Some(token)) = (args.target.clone(), args.chain_id, args.token)
+        let (Some(url), Some(chain_id), Some(token)) =
+            (args.target.clone().or(args.facilitator.clone()), args.chain_id, args.token)
         else {
-            anyhow::bail!("--target, --chain-id and --token are required without --devnet");
+            anyhow::bail!(
+                "--target (or --facilitator), --chain-id and --token are required without --devnet"
+            );
         };
         (url, x402::eip712::TokenDomain::new(&args.eip712_name, &args.eip712_version, chain_id, token))
     };
@@ -577,7 +606,23 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
         run_id: u64::from(std::process::id()),
     };
     let signing = std::time::Instant::now();
-    let requests = loadgen::presign(&domain, &opts, x402_batcher::clock::Clock::now_unix(&SystemClock));
+    let now = x402_batcher::clock::Clock::now_unix(&SystemClock);
+    if let Some(facilitator) = &args.facilitator {
+        let bodies = loadgen::presign_facilitator(&domain, &opts, now);
+        println!("pre-signed {} x402 v2 bodies in {:.1} s", bodies.len(), signing.elapsed().as_secs_f64());
+        let token = args.client_auth()?.token;
+        let report = loadgen::run_verify(facilitator, bodies, args.concurrency, token.as_deref()).await;
+        println!("{}", report.summary());
+        if let (Some(before), Some(after)) = (ceiling_before, ceiling()) {
+            let mean = (before + after) / 2.0;
+            println!(
+                "verifications/s over the raw recovery ceiling of {cores} cores ({mean:.0}/s): {:.1}%",
+                100.0 * report.throughput() / mean
+            );
+        }
+        return Ok(());
+    }
+    let requests = loadgen::presign(&domain, &opts, now);
     println!(
         "pre-signed {} payments from {} payers in {:.1} s",
         requests.len(),

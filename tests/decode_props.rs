@@ -1,9 +1,11 @@
-//! No input makes the decoders panic, and every refusal carries an official reason code.
+//! No input makes the decoders panic, and every refusal carries an official reason code:
+//! x402 headers, their payload JSON, gRPC messages, and the HTTP facilitator's bodies.
 
 use base64::Engine as _;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use x402_batcher::api::{self, v1};
+use x402_batcher::facilitator::wire;
 use x402_batcher::x402::Reason;
 use x402_batcher::x402::decode::{decode_header, decode_json};
 
@@ -65,8 +67,35 @@ fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
     }
 }
 
+/// A facilitator body (`POST /verify`, `/settle`) around the valid payload, with a
+/// payment-identifier, as `@x402/express` sends it.
+fn valid_body() -> Value {
+    let mut payload: Value = serde_json::from_str(VALID_V2).unwrap();
+    payload["extensions"] =
+        json!({ "payment-identifier": { "info": { "required": false, "id": "pay_0123456789abcdef" } } });
+    json!({ "x402Version": 2, "paymentRequirements": payload["accepted"].clone(), "paymentPayload": payload })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_facilitator_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        if let Err(e) = wire::request(&bytes) { assert_official(e.reason()); }
+    }
+
+    /// A valid facilitator body with one field (of the payload, the requirements or the
+    /// extensions) replaced by arbitrary JSON is decoded or refused with an official
+    /// reason; never a panic.
+    #[test]
+    fn one_facilitator_field_replaced_never_panics(pick in any::<prop::sample::Index>(), replacement in arb_json()) {
+        let mut value = valid_body();
+        let mut paths = Vec::new();
+        pointers(&value, String::new(), &mut paths);
+        let path = pick.get(&paths[1..]).clone();
+        *value.pointer_mut(&path).unwrap() = replacement;
+        if let Err(e) = wire::request(value.to_string().as_bytes()) { assert_official(e.reason()); }
+    }
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
@@ -124,6 +153,13 @@ proptest! {
         };
         if let Err(e) = api::payment_requirements(&r) { assert_official(e.reason()); }
     }
+}
+
+#[test]
+fn the_valid_facilitator_body_decodes() {
+    let req = wire::request(valid_body().to_string().as_bytes()).unwrap();
+    assert_eq!(req.payment_identifier.as_deref(), Some("pay_0123456789abcdef"));
+    assert_eq!(req.requirements.network, "eip155:8453");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The README's main job, small: the demo settles every payment it submits and exports them.
-//! (The full-size run is `./ops/demo.sh`; its figures are in BENCHMARKS.md.)
+//! (The full-size run is `./ops/demo.sh`; its figures are in BENCHMARKS.md. The demo's
+//! middleware flow needs Node: tests/interop.rs runs it.)
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ async fn a_small_demo_settles_and_exports_every_payment() {
         payers: 20,
         rate: None,
         dir: Some(dir.path().to_owned()),
+        http_requests: 0,
         ..DemoOptions::default()
     };
     let report = tokio::time::timeout(Duration::from_secs(120), demo::run(&opts))

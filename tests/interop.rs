@@ -443,3 +443,28 @@ async fn a_wrong_token_or_no_credential_is_refused() {
     }
     assert_eq!(w.ledger().records().unwrap().len(), 0, "nothing recorded");
 }
+
+/// The README's main job with its middleware flow, small: after the gRPC load, x402-axios
+/// and @x402/fetch pay through x402-express and @x402/express with the daemon as
+/// facilitator; every paid request settles, each replay is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_the_middleware_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = x402_batcher::demo::DemoOptions {
+        payments: 100,
+        payers: 10,
+        rate: None,
+        dir: Some(dir.path().to_owned()),
+        http_requests: 40,
+        ..Default::default()
+    };
+    let report = tokio::time::timeout(SCENARIO_LIMIT, x402_batcher::demo::run(&opts))
+        .await
+        .expect("the demo finished in time")
+        .unwrap();
+    let http = report.http.expect("the middleware flow ran");
+    assert_eq!(http.paid.values().sum::<u64>(), 80, "{http:?}");
+    assert_eq!((http.settled, http.replays_refused, http.replays), (80, 2, 2), "{http:?}");
+    assert!(http.batches > 0 && http.batches < 80, "settled in batches: {http:?}");
+    assert_eq!(report.settled, 100, "the gRPC fleet's payments too");
+}

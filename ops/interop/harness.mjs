@@ -182,19 +182,29 @@ export function payingClient(kind, cfg, privateKey) {
   }
   if (kind === "v2-fetch") {
     const client = new x402Client().register("eip155:*", new ExactEvmScheme(account)).setSpendControls({ allowedAssets: true, maxAmountPerPayment: false });
-    const recording = (input, init) => {
+    // Records the header it paid with and how long the paid request (the one carrying it)
+    // took, apart from the unpaid first request and the signing.
+    let paidMs = null;
+    const recording = async (input, init) => {
       const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
-      record(headers.get("payment-signature"));
-      return fetch(input, init);
+      const header = headers.get("payment-signature");
+      record(header);
+      const started = performance.now();
+      const reply = await fetch(input, init);
+      if (header) paidMs = performance.now() - started;
+      return reply;
     };
     const pay = wrapFetchWithPayment(recording, client);
     return {
       prefix: "/v2",
       async get(url) {
         sent = null;
+        paidMs = null;
+        const started = performance.now();
         const r = await pay(url, { signal: AbortSignal.timeout(120_000) });
         const body = await r.text();
-        return { status: r.status, paymentHeader: sent, settle: decodeHeader(r.headers.get("payment-response")), body };
+        const totalMs = performance.now() - started;
+        return { status: r.status, paymentHeader: sent, settle: decodeHeader(r.headers.get("payment-response")), body, paidMs, totalMs };
       },
     };
   }

@@ -1,0 +1,219 @@
+// The facilitator benchmark (ops/bench-facilitator.sh runs it): the same paid-request load
+// through x402-batcher and through the official reference facilitator, on one devnet with
+// 1 s blocks, in one run. An Express API protected by @x402/express points at one
+// facilitator or the other; @x402/fetch clients (one payer each) pay at concurrency 10 and
+// 100. Each facilitator reaches anvil through its own counting proxy, so RPC calls per
+// payment are its own. Gas per payment comes from the receipts of the transactions the
+// settle answers name. Raw `/verify` throughput is `x402-batcher loadgen --facilitator`
+// against each.
+//
+// Usage: node bench.mjs --bin PATH --dir DIR --rpc URL --token ADDRESS [--requests N]
+import fs from "node:fs";
+import path from "node:path";
+import { spawn } from "node:child_process";
+import { parseArgs } from "node:util";
+import { keccak256, toBytes } from "viem";
+import { listen, startApi, payingClient, pool, percentile } from "./harness.mjs";
+
+const { values: args } = parseArgs({
+  options: {
+    bin: { type: "string" },
+    dir: { type: "string" },
+    rpc: { type: "string" },
+    token: { type: "string" },
+    "chain-id": { type: "string", default: "84532" },
+    requests: { type: "string", default: "1000" },
+    "verify-payments": { type: "string", default: "20000" },
+  },
+});
+const chainId = Number(args["chain-id"]);
+const PAY_TO = "0x534e3bcb27673292EB2b58fdeD126624F7d67f21";
+// anvil's third well-known development account: the reference facilitator's settler.
+const REFERENCE_KEY = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+const payerKey = (i) => keccak256(toBytes(`x402-batcher devnet payer loadgen ${i}`));
+const children = [];
+process.on("exit", () => children.forEach((c) => c.kill("SIGTERM")));
+
+/** A JSON-RPC pass-through to anvil that counts the calls made through it. */
+async function countingProxy(target) {
+  const counter = { calls: 0, methods: {} };
+  const { url } = await listen((req, res) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", async () => {
+      const body = Buffer.concat(chunks);
+      try {
+        const parsed = JSON.parse(body.toString());
+        for (const call of Array.isArray(parsed) ? parsed : [parsed]) {
+          counter.calls += 1;
+          counter.methods[call.method] = (counter.methods[call.method] ?? 0) + 1;
+        }
+      } catch {}
+      const reply = await fetch(target, { method: "POST", headers: { "content-type": "application/json" }, body });
+      res.writeHead(reply.status, { "content-type": "application/json" });
+      res.end(Buffer.from(await reply.arrayBuffer()));
+    });
+  });
+  return { url, counter };
+}
+
+/** Starts `cmd args`, resolves with the rest of the first stdout line starting `prefix`. */
+function startProcess(cmd, argv, prefix, env = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, argv, { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "inherit"] });
+    children.push(child);
+    let buffered = "";
+    child.stdout.on("data", (d) => {
+      buffered += d.toString();
+      for (const line of buffered.split("\n")) {
+        if (line.startsWith(prefix)) resolve({ child, value: line.slice(prefix.length).trim() });
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`${cmd} exited (${code}) before printing ${prefix}`)));
+  });
+}
+
+/** Runs a command to its end; resolves with its stdout. */
+function runProcess(cmd, argv) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, argv, { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    child.stdout.on("data", (d) => (out += d.toString()));
+    child.on("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} exited ${code}`))));
+  });
+}
+
+/** The daemon on the devnet `x402-batcher devnet` prepared in `dir`, in `mode`. */
+async function startDaemon(mode, rpc) {
+  const ledger = path.join(args.dir, `ledger-${mode}-${Date.now()}`);
+  const config = path.join(args.dir, `bench-${mode}.toml`);
+  fs.writeFileSync(
+    config,
+    `[[tokens]]\nchain_id = ${chainId}\naddress = "${args.token}"\neip712_name = "USD Coin"\neip712_version = "2"\ndecimals = 6\n\n` +
+      `[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n` +
+      `[facilitator]\nlisten = "127.0.0.1:0"\nsettle_mode = "${mode}"\n` +
+      `[ledger]\npath = "${ledger}"\n[[chains]]\nchain_id = ${chainId}\nrpc_url = "${rpc}"\n` +
+      `[settlement]\nsettler_keys_file = "${path.join(args.dir, "settler.keys")}"\nconfirmations = 2\npoll_interval_ms = 200\nmax_wait_secs = 2\n`,
+  );
+  const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: "warn" });
+  return { child, url: `http://${value}` };
+}
+
+/** One load: `requests` paid requests at `concurrency`, one payer per concurrent client. */
+async function phase(label, facilitator, counter, concurrency, requests) {
+  const cfg = {
+    chainId,
+    asset: args.token,
+    assetName: "USD Coin",
+    assetVersion: "2",
+    decimals: 6,
+    payTo: PAY_TO,
+    price: "1000",
+    token: null,
+    v1Network: "base-sepolia",
+  };
+  const api = await startApi(cfg, facilitator, { v1: false, v2: true });
+  const clients = Array.from({ length: concurrency }, (_, i) => payingClient("v2-fetch", cfg, payerKey(i)));
+  // Warm: the middleware fetches /supported once, each client its first 402.
+  await pool(concurrency, concurrency, (i) => clients[i].get(`${api.url}/v2/paid?r=warm-${label}-${i}`));
+  const rpcBefore = counter.calls;
+  const started = performance.now();
+  const results = await pool(requests, concurrency, async (i) => clients[i % concurrency].get(`${api.url}/v2/paid?r=${label}-${i}`));
+  const seconds = (performance.now() - started) / 1000;
+  const rpc = counter.calls - rpcBefore;
+  api.server.close();
+  const ok = results.filter((r) => r.status === 200);
+  const paid = ok.map((r) => r.paidMs).sort((a, b) => a - b);
+  const total = ok.map((r) => r.totalMs).sort((a, b) => a - b);
+  const txs = [...new Set(ok.map((r) => r.settle?.transaction).filter((t) => t && t.length === 66))];
+  let gas = 0n;
+  for (const tx of txs) {
+    const reply = await fetch(args.rpc, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ jsonrpc: "2.0", id: 1, method: "eth_getTransactionReceipt", params: [tx] }),
+    });
+    const receipt = (await reply.json()).result;
+    if (receipt) gas += BigInt(receipt.gasUsed);
+  }
+  const failed = {};
+  for (const r of results.filter((r) => r.status !== 200)) failed[r.status ?? r.error] = (failed[r.status ?? r.error] ?? 0) + 1;
+  return {
+    label,
+    concurrency,
+    requests,
+    ok: ok.length,
+    failed,
+    seconds: +seconds.toFixed(2),
+    paidPerSecond: +(ok.length / seconds).toFixed(1),
+    paidP50Ms: +percentile(paid, 50)?.toFixed(1),
+    paidP99Ms: +percentile(paid, 99)?.toFixed(1),
+    flowP50Ms: +percentile(total, 50)?.toFixed(1),
+    transactions: txs.length,
+    gasPerPayment: txs.length && ok.length ? Number(gas / BigInt(ok.length)) : null,
+    rpcPerPayment: ok.length ? +(rpc / ok.length).toFixed(2) : null,
+  };
+}
+
+/** Raw `/verify` throughput by the load generator. */
+async function rawVerify(url, payments) {
+  const out = await runProcess(args.bin, [
+    "loadgen", "--facilitator", url, "--chain-id", String(chainId), "--token", args.token,
+    "--payments", String(payments), "--payers", "300", "--concurrency", "64", "--ceiling-seconds", "0",
+  ]);
+  const m = out.match(/valid (\d+), invalid (.*), errors (.*), in ([\d.]+) s: (\d+) verifications\/s, latency p50 ([\d.]+) ms p99 ([\d.]+) ms/);
+  if (!m) throw new Error(`unexpected loadgen output: ${out}`);
+  return { valid: +m[1], invalid: m[2], errors: m[3], seconds: +m[4], perSecond: +m[5], p50Ms: +m[6], p99Ms: +m[7] };
+}
+
+const requests = Number(args.requests);
+const ours = await countingProxy(args.rpc);
+const theirs = await countingProxy(args.rpc);
+const reference = await startProcess("node", [
+  path.join(path.dirname(new URL(import.meta.url).pathname), "reference-facilitator.mjs"),
+  "--rpc", theirs.url, "--key", REFERENCE_KEY, "--chain-id", String(chainId),
+], "reference facilitator on ");
+const referenceUrl = reference.value;
+const report = { when: new Date().toISOString(), requests, phases: [], verify: {} };
+const log = (x) => console.log(JSON.stringify(x));
+
+// Raw /verify first, while nothing else runs.
+const included = await startDaemon("included", ours.url);
+report.verify.batcher = await rawVerify(included.url, Number(args["verify-payments"]));
+log({ verify: "x402-batcher", ...report.verify.batcher });
+report.verify.reference = await rawVerify(referenceUrl, 1000);
+log({ verify: "reference", ...report.verify.reference });
+
+for (const concurrency of [10, 100]) {
+  const n = concurrency === 10 ? Math.ceil(requests / 4) : requests;
+  for (const [label, url, counter] of [["x402-batcher included", included.url, ours.counter], ["reference", referenceUrl, theirs.counter]]) {
+    const p = await phase(`${label.replace(/ /g, "-")}-c${concurrency}`, url, counter, concurrency, n);
+    p.facilitator = label;
+    report.phases.push(p);
+    log(p);
+  }
+}
+included.child.kill("SIGTERM");
+const accepted = await startDaemon("accepted", ours.url);
+for (const concurrency of [10, 100]) {
+  const n = concurrency === 10 ? Math.ceil(requests / 4) : requests;
+  const p = await phase(`x402-batcher-accepted-c${concurrency}`, accepted.url, ours.counter, concurrency, n);
+  p.facilitator = "x402-batcher accepted";
+  report.phases.push(p);
+  log(p);
+}
+accepted.child.kill("SIGTERM");
+
+const find = (f, c) => report.phases.find((p) => p.facilitator === f && p.concurrency === c);
+const ratio = (a, b) => (a && b ? +(a / b).toFixed(2) : null);
+report.summary = {
+  verifyRatio: ratio(report.verify.batcher.perSecond, report.verify.reference.perSecond),
+  gasRatio: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
+  paidPerSecondRatioC100: ratio(find("x402-batcher included", 100).paidPerSecond, find("reference", 100).paidPerSecond),
+  paidPerSecondRatioC10: ratio(find("x402-batcher included", 10).paidPerSecond, find("reference", 10).paidPerSecond),
+  acceptedP50MsC10: find("x402-batcher accepted", 10).paidP50Ms,
+  acceptedP50MsC100: find("x402-batcher accepted", 100).paidP50Ms,
+};
+console.log(`SUMMARY ${JSON.stringify(report.summary)}`);
+fs.writeFileSync(path.join(args.dir, `bench-${Date.now()}.json`), JSON.stringify(report, null, 2));
+process.exit(0);
