@@ -65,17 +65,6 @@ pub enum Decision {
     Rejected { reason: Reason, message: String },
 }
 
-impl Decision {
-    /// Whether the API server may serve for this payment.
-    pub fn serves(&self) -> bool {
-        match self {
-            Decision::Accepted { repeat, .. } => *repeat != Repeat::Replay,
-            Decision::Held { .. } => true,
-            Decision::Rejected { .. } => false,
-        }
-    }
-}
-
 /// A system condition that kept a request from being decided. Nothing was recorded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {

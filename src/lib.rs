@@ -2,16 +2,18 @@
 //!
 //! A daemon that sits behind a fleet of x402-protected API servers. Every paid HTTP request
 //! carries an EIP-3009 `transferWithAuthorization` signed by the payer; the API servers
-//! forward it here over gRPC, the daemon decides within milliseconds whether it is good,
+//! forward it here over gRPC, or call it as their x402 facilitator over HTTP (the
+//! ecosystem's middlewares), the daemon decides within milliseconds whether it is good,
 //! records it durably so it is never spent twice, and later settles many payments per
 //! Multicall3 `aggregate3` transaction.
 //!
 //! ```text
-//! API nodes ──gRPC──▶ ingest ──▶ admission ──▶ verify pool ──▶ ledger writer ──▶ ack
-//!                                (cheap,        (ecrecover on   (RocksDB, group
-//!                                 static)        N OS threads)   commit, fsync)
-//!                                                                    │
-//! finance ◀── export ◀── settlement log ◀── confirmer ◀── submitter ◀┴─ planner
+//! API nodes ────gRPC───▶ ingest ────▶ admission ──▶ verify pool ───▶ ledger writer ──▶ ack
+//! x402 middlewares       (one         (cheap,       (ecrecover on    (RocksDB, group
+//!   ──HTTP──▶ facilitator  decision)   static)       N OS threads)    commit, fsync;
+//!   /verify: hold                                                     holds in memory)
+//!   /settle: accept, then wait for the batch                                │
+//! finance ◀── export ◀── settlement log ◀── confirmer ◀── submitter ◀───────┴─ planner
 //! ```
 //!
 //! ## Layout
@@ -24,6 +26,9 @@
 //! - [`server`]: the gRPC services (Ingest and Payments for API servers, Admin for operators
 //!   on its own listener) over [`ingest`] and the ledger; [`daemon`] assembles everything,
 //!   checks the tokens' domains at start-up, and drains on shutdown.
+//! - [`facilitator`]: the x402 facilitator HTTP API (`/supported`, `/verify`, `/settle`)
+//!   over the same decision and ledger: a verification holds the payment, a settlement
+//!   accepts it and answers by settle mode; replays are refused before the API serves.
 //! - [`api`]: the generated gRPC contract (`proto/x402/batcher/v1`) and the conversion of its
 //!   messages into domain types, with typed errors.
 //! - [`ingest`]: the decision path for one submission, and the one place decisions become
@@ -36,7 +41,8 @@
 //!   pool of OS threads that runs it, fed by a bounded queue.
 //! - [`balance`]: payers' on-chain balances, cached and refreshed in bulk.
 //! - [`ledger`]: the RocksDB nonce ledger and its single group-commit writer: the double-spend
-//!   guard, per-payer exposure, the lifecycle, and the change log.
+//!   guard, per-payer exposure, the holds of verified payments, the lifecycle, and the
+//!   change log (and followers of single payments).
 //! - [`audit`]: fails accepted payments whose nonce was used on chain outside the daemon.
 //! - [`planner`]: the batch planner's deciding core (when to cut, what, and why), a pure
 //!   function of the waiting payments, fees, gas model, caps, policy and time; and the gas

@@ -99,11 +99,7 @@ impl LoadReport {
 
     /// The `p`-th latency percentile (0..=100).
     pub fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
-        self.latencies[i.min(self.latencies.len() - 1)]
+        percentile(&self.latencies, p)
     }
 
     pub fn summary(&self) -> String {
@@ -123,6 +119,15 @@ impl LoadReport {
             self.latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         )
     }
+}
+
+/// The `p`-th percentile (0..=100) of sorted latencies (zero for none).
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Submits `requests` (request ids must be their indices) over `streams` SubmitStreams.
@@ -232,12 +237,13 @@ pub fn presign_facilitator(domain: &TokenDomain, opts: &LoadOptions, now: u64) -
         .collect()
 }
 
-/// What a burst of `POST /verify` calls achieved.
+/// What a burst of `POST /verify` (or verify-then-settle) calls achieved.
 #[derive(Debug, Default, Clone)]
 pub struct VerifyReport {
     pub sent: usize,
+    /// Answered valid (verify) or success (settle).
     pub valid: usize,
-    /// Refusals by x402 reason code (`isValid: false`).
+    /// Refusals by x402 reason code (`isValid` or `success` false).
     pub invalid: BTreeMap<String, usize>,
     /// Answers other than 200, by HTTP status (0: no answer).
     pub errors: BTreeMap<u16, usize>,
@@ -252,12 +258,9 @@ impl VerifyReport {
         self.valid as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// The `p`-th latency percentile (0..=100).
     pub fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
-        self.latencies[i.min(self.latencies.len() - 1)]
+        percentile(&self.latencies, p)
     }
 
     pub fn summary(&self) -> String {
@@ -276,52 +279,60 @@ impl VerifyReport {
     }
 }
 
-/// Posts every body to `{url}/verify`, `concurrency` calls at a time over kept-alive
-/// connections, with `token` as a bearer credential if given.
+/// Posts every body to `{url}/verify` (and, with `settle`, then to `{url}/settle`: the
+/// facilitator's side of one paid request), `concurrency` payments at a time over kept-alive
+/// connections, with `token` as a bearer credential if given. Latencies cover both calls.
 pub async fn run_verify(
     url: &str,
     bodies: Vec<String>,
     concurrency: usize,
     token: Option<&str>,
+    settle: bool,
 ) -> VerifyReport {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .expect("a plain HTTP client builds");
-    let endpoint = format!("{}/verify", url.trim_end_matches('/'));
+    let base = url.trim_end_matches('/').to_owned();
     let bodies = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (http, endpoint, bodies) = (http.clone(), endpoint.clone(), Arc::clone(&bodies));
+        let (http, base, bodies) = (http.clone(), base.clone(), Arc::clone(&bodies));
         let token = token.map(str::to_owned);
         tasks.spawn(async move {
             let mut report = VerifyReport::default();
-            loop {
-                let Some(body) = bodies.lock().expect("not poisoned").next() else { break };
-                report.sent += 1;
-                let mut req = http.post(&endpoint).header("content-type", "application/json").body(body);
+            let call = async |endpoint: &str, body: &String| -> Result<serde_json::Value, u16> {
+                let mut req = http
+                    .post(format!("{base}/{endpoint}"))
+                    .header("content-type", "application/json")
+                    .body(body.clone());
                 if let Some(t) = &token {
                     req = req.bearer_auth(t);
                 }
-                let at = Instant::now();
-                let reply = match req.send().await {
-                    Ok(reply) => reply,
-                    Err(_) => {
-                        *report.errors.entry(0).or_default() += 1;
-                        continue;
-                    }
-                };
+                let reply = req.send().await.map_err(|_| 0u16)?;
                 let status = reply.status().as_u16();
-                let verdict = reply.json::<serde_json::Value>().await;
+                match (status, reply.json::<serde_json::Value>().await) {
+                    (200, Ok(v)) => Ok(v),
+                    (status, _) => Err(status),
+                }
+            };
+            loop {
+                let Some(body) = bodies.lock().expect("not poisoned").next() else { break };
+                report.sent += 1;
+                let at = Instant::now();
+                let mut verdict = call("verify", &body).await;
+                if settle && matches!(&verdict, Ok(v) if v["isValid"] == true) {
+                    verdict = call("settle", &body).await;
+                }
                 report.latencies.push(at.elapsed());
-                match (status, verdict) {
-                    (200, Ok(v)) if v["isValid"] == true => report.valid += 1,
-                    (200, Ok(v)) => {
-                        let reason = v["invalidReason"].as_str().unwrap_or("(none)").to_owned();
-                        *report.invalid.entry(reason).or_default() += 1;
+                match verdict {
+                    Ok(v) if v["isValid"] == true || v["success"] == true => report.valid += 1,
+                    Ok(v) => {
+                        let reason = v["invalidReason"].as_str().or(v["errorReason"].as_str());
+                        *report.invalid.entry(reason.unwrap_or("(none)").to_owned()).or_default() += 1;
                     }
-                    (status, _) => *report.errors.entry(status).or_default() += 1,
+                    Err(status) => *report.errors.entry(status).or_default() += 1,
                 }
             }
             report

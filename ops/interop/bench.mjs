@@ -1,8 +1,9 @@
 // The facilitator benchmark (ops/bench-facilitator.sh runs it): the same paid-request load
 // through x402-batcher and through the official reference facilitator, on one devnet with
-// 1 s blocks, in one run. An Express API protected by @x402/express points at one
-// facilitator or the other; @x402/fetch clients (one payer each) pay at concurrency 10 and
-// 100. Each facilitator reaches anvil through its own counting proxy, so RPC calls per
+// 1 s blocks, in one run. An Express API protected by @x402/express (its own process)
+// points at one facilitator or the other; paid requests, their payment headers signed by
+// the official client (@x402/core + @x402/evm) beforehand, one payer per concurrent
+// request, are sent at concurrency 10 and 100 (and 1 in `accepted` mode). Each facilitator reaches anvil through its own counting proxy, so RPC calls per
 // payment are its own. Gas per payment comes from the receipts of the transactions the
 // settle answers name. Raw `/verify` throughput is `x402-batcher loadgen --facilitator`
 // against each.
@@ -13,7 +14,11 @@ import path from "node:path";
 import { spawn } from "node:child_process";
 import { parseArgs } from "node:util";
 import { keccak256, toBytes } from "viem";
-import { listen, startApi, payingClient, pool, percentile } from "./harness.mjs";
+import { privateKeyToAccount } from "viem/accounts";
+import { x402Client } from "@x402/core/client";
+import { decodePaymentRequiredHeader, encodePaymentSignatureHeader } from "@x402/core/http";
+import { ExactEvmScheme } from "@x402/evm/exact/client";
+import { listen, pool, percentile } from "./harness.mjs";
 
 const { values: args } = parseArgs({
   options: {
@@ -99,32 +104,71 @@ async function startDaemon(mode, rpc) {
   return { child, url: `http://${value}` };
 }
 
-/** One load: `requests` paid requests at `concurrency`, one payer per concurrent client. */
+const here = path.dirname(new URL(import.meta.url).pathname);
+const apiConfig = {
+  chainId,
+  asset: args.token,
+  assetName: "USD Coin",
+  assetVersion: "2",
+  decimals: 6,
+  payTo: PAY_TO,
+  price: "1000",
+  token: null,
+  v1Network: "base-sepolia",
+};
+
+/**
+ * Payment headers for `n` paid requests to `url`, signed by the official client
+ * (@x402/core + @x402/evm) for the requirements the API's 402 names, round robin over
+ * `payers` accounts. Signed before the timed window: signing in JS costs milliseconds of
+ * the load generator's CPU, which on two cores would otherwise be measured as latency.
+ */
+async function presign(url, payers, n) {
+  const unpaid = await fetch(url);
+  await unpaid.text();
+  const required = decodePaymentRequiredHeader(unpaid.headers.get("payment-required"));
+  const clients = Array.from({ length: payers }, (_, i) =>
+    new x402Client()
+      .register("eip155:*", new ExactEvmScheme(privateKeyToAccount(payerKey(i))))
+      .setSpendControls({ allowedAssets: true, maxAmountPerPayment: false }),
+  );
+  const headers = [];
+  for (let i = 0; i < n; i++) headers.push(encodePaymentSignatureHeader(await clients[i % payers].createPaymentPayload(required)));
+  return headers;
+}
+
+/**
+ * One load: `requests` paid requests at `concurrency` (each payer one in flight), against
+ * an API (its own process, as API servers run) whose @x402/express middleware uses
+ * `facilitator`. The latency of a paid request is from sending it, payment header
+ * attached, to its answer.
+ */
 async function phase(label, facilitator, counter, concurrency, requests) {
-  const cfg = {
-    chainId,
-    asset: args.token,
-    assetName: "USD Coin",
-    assetVersion: "2",
-    decimals: 6,
-    payTo: PAY_TO,
-    price: "1000",
-    token: null,
-    v1Network: "base-sepolia",
-  };
-  const api = await startApi(cfg, facilitator, { v1: false, v2: true });
-  const clients = Array.from({ length: concurrency }, (_, i) => payingClient("v2-fetch", cfg, payerKey(i)));
-  // Warm: the middleware fetches /supported once, each client its first 402.
-  await pool(concurrency, concurrency, (i) => clients[i].get(`${api.url}/v2/paid?r=warm-${label}-${i}`));
+  const cfg = apiConfig;
+  const configFile = path.join(args.dir, "api.json");
+  fs.writeFileSync(configFile, JSON.stringify(cfg));
+  const server = await startProcess("node", [path.join(here, "api-server.mjs"), configFile, facilitator], "api on ");
+  const api = { url: server.value, server: { close: () => server.child.kill("SIGTERM") } };
+  const route = `${api.url}/v2/paid`;
+  // Warm: the middleware fetches /supported once; a few paid requests open connections.
+  const warm = await presign(route, concurrency, concurrency);
+  await pool(warm.length, concurrency, (i) => fetch(`${route}?r=warm-${label}-${i}`, { headers: { "payment-signature": warm[i] } }).then((r) => r.text()));
+  const headers = await presign(route, concurrency, requests);
   const rpcBefore = counter.calls;
   const started = performance.now();
-  const results = await pool(requests, concurrency, async (i) => clients[i % concurrency].get(`${api.url}/v2/paid?r=${label}-${i}`));
+  const results = await pool(requests, concurrency, async (i) => {
+    const at = performance.now();
+    const reply = await fetch(`${route}?r=${label}-${i}`, { headers: { "payment-signature": headers[i] }, signal: AbortSignal.timeout(120_000) });
+    await reply.text();
+    const settleHeader = reply.headers.get("payment-response");
+    const settle = settleHeader ? JSON.parse(Buffer.from(settleHeader, "base64").toString()) : null;
+    return { status: reply.status, paidMs: performance.now() - at, settle };
+  });
   const seconds = (performance.now() - started) / 1000;
   const rpc = counter.calls - rpcBefore;
   api.server.close();
   const ok = results.filter((r) => r.status === 200);
   const paid = ok.map((r) => r.paidMs).sort((a, b) => a - b);
-  const total = ok.map((r) => r.totalMs).sort((a, b) => a - b);
   const txs = [...new Set(ok.map((r) => r.settle?.transaction).filter((t) => t && t.length === 66))];
   let gas = 0n;
   for (const tx of txs) {
@@ -148,18 +192,18 @@ async function phase(label, facilitator, counter, concurrency, requests) {
     paidPerSecond: +(ok.length / seconds).toFixed(1),
     paidP50Ms: +percentile(paid, 50)?.toFixed(1),
     paidP99Ms: +percentile(paid, 99)?.toFixed(1),
-    flowP50Ms: +percentile(total, 50)?.toFixed(1),
     transactions: txs.length,
     gasPerPayment: txs.length && ok.length ? Number(gas / BigInt(ok.length)) : null,
     rpcPerPayment: ok.length ? +(rpc / ok.length).toFixed(2) : null,
   };
 }
 
-/** Raw `/verify` throughput by the load generator. */
-async function rawVerify(url, payments) {
+/** Raw `/verify` throughput by the load generator (with `settle`: verify then settle). */
+async function rawVerify(url, payments, { concurrency = 64, settle = false } = {}) {
   const out = await runProcess(args.bin, [
     "loadgen", "--facilitator", url, "--chain-id", String(chainId), "--token", args.token,
-    "--payments", String(payments), "--payers", "300", "--concurrency", "64", "--ceiling-seconds", "0",
+    "--payments", String(payments), "--payers", "300", "--concurrency", String(concurrency), "--ceiling-seconds", "0",
+    ...(settle ? ["--settle"] : []),
   ]);
   const m = out.match(/valid (\d+), invalid (.*), errors (.*), in ([\d.]+) s: (\d+) verifications\/s, latency p50 ([\d.]+) ms p99 ([\d.]+) ms/);
   if (!m) throw new Error(`unexpected loadgen output: ${out}`);
@@ -170,7 +214,7 @@ const requests = Number(args.requests);
 const ours = await countingProxy(args.rpc);
 const theirs = await countingProxy(args.rpc);
 const reference = await startProcess("node", [
-  path.join(path.dirname(new URL(import.meta.url).pathname), "reference-facilitator.mjs"),
+  path.join(here, "reference-facilitator.mjs"),
   "--rpc", theirs.url, "--key", REFERENCE_KEY, "--chain-id", String(chainId),
 ], "reference facilitator on ");
 const referenceUrl = reference.value;
@@ -195,8 +239,14 @@ for (const concurrency of [10, 100]) {
 }
 included.child.kill("SIGTERM");
 const accepted = await startDaemon("accepted", ours.url);
-for (const concurrency of [10, 100]) {
-  const n = concurrency === 10 ? Math.ceil(requests / 4) : requests;
+// The facilitator's own side of a paid request (verify, then settle), from a Rust client.
+for (const concurrency of [1, 10]) {
+  const r = await rawVerify(accepted.url, 2000, { concurrency, settle: true });
+  report.verify[`batcherAcceptedSettleC${concurrency}`] = r;
+  log({ verifyThenSettle: `x402-batcher accepted, c${concurrency}`, ...r });
+}
+for (const concurrency of [1, 10, 100]) {
+  const n = concurrency === 100 ? requests : Math.ceil(requests / 4);
   const p = await phase(`x402-batcher-accepted-c${concurrency}`, accepted.url, ours.counter, concurrency, n);
   p.facilitator = "x402-batcher accepted";
   report.phases.push(p);
@@ -211,7 +261,9 @@ report.summary = {
   gasRatio: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
   paidPerSecondRatioC100: ratio(find("x402-batcher included", 100).paidPerSecond, find("reference", 100).paidPerSecond),
   paidPerSecondRatioC10: ratio(find("x402-batcher included", 10).paidPerSecond, find("reference", 10).paidPerSecond),
+  acceptedP50MsC1: find("x402-batcher accepted", 1).paidP50Ms,
   acceptedP50MsC10: find("x402-batcher accepted", 10).paidP50Ms,
+  acceptedFacilitatorSideP50MsC10: report.verify.batcherAcceptedSettleC10.p50Ms,
   acceptedP50MsC100: find("x402-batcher accepted", 100).paidP50Ms,
 };
 console.log(`SUMMARY ${JSON.stringify(report.summary)}`);

@@ -8,6 +8,7 @@
 import { parseArgs } from "node:util";
 import express from "express";
 import { createWalletClient, http, publicActions, nonceManager, defineChain } from "viem";
+import { baseSepolia } from "viem/chains";
 import { privateKeyToAccount } from "viem/accounts";
 import { x402Facilitator } from "@x402/core/facilitator";
 import { registerExactEvmScheme } from "@x402/evm/exact/facilitator";
@@ -22,14 +23,17 @@ const { values: args } = parseArgs({
   },
 });
 const chainId = Number(args["chain-id"]);
-// A chain as viem knows it; the block time sets viem's receipt polling (half a block).
-const chain = defineChain({
-  id: chainId,
-  name: `devnet ${chainId}`,
-  nativeCurrency: { name: "Ether", symbol: "ETH", decimals: 18 },
-  rpcUrls: { default: { http: [args.rpc] } },
-  blockTime: 1_000,
-});
+// The chain as its users configure it: viem's own definition (Base Sepolia's, for a devnet
+// with its id: viem polls receipts every half of its 2 s block time), on the given RPC.
+const chain =
+  chainId === baseSepolia.id
+    ? { ...baseSepolia, rpcUrls: { default: { http: [args.rpc] } } }
+    : defineChain({
+        id: chainId,
+        name: `chain ${chainId}`,
+        nativeCurrency: { name: "Ether", symbol: "ETH", decimals: 18 },
+        rpcUrls: { default: { http: [args.rpc] } },
+      });
 const account = privateKeyToAccount(args.key, { nonceManager });
 const client = createWalletClient({ account, chain, transport: http(args.rpc) }).extend(publicActions);
 const signer = toFacilitatorEvmSigner({

@@ -65,14 +65,6 @@ impl Repeat {
             Repeat::Replay
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Repeat::New => "new",
-            Repeat::Retry => "retry",
-            Repeat::Replay => "replay",
-        }
-    }
 }
 
 /// The ledger's answer to an [`AcceptRequest`].
