@@ -254,6 +254,16 @@ for (const concurrency of [1, 10, 100]) {
 }
 accepted.child.kill("SIGTERM");
 
+// The control: the same API and load with a facilitator that does nothing.
+const stub = await startProcess("node", [path.join(here, "stub-facilitator.mjs"), String(chainId)], "stub facilitator on ");
+for (const concurrency of [1, 10]) {
+  const p = await phase(`no-op-c${concurrency}`, stub.value, { calls: 0 }, concurrency, Math.ceil(requests / 4));
+  p.facilitator = "no-op stub";
+  report.phases.push(p);
+  log(p);
+}
+stub.child.kill("SIGTERM");
+
 const find = (f, c) => report.phases.find((p) => p.facilitator === f && p.concurrency === c);
 const ratio = (a, b) => (a && b ? +(a / b).toFixed(2) : null);
 report.summary = {
@@ -265,6 +275,8 @@ report.summary = {
   acceptedP50MsC10: find("x402-batcher accepted", 10).paidP50Ms,
   acceptedFacilitatorSideP50MsC10: report.verify.batcherAcceptedSettleC10.p50Ms,
   acceptedP50MsC100: find("x402-batcher accepted", 100).paidP50Ms,
+  noOpP50MsC1: find("no-op stub", 1).paidP50Ms,
+  noOpP50MsC10: find("no-op stub", 10).paidP50Ms,
 };
 console.log(`SUMMARY ${JSON.stringify(report.summary)}`);
 fs.writeFileSync(path.join(args.dir, `bench-${Date.now()}.json`), JSON.stringify(report, null, 2));
