@@ -5,7 +5,12 @@
 //! the fault lies with the API server's message itself ([`ConvertError::is_malformed_request`]:
 //! answered with INVALID_ARGUMENT) or with the payment it relays (a normal refusal).
 
+use alloy::primitives::B256;
+
 use crate::admission::PaymentInput;
+use crate::ingest::PaymentRequest;
+use crate::ledger::{PaymentRecord, Repeat, Status};
+use crate::policy::{PolicyError, PolicyUpdate, SettlementPolicy};
 use crate::x402::decode::{self, DecodeError, FieldProblem};
 use crate::x402::{Authorization, PaymentRequirements, Reason, SignedAuthorization};
 
@@ -60,6 +65,17 @@ pub fn payment_input(req: &v1::SubmitRequest) -> Result<PaymentInput, ConvertErr
             decode::decode_header(h).map(PaymentInput::Header).map_err(ConvertError::Payment)
         }
     }
+}
+
+/// The payment and terms of a submission, for the decision path.
+pub fn payment_request(req: &v1::SubmitRequest) -> Result<PaymentRequest, ConvertError> {
+    Ok(PaymentRequest {
+        payment: payment_input(req)?,
+        requirements: requirements(req)?,
+        idempotency_key: req.idempotency_key.clone(),
+        resource: req.resource.clone(),
+        api_server: req.api_server.clone(),
+    })
 }
 
 /// The requirements of a submission.
@@ -122,6 +138,93 @@ pub fn typed_authorization(s: &SignedAuthorization) -> v1::TypedAuthorization {
     }
 }
 
+/// The public form of the settlement policy.
+pub fn policy(p: &SettlementPolicy) -> v1::Policy {
+    v1::Policy {
+        max_batch_size: u32::try_from(p.max_batch_size).unwrap_or(u32::MAX),
+        max_wait_seconds: p.max_wait_secs,
+        target_cost_per_payment_wei: p.target_cost_per_payment_wei.to_string(),
+        confirmation_depth: u32::try_from(p.confirmations).unwrap_or(u32::MAX),
+        deadline_margin_seconds: p.deadline_margin_secs,
+        paused: p.paused,
+    }
+}
+
+/// The policy change an `UpdatePolicy` asks for (absent fields keep their value).
+pub fn policy_update(req: &v1::UpdatePolicyRequest) -> Result<PolicyUpdate, PolicyError> {
+    let target = req
+        .target_cost_per_payment_wei
+        .as_ref()
+        .map(|v| {
+            v.trim().parse::<u128>().map_err(|_| PolicyError {
+                field: "target_cost_per_payment_wei",
+                reason: format!("{v:?} is not a decimal integer of wei"),
+            })
+        })
+        .transpose()?;
+    Ok(PolicyUpdate {
+        max_batch_size: req.max_batch_size.map(|v| v as usize),
+        max_wait_secs: req.max_wait_seconds,
+        target_cost_per_payment_wei: target,
+        confirmations: req.confirmation_depth.map(u64::from),
+        deadline_margin_secs: req.deadline_margin_seconds,
+        paused: req.paused,
+    })
+}
+
+/// The public form of a payment's status.
+pub fn status(s: Status) -> v1::PaymentStatus {
+    match s {
+        Status::Accepted => v1::PaymentStatus::Accepted,
+        Status::Batched => v1::PaymentStatus::Batched,
+        Status::Submitted => v1::PaymentStatus::Submitted,
+        Status::Included => v1::PaymentStatus::Included,
+        Status::Settled => v1::PaymentStatus::Settled,
+        Status::Failed => v1::PaymentStatus::Failed,
+        Status::Expired => v1::PaymentStatus::Expired,
+    }
+}
+
+/// The public form of a [`Repeat`].
+pub fn repeat(repeat: Repeat) -> v1::Repeat {
+    match repeat {
+        Repeat::New => v1::Repeat::New,
+        Repeat::Retry => v1::Repeat::Retry,
+        Repeat::Replay => v1::Repeat::Replay,
+    }
+}
+
+/// The public form of a payment record.
+pub fn payment(r: &PaymentRecord) -> v1::Payment {
+    let hash = |h: Option<B256>| h.map(|h| h.to_string()).unwrap_or_default();
+    v1::Payment {
+        payment_id: r.payment_id().to_string(),
+        status: status(r.status) as i32,
+        failure_reason: r.failure_reason.clone(),
+        failure_message: r.failure_message.clone(),
+        authorization: Some(typed_authorization(&r.signed)),
+        requirements: Some(v1::PaymentRequirements {
+            scheme: crate::x402::SCHEME_EXACT.into(),
+            network: r.submission.network.clone(),
+            asset: r.signed.token.to_checksum(None),
+            pay_to: r.signed.authorization.to.to_checksum(None),
+            amount: r.signed.authorization.value.to_string(),
+            max_timeout_seconds: r.submission.max_timeout_seconds,
+        }),
+        idempotency_key: r.submission.idempotency_key.clone(),
+        resource: r.submission.resource.clone(),
+        api_server: r.submission.api_server.clone(),
+        accepted_at_ms: r.accepted_at_ms,
+        batch_id: r.batch_id.clone(),
+        tx_hash: hash(r.tx_hash),
+        block_number: r.block_number,
+        block_hash: hash(r.block_hash),
+        block_time: r.block_time,
+        log_index: r.log_index,
+        seq: r.seq,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +251,28 @@ mod tests {
     fn typed_authorization_round_trips() {
         let s = sample();
         assert_eq!(signed_authorization(&typed_authorization(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn policy_updates_convert_and_refuse_bad_amounts_naming_the_field() {
+        let req = v1::UpdatePolicyRequest {
+            max_batch_size: Some(7),
+            confirmation_depth: Some(2),
+            target_cost_per_payment_wei: Some(" 12 ".into()),
+            ..Default::default()
+        };
+        let u = policy_update(&req).unwrap();
+        assert_eq!(
+            (u.max_batch_size, u.confirmations, u.target_cost_per_payment_wei, u.paused),
+            (Some(7), Some(2), Some(12), None)
+        );
+        for bad in ["1.5", "-1", "wei"] {
+            let req = v1::UpdatePolicyRequest {
+                target_cost_per_payment_wei: Some(bad.into()),
+                ..Default::default()
+            };
+            assert_eq!(policy_update(&req).unwrap_err().field, "target_cost_per_payment_wei", "{bad}");
+        }
     }
 
     #[test]

@@ -26,8 +26,8 @@ use sha2::{Digest as _, Sha256};
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tonic::{Request, Status};
 
-use crate::config::CredentialConfig;
 pub use crate::config::Role;
+use crate::config::{CredentialConfig, parse_cert_name, parse_token_hash};
 
 /// An authenticated caller, in the request's extensions for the services.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,23 +256,6 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A configured `token_sha256`: 64 hex digits.
-pub fn parse_token_hash(hex_digits: &str) -> Result<[u8; 32], String> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_digits.trim(), &mut out)
-        .map_err(|_| "must be 64 hex digits (the SHA-256 of the token)".to_owned())?;
-    Ok(out)
-}
-
-/// A configured `cert_name`: a DNS name, lower-cased.
-pub fn parse_cert_name(name: &str) -> Result<String, String> {
-    match ServerName::try_from(name) {
-        Ok(ServerName::DnsName(_)) => Ok(name.to_ascii_lowercase()),
-        Ok(_) => Err(format!("{name:?} must be a DNS name (a certificate's DNS subjectAltName)")),
-        Err(_) => Err(format!("{name:?} is not a valid DNS name")),
-    }
-}
-
 /// A new random bearer token (256 bits from the kernel's generator) and its SHA-256 in hex
 /// (for the config).
 pub fn new_token() -> std::io::Result<(String, String)> {
@@ -366,13 +349,8 @@ mod tests {
     }
 
     #[test]
-    fn token_hashes_and_cert_names_are_checked() {
+    fn a_new_token_matches_its_hash() {
         let (token, hash) = new_token().unwrap();
         assert_eq!(parse_token_hash(&hash).unwrap(), hash_token(&token));
-        assert!(parse_token_hash("abc").is_err());
-        assert!(parse_token_hash(&"z".repeat(64)).is_err());
-        assert_eq!(parse_cert_name("API-1.example.com").unwrap(), "api-1.example.com");
-        assert!(parse_cert_name("10.0.0.1").is_err());
-        assert!(parse_cert_name("not a name").is_err());
     }
 }

@@ -25,7 +25,7 @@ use crate::chain::{self, RpcEndpoint};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, DEFAULT_LEDGER_QUEUE_CAPACITY};
 use crate::ingest::Ingest;
-use crate::ledger::{Ledger, LedgerError, LedgerHandle};
+use crate::ledger::{Ledger, LedgerError, LedgerHandle, LedgerStore};
 use crate::policy::{PolicyHandle, SettlementPolicy};
 use crate::server::Services;
 use crate::verify::VerifyPool;
@@ -170,7 +170,7 @@ pub async fn serve(
         }
         _ => None,
     };
-    let policy = PolicyHandle::new(SettlementPolicy::from_config(&config.settlement));
+    let policy = PolicyHandle::new(config.settlement.policy());
     let auth = Auth::new(&config.credentials).map_err(DaemonError::Credentials)?;
     let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
     if !auth.required() {
@@ -204,7 +204,7 @@ pub async fn serve(
         );
     }
 
-    let ledger = Arc::new(Ledger::open(&path)?);
+    let ledger: Arc<dyn LedgerStore> = Arc::new(Ledger::open(&path)?);
     tracing::info!(path = %path.display(), last_seq = ledger.last_seq(), pending = ledger.pending(), "ledger open");
     let queue = if config.ledger.queue_capacity == 0 {
         DEFAULT_LEDGER_QUEUE_CAPACITY
@@ -463,7 +463,7 @@ async fn reload_on_sighup(
                 "config reload refused, nothing changed: turning authentication on or off needs a restart"
             ),
             Ok(new) => {
-                let from_file = SettlementPolicy::from_config(&new.settlement);
+                let from_file = new.settlement.policy();
                 let result = policy.update(&format!("SIGHUP {path}"), |current| {
                     Ok(SettlementPolicy { paused: current.paused, ..from_file.clone() })
                 });

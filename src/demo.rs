@@ -22,7 +22,7 @@ use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ChainConfig, Config};
 use crate::devnet::{self, Devnet, DevnetError};
-use crate::ledger::{BatchStatus, Ledger, Status};
+use crate::ledger::{BatchStatus, Ledger, LedgerStore, Status};
 use crate::loadgen::{self, LoadOptions};
 use crate::testkit::PaymentBuilder;
 

@@ -14,7 +14,7 @@ use std::io::Write;
 use alloy::primitives::{Address, U256};
 
 use crate::config::TokenTable;
-use crate::ledger::{Ledger, LedgerError, PaymentRecord, Status};
+use crate::ledger::{LedgerError, LedgerStore, PaymentRecord, Status};
 
 /// The CSV columns, in order.
 pub const COLUMNS: &[&str] = &[
@@ -110,7 +110,7 @@ pub struct Summary {
 
 /// Writes the settlement log entries after `after` that pass `filter` to `out`.
 pub fn export(
-    ledger: &Ledger,
+    ledger: &dyn LedgerStore,
     tokens: &TokenTable,
     after: u64,
     filter: &Filter,
@@ -189,7 +189,7 @@ fn fields(seq: u64, r: &PaymentRecord, tokens: &TokenTable) -> Vec<(&'static str
     let values = [
         seq.to_string(),
         r.payment_id().to_string(),
-        r.status.to_api().as_str_name().trim_start_matches("PAYMENT_STATUS_").to_lowercase(),
+        r.status.as_str().to_owned(),
         r.failure_reason.clone(),
         s.chain_id.to_string(),
         s.token.to_string(),

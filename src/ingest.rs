@@ -1,6 +1,6 @@
 //! The decision path for one submitted payment, shared by both surfaces (gRPC `Submit`,
-//! the HTTP facilitator's `/verify` and `/settle`), and the one place decisions become gRPC
-//! replies and statuses.
+//! the HTTP facilitator's `/verify` and `/settle`); each surface turns decisions into its
+//! own replies (`server`, `facilitator`).
 //!
 //! ```text
 //! PaymentRequest ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance ─▶ ledger writer ─▶ decision
@@ -19,12 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use alloy::primitives::U256;
 
 use crate::admission::{Admission, PaymentInput};
-use crate::api::{self, v1};
 use crate::balance::BalanceCache;
 use crate::config::DEFAULT_MAX_TIMEOUT_SECS;
 use crate::ledger::{
     AcceptOutcome, AcceptRequest, AuthKey, HoldOutcome, HoldRequest, LedgerError, LedgerHandle,
-    PaymentRecord, Repeat, Submission,
+    PaymentRecord, Refusal, Repeat, Submission,
 };
 use crate::limits::Limits;
 use crate::verify::{PoolError, VerifyPool};
@@ -79,67 +78,11 @@ pub enum SubmitError {
 }
 
 impl SubmitError {
-    pub fn code(&self) -> tonic::Code {
-        match self {
-            SubmitError::InvalidArgument(_) => tonic::Code::InvalidArgument,
-            SubmitError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
-            SubmitError::Unavailable(_) => tonic::Code::Unavailable,
-            SubmitError::PermissionDenied(_) => tonic::Code::PermissionDenied,
-        }
-    }
-
-    pub fn to_status(&self) -> tonic::Status {
-        tonic::Status::new(self.code(), self.to_string())
-    }
-
     fn from_ledger(e: LedgerError) -> SubmitError {
         match e {
             LedgerError::QueueFull => SubmitError::ResourceExhausted("ledger write queue is full".into()),
             other => SubmitError::Unavailable(format!("ledger: {other}")),
         }
-    }
-}
-
-/// The reply for a decision, or for a system condition on a stream.
-pub fn reply(request_id: String, result: Result<Decision, SubmitError>) -> v1::SubmitReply {
-    use v1::submit_reply::Outcome;
-    let outcome = match result {
-        Ok(Decision::Accepted { record, repeat }) => Outcome::Accepted(v1::Accepted {
-            payment_id: record.payment_id().to_string(),
-            status: record.status.to_api() as i32,
-            duplicate: repeat != Repeat::New,
-            repeat: repeat_to_api(repeat) as i32,
-        }),
-        // gRPC submissions always accept; a hold is the HTTP facilitator's.
-        Ok(Decision::Held { .. }) => Outcome::Error(v1::SubmitError {
-            code: tonic::Code::Internal as i32,
-            message: "a gRPC submission was held instead of accepted".into(),
-        }),
-        Ok(Decision::Rejected { reason, message }) => {
-            Outcome::Rejected(v1::Rejected { reason: reason.code().into(), message })
-        }
-        Err(e) => Outcome::Error(v1::SubmitError { code: e.code() as i32, message: e.to_string() }),
-    };
-    v1::SubmitReply { request_id, outcome: Some(outcome) }
-}
-
-/// The payment and terms of a gRPC submission.
-pub fn payment_request(req: &v1::SubmitRequest) -> Result<PaymentRequest, api::ConvertError> {
-    Ok(PaymentRequest {
-        payment: api::payment_input(req)?,
-        requirements: api::requirements(req)?,
-        idempotency_key: req.idempotency_key.clone(),
-        resource: req.resource.clone(),
-        api_server: req.api_server.clone(),
-    })
-}
-
-/// The gRPC form of a [`Repeat`].
-fn repeat_to_api(repeat: Repeat) -> v1::Repeat {
-    match repeat {
-        Repeat::New => v1::Repeat::New,
-        Repeat::Retry => v1::Repeat::Retry,
-        Repeat::Replay => v1::Repeat::Replay,
     }
 }
 
@@ -186,27 +129,15 @@ impl Ingest {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Decides one gRPC submission (an acceptance), and counts its outcome.
-    pub async fn submit(&self, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
-        let request = match payment_request(req) {
-            Ok(request) => request,
-            Err(e) if e.is_malformed_request() => {
-                return self.count(Err(SubmitError::InvalidArgument(e.to_string())));
-            }
-            Err(e) => {
-                return self.count(Ok(Decision::Rejected { reason: e.reason(), message: e.to_string() }));
-            }
-        };
-        self.decide(request, Intent::Accept).await
-    }
-
     /// Decides one payment with `intent`, and counts its outcome.
     pub async fn decide(&self, request: PaymentRequest, intent: Intent) -> Result<Decision, SubmitError> {
         let result = self.judge(request, intent).await;
-        self.count(result)
+        self.counted(result)
     }
 
-    fn count(&self, result: Result<Decision, SubmitError>) -> Result<Decision, SubmitError> {
+    /// Counts a decision (or a request refused before one, by the surface that received
+    /// it) in the submission metrics, and returns it.
+    pub fn counted(&self, result: Result<Decision, SubmitError>) -> Result<Decision, SubmitError> {
         let m = crate::telemetry::hot();
         match &result {
             Ok(Decision::Accepted { repeat: Repeat::New, .. }) => m.accepted.increment(1),
@@ -267,7 +198,10 @@ impl Ingest {
         // The writer decides duplicates before it looks at the window or the balance. A
         // payment the ledger already holds is answered even when no balance can be read
         // (a retry while the RPC node is down), hence the ledger read on that path only.
-        let window = self.admission.check_window(&signed.authorization);
+        let window = self
+            .admission
+            .check_window(&signed.authorization)
+            .map_err(|e| Refusal::new(e.reason(), e.to_string()));
         let key = AuthKey::of(&signed);
         let balance = if window.is_err() {
             U256::ZERO

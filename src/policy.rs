@@ -12,9 +12,6 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::api::v1;
-use crate::config::SettlementConfig;
-
 /// Most payments one batch may hold (a batch is also capped by gas).
 pub const MAX_BATCH_SIZE_LIMIT: usize = 10_000;
 /// Longest wait or margin accepted, in seconds (a day).
@@ -41,23 +38,22 @@ pub struct PolicyError {
     pub reason: String,
 }
 
-fn refuse(field: &'static str, reason: impl Into<String>) -> PolicyError {
+pub(crate) fn refuse(field: &'static str, reason: impl Into<String>) -> PolicyError {
     PolicyError { field, reason: reason.into() }
 }
 
-impl SettlementPolicy {
-    /// The policy a config starts with (never paused).
-    pub fn from_config(c: &SettlementConfig) -> Self {
-        Self {
-            max_batch_size: c.max_batch_size,
-            max_wait_secs: c.max_wait_secs,
-            target_cost_per_payment_wei: c.target_cost_per_payment_wei,
-            confirmations: c.confirmations,
-            deadline_margin_secs: c.deadline_margin_secs,
-            paused: false,
-        }
-    }
+/// A change to some fields of the policy; the others keep their value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    pub max_batch_size: Option<usize>,
+    pub max_wait_secs: Option<u64>,
+    pub target_cost_per_payment_wei: Option<u128>,
+    pub confirmations: Option<u64>,
+    pub deadline_margin_secs: Option<u64>,
+    pub paused: Option<bool>,
+}
 
+impl SettlementPolicy {
     /// Checks every field's range.
     pub fn validate(&self) -> Result<(), PolicyError> {
         if self.max_batch_size == 0 || self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
@@ -81,42 +77,31 @@ impl SettlementPolicy {
         Ok(())
     }
 
-    /// This policy with `req`'s present fields applied, validated.
-    pub fn with_update(&self, req: &v1::UpdatePolicyRequest) -> Result<Self, PolicyError> {
-        let mut p = self.clone();
-        if let Some(v) = req.max_batch_size {
-            p.max_batch_size = v as usize;
-        }
-        if let Some(v) = req.max_wait_seconds {
-            p.max_wait_secs = v;
-        }
-        if let Some(v) = &req.target_cost_per_payment_wei {
-            p.target_cost_per_payment_wei = v.trim().parse().map_err(|_| {
-                refuse("target_cost_per_payment_wei", format!("{v:?} is not a decimal integer of wei"))
-            })?;
-        }
-        if let Some(v) = req.confirmation_depth {
-            p.confirmations = u64::from(v);
-        }
-        if let Some(v) = req.deadline_margin_seconds {
-            p.deadline_margin_secs = v;
-        }
-        if let Some(v) = req.paused {
-            p.paused = v;
-        }
+    /// This policy with `update`'s present fields applied, validated.
+    pub fn with_update(&self, update: &PolicyUpdate) -> Result<Self, PolicyError> {
+        let p = SettlementPolicy {
+            max_batch_size: update.max_batch_size.unwrap_or(self.max_batch_size),
+            max_wait_secs: update.max_wait_secs.unwrap_or(self.max_wait_secs),
+            target_cost_per_payment_wei: update
+                .target_cost_per_payment_wei
+                .unwrap_or(self.target_cost_per_payment_wei),
+            confirmations: update.confirmations.unwrap_or(self.confirmations),
+            deadline_margin_secs: update.deadline_margin_secs.unwrap_or(self.deadline_margin_secs),
+            paused: update.paused.unwrap_or(self.paused),
+        };
         p.validate()?;
         Ok(p)
     }
 
-    pub fn to_api(&self) -> v1::Policy {
-        v1::Policy {
-            max_batch_size: u32::try_from(self.max_batch_size).unwrap_or(u32::MAX),
-            max_wait_seconds: self.max_wait_secs,
-            target_cost_per_payment_wei: self.target_cost_per_payment_wei.to_string(),
-            confirmation_depth: u32::try_from(self.confirmations).unwrap_or(u32::MAX),
-            deadline_margin_seconds: self.deadline_margin_secs,
-            paused: self.paused,
-        }
+    /// Publishes the policy's values as gauges (at start and on every change).
+    pub fn publish(&self) {
+        metrics::gauge!("x402_batcher_policy_max_batch_size").set(self.max_batch_size as f64);
+        metrics::gauge!("x402_batcher_policy_max_wait_seconds").set(self.max_wait_secs as f64);
+        metrics::gauge!("x402_batcher_policy_target_cost_per_payment_wei")
+            .set(self.target_cost_per_payment_wei as f64);
+        metrics::gauge!("x402_batcher_policy_confirmations").set(self.confirmations as f64);
+        metrics::gauge!("x402_batcher_policy_deadline_margin_seconds").set(self.deadline_margin_secs as f64);
+        metrics::gauge!("x402_batcher_settlement_paused").set(if self.paused { 1.0 } else { 0.0 });
     }
 
     /// `field old -> new` for each field that differs from `before`.
@@ -151,7 +136,7 @@ pub struct PolicyHandle(Arc<watch::Sender<SettlementPolicy>>);
 
 impl PolicyHandle {
     pub fn new(initial: SettlementPolicy) -> Self {
-        crate::telemetry::policy(&initial);
+        initial.publish();
         Self(Arc::new(watch::Sender::new(initial)))
     }
 
@@ -179,7 +164,7 @@ impl PolicyHandle {
                     return false;
                 }
                 tracing::info!(source, changes = %changes.join(", "), "settlement policy changed");
-                crate::telemetry::policy(&next);
+                next.publish();
                 *current = next.clone();
                 outcome = Some(Ok(next));
                 true
@@ -199,13 +184,19 @@ mod tests {
     use super::*;
 
     fn base() -> SettlementPolicy {
-        SettlementPolicy::from_config(&SettlementConfig::default())
+        SettlementPolicy {
+            max_batch_size: 200,
+            max_wait_secs: 5,
+            target_cost_per_payment_wei: 1,
+            confirmations: 3,
+            deadline_margin_secs: 10,
+            paused: false,
+        }
     }
 
     #[test]
     fn absent_fields_keep_their_value() {
-        let req = v1::UpdatePolicyRequest { max_batch_size: Some(7), ..Default::default() };
-        let p = base().with_update(&req).unwrap();
+        let p = base().with_update(&PolicyUpdate { max_batch_size: Some(7), ..Default::default() }).unwrap();
         assert_eq!(p.max_batch_size, 7);
         assert_eq!(SettlementPolicy { max_batch_size: base().max_batch_size, ..p }, base());
     }
@@ -213,37 +204,17 @@ mod tests {
     #[test]
     fn bad_values_are_refused_naming_the_field() {
         let cases = [
-            (v1::UpdatePolicyRequest { max_batch_size: Some(0), ..Default::default() }, "max_batch_size"),
+            (PolicyUpdate { max_batch_size: Some(0), ..Default::default() }, "max_batch_size"),
+            (PolicyUpdate { max_batch_size: Some(10_001), ..Default::default() }, "max_batch_size"),
+            (PolicyUpdate { confirmations: Some(0), ..Default::default() }, "confirmations"),
+            (PolicyUpdate { max_wait_secs: Some(86_401), ..Default::default() }, "max_wait_secs"),
             (
-                v1::UpdatePolicyRequest { max_batch_size: Some(10_001), ..Default::default() },
-                "max_batch_size",
-            ),
-            (v1::UpdatePolicyRequest { confirmation_depth: Some(0), ..Default::default() }, "confirmations"),
-            (
-                v1::UpdatePolicyRequest { max_wait_seconds: Some(86_401), ..Default::default() },
-                "max_wait_secs",
-            ),
-            (
-                v1::UpdatePolicyRequest {
-                    target_cost_per_payment_wei: Some("1.5".into()),
-                    ..Default::default()
-                },
-                "target_cost_per_payment_wei",
-            ),
-            (
-                v1::UpdatePolicyRequest {
-                    target_cost_per_payment_wei: Some("-1".into()),
-                    ..Default::default()
-                },
-                "target_cost_per_payment_wei",
-            ),
-            (
-                v1::UpdatePolicyRequest { deadline_margin_seconds: Some(u64::MAX), ..Default::default() },
+                PolicyUpdate { deadline_margin_secs: Some(u64::MAX), ..Default::default() },
                 "deadline_margin_secs",
             ),
         ];
-        for (req, field) in cases {
-            assert_eq!(base().with_update(&req).unwrap_err().field, field, "{req:?}");
+        for (update, field) in cases {
+            assert_eq!(base().with_update(&update).unwrap_err().field, field, "{update:?}");
         }
     }
 
@@ -251,15 +222,11 @@ mod tests {
     fn a_refused_update_changes_nothing_and_a_good_one_is_published() {
         let h = PolicyHandle::new(base());
         let rx = h.subscribe();
-        let bad = v1::UpdatePolicyRequest {
-            max_batch_size: Some(5),
-            confirmation_depth: Some(0),
-            ..Default::default()
-        };
+        let bad = PolicyUpdate { max_batch_size: Some(5), confirmations: Some(0), ..Default::default() };
         assert!(h.update("test", |p| p.with_update(&bad)).is_err());
         assert_eq!(h.get(), base(), "the good field of a refused update is not applied either");
         assert!(!rx.has_changed().unwrap());
-        let good = v1::UpdatePolicyRequest { paused: Some(true), ..Default::default() };
+        let good = PolicyUpdate { paused: Some(true), ..Default::default() };
         let p = h.update("test", |p| p.with_update(&good)).unwrap();
         assert!(p.paused && h.get().paused);
         assert!(rx.has_changed().unwrap());

@@ -24,7 +24,7 @@ use alloy::rpc::types::{Filter, Log};
 use alloy::sol_types::SolEvent;
 
 use crate::chain::{IEip3009, RpcEndpoint};
-use crate::ledger::{AuthKey, Ledger, LedgerError, Status};
+use crate::ledger::{AuthKey, LedgerError, LedgerStore, Status};
 
 /// Blocks per `eth_getLogs` call, within common node limits.
 const LOG_CHUNK: u64 = 2_000;
@@ -81,7 +81,7 @@ struct UsedLog {
 
 /// Reconciles `tokens` on `endpoint`'s chain over blocks `from..=to`.
 pub async fn reconcile(
-    ledger: &Ledger,
+    ledger: &dyn LedgerStore,
     endpoint: &RpcEndpoint,
     tokens: &[Address],
     from: u64,

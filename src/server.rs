@@ -1,6 +1,7 @@
 //! The gRPC services over [`crate::ingest::Ingest`] and the ledger: Ingest (unary and
 //! streaming submission), Payments (lookup and a resumable change feed) and Admin (status
-//! and the runtime settlement policy). Calls arrive here authenticated ([`crate::auth`]);
+//! and the runtime settlement policy), and the one place decisions and system conditions
+//! become gRPC replies and statuses. Calls arrive here authenticated ([`crate::auth`]);
 //! a submission is named after its authenticated sender.
 //!
 //! Every stream has a bound: a SubmitStream has at most [`MAX_IN_FLIGHT_PER_STREAM`]
@@ -18,9 +19,10 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::v1;
+use crate::api::{self, v1};
 use crate::auth::{Peer, Principal, Role};
-use crate::ingest::{self, Ingest, SubmitError};
+use crate::ingest::{Decision, Ingest, Intent, SubmitError};
+use crate::ledger::Repeat;
 use crate::ledger::{AuthKey, LedgerHandle, PaymentId};
 use crate::policy::PolicyHandle;
 use crate::x402::decode;
@@ -57,9 +59,9 @@ impl v1::ingest_server::Ingest for Services {
     async fn submit(&self, request: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitReply>, Status> {
         let caller = Caller::of(&request);
         let mut req = request.into_inner();
-        caller.bind(&mut req).map_err(|e| e.to_status())?;
-        let decision = self.ingest.submit(&req).await.map_err(|e| e.to_status())?;
-        Ok(Response::new(ingest::reply(req.request_id, Ok(decision))))
+        caller.bind(&mut req).map_err(|e| status(&e))?;
+        let decision = submit(&self.ingest, &req).await.map_err(|e| status(&e))?;
+        Ok(Response::new(reply(req.request_id, Ok(decision))))
     }
 
     type SubmitStreamStream = BoxStream<v1::SubmitReply>;
@@ -92,14 +94,14 @@ impl v1::ingest_server::Ingest for Services {
                     Ok(None) | Err(_) => break,
                 };
                 if let Err(e) = caller.bind(&mut req) {
-                    let _ = tx.send(Ok(ingest::reply(req.request_id, Err(e)))).await;
+                    let _ = tx.send(Ok(reply(req.request_id, Err(e)))).await;
                     continue;
                 }
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { break };
                 let (ingest, tx) = (Arc::clone(&ingest), tx.clone());
                 tasks.spawn(async move {
-                    let result = ingest.submit(&req).await;
-                    let _ = tx.send(Ok(ingest::reply(req.request_id, result))).await;
+                    let result = submit(&ingest, &req).await;
+                    let _ = tx.send(Ok(reply(req.request_id, result))).await;
                     drop(permit);
                 });
                 while tasks.try_join_next().is_some() {}
@@ -116,6 +118,55 @@ impl v1::ingest_server::Ingest for Services {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Decides one submission (an acceptance). A message that is not a submission is refused
+/// before the decision path; a payment it cannot read is a refusal like any other.
+async fn submit(ingest: &Ingest, req: &v1::SubmitRequest) -> Result<Decision, SubmitError> {
+    match api::payment_request(req) {
+        Ok(request) => ingest.decide(request, Intent::Accept).await,
+        Err(e) if e.is_malformed_request() => {
+            ingest.counted(Err(SubmitError::InvalidArgument(e.to_string())))
+        }
+        Err(e) => ingest.counted(Ok(Decision::Rejected { reason: e.reason(), message: e.to_string() })),
+    }
+}
+
+/// The gRPC status of a system condition.
+fn code(e: &SubmitError) -> tonic::Code {
+    match e {
+        SubmitError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+        SubmitError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+        SubmitError::Unavailable(_) => tonic::Code::Unavailable,
+        SubmitError::PermissionDenied(_) => tonic::Code::PermissionDenied,
+    }
+}
+
+fn status(e: &SubmitError) -> Status {
+    Status::new(code(e), e.to_string())
+}
+
+/// The reply for a decision, or for a system condition on a stream.
+fn reply(request_id: String, result: Result<Decision, SubmitError>) -> v1::SubmitReply {
+    use v1::submit_reply::Outcome;
+    let outcome = match result {
+        Ok(Decision::Accepted { record, repeat }) => Outcome::Accepted(v1::Accepted {
+            payment_id: record.payment_id().to_string(),
+            status: api::status(record.status) as i32,
+            duplicate: repeat != Repeat::New,
+            repeat: api::repeat(repeat) as i32,
+        }),
+        // gRPC submissions always accept; a hold is the HTTP facilitator's.
+        Ok(Decision::Held { .. }) => Outcome::Error(v1::SubmitError {
+            code: tonic::Code::Internal as i32,
+            message: "a gRPC submission was held instead of accepted".into(),
+        }),
+        Ok(Decision::Rejected { reason, message }) => {
+            Outcome::Rejected(v1::Rejected { reason: reason.code().into(), message })
+        }
+        Err(e) => Outcome::Error(v1::SubmitError { code: code(&e) as i32, message: e.to_string() }),
+    };
+    v1::SubmitReply { request_id, outcome: Some(outcome) }
 }
 
 /// Who sent a submission: the authenticated API server, if authentication is on.
@@ -184,7 +235,7 @@ impl v1::payments_server::Payments for Services {
             }
         };
         match found {
-            Ok(Some(record)) => Ok(Response::new(record.to_api())),
+            Ok(Some(record)) => Ok(Response::new(api::payment(&record))),
             Ok(None) => Err(Status::not_found("no such payment")),
             Err(e) => Err(Status::unavailable(format!("ledger: {e}"))),
         }
@@ -234,10 +285,10 @@ impl v1::payments_server::Payments for Services {
                 }
                 for record in events {
                     cursor = record.seq;
-                    if !wanted.is_empty() && !wanted.contains(&(record.status.to_api() as i32)) {
+                    if !wanted.is_empty() && !wanted.contains(&(api::status(record.status) as i32)) {
                         continue;
                     }
-                    let event = v1::PaymentEvent { seq: record.seq, payment: Some(record.to_api()) };
+                    let event = v1::PaymentEvent { seq: record.seq, payment: Some(api::payment(&record)) };
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
@@ -266,7 +317,7 @@ impl v1::admin_server::Admin for Services {
     }
 
     async fn get_policy(&self, _: Request<v1::GetPolicyRequest>) -> Result<Response<v1::Policy>, Status> {
-        Ok(Response::new(self.policy.get().to_api()))
+        Ok(Response::new(api::policy(&self.policy.get())))
     }
 
     async fn update_policy(
@@ -279,8 +330,8 @@ impl v1::admin_server::Admin for Services {
             None => format!("admin from {}", caller.peer),
         };
         let req = request.into_inner();
-        match self.policy.update(&source, |p| p.with_update(&req)) {
-            Ok(p) => Ok(Response::new(p.to_api())),
+        match self.policy.update(&source, |p| p.with_update(&api::policy_update(&req)?)) {
+            Ok(p) => Ok(Response::new(api::policy(&p))),
             Err(e) => Err(Status::invalid_argument(format!("policy not changed: {e}"))),
         }
     }

@@ -19,8 +19,6 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
-use crate::policy::SettlementPolicy;
-
 /// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`).
 pub const NAMES: &[&str] = &[
     "x402_batcher_submissions_total",
@@ -316,15 +314,4 @@ pub fn finals(chain: &str, status: &'static str, reason: &str, n: usize) {
         "reason" => reason.to_owned()
     )
     .increment(n as u64);
-}
-
-/// Publishes the policy's values (at start and on every change).
-pub fn policy(p: &SettlementPolicy) {
-    metrics::gauge!("x402_batcher_policy_max_batch_size").set(p.max_batch_size as f64);
-    metrics::gauge!("x402_batcher_policy_max_wait_seconds").set(p.max_wait_secs as f64);
-    metrics::gauge!("x402_batcher_policy_target_cost_per_payment_wei")
-        .set(p.target_cost_per_payment_wei as f64);
-    metrics::gauge!("x402_batcher_policy_confirmations").set(p.confirmations as f64);
-    metrics::gauge!("x402_batcher_policy_deadline_margin_seconds").set(p.deadline_margin_secs as f64);
-    metrics::gauge!("x402_batcher_settlement_paused").set(if p.paused { 1.0 } else { 0.0 });
 }

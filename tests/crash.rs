@@ -16,6 +16,7 @@ use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::loadgen::{self, LoadOptions};
 use x402_batcher::testkit::{self, PaymentBuilder};
 

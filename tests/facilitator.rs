@@ -19,6 +19,7 @@ use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::{Config, CredentialConfig, Role, SettleMode, TlsConfig};
 use x402_batcher::devnet::Devnet;
+use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{Ledger, Status};
 use x402_batcher::testkit::{self, PaymentBuilder};
 

@@ -23,6 +23,7 @@ use tokio::io::AsyncBufReadExt as _;
 use x402_batcher::api::v1;
 use x402_batcher::config::{CredentialConfig, Role, SettleMode};
 use x402_batcher::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID};
+use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{AuthKey, Ledger, PaymentRecord, Status};
 
 /// Longest one Node scenario may run.

@@ -8,11 +8,10 @@ use std::collections::HashMap;
 
 use alloy::primitives::{Address, B256, U256};
 use proptest::prelude::*;
-use x402_batcher::admission::AdmissionError;
-use x402_batcher::ledger::store::Applied;
+use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, AuthKey, Command, HoldOutcome, HoldRequest, Ledger, Repeat, Status,
-    Submission, TransitionRequest,
+    AcceptOutcome, AcceptRequest, Applied, AuthKey, Command, HoldOutcome, HoldRequest, Ledger, Refusal,
+    Repeat, Status, Submission, TransitionRequest,
 };
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
 
@@ -169,7 +168,7 @@ proptest! {
                     Op::Accept { payer, nonce, value, balance, in_window } => {
                         let s = signed(payer, nonce, value);
                         let key = AuthKey::of(&s);
-                        let window = if in_window { Ok(()) } else { Err(AdmissionError::ZeroAmount) };
+                        let window = if in_window { Ok(()) } else { Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window")) };
                         held.retain(|_, h| h.2 > now);
                         let outcome = match (overlay.get(&key), held.get(&key)) {
                             (Some(m), _) if m.authorization == s.authorization => "duplicate",
@@ -207,7 +206,7 @@ proptest! {
                         let s = signed(payer, nonce, value);
                         let key = AuthKey::of(&s);
                         let idem = if keyed { format!("pay-{payer}-{nonce}-{value}") } else { String::new() };
-                        let window = if in_window { Ok(()) } else { Err(AdmissionError::ZeroAmount) };
+                        let window = if in_window { Ok(()) } else { Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window")) };
                         held.retain(|_, h| h.2 > now);
                         let outcome = match (overlay.get(&key), held.get(&key)) {
                             // Accepted without a key: a verification of it is a replay.
@@ -262,7 +261,7 @@ proptest! {
                     Op::Reopen | Op::Tick(_) => unreachable!(),
                 }
             }
-            let results = ledger.apply_group(&commands);
+            let results = ledger.apply_group(&commands).results;
             for (result, expected) in results.iter().zip(&expect) {
                 let got = match result {
                     Ok(Applied::Accept(AcceptOutcome::Accepted(_))) => "accepted",

@@ -1,13 +1,29 @@
-//! The durable nonce ledger (RocksDB): the double-spend guard, per-payer exposure, the
-//! lifecycle of every payment, and the ordered change log `WatchPayments` and recovery read.
+//! The durable nonce ledger: the double-spend guard, per-payer exposure, the holds of
+//! verified payments, the lifecycle of every payment, the settlement log, and the ordered
+//! change log `WatchPayments` and recovery read.
 //!
+//! The rest of the daemon reaches it through one seam, [`LedgerStore`] (its reads, and one
+//! way to write: a group of [`Command`]s applied by the single [`writer`]), so a second
+//! backend can be added without touching ingest, settlement, export or the services.
+//! RocksDB ([`rocks`]) is the implementation.
+//!
+//! - [`command`]: what the ledger is asked (accept, hold, transition, a settlement step)
+//!   and what it answers;
+//! - [`record`]: keys, lifecycle states (with their fixed on-disk numbers), the payment
+//!   record and its codec;
 //! - [`batch`]: settlement batches (items, settler, signed attempts, inclusion);
 //! - [`holds`]: verified payments reserved (in memory) until their settlement claims them;
-//! - [`record`]: keys, lifecycle states, the payment record and its on-disk codec;
-//! - [`store`]: the RocksDB layout, schema check, reads, and the group logic that turns a
-//!   batch of commands into one atomic `WriteBatch`;
-//! - [`writer`]: the single writer thread that drains its queue into synced group commits
-//!   and answers each command only after its group is on disk.
+//! - [`rocks`]: the RocksDB layout, schema check, opening, reads;
+//! - [`group`]: the rules, applied to one group of commands and committed as one synced
+//!   `WriteBatch`;
+//! - [`store`]: the RocksDB ledger as a [`LedgerStore`] (reads from `rocks`, writes
+//!   through `group`);
+//! - [`writer`]: the single writer thread that drains its queue into group commits and
+//!   answers each command only after its group is on disk; followers of single payments;
+//! - [`error`]: why an operation failed.
+//!
+//! Layers, bottom up: `record`, `batch`, `holds`, `error` → `command` → `rocks` → `group`
+//! → `store` → `writer`.
 //!
 //! Column families:
 //!
@@ -24,15 +40,87 @@
 //! | `meta` | name | schema version, ... |
 
 pub mod batch;
+pub mod command;
+pub mod error;
+pub mod group;
 pub mod holds;
 pub mod record;
+pub mod rocks;
 pub mod store;
 pub mod writer;
 
+use alloy::primitives::U256;
+
 pub use batch::{Attempt, BatchRecord, BatchStatus, Inclusion};
-pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
-pub use store::{Ledger, LedgerError};
-pub use writer::{
-    AcceptOutcome, AcceptRequest, ApplyRequest, ApplyResults, Command, Evidence, Follow, HoldOutcome,
-    HoldRequest, LedgerHandle, Repeat, TransitionRequest,
+pub use command::{
+    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, ApplyResults, Command, Evidence, HoldOutcome,
+    HoldRequest, Refusal, Repeat, TransitionRequest,
 };
+pub use error::LedgerError;
+pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
+pub use rocks::Ledger;
+pub use writer::{Follow, LedgerHandle};
+
+/// What one group of commands did: each command's result, in order, and every record the
+/// group wrote (as it stands after the group).
+#[derive(Debug)]
+pub struct GroupOutcome {
+    pub results: Vec<Result<Applied, LedgerError>>,
+    pub changed: Vec<PaymentRecord>,
+}
+
+/// The ledger as the rest of the daemon sees it: its reads, and the one way to write.
+/// Reads are safe from any thread. Implementations decide every rule of [`Command`] the
+/// same way (the property tests in `tests/ledger_props.rs` pin them).
+pub trait LedgerStore: Send + Sync + std::fmt::Debug {
+    /// Where it lives, for logs.
+    fn location(&self) -> String;
+
+    /// The sequence number of the newest committed change (0: none yet).
+    fn last_seq(&self) -> u64;
+
+    /// Payments accepted and not yet settled, failed or expired.
+    fn pending(&self) -> u64;
+
+    /// Verified payments held and not yet claimed or lapsed (as of the last group).
+    fn holds(&self) -> usize;
+
+    /// The sequence number of the newest settlement log entry (0: none yet).
+    fn last_settlement(&self) -> u64;
+
+    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError>;
+
+    fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError>;
+
+    /// The payer's exposure: values accepted and not yet final.
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError>;
+
+    /// Every payer's exposure (for tests and status).
+    fn exposures(&self) -> Result<Vec<(PayerKey, U256)>, LedgerError>;
+
+    /// Every payment not yet final, in key order.
+    fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Up to `limit` changes with a sequence number above `after`, in order.
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Up to `limit` settlement log entries after `after`, with their sequence numbers: each
+    /// payment's final record, once, in the order they became final.
+    fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError>;
+
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError>;
+
+    /// Every batch of `chain_id`, oldest first.
+    fn batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError>;
+
+    /// The highest batch counter used on `chain_id` (0: none yet).
+    fn last_batch_counter(&self, chain_id: u64) -> Result<u64, LedgerError>;
+
+    /// Every payment record, in key order (for recovery, tests and checks).
+    fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Applies `commands` in order as one group and commits them atomically and durably
+    /// before returning. If the commit fails, every command fails with its error and
+    /// nothing of the group is visible. Only the writer calls this.
+    fn apply_group(&self, commands: &[Command]) -> GroupOutcome;
+}

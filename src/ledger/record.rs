@@ -3,7 +3,6 @@
 use alloy::primitives::{Address, B256, U256, keccak256};
 use prost::Message as _;
 
-use crate::api::v1;
 use crate::x402::{Authorization, RawSignature, SignedAuthorization};
 
 /// Generated on-disk encoding (`proto/x402/batcher/ledger/v1/ledger.proto`).
@@ -167,20 +166,23 @@ impl Status {
         )
     }
 
-    pub fn to_api(self) -> v1::PaymentStatus {
+    /// The status's number on disk. Fixed for ever: records written by every earlier
+    /// version use these numbers (they were the public enum's, and are now the ledger's own:
+    /// a change to the public API must not change what is on disk).
+    pub const fn to_disk(self) -> i32 {
         match self {
-            Status::Accepted => v1::PaymentStatus::Accepted,
-            Status::Batched => v1::PaymentStatus::Batched,
-            Status::Submitted => v1::PaymentStatus::Submitted,
-            Status::Included => v1::PaymentStatus::Included,
-            Status::Settled => v1::PaymentStatus::Settled,
-            Status::Failed => v1::PaymentStatus::Failed,
-            Status::Expired => v1::PaymentStatus::Expired,
+            Status::Accepted => 1,
+            Status::Batched => 2,
+            Status::Submitted => 3,
+            Status::Included => 4,
+            Status::Settled => 5,
+            Status::Failed => 6,
+            Status::Expired => 7,
         }
     }
 
-    pub fn from_api(s: v1::PaymentStatus) -> Option<Status> {
-        Status::ALL.into_iter().find(|x| x.to_api() == s)
+    pub fn from_disk(n: i32) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.to_disk() == n)
     }
 }
 
@@ -243,7 +245,7 @@ impl PaymentRecord {
     pub fn encode(&self) -> Vec<u8> {
         let a = &self.signed.authorization;
         disk::PaymentRecord {
-            status: self.status.to_api() as i32,
+            status: self.status.to_disk(),
             chain_id: self.signed.chain_id,
             token: self.signed.token.to_vec(),
             from: a.from.to_vec(),
@@ -294,10 +296,7 @@ impl PaymentRecord {
                 _ => Err(CorruptRecord { field }),
             }
         };
-        let status = v1::PaymentStatus::try_from(d.status)
-            .ok()
-            .and_then(Status::from_api)
-            .ok_or(CorruptRecord { field: "status" })?;
+        let status = Status::from_disk(d.status).ok_or(CorruptRecord { field: "status" })?;
         Ok(PaymentRecord {
             status,
             signed: SignedAuthorization {
@@ -342,37 +341,6 @@ impl PaymentRecord {
                 word(&d.fee_share_wei, "fee_share_wei")?
             },
         })
-    }
-
-    /// The public form of the record.
-    pub fn to_api(&self) -> v1::Payment {
-        let hash = |h: Option<B256>| h.map(|h| h.to_string()).unwrap_or_default();
-        v1::Payment {
-            payment_id: self.payment_id().to_string(),
-            status: self.status.to_api() as i32,
-            failure_reason: self.failure_reason.clone(),
-            failure_message: self.failure_message.clone(),
-            authorization: Some(crate::api::typed_authorization(&self.signed)),
-            requirements: Some(v1::PaymentRequirements {
-                scheme: crate::x402::SCHEME_EXACT.into(),
-                network: self.submission.network.clone(),
-                asset: self.signed.token.to_checksum(None),
-                pay_to: self.signed.authorization.to.to_checksum(None),
-                amount: self.signed.authorization.value.to_string(),
-                max_timeout_seconds: self.submission.max_timeout_seconds,
-            }),
-            idempotency_key: self.submission.idempotency_key.clone(),
-            resource: self.submission.resource.clone(),
-            api_server: self.submission.api_server.clone(),
-            accepted_at_ms: self.accepted_at_ms,
-            batch_id: self.batch_id.clone(),
-            tx_hash: hash(self.tx_hash),
-            block_number: self.block_number,
-            block_hash: hash(self.block_hash),
-            block_time: self.block_time,
-            log_index: self.log_index,
-            seq: self.seq,
-        }
     }
 }
 
@@ -430,6 +398,30 @@ mod tests {
         d.status = 99;
         assert_eq!(PaymentRecord::decode(&d.encode_to_vec()).unwrap_err().field, "status");
         assert!(PaymentRecord::decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// What is on disk keeps its meaning: these numbers are in every ledger ever written.
+    #[test]
+    fn status_numbers_on_disk_are_pinned() {
+        let pinned: Vec<(Status, i32)> = Status::ALL.iter().map(|s| (*s, s.to_disk())).collect();
+        use Status::*;
+        assert_eq!(
+            pinned,
+            [
+                (Accepted, 1),
+                (Batched, 2),
+                (Submitted, 3),
+                (Included, 4),
+                (Settled, 5),
+                (Failed, 6),
+                (Expired, 7)
+            ]
+        );
+        for (s, n) in pinned {
+            assert_eq!(Status::from_disk(n), Some(s));
+        }
+        assert_eq!(Status::from_disk(0), None);
+        assert_eq!(Status::from_disk(8), None);
     }
 
     #[test]

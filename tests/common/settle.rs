@@ -13,6 +13,7 @@ use x402_batcher::testkit;
 use x402_batcher::x402::SignedAuthorization;
 
 use super::daemon::TestDaemon;
+use x402_batcher::ledger::LedgerStore as _;
 
 /// Writes `settlers`' keys to a file in `dir` and points the config at it, with settings
 /// that keep tests quick: 50 ms rounds, 3 confirmations, batches cut at once when cheap.

@@ -1,0 +1,431 @@
+//! The daemon's typed configuration (TOML): plain data and its validation. Every default is
+//! a named constant with the reason for its value; [`Config::validate`] runs once at
+//! start-up and names the offending field on failure.
+//!
+//! - [`access`]: listeners, TLS, credentials, limits, metrics, the facilitator;
+//! - [`settlement`]: the `[settlement]` section;
+//! - [`tokens`]: tokens, chains and the token table.
+
+pub mod access;
+pub mod settlement;
+pub mod tokens;
+
+pub use access::*;
+pub use settlement::*;
+pub use tokens::*;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use alloy::primitives::{Address, U256, address};
+use serde::{Deserialize, Deserializer};
+
+/// x402's default `maxTimeoutSeconds`: a payment should settle within about five minutes.
+pub const DEFAULT_MAX_TIMEOUT_SECS: u64 = 300;
+
+/// An authorization must stay valid at least this long after admission. The reference
+/// facilitators demand 6 s because they settle at once; a batcher also waits for a batch
+/// (up to its max wait) and for inclusion, so it needs a wider margin.
+pub const DEFAULT_MIN_VALIDITY_REMAINING_SECS: u64 = 30;
+
+/// Submissions queued for signature checks before new ones are refused. At ~22k
+/// recoveries/s per core this is ~0.1 s of work on 2 cores: enough to absorb bursts, small
+/// enough that a queued payment is answered well within any client deadline.
+pub const DEFAULT_VERIFY_QUEUE_CAPACITY: usize = 4096;
+
+/// Verification threads; 0 means one per available core, since recovery is pure CPU.
+pub const DEFAULT_VERIFY_THREADS: usize = 0;
+
+/// Commands queued for the ledger writer before submissions are refused. One synced
+/// group of 512 takes a few ms, so 8192 is tens of ms of backlog at most.
+pub const DEFAULT_LEDGER_QUEUE_CAPACITY: usize = 8192;
+
+/// How long a payer's on-chain balance is trusted. Short, because settlements outside the
+/// daemon (the payer spending elsewhere) lower it; the ledger's exposure covers what the
+/// daemon itself has accepted.
+pub const DEFAULT_BALANCE_MAX_AGE_MS: u64 = 2_000;
+
+/// Balances read in one `aggregate3` call: ~30k gas of `eth_call` each, far below node
+/// limits, and one round trip for a burst of new payers.
+pub const DEFAULT_BALANCE_MAX_BATCH: usize = 500;
+
+/// How often accepted payments' nonces are checked on chain for use outside the daemon.
+/// Each round is one `eth_call` per 500 pending payments; 5 s keeps a payment spent
+/// elsewhere from lingering as accepted.
+pub const DEFAULT_NONCE_AUDIT_INTERVAL_MS: u64 = 5_000;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML or has an unknown field")]
+    Parse(#[from] toml::de::Error),
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), problem: problem.into() }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The tokens payments may be made in.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Extra x402 v1 network names (name → chain id), beyond the built-in ones.
+    #[serde(default)]
+    pub network_aliases: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    /// RPC endpoints, one per chain that has a configured token.
+    #[serde(default)]
+    pub chains: Vec<ChainConfig>,
+    #[serde(default)]
+    pub balances: BalanceConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub settlement: SettlementConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// TLS on both gRPC listeners; off without this section.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who may call, by bearer token or client certificate. With none, the daemon
+    /// authenticates no one, which it allows only while every listener is on loopback.
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+    /// The x402 facilitator HTTP API; off without `listen`.
+    #[serde(default)]
+    pub facilitator: FacilitatorConfig,
+    /// The file this config was loaded from (for a reload on SIGHUP); not a config key.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
+}
+
+/// The nonce audit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// See [`DEFAULT_NONCE_AUDIT_INTERVAL_MS`]; 0 turns the periodic audit off.
+    pub nonce_interval_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { nonce_interval_ms: DEFAULT_NONCE_AUDIT_INTERVAL_MS }
+    }
+}
+
+/// The RocksDB ledger.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Directory of the RocksDB ledger. Required to run the daemon: where the record of
+    /// money owed lives is the operator's decision, never a silent default.
+    pub path: Option<std::path::PathBuf>,
+    /// See [`DEFAULT_LEDGER_QUEUE_CAPACITY`]; 0 means the default.
+    pub queue_capacity: usize,
+}
+
+/// The payer balance cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// See [`DEFAULT_BALANCE_MAX_AGE_MS`].
+    pub max_age_ms: u64,
+    /// See [`DEFAULT_BALANCE_MAX_BATCH`].
+    pub max_batch: usize,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { max_age_ms: DEFAULT_BALANCE_MAX_AGE_MS, max_batch: DEFAULT_BALANCE_MAX_BATCH }
+    }
+}
+
+/// The cheap checks before signature recovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// See [`DEFAULT_MIN_VALIDITY_REMAINING_SECS`].
+    pub min_validity_remaining_secs: u64,
+    /// Largest single payment accepted, in base units; none by default. A safety cap
+    /// against a misconfigured API server asking for far too much.
+    #[serde(deserialize_with = "opt_decimal_u256")]
+    pub max_value: Option<U256>,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self { min_validity_remaining_secs: DEFAULT_MIN_VALIDITY_REMAINING_SECS, max_value: None }
+    }
+}
+
+/// The signature verification pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// See [`DEFAULT_VERIFY_THREADS`].
+    pub threads: usize,
+    /// See [`DEFAULT_VERIFY_QUEUE_CAPACITY`].
+    pub queue_capacity: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self { threads: DEFAULT_VERIFY_THREADS, queue_capacity: DEFAULT_VERIFY_QUEUE_CAPACITY }
+    }
+}
+
+impl VerifyConfig {
+    /// The number of threads to start: the configured count, or one per core.
+    pub fn effective_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+fn opt_decimal_u256<'de, D: Deserializer<'de>>(d: D) -> Result<Option<U256>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.map(|s| crate::x402::decode::parse_u256("max_value", &s).map_err(serde::de::Error::custom)).transpose()
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config = Config::parse(&text)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot: relations between fields and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashMap::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            let field = |f: &str| format!("tokens[{i}].{f}");
+            if t.chain_id == 0 {
+                return Err(invalid(field("chain_id"), "must be a positive EIP-155 chain id"));
+            }
+            if t.address == Address::ZERO {
+                return Err(invalid(field("address"), "must not be the zero address"));
+            }
+            if t.eip712_name.is_empty() {
+                return Err(invalid(field("eip712_name"), "must not be empty"));
+            }
+            if t.eip712_version.is_empty() {
+                return Err(invalid(field("eip712_version"), "must not be empty"));
+            }
+            if t.decimals > 77 {
+                return Err(invalid(field("decimals"), "must be at most 77 (uint256 has 78 digits)"));
+            }
+            if let Some(j) = seen.insert((t.chain_id, t.address), i) {
+                return Err(invalid(
+                    field("address"),
+                    format!("duplicates tokens[{j}] on chain {}", t.chain_id),
+                ));
+            }
+        }
+        for (name, &chain_id) in &self.network_aliases {
+            if name.starts_with("eip155:") || name.is_empty() {
+                return Err(invalid(
+                    format!("network_aliases.{name}"),
+                    "must be a plain name, not a CAIP-2 id",
+                ));
+            }
+            if chain_id == 0 {
+                return Err(invalid(format!("network_aliases.{name}"), "must be a positive chain id"));
+            }
+        }
+        if self.verify.queue_capacity == 0 {
+            return Err(invalid("verify.queue_capacity", "must be at least 1"));
+        }
+        if self.verify.threads > 1024 {
+            return Err(invalid("verify.threads", "must be at most 1024 (0 = one per core)"));
+        }
+        if self.server.max_message_bytes < 1024 {
+            return Err(invalid("server.max_message_bytes", "must be at least 1024"));
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return Err(invalid("server.max_concurrent_streams", "must be at least 1"));
+        }
+        self.settlement.validate()?;
+        self.facilitator.validate()?;
+        if !(self.limits.per_server_rate >= 0.0 && self.limits.per_server_rate.is_finite()) {
+            return Err(invalid(
+                "limits.per_server_rate",
+                "must be a number of submissions per second, 0 or more",
+            ));
+        }
+        if self.balances.max_batch == 0 {
+            return Err(invalid("balances.max_batch", "must be at least 1"));
+        }
+        access::validate(self)?;
+        let mut chains = HashMap::new();
+        for (i, c) in self.chains.iter().enumerate() {
+            if let Some(j) = chains.insert(c.chain_id, i) {
+                return Err(invalid(format!("chains[{i}].chain_id"), format!("duplicates chains[{j}]")));
+            }
+            if !(c.rpc_url.starts_with("http://") || c.rpc_url.starts_with("https://")) {
+                return Err(invalid(format!("chains[{i}].rpc_url"), "must be an http:// or https:// URL"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what running the daemon needs beyond a valid file: a ledger path, and an RPC
+    /// endpoint for every chain a token is configured on.
+    pub fn validate_for_run(&self) -> Result<(), ConfigError> {
+        if self.ledger.path.is_none() {
+            return Err(invalid("ledger.path", "is required to run the daemon"));
+        }
+        if self.tokens.is_empty() {
+            return Err(invalid("tokens", "at least one token is required to run the daemon"));
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if !self.chains.iter().any(|c| c.chain_id == t.chain_id) {
+                return Err(invalid(
+                    format!("tokens[{i}].chain_id"),
+                    format!("chain {} has no [[chains]] entry with an rpc_url", t.chain_id),
+                ));
+            }
+        }
+        if self.facilitator.listen.is_some() {
+            self.validate_facilitator_settles()?;
+        }
+        Ok(())
+    }
+
+    /// A facilitator that waits for settlement needs an engine that settles.
+    pub fn validate_facilitator_settles(&self) -> Result<(), ConfigError> {
+        if self.facilitator.settle_mode != SettleMode::Accepted && !self.settlement.enabled() {
+            return Err(invalid(
+                "facilitator.settle_mode",
+                format!(
+                    "{:?} waits for settlement, which needs settler keys (settlement.settler_keys_file or \
+                     settler_keys_env); use \"accepted\" to record payments without settling them",
+                    self.facilitator.settle_mode.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The token table built from `tokens`.
+    pub fn token_table(&self) -> TokenTable {
+        TokenTable::new(&self.tokens)
+    }
+
+    /// The public USDC deployments on Base and Base Sepolia: the shape of a real config.
+    pub fn example_usdc_base() -> Config {
+        Config {
+            tokens: vec![
+                TokenConfig {
+                    chain_id: 8453,
+                    address: address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+                    eip712_name: "USD Coin".into(),
+                    eip712_version: "2".into(),
+                    decimals: 6,
+                    symbol: "USDC".into(),
+                },
+                TokenConfig {
+                    chain_id: 84532,
+                    address: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+                    eip712_name: "USDC".into(),
+                    eip712_version: "2".into(),
+                    decimals: 6,
+                    symbol: "USDC".into(),
+                },
+            ],
+            network_aliases: BTreeMap::new(),
+            admission: AdmissionConfig::default(),
+            verify: VerifyConfig::default(),
+            server: ServerConfig::default(),
+            ledger: LedgerConfig::default(),
+            chains: Vec::new(),
+            balances: BalanceConfig::default(),
+            audit: AuditConfig::default(),
+            settlement: SettlementConfig::default(),
+            metrics: MetricsConfig::default(),
+            limits: LimitsConfig::default(),
+            admin: AdminConfig::default(),
+            tls: None,
+            credentials: Vec::new(),
+            facilitator: FacilitatorConfig::default(),
+            source: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_file_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/config.example.toml")).unwrap();
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.tokens.len(), 2);
+        let table = config.token_table();
+        let usdc = table.get(8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")).unwrap();
+        assert_eq!(usdc.domain.name, "USD Coin");
+        assert_eq!(config.admission.max_value, Some(U256::from(100_000_000u64)));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let dup = r#"
+            [[tokens]]
+            chain_id = 1
+            address = "0x0000000000000000000000000000000000000001"
+            eip712_name = "A"
+            eip712_version = "1"
+            decimals = 6
+            [[tokens]]
+            chain_id = 1
+            address = "0x0000000000000000000000000000000000000001"
+            eip712_name = "B"
+            eip712_version = "1"
+            decimals = 6
+        "#;
+        let err = Config::parse(dup).unwrap_err().to_string();
+        assert!(err.contains("tokens[1].address"), "{err}");
+        let err = Config::parse("[verify]\nqueue_capacity = 0").unwrap_err().to_string();
+        assert!(err.contains("verify.queue_capacity"), "{err}");
+        let err = Config::parse("[verify]\nqeue_capacity = 4").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)));
+        let err = Config::parse("[admission]\nmax_value = \"-3\"").unwrap_err();
+        assert!(format!("{err:?}").contains("max_value"), "{err:?}");
+    }
+}

@@ -1,0 +1,74 @@
+//! The tokens payments may be made in, the chains' RPC endpoints, and the token table
+//! admission reads.
+
+use std::collections::HashMap;
+
+use alloy::primitives::Address;
+use serde::Deserialize;
+
+use crate::x402::eip712::TokenDomain;
+
+/// One token on one chain, with the EIP-712 domain its signatures use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub chain_id: u64,
+    pub address: Address,
+    /// EIP-712 domain `name` ("USD Coin" for USDC on Base; "USDC" on Base Sepolia).
+    pub eip712_name: String,
+    /// EIP-712 domain `version` ("2" for USDC).
+    pub eip712_version: String,
+    /// Decimals of the token, for display and export only; amounts stay in base units.
+    pub decimals: u8,
+    #[serde(default)]
+    pub symbol: String,
+}
+
+/// One chain's RPC endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    pub chain_id: u64,
+    /// HTTP(S) JSON-RPC URL. May embed an API key: errors that quote it are redacted
+    /// before they are logged or sent to clients (`chain::RpcEndpoint::redact`).
+    pub rpc_url: String,
+}
+
+/// A configured token, ready for verification.
+#[derive(Debug, Clone)]
+pub struct TokenEntry {
+    pub domain: TokenDomain,
+    pub decimals: u8,
+    pub symbol: String,
+}
+
+/// Lookup of configured tokens by `(chain id, address)`.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    by_key: HashMap<(u64, Address), TokenEntry>,
+}
+
+impl TokenTable {
+    pub fn new(tokens: &[TokenConfig]) -> Self {
+        let by_key = tokens
+            .iter()
+            .map(|t| {
+                let entry = TokenEntry {
+                    domain: TokenDomain::new(&t.eip712_name, &t.eip712_version, t.chain_id, t.address),
+                    decimals: t.decimals,
+                    symbol: t.symbol.clone(),
+                };
+                ((t.chain_id, t.address), entry)
+            })
+            .collect();
+        Self { by_key }
+    }
+
+    pub fn get(&self, chain_id: u64, token: Address) -> Option<&TokenEntry> {
+        self.by_key.get(&(chain_id, token))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TokenEntry> {
+        self.by_key.values()
+    }
+}

@@ -1,0 +1,42 @@
+//! Why a ledger operation failed: one error type for every backend and the writer.
+
+use super::record::{CorruptRecord, PaymentId, Status};
+
+/// Why a ledger operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    #[error("RocksDB {op} on column family {cf} failed")]
+    Db {
+        op: &'static str,
+        cf: &'static str,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error(
+        "ledger at {path} was written by schema version {found}; this daemon reads up to {supported}: \
+         run a newer x402-batcher"
+    )]
+    NewerSchema { path: String, found: u32, supported: u32 },
+    #[error("ledger column family {cf} holds a corrupt entry")]
+    Corrupt {
+        cf: &'static str,
+        #[source]
+        source: CorruptRecord,
+    },
+    #[error("payment {0} is not in the ledger")]
+    NotFound(PaymentId),
+    #[error("payment {id} cannot move from {from:?} to {to:?}")]
+    IllegalTransition { id: PaymentId, from: Status, to: Status },
+    #[error(
+        "ledger at {path} has schema version {found}, older than this build's: start the daemon once to upgrade it"
+    )]
+    OlderSchema { path: String, found: u32 },
+    #[error("ledger write queue is full")]
+    QueueFull,
+    #[error("ledger writer has stopped")]
+    WriterStopped,
+}
+
+pub(super) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> LedgerError {
+    move |source| LedgerError::Db { op, cf, source }
+}

@@ -1,0 +1,389 @@
+//! One group of commands applied against the RocksDB ledger: every rule of the ledger
+//! (the double-spend guard, idempotency keys, the payer's cover with its holds, the
+//! lifecycle's edges, the settlement log) decided in the writer's order, written into one
+//! `WriteBatch` that commits with one fsync.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use alloy::primitives::U256;
+use rocksdb::WriteBatch;
+
+use super::command::{
+    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, Command, HoldOutcome, HoldRequest, Repeat,
+    TransitionRequest,
+};
+use super::error::{LedgerError, db_err};
+use super::holds::{Hold, Holds};
+use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentRecord, Status};
+use super::rocks::{
+    CF_AUTH, CF_BATCH, CF_EXPOSURE, CF_ID, CF_IDEM, CF_PENDING, CF_SEQ, CF_SETTLEMENT, Ledger,
+    synced_write_options,
+};
+use crate::x402::Reason;
+
+/// One group of commands: the store plus this group's uncommitted writes, so later
+/// commands in the group see earlier ones (two submissions of one nonce in one group
+/// conflict exactly as in two groups).
+pub(super) struct Group<'a> {
+    ledger: &'a Ledger,
+    holds: &'a mut Holds,
+    batch: WriteBatch,
+    records: HashMap<AuthKey, PaymentRecord>,
+    exposures: HashMap<PayerKey, U256>,
+    idem: HashMap<String, AuthKey>,
+    next_seq: u64,
+    /// Change of the pending count this group makes.
+    pending_delta: i64,
+    next_settlement: u64,
+}
+
+impl<'a> Group<'a> {
+    pub(super) fn new(ledger: &'a Ledger, holds: &'a mut Holds) -> Self {
+        Self {
+            ledger,
+            holds,
+            batch: WriteBatch::default(),
+            records: HashMap::new(),
+            exposures: HashMap::new(),
+            idem: HashMap::new(),
+            next_seq: ledger.last_seq() + 1,
+            pending_delta: 0,
+            next_settlement: ledger.last_settlement() + 1,
+        }
+    }
+
+    fn record(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
+        match self.records.get(key) {
+            Some(r) => Ok(Some(r.clone())),
+            None => self.ledger.get(key),
+        }
+    }
+
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
+        match self.exposures.get(payer) {
+            Some(e) => Ok(*e),
+            None => self.ledger.exposure(payer),
+        }
+    }
+
+    fn idem_key(&self, k: &str) -> Result<Option<AuthKey>, LedgerError> {
+        if let Some(key) = self.idem.get(k) {
+            return Ok(Some(*key));
+        }
+        let stored = self
+            .ledger
+            .db
+            .get_pinned_cf(self.ledger.cf(CF_IDEM), k.as_bytes())
+            .map_err(db_err("get", CF_IDEM))?;
+        stored
+            .map(|v| {
+                AuthKey::from_bytes(&v)
+                    .ok_or(LedgerError::Corrupt { cf: CF_IDEM, source: CorruptRecord { field: "auth key" } })
+            })
+            .transpose()
+    }
+
+    pub(super) fn apply(&mut self, command: &Command) -> Result<Applied, LedgerError> {
+        match command {
+            Command::Accept(req, _) => self.accept(req).map(Applied::Accept),
+            Command::Hold(req, _) => self.hold(req).map(Applied::Hold),
+            Command::Transition(req, _) => self.transition(req).map(Applied::Transition),
+            Command::Apply(req, _) => self.apply_request(req).map(Applied::Apply),
+        }
+    }
+
+    /// A settlement step: payment transitions and the batch record they belong to. When
+    /// `atomic`, either every transition is legal and all apply with the batch, or nothing
+    /// does and the first refusal is the answer.
+    fn apply_request(
+        &mut self,
+        req: &ApplyRequest,
+    ) -> Result<Vec<Result<PaymentRecord, LedgerError>>, LedgerError> {
+        if req.atomic {
+            let mut seen = std::collections::HashSet::new();
+            for t in &req.transitions {
+                if !seen.insert(t.key) {
+                    return Err(LedgerError::IllegalTransition {
+                        id: t.key.payment_id(),
+                        from: t.to,
+                        to: t.to,
+                    });
+                }
+                self.check_transition(t)?;
+            }
+        }
+        let results = req.transitions.iter().map(|t| self.transition(t)).collect();
+        if let Some(batch) = &req.batch {
+            self.batch.put_cf(self.ledger.cf(CF_BATCH), batch.key(), batch.encode());
+        }
+        Ok(results)
+    }
+
+    fn check_transition(&self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
+        let record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
+        if !record.status.can_move_to(req.to) || req.only_from.is_some_and(|s| s != record.status) {
+            return Err(LedgerError::IllegalTransition {
+                id: req.key.payment_id(),
+                from: record.status,
+                to: req.to,
+            });
+        }
+        Ok(record)
+    }
+
+    /// What every acceptance and hold checks first, in this order: the idempotency key, a
+    /// record of the authorization, a hold on it. `Err` is the answer; `Ok` carries the live
+    /// hold on the key, if any, for the caller to judge.
+    fn precheck(&mut self, req: &AcceptRequest) -> Result<Result<Option<Hold>, Prechecked>, LedgerError> {
+        self.holds.lapse(req.now_ms);
+        let key = AuthKey::of(&req.signed);
+        let idem = &req.submission.idempotency_key;
+        if !idem.is_empty()
+            && let Some(named) = self.idem_key(idem)?
+            && named != key
+        {
+            return Ok(Err(Prechecked::Refused {
+                reason: Reason::InvalidPayload,
+                message: format!("idempotency key {idem:?} already names payment {}", named.payment_id()),
+            }));
+        }
+        if let Some(existing) = self.record(&key)? {
+            // The same transfer again (a retry, a replay, a second API server) is the same
+            // payment, whatever signature bytes carry it; a different transfer under a used
+            // nonce is a double spend.
+            let (a, b) = (&existing.signed.authorization, &req.signed.authorization);
+            return Ok(Err(if a == b {
+                let repeat = Repeat::of(&existing, idem);
+                Prechecked::Recorded(existing, repeat)
+            } else {
+                Prechecked::Refused {
+                    reason: Reason::NonceAlreadyUsed,
+                    message: format!(
+                        "nonce {} of {} is already used by payment {}",
+                        b.nonce,
+                        b.from,
+                        existing.payment_id()
+                    ),
+                }
+            }));
+        }
+        Ok(Ok(self.holds.get(&key, req.now_ms).cloned()))
+    }
+
+    /// The window, then the payer's cover: what is pending, what is held, and this
+    /// payment. `Ok` with the payer's exposure once this payment is recorded.
+    fn cover(&mut self, req: &AcceptRequest) -> Result<Result<U256, (Reason, String)>, LedgerError> {
+        if let Err(refusal) = &req.window {
+            return Ok(Err((refusal.reason, refusal.message.clone())));
+        }
+        let payer = AuthKey::of(&req.signed).payer();
+        let exposure = self.exposure(&payer)?;
+        let held = self.holds.held(&payer);
+        let value = req.signed.authorization.value;
+        let needed = exposure.saturating_add(value);
+        if needed.saturating_add(held) > req.balance {
+            let held =
+                if held.is_zero() { String::new() } else { format!(", {held} held for verified payments") };
+            return Ok(Err((
+                Reason::InsufficientFunds,
+                format!(
+                    "balance {} of {} does not cover {} already pending{held} plus {}",
+                    req.balance, req.signed.authorization.from, exposure, value
+                ),
+            )));
+        }
+        Ok(Ok(needed))
+    }
+
+    /// Holds a verified payment: refused or answered like an acceptance, but nothing is
+    /// written; the payment is reserved until it is claimed or lapses.
+    fn hold(&mut self, req: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        let accept = &req.accept;
+        let key = AuthKey::of(&accept.signed);
+        let live = match self.precheck(accept)? {
+            Err(Prechecked::Recorded(record, repeat)) => return Ok(HoldOutcome::Recorded(record, repeat)),
+            Err(Prechecked::Refused { reason, message }) => {
+                return Ok(HoldOutcome::Refused { reason, message });
+            }
+            Ok(live) => live,
+        };
+        if let Some(hold) = live {
+            let idem = &accept.submission.idempotency_key;
+            // The same verification again, named by its payment-identifier: the first answer.
+            if hold.authorization == accept.signed.authorization
+                && !idem.is_empty()
+                && hold.idempotency_key == *idem
+            {
+                return Ok(HoldOutcome::Held { expires_at_ms: hold.expires_at_ms });
+            }
+            return Ok(HoldOutcome::Refused {
+                reason: Reason::NonceAlreadyUsed,
+                message: format!(
+                    "nonce {} of {} is held by a verification in progress (payment {}): a payment is \
+                     verified once",
+                    accept.signed.authorization.nonce,
+                    accept.signed.authorization.from,
+                    key.payment_id()
+                ),
+            });
+        }
+        if let Err((reason, message)) = self.cover(accept)? {
+            return Ok(HoldOutcome::Refused { reason, message });
+        }
+        let expires_at_ms = accept.now_ms.saturating_add(req.hold_ms);
+        self.holds.insert(
+            key,
+            Hold {
+                authorization: accept.signed.authorization.clone(),
+                idempotency_key: accept.submission.idempotency_key.clone(),
+                expires_at_ms,
+            },
+        );
+        Ok(HoldOutcome::Held { expires_at_ms })
+    }
+
+    fn accept(&mut self, req: &AcceptRequest) -> Result<AcceptOutcome, LedgerError> {
+        let key = AuthKey::of(&req.signed);
+        let live = match self.precheck(req)? {
+            Err(Prechecked::Recorded(record, repeat)) => return Ok(AcceptOutcome::Duplicate(record, repeat)),
+            Err(Prechecked::Refused { reason, message }) => {
+                return Ok(AcceptOutcome::Refused { reason, message });
+            }
+            Ok(live) => live,
+        };
+        if let Some(hold) = live {
+            if hold.authorization != req.signed.authorization {
+                return Ok(AcceptOutcome::Refused {
+                    reason: Reason::NonceAlreadyUsed,
+                    message: format!(
+                        "nonce {} of {} is held by a verification of another authorization",
+                        req.signed.authorization.nonce, req.signed.authorization.from
+                    ),
+                });
+            }
+            // The acceptance claims the hold: its value moves from held to pending below
+            // (or, refused, is released: a claim is made once).
+            self.holds.remove(&key);
+        }
+        let needed = match self.cover(req)? {
+            Ok(needed) => needed,
+            Err((reason, message)) => return Ok(AcceptOutcome::Refused { reason, message }),
+        };
+        let payer = key.payer();
+
+        let record = PaymentRecord {
+            status: Status::Accepted,
+            signed: req.signed.clone(),
+            submission: req.submission.clone(),
+            accepted_at_ms: req.now_ms,
+            updated_at_ms: req.now_ms,
+            seq: 0,
+            failure_reason: String::new(),
+            failure_message: String::new(),
+            batch_id: String::new(),
+            tx_hash: None,
+            block_number: 0,
+            block_hash: None,
+            block_time: 0,
+            log_index: 0,
+            gas_share: 0,
+            fee_share_wei: U256::ZERO,
+        };
+        let record = self.write(record);
+        self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
+        if !req.submission.idempotency_key.is_empty() {
+            self.batch.put_cf(
+                self.ledger.cf(CF_IDEM),
+                req.submission.idempotency_key.as_bytes(),
+                key.as_bytes(),
+            );
+            self.idem.insert(req.submission.idempotency_key.clone(), key);
+        }
+        self.set_exposure(payer, needed);
+        self.batch.put_cf(self.ledger.cf(CF_PENDING), key.as_bytes(), []);
+        self.pending_delta += 1;
+        Ok(AcceptOutcome::Accepted(record))
+    }
+
+    fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
+        let mut record = self.check_transition(req)?;
+        if req.to.is_final() {
+            let payer = req.key.payer();
+            let exposure = self.exposure(&payer)?;
+            self.set_exposure(payer, exposure.saturating_sub(record.value()));
+            self.batch.delete_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes());
+            self.pending_delta -= 1;
+        }
+        record.status = req.to;
+        record.updated_at_ms = req.now_ms;
+        if let Some((reason, message)) = &req.failure {
+            record.failure_reason = reason.code().to_owned();
+            record.failure_message = message.clone();
+        }
+        if let Some(batch_id) = &req.batch_id {
+            record.batch_id = batch_id.clone();
+        }
+        if let Some(ev) = &req.evidence {
+            record.tx_hash = Some(ev.tx_hash);
+            record.block_number = ev.block_number;
+            record.block_hash = Some(ev.block_hash);
+            record.block_time = ev.block_time;
+            record.log_index = ev.log_index;
+            record.gas_share = ev.gas_share;
+            record.fee_share_wei = ev.fee_share_wei;
+        }
+        let record = self.write(record);
+        if record.status.is_final() {
+            // Final states have no way out, so this runs once per payment.
+            self.batch.put_cf(
+                self.ledger.cf(CF_SETTLEMENT),
+                self.next_settlement.to_be_bytes(),
+                record.encode(),
+            );
+            self.next_settlement += 1;
+        }
+        Ok(record)
+    }
+
+    /// Stamps the next sequence number on `record` and writes it under its key and its seq.
+    fn write(&mut self, mut record: PaymentRecord) -> PaymentRecord {
+        record.seq = self.next_seq;
+        self.next_seq += 1;
+        let key = record.key();
+        let bytes = record.encode();
+        self.batch.put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
+        self.batch.put_cf(self.ledger.cf(CF_AUTH), key.as_bytes(), bytes);
+        self.records.insert(key, record.clone());
+        record
+    }
+
+    fn set_exposure(&mut self, payer: PayerKey, value: U256) {
+        if value.is_zero() {
+            self.batch.delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
+        } else {
+            self.batch.put_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes(), value.to_be_bytes::<32>());
+        }
+        self.exposures.insert(payer, value);
+    }
+
+    /// Commits the group; returns the records it wrote.
+    pub(super) fn commit(self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        if self.batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
+        self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
+        self.ledger.last_settlement.store(self.next_settlement - 1, Ordering::SeqCst);
+        // Only the writer commits, so this read-modify-write does not race.
+        let pending = self.ledger.pending().saturating_add_signed(self.pending_delta);
+        self.ledger.pending.store(pending, Ordering::SeqCst);
+        Ok(self.records.into_values().collect())
+    }
+}
+
+/// An answer the checks shared by acceptances and holds reached early.
+enum Prechecked {
+    Recorded(PaymentRecord, Repeat),
+    Refused { reason: Reason, message: String },
+}
