@@ -17,16 +17,6 @@ use crate::x402::eip712::TokenDomain;
 /// Multicall3's address, the same on every chain.
 pub const MULTICALL3: Address = address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 
-/// Gas budgeted for a batch transaction besides its items: the 21k intrinsic cost,
-/// aggregate3's loop and result encoding. Measured ~27k (test token) to ~42k (USDC).
-pub const BATCH_BASE_GAS: u64 = 60_000;
-
-/// Gas budgeted per item. Measured marginal cost: 41.6k (test token), 49.3k (USDC to a
-/// funded payee), 71.3k (USDC to a fresh payee). The inner call must get its full need:
-/// `eth_estimateGas` under-funds small `allowFailure` batches (an inner call runs out of gas
-/// while the outer call succeeds), so the limit comes from this model, never from estimation.
-pub const ITEM_GAS: u64 = 100_000;
-
 /// Ethereum's per-transaction gas cap since Osaka (EIP-7825).
 pub const TX_GAS_CAP: u64 = 1 << 24;
 
@@ -82,6 +72,17 @@ mod bindings {
     }
 }
 pub use bindings::{IEip3009, IMulticall3};
+
+/// An RPC call to a chain that failed: which chain, which call, and the node's or the
+/// transport's words (redacted: node URLs carry keys). The one RPC error every module that
+/// talks to a chain reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("chain {chain_id}: RPC {call} failed: {detail}")]
+pub struct RpcError {
+    pub chain_id: u64,
+    pub call: &'static str,
+    pub detail: String,
+}
 
 /// Why a chain interaction failed.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +151,17 @@ impl RpcEndpoint {
         Some(RpcEndpoint { chain_id, provider, secrets })
     }
 
+    /// An endpoint over an existing provider, with no URL to redact (tests: alloy's mock
+    /// transport).
+    pub fn from_provider(chain_id: u64, provider: DynProvider) -> RpcEndpoint {
+        RpcEndpoint { chain_id, provider, secrets: Vec::new() }
+    }
+
+    /// `call` failed with `e`, redacted.
+    pub fn error(&self, call: &'static str, e: impl std::fmt::Display) -> RpcError {
+        RpcError { chain_id: self.chain_id, call, detail: self.redact(&e.to_string()) }
+    }
+
     /// `text` with the endpoint's URL and its secret-bearing parts replaced.
     pub fn redact(&self, text: &str) -> String {
         self.secrets.iter().fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<rpc url redacted>"))
@@ -180,11 +192,6 @@ pub fn batch_calls(items: &[SignedAuthorization]) -> Vec<IMulticall3::Call3> {
         .iter()
         .map(|s| IMulticall3::Call3 { target: s.token, allowFailure: true, callData: transfer_calldata(s) })
         .collect()
-}
-
-/// The gas limit for a batch of `items` authorizations, capped at [`TX_GAS_CAP`].
-pub fn batch_gas_limit(items: usize) -> u64 {
-    BATCH_BASE_GAS.saturating_add(ITEM_GAS.saturating_mul(items as u64)).min(TX_GAS_CAP)
 }
 
 /// The `(authorizer, nonce)` pairs of every `AuthorizationUsed` log `token` emitted in a
@@ -247,11 +254,5 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
         assert!(!format!("{ep:?}").contains("SECRETKEY"));
-    }
-
-    #[test]
-    fn gas_limit_is_capped() {
-        assert_eq!(batch_gas_limit(1), BATCH_BASE_GAS + ITEM_GAS);
-        assert_eq!(batch_gas_limit(1_000_000), TX_GAS_CAP);
     }
 }

@@ -232,7 +232,7 @@ pub async fn serve(
         let chains: std::collections::BTreeSet<u64> = tokens.iter().map(|t| t.domain.chain_id).collect();
         for chain_id in chains {
             let engine = crate::settle::Engine::new(
-                endpoints[&chain_id].clone(),
+                crate::settle::RpcChain::new(endpoints[&chain_id].clone()),
                 writer.clone(),
                 Arc::clone(&clock),
                 Some(balances.clone()),

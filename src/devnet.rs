@@ -322,7 +322,7 @@ impl Devnet {
         let tx = IMulticall3::new(MULTICALL3, &settler)
             .aggregate3(crate::chain::batch_calls(items))
             .into_transaction_request()
-            .with_gas_limit(crate::chain::batch_gas_limit(items.len()));
+            .with_gas_limit(crate::config::SettlementConfig::default().seed_gas_limit(items.len()));
         settler
             .send_transaction(tx)
             .await

@@ -8,7 +8,7 @@
 
 use alloy::sol_types::{Revert, SolError};
 
-use crate::chain::{self, IMulticall3, MULTICALL3, RpcEndpoint};
+use crate::chain::{self, IMulticall3, MULTICALL3, RpcEndpoint, RpcError};
 use crate::x402::{Reason, SignedAuthorization};
 
 /// Why the token would refuse one authorization.
@@ -47,23 +47,14 @@ pub fn classify(revert_data: &[u8]) -> ItemFailure {
     }
 }
 
-/// Why a simulation could not be made (nothing about the items is known then).
-#[derive(Debug, thiserror::Error)]
-pub enum SimulateError {
-    #[error("simulation eth_call on chain {chain_id} failed: {detail}")]
-    Rpc { chain_id: u64, detail: String },
-    #[error("simulation returned {got} results for {want} items")]
-    Shape { got: usize, want: usize },
-}
-
 /// Simulates settling `items` in one batch with `gas_limit` (the limit the batch will be
 /// sent with: estimation under-funds `allowFailure` items), at the latest block; per item,
-/// `Ok` if the token would accept it.
+/// `Ok` if the token would accept it. An error means nothing about the items is known.
 pub async fn simulate(
     endpoint: &RpcEndpoint,
     items: &[SignedAuthorization],
     gas_limit: u64,
-) -> Result<Vec<Result<(), ItemFailure>>, SimulateError> {
+) -> Result<Vec<Result<(), ItemFailure>>, RpcError> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -72,12 +63,10 @@ pub async fn simulate(
         .gas(gas_limit)
         .call()
         .await
-        .map_err(|e| SimulateError::Rpc {
-            chain_id: endpoint.chain_id,
-            detail: endpoint.redact(&e.to_string()),
-        })?;
+        .map_err(|e| endpoint.error("eth_call aggregate3", e))?;
     if results.len() != items.len() {
-        return Err(SimulateError::Shape { got: results.len(), want: items.len() });
+        let shape = format!("returned {} results for {} items", results.len(), items.len());
+        return Err(endpoint.error("eth_call aggregate3", shape));
     }
     Ok(results.into_iter().map(|r| if r.success { Ok(()) } else { Err(classify(&r.returnData)) }).collect())
 }

@@ -7,6 +7,7 @@ use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::chain::{IEip3009, RpcEndpoint};
 use x402_batcher::clock::{Clock, SystemClock};
+use x402_batcher::config::SettlementConfig;
 use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::simulate::simulate;
 use x402_batcher::testkit::PaymentBuilder;
@@ -39,8 +40,9 @@ async fn each_refusal_is_named_and_nothing_changes() {
             b(rich, 5).not_yet_valid().build(),
         ];
         let endpoint = RpcEndpoint::connect_http(net.chain_id(), net.rpc_url()).unwrap();
-        let verdicts =
-            simulate(&endpoint, &items, x402_batcher::chain::batch_gas_limit(items.len())).await.unwrap();
+        let verdicts = simulate(&endpoint, &items, SettlementConfig::default().seed_gas_limit(items.len()))
+            .await
+            .unwrap();
         let reasons: Vec<Option<Reason>> =
             verdicts.iter().map(|v| v.as_ref().err().map(|f| f.reason)).collect();
         assert_eq!(

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Deserializer};
 
 use super::{ConfigError, invalid};
+use crate::planner::{GasLearner, GasModel};
 use crate::policy::SettlementPolicy;
 
 /// Confirmations before a payment counts as settled: the included block and two more.
@@ -144,6 +145,25 @@ impl SettlementConfig {
             deadline_margin_secs: self.deadline_margin_secs,
             paused: false,
         }
+    }
+
+    /// The gas model before any receipt: the configured seeds.
+    pub fn seed_gas(&self) -> GasModel {
+        GasModel { fixed: self.fixed_gas, per_item: self.item_gas }
+    }
+
+    /// The gas limit of a batch of `items` under what `learner` has learnt (never below
+    /// the seeds), plus the margin, within the per-transaction cap. Estimation is never
+    /// used: `eth_estimateGas` under-funds small `allowFailure` batches (an inner call runs
+    /// out of gas while the outer call succeeds).
+    pub fn gas_limit(&self, learner: &GasLearner, items: usize) -> u64 {
+        learner.gas_limit(items, self.gas_limit_margin_percent).min(self.tx_gas_cap)
+    }
+
+    /// The gas limit of a batch of `items` before anything is learnt (the devnet's batches
+    /// and tests send with it).
+    pub fn seed_gas_limit(&self, items: usize) -> u64 {
+        self.gas_limit(&GasLearner::new(self.seed_gas(), 2), items)
     }
 
     /// Whether settler keys are configured (without them the daemon accepts and holds).

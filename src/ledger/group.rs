@@ -324,6 +324,13 @@ impl<'a> Group<'a> {
         if let Some(batch_id) = &req.batch_id {
             record.batch_id = batch_id.clone();
         }
+        if req.to == Status::Accepted {
+            // Back to accepted: in no transaction any more (a later one brings its own
+            // evidence; a stale one would count this payment in a fee it has no share of).
+            (record.tx_hash, record.block_hash) = (None, None);
+            (record.block_number, record.block_time, record.log_index) = (0, 0, 0);
+            (record.gas_share, record.fee_share_wei) = (0, U256::ZERO);
+        }
         if let Some(ev) = &req.evidence {
             record.tx_hash = Some(ev.tx_hash);
             record.block_number = ev.block_number;

@@ -1,0 +1,694 @@
+//! Following open batches: a signed batch is broadcast; a submitted one is looked for by
+//! its receipts, replaced, resubmitted, re-signed at the account's nonce or abandoned; an
+//! included one is checked against the canonical chain and settled at depth; and included
+//! payments no open batch follows are swept on their own evidence.
+//!
+//! What to do is decided by [`submitted_step`], [`included_step`], [`sweep_step`] and
+//! [`requeue`] from what was read; the `impl Engine` below reads, writes and sends.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use alloy::primitives::{B256, U256};
+
+use super::rpc::{Chain, Head, Receipt};
+use super::{Engine, RoundReport, SettleError};
+use crate::ledger::{
+    ApplyRequest, Attempt, BatchRecord, BatchStatus, Inclusion, PaymentRecord, Status, TransitionRequest,
+};
+use crate::planner::Fees;
+use crate::x402::Reason;
+
+/// What was read about a submitted batch, in this order: the account's nonce first, then
+/// the receipts (so a transaction mined between the two reads is seen by the second), then
+/// whether the node still knows the last attempt.
+#[derive(Debug, Clone)]
+pub(super) struct SubmittedView {
+    /// The settler account's next nonce.
+    pub chain_nonce: u64,
+    /// The receipt of one of the batch's attempts, if one was mined.
+    pub receipt: Option<Receipt>,
+    /// Whether the node knows the last attempt (pending or mined).
+    pub known: bool,
+    /// The head at which the nonce was first seen consumed without a receipt of ours.
+    pub consumed_since: Option<u64>,
+    /// Whether another open batch of this settler holds a nonce between the account's and
+    /// this batch's.
+    pub lower_nonce_pending: bool,
+}
+
+/// What to do with a submitted batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SubmittedStep {
+    /// Mined: judge its receipt.
+    Included(Receipt),
+    /// The nonce is used but no receipt of ours is seen yet: a node may count the nonce
+    /// before it serves the receipt, so wait for a later block.
+    ConsumedWait,
+    /// The transaction can never be mined: its payments go back (or expire).
+    Abandon(&'static str),
+    /// A gap below the batch's nonce (an earlier transaction vanished in a reorg): re-sign
+    /// at the account's nonce, or this one can never be mined.
+    Resign { nonce: u64 },
+    /// Not mined after `replace_after_blocks`, or its fee cap is under the base fee:
+    /// replace it at the same nonce with a higher fee.
+    Replace { priced_out: bool },
+    /// The node forgot it (dropped from its pool): send the same bytes again.
+    Resubmit,
+    /// Pending: nothing to do.
+    Wait,
+}
+
+/// Decides what to do with a submitted batch whose last attempt is `last`.
+pub(super) fn submitted_step(
+    last: &Attempt,
+    view: SubmittedView,
+    head: &Head,
+    base_fee: u128,
+    replace_after_blocks: u64,
+) -> SubmittedStep {
+    if let Some(receipt) = view.receipt {
+        return SubmittedStep::Included(receipt);
+    }
+    if view.chain_nonce > last.tx_nonce {
+        return match view.consumed_since {
+            Some(first_seen) if head.number > first_seen => {
+                SubmittedStep::Abandon("its account nonce was used by another transaction")
+            }
+            _ => SubmittedStep::ConsumedWait,
+        };
+    }
+    if view.chain_nonce < last.tx_nonce && !view.lower_nonce_pending {
+        return SubmittedStep::Resign { nonce: view.chain_nonce };
+    }
+    let stuck = head.number.saturating_sub(last.signed_at_block) >= replace_after_blocks;
+    let priced_out = last.max_fee_per_gas < base_fee;
+    if stuck || priced_out {
+        return SubmittedStep::Replace { priced_out };
+    }
+    if !view.known {
+        return SubmittedStep::Resubmit;
+    }
+    SubmittedStep::Wait
+}
+
+/// Whether another open batch of `batch`'s settler holds a nonce in `[from, batch's)`.
+pub(super) fn lower_nonce_pending(open: &BTreeMap<u64, BatchRecord>, batch: &BatchRecord, from: u64) -> bool {
+    let mine = batch.tx_nonce().unwrap_or(0);
+    open.values().any(|b| {
+        b.counter != batch.counter
+            && b.settler == batch.settler
+            && matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted | BatchStatus::Included)
+            && b.tx_nonce().is_some_and(|n| n >= from && n < mine)
+    })
+}
+
+/// What to do with an included batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IncludedStep {
+    /// The block at its height is no longer the one it was mined in: look for its
+    /// transaction again.
+    Reorged,
+    /// On the canonical chain, this many blocks deep, not yet deep enough.
+    Wait { depth: u64 },
+    /// Deep enough: its payments are settled.
+    Settle { depth: u64 },
+}
+
+/// Decides what to do with a batch included as `inclusion`, given the canonical block hash
+/// at its height.
+pub(super) fn included_step(
+    inclusion: &Inclusion,
+    canonical: Option<B256>,
+    head: &Head,
+    confirmations: u64,
+) -> IncludedStep {
+    if canonical != Some(inclusion.block_hash) {
+        return IncludedStep::Reorged;
+    }
+    let depth = head.number.saturating_sub(inclusion.block_number) + 1;
+    if depth >= confirmations { IncludedStep::Settle { depth } } else { IncludedStep::Wait { depth } }
+}
+
+/// The included payments no open included batch follows: those whose evidence is another
+/// transaction of ours than their batch's, or whose batch was closed while they were
+/// included. Without the sweep such a payment would wait forever.
+pub(super) fn orphans<'a>(
+    open: &BTreeMap<u64, BatchRecord>,
+    pending: &'a [PaymentRecord],
+) -> Vec<&'a PaymentRecord> {
+    let followed: HashSet<(String, B256)> = open
+        .values()
+        .filter(|b| b.status == BatchStatus::Included)
+        .filter_map(|b| b.inclusion.map(|i| (b.id(), i.tx_hash)))
+        .collect();
+    pending
+        .iter()
+        .filter(|r| r.status == Status::Included)
+        .filter(|r| !r.tx_hash.is_some_and(|h| followed.contains(&(r.batch_id.clone(), h))))
+        .collect()
+}
+
+/// What to do with an included payment no batch follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SweepStep {
+    /// Included without evidence: back to accepted (or expired).
+    NoEvidence,
+    /// Its block is canonical and deep enough.
+    Settle,
+    /// Its block is canonical, not yet deep enough.
+    Wait,
+    /// Its block was reorged away: look for its transaction again.
+    Reorged { tx_hash: B256 },
+}
+
+/// Decides what to do with `record` (included, unfollowed), given the canonical hash at
+/// its block's height.
+pub(super) fn sweep_step(
+    record: &PaymentRecord,
+    canonical: Option<B256>,
+    head: &Head,
+    confirmations: u64,
+) -> SweepStep {
+    let (Some(tx_hash), Some(block_hash)) = (record.tx_hash, record.block_hash) else {
+        return SweepStep::NoEvidence;
+    };
+    if canonical != Some(block_hash) {
+        return SweepStep::Reorged { tx_hash };
+    }
+    let depth = head.number.saturating_sub(record.block_number) + 1;
+    if depth >= confirmations { SweepStep::Settle } else { SweepStep::Wait }
+}
+
+/// A payment whose transaction is gone goes back to accepted while the chain can still
+/// take it (its `validBefore` after the next block's earliest time), else it expires.
+pub(super) fn requeue(r: &PaymentRecord, head: &Head, why: &str, now_ms: u64) -> TransitionRequest {
+    let still_valid = r.signed.authorization.valid_before > U256::from(head.timestamp.saturating_add(1));
+    let mut t =
+        TransitionRequest::new(r.key(), if still_valid { Status::Accepted } else { Status::Expired }, now_ms);
+    t.only_from = Some(r.status);
+    if !still_valid {
+        t.failure = Some((Reason::InvalidValidBefore, format!("validBefore passed after {why}")));
+    }
+    t
+}
+
+/// Whether `record` is included by a transaction that is not one of `batch`'s: its own
+/// evidence, not the batch, decides its outcome (the sweep's).
+pub(super) fn included_elsewhere(record: &PaymentRecord, batch: &BatchRecord) -> bool {
+    record.status == Status::Included
+        && record.tx_hash.is_some_and(|h| !batch.attempts.iter().any(|a| a.tx_hash == h))
+}
+
+fn moves(to: Status, only_from: Status, records: &[&PaymentRecord], now_ms: u64) -> Vec<TransitionRequest> {
+    records
+        .iter()
+        .map(|r| {
+            let mut t = TransitionRequest::new(r.key(), to, now_ms);
+            t.only_from = Some(only_from);
+            t
+        })
+        .collect()
+}
+
+impl<C: Chain> Engine<C> {
+    pub(super) async fn advance(
+        &mut self,
+        counter: u64,
+        head: &Head,
+        fees: Fees,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let Some(batch) = self.open.get(&counter).cloned() else { return Ok(()) };
+        match batch.status {
+            BatchStatus::Signed => {
+                // Recorded before it was sent: send it (again). A node that already has it
+                // answers "already known" or "nonce too low"; the receipt decides later.
+                for a in &batch.attempts {
+                    if let Err(e) = self.chain.broadcast(&a.raw).await {
+                        tracing::debug!(batch = %batch.id(), "rebroadcast of a signed attempt: {e}");
+                    }
+                }
+                self.mark_submitted(batch).await?;
+            }
+            BatchStatus::Submitted => self.follow_submitted(batch, head, fees, report).await?,
+            BatchStatus::Included => self.follow_included(batch, head, report).await?,
+            BatchStatus::Done | BatchStatus::Abandoned => {
+                self.open.remove(&counter);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn mark_submitted(&mut self, mut batch: BatchRecord) -> Result<(), SettleError> {
+        let now_ms = self.now_ms();
+        let transitions = batch
+            .items
+            .iter()
+            .map(|k| {
+                let mut t = TransitionRequest::new(*k, Status::Submitted, now_ms);
+                t.only_from = Some(Status::Batched);
+                t
+            })
+            .collect();
+        batch.status = BatchStatus::Submitted;
+        batch.updated_at_ms = now_ms;
+        // Not atomic: an item already moved on (a restart after a partial round) keeps its state.
+        self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
+        self.open.insert(batch.counter, batch);
+        Ok(())
+    }
+
+    /// The receipt of the batch's latest mined attempt.
+    pub(super) async fn receipt_of(&self, batch: &BatchRecord) -> Result<Option<Receipt>, SettleError> {
+        for a in batch.attempts.iter().rev() {
+            if let Some(r) = self.read(self.chain.receipt(a.tx_hash, batch.token).await)? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn follow_submitted(
+        &mut self,
+        batch: BatchRecord,
+        head: &Head,
+        fees: Fees,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let Some(last) = batch.attempts.last().cloned() else {
+            return self.abandon(batch, head, "batch has no signed transaction", report).await;
+        };
+        let chain_nonce = self.read(self.chain.nonce(batch.settler).await)?;
+        let receipt = self.receipt_of(&batch).await?;
+        let known = match receipt {
+            Some(_) => true,
+            None => self.read(self.chain.is_known(last.tx_hash).await)?,
+        };
+        let view = SubmittedView {
+            chain_nonce,
+            receipt,
+            known,
+            consumed_since: self.consumed.get(&batch.counter).copied(),
+            lower_nonce_pending: lower_nonce_pending(&self.open, &batch, chain_nonce),
+        };
+        let step = submitted_step(&last, view, head, fees.base_fee, self.config.replace_after_blocks);
+        if !matches!(step, SubmittedStep::ConsumedWait) {
+            self.consumed.remove(&batch.counter);
+        }
+        match step {
+            SubmittedStep::Included(receipt) => self.on_included(batch, receipt, report).await,
+            SubmittedStep::ConsumedWait => {
+                self.consumed.entry(batch.counter).or_insert(head.number);
+                Ok(())
+            }
+            SubmittedStep::Abandon(why) => self.abandon(batch, head, why, report).await,
+            SubmittedStep::Resign { nonce } => {
+                let attempt = self.sign(&batch, nonce, fees, None, head).await?;
+                self.add_attempt(batch, attempt, report, false).await
+            }
+            SubmittedStep::Replace { .. } => self.replace(batch, &last, fees, head, report).await,
+            SubmittedStep::Resubmit => {
+                self.metrics.transactions_dropped.increment(1);
+                match self.chain.broadcast(&last.raw).await {
+                    Ok(()) => {
+                        report.rebroadcast += 1;
+                        tracing::info!(batch = %batch.id(), tx = %last.tx_hash, "dropped transaction resubmitted");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::info!(batch = %batch.id(), "resubmission refused ({e}); re-signing");
+                        self.replace(batch, &last, fees, head, report).await
+                    }
+                }
+            }
+            SubmittedStep::Wait => Ok(()),
+        }
+    }
+
+    /// Replaces `last` at its nonce with a higher fee; at the fee cap it waits instead.
+    async fn replace(
+        &mut self,
+        batch: BatchRecord,
+        last: &Attempt,
+        fees: Fees,
+        head: &Head,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        match self.sign(&batch, last.tx_nonce, fees, Some(last), head).await {
+            Ok(attempt) => self.add_attempt(batch, attempt, report, true).await,
+            Err(e @ SettleError::FeeAtCap { .. }) => {
+                tracing::warn!("cannot replace a stuck transaction: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a new signed attempt, then broadcasts it.
+    async fn add_attempt(
+        &mut self,
+        mut batch: BatchRecord,
+        attempt: Attempt,
+        report: &mut RoundReport,
+        replacement: bool,
+    ) -> Result<(), SettleError> {
+        let raw = attempt.raw.clone();
+        tracing::info!(
+            batch = %batch.id(),
+            tx = %attempt.tx_hash,
+            nonce = attempt.tx_nonce,
+            max_fee_per_gas = attempt.max_fee_per_gas,
+            replacement,
+            "new transaction for a batch"
+        );
+        batch.attempts.push(attempt);
+        batch.updated_at_ms = self.now_ms();
+        self.ledger
+            .apply(ApplyRequest { transitions: Vec::new(), batch: Some(batch.clone()), atomic: false })
+            .await?;
+        self.open.insert(batch.counter, batch.clone());
+        if let Err(e) = self.chain.broadcast(&raw).await {
+            tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
+        }
+        report.replaced += 1;
+        if replacement {
+            self.metrics.transactions_replaced.increment(1);
+        }
+        Ok(())
+    }
+
+    async fn follow_included(
+        &mut self,
+        batch: BatchRecord,
+        head: &Head,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let Some(inc) = batch.inclusion else {
+            return self.abandon(batch, head, "included without inclusion data", report).await;
+        };
+        let canonical = self.canonical_hash(inc.block_number).await?;
+        let depth = match included_step(&inc, canonical, head, self.policy.confirmations) {
+            IncludedStep::Wait { .. } => return Ok(()),
+            IncludedStep::Reorged => {
+                tracing::warn!(batch = %batch.id(), block = inc.block_number, "reorg: the including block changed");
+                self.metrics.reorgs.increment(1);
+                return match self.receipt_of(&batch).await? {
+                    Some(receipt) => self.on_included(batch, receipt, report).await,
+                    None => self.abandon(batch, head, "its transaction was reorged out", report).await,
+                };
+            }
+            IncludedStep::Settle { depth } => depth,
+        };
+        let records = self.records_of(&batch)?;
+        // A payment included by another transaction of ours is the sweep's to settle.
+        let included: Vec<&PaymentRecord> = records
+            .iter()
+            .filter(|r| r.status == Status::Included && r.tx_hash == Some(inc.tx_hash))
+            .collect();
+        // Balances first: once exposure is released, a cached balance from before the
+        // transfer would cover the same money twice.
+        if let Some(cache) = &self.balances {
+            for r in &included {
+                cache.invalidate(&r.key().payer());
+            }
+        }
+        let now_ms = self.now_ms();
+        let transitions = moves(Status::Settled, Status::Included, &included, now_ms);
+        let mut done = batch.clone();
+        done.status = BatchStatus::Done;
+        done.updated_at_ms = now_ms;
+        let results = self.apply(ApplyRequest { transitions, batch: Some(done), atomic: false }).await?;
+        report.settled += results.iter().filter(|r| r.is_ok()).count();
+        tracing::info!(batch = %batch.id(), settled = included.len(), depth, "batch settled");
+        self.open.remove(&batch.counter);
+        Ok(())
+    }
+
+    /// The batch's transaction is gone: its payments go back to accepted while the chain
+    /// can still take them, else they expire.
+    async fn abandon(
+        &mut self,
+        batch: BatchRecord,
+        head: &Head,
+        why: &str,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let records = self.records_of(&batch)?;
+        let now_ms = self.now_ms();
+        let mut transitions = Vec::new();
+        for r in records
+            .iter()
+            .filter(|r| matches!(r.status, Status::Batched | Status::Submitted | Status::Included))
+            .filter(|r| !included_elsewhere(r, &batch))
+        {
+            let t = requeue(r, head, why, now_ms);
+            if t.to == Status::Expired {
+                report.expired += 1;
+            } else {
+                report.requeued += 1;
+            }
+            transitions.push(t);
+        }
+        let mut gone = batch.clone();
+        gone.status = BatchStatus::Abandoned;
+        gone.updated_at_ms = now_ms;
+        self.apply(ApplyRequest { transitions, batch: Some(gone), atomic: false }).await?;
+        tracing::warn!(batch = %batch.id(), items = batch.items.len(), "batch abandoned: {why}");
+        self.open.remove(&batch.counter);
+        Ok(())
+    }
+
+    /// Settles, re-includes or requeues the included payments no open batch follows, each
+    /// on its own evidence (see [`sweep_step`]).
+    pub(super) async fn sweep_included(
+        &mut self,
+        pending: &[PaymentRecord],
+        head: &Head,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let orphans = orphans(&self.open, pending);
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let now_ms = self.now_ms();
+        let mut canonical: HashMap<u64, Option<B256>> = HashMap::new();
+        let mut transitions = Vec::new();
+        for r in orphans {
+            let hash = match canonical.get(&r.block_number) {
+                Some(h) => *h,
+                None => {
+                    let h = self.canonical_hash(r.block_number).await?;
+                    canonical.insert(r.block_number, h);
+                    h
+                }
+            };
+            match sweep_step(r, hash, head, self.policy.confirmations) {
+                SweepStep::Wait => {}
+                SweepStep::NoEvidence => {
+                    transitions.push(requeue(r, head, "it was included without evidence", now_ms))
+                }
+                SweepStep::Settle => {
+                    if let Some(cache) = &self.balances {
+                        cache.invalidate(&r.key().payer());
+                    }
+                    transitions.extend(moves(Status::Settled, Status::Included, &[r], now_ms));
+                }
+                SweepStep::Reorged { tx_hash } => {
+                    tracing::warn!(payment = %r.payment_id(), block = r.block_number, "reorg: the block of an included payment changed");
+                    self.metrics.reorgs.increment(1);
+                    let receipt = self.read(self.chain.receipt(tx_hash, r.signed.token).await)?;
+                    let evidence = match receipt {
+                        Some(receipt) => self.evidence_in(&receipt, r).await?,
+                        None => None,
+                    };
+                    match evidence {
+                        Some(ev) => {
+                            let mut t = moves(Status::Included, Status::Included, &[r], now_ms).remove(0);
+                            t.evidence = Some(ev);
+                            transitions.push(t);
+                        }
+                        None => transitions.push(requeue(r, head, "its transaction was reorged out", now_ms)),
+                    }
+                }
+            }
+        }
+        let results =
+            self.apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false }).await?;
+        for (t, r) in transitions.iter().zip(&results) {
+            if r.is_ok() {
+                match t.to {
+                    Status::Settled => report.settled += 1,
+                    Status::Expired => report.expired += 1,
+                    Status::Accepted => report.requeued += 1,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{attempt, batch, head, included, receipt, record};
+    use super::*;
+
+    const K: u64 = 3;
+    const BASE_FEE: u128 = 1_000;
+
+    fn view() -> SubmittedView {
+        SubmittedView {
+            chain_nonce: 7,
+            receipt: None,
+            known: true,
+            consumed_since: None,
+            lower_nonce_pending: false,
+        }
+    }
+
+    /// The step for an attempt at nonce 7 signed at block 100 paying up to 5,000 wei/gas.
+    fn step(view: SubmittedView, head_number: u64) -> SubmittedStep {
+        submitted_step(&attempt(1, 7, 100, 5_000), view, &head(head_number, 0), BASE_FEE, K)
+    }
+
+    #[test]
+    fn a_pending_transaction_waits_until_k_blocks_then_is_replaced() {
+        assert_eq!(step(view(), 101), SubmittedStep::Wait);
+        assert_eq!(step(view(), 100 + K - 1), SubmittedStep::Wait);
+        assert_eq!(step(view(), 100 + K), SubmittedStep::Replace { priced_out: false });
+        assert_eq!(step(view(), 100 + 10 * K), SubmittedStep::Replace { priced_out: false });
+    }
+
+    #[test]
+    fn a_transaction_priced_out_by_the_base_fee_is_replaced_at_once() {
+        let last = attempt(1, 7, 100, BASE_FEE - 1);
+        let step = submitted_step(&last, view(), &head(101, 0), BASE_FEE, K);
+        assert_eq!(step, SubmittedStep::Replace { priced_out: true });
+        let at_base = attempt(1, 7, 100, BASE_FEE);
+        assert_eq!(submitted_step(&at_base, view(), &head(101, 0), BASE_FEE, K), SubmittedStep::Wait);
+    }
+
+    #[test]
+    fn a_dropped_transaction_is_resubmitted() {
+        assert_eq!(step(SubmittedView { known: false, ..view() }, 101), SubmittedStep::Resubmit);
+        // Stuck as well: a replacement (new fees) rather than the same bytes.
+        let stuck = step(SubmittedView { known: false, ..view() }, 100 + K);
+        assert_eq!(stuck, SubmittedStep::Replace { priced_out: false });
+    }
+
+    #[test]
+    fn a_receipt_decides_whatever_else_was_read() {
+        let r = receipt(1, 101, &[(1, 0)], 100_000, 10);
+        let seen = SubmittedView { receipt: Some(r.clone()), chain_nonce: 8, known: false, ..view() };
+        assert_eq!(step(seen, 100 + K), SubmittedStep::Included(r));
+    }
+
+    #[test]
+    fn a_nonce_consumed_without_a_receipt_waits_a_block_then_abandons() {
+        let consumed = SubmittedView { chain_nonce: 8, ..view() };
+        assert_eq!(step(consumed.clone(), 105), SubmittedStep::ConsumedWait, "first seen");
+        let same_block = SubmittedView { consumed_since: Some(105), ..consumed.clone() };
+        assert_eq!(step(same_block, 105), SubmittedStep::ConsumedWait, "the node may lag its receipts");
+        let later = SubmittedView { consumed_since: Some(105), ..consumed };
+        assert!(matches!(step(later, 106), SubmittedStep::Abandon(_)));
+    }
+
+    #[test]
+    fn a_gap_below_the_nonce_is_closed_by_re_signing_at_the_accounts_nonce() {
+        let gap = SubmittedView { chain_nonce: 5, ..view() };
+        assert_eq!(step(gap.clone(), 101), SubmittedStep::Resign { nonce: 5 });
+        // Another open batch of ours holds the lower nonce: no gap.
+        let covered = SubmittedView { lower_nonce_pending: true, ..gap };
+        assert_eq!(step(covered, 101), SubmittedStep::Wait);
+    }
+
+    #[test]
+    fn lower_nonces_pending_are_other_open_batches_of_the_same_settler() {
+        let r = [record(1, Status::Submitted, 10_000)];
+        let mine = batch(2, BatchStatus::Submitted, &r, vec![attempt(2, 7, 100, 5_000)]);
+        let mut open = BTreeMap::from([(2, mine.clone())]);
+        assert!(!lower_nonce_pending(&open, &mine, 5));
+        open.insert(1, batch(1, BatchStatus::Submitted, &r, vec![attempt(1, 6, 99, 5_000)]));
+        assert!(lower_nonce_pending(&open, &mine, 5));
+        assert!(!lower_nonce_pending(&open, &mine, 7), "nonce 6 is below the account's 7");
+        let mut other = batch(3, BatchStatus::Submitted, &r, vec![attempt(3, 5, 99, 5_000)]);
+        other.settler = alloy::primitives::Address::repeat_byte(0x99);
+        let open = BTreeMap::from([(2, mine.clone()), (3, other)]);
+        assert!(!lower_nonce_pending(&open, &mine, 5), "another settler's nonces are its own");
+    }
+
+    fn inclusion(block: u64, hash: B256) -> Inclusion {
+        Inclusion {
+            tx_hash: B256::repeat_byte(1),
+            block_number: block,
+            block_hash: hash,
+            block_time: 0,
+            gas_used: 0,
+            effective_gas_price: 0,
+            settled_items: 1,
+        }
+    }
+
+    #[test]
+    fn an_included_batch_settles_at_depth_and_a_changed_block_is_a_reorg() {
+        let ours = B256::repeat_byte(0xb0);
+        let inc = inclusion(100, ours);
+        assert_eq!(included_step(&inc, Some(ours), &head(100, 0), 3), IncludedStep::Wait { depth: 1 });
+        assert_eq!(included_step(&inc, Some(ours), &head(102, 0), 3), IncludedStep::Settle { depth: 3 });
+        assert_eq!(
+            included_step(&inc, Some(B256::repeat_byte(0xb1)), &head(102, 0), 3),
+            IncludedStep::Reorged
+        );
+        assert_eq!(included_step(&inc, None, &head(102, 0), 3), IncludedStep::Reorged, "block gone");
+    }
+
+    #[test]
+    fn a_payment_whose_transaction_is_gone_is_requeued_while_valid_else_expired() {
+        let h = head(200, 5_000);
+        let live = requeue(&record(1, Status::Included, 5_002), &h, "reorged out", 9);
+        assert_eq!((live.to, live.only_from, live.failure), (Status::Accepted, Some(Status::Included), None));
+        // The next block is at least one second later: validBefore must be after that.
+        let dead = requeue(&record(1, Status::Included, 5_001), &h, "reorged out", 9);
+        assert_eq!(dead.to, Status::Expired);
+        assert_eq!(dead.failure.unwrap().0, Reason::InvalidValidBefore);
+    }
+
+    #[test]
+    fn unfollowed_included_payments_are_swept_on_their_own_evidence() {
+        let block_hash = B256::repeat_byte(0xb0);
+        let r = included(record(1, Status::Accepted, 10_000), B256::repeat_byte(9), 100, block_hash);
+        let h = head(101, 0);
+        assert_eq!(sweep_step(&r, Some(block_hash), &h, 3), SweepStep::Wait);
+        assert_eq!(sweep_step(&r, Some(block_hash), &head(102, 0), 3), SweepStep::Settle);
+        let moved = sweep_step(&r, Some(B256::repeat_byte(0xb1)), &h, 3);
+        assert_eq!(moved, SweepStep::Reorged { tx_hash: B256::repeat_byte(9) });
+        assert_eq!(sweep_step(&record(2, Status::Included, 10_000), None, &h, 3), SweepStep::NoEvidence);
+    }
+
+    #[test]
+    fn a_payment_included_by_another_transaction_is_the_sweeps() {
+        let block_hash = B256::repeat_byte(0xb0);
+        let mine = included(record(1, Status::Accepted, 10_000), B256::repeat_byte(1), 100, block_hash);
+        let elsewhere = included(record(2, Status::Accepted, 10_000), B256::repeat_byte(9), 100, block_hash);
+        let mut b = batch(
+            1,
+            BatchStatus::Included,
+            &[mine.clone(), elsewhere.clone()],
+            vec![attempt(1, 7, 99, 5_000)],
+        );
+        assert!(!included_elsewhere(&mine, &b));
+        assert!(included_elsewhere(&elsewhere, &b));
+        assert!(!included_elsewhere(&record(3, Status::Submitted, 10_000), &b));
+
+        b.inclusion = Some(inclusion(100, block_hash));
+        let mut followed = mine.clone();
+        followed.batch_id = b.id();
+        let mut other = elsewhere.clone();
+        other.batch_id = b.id();
+        let open = BTreeMap::from([(1, b)]);
+        let pending = [followed, other, record(4, Status::Accepted, 10_000)];
+        let swept: Vec<_> = orphans(&open, &pending).into_iter().map(|r| r.key()).collect();
+        assert_eq!(swept, [elsewhere.key()], "only the payment its batch does not follow");
+        assert_eq!(orphans(&BTreeMap::new(), &pending).len(), 2, "a closed batch follows nothing");
+    }
+}

@@ -1,0 +1,358 @@
+//! Planning: accepted payments whose `validBefore` the chain passed expire; the rest are
+//! planned per token ([`crate::planner::plan`]) and each cut goes to an idle settler:
+//! pre-simulated (what the token would refuse now stays out, with its reason), signed,
+//! recorded with its raw bytes, and only then broadcast.
+
+use std::collections::{BTreeMap, HashSet};
+
+use alloy::primitives::{Address, U256};
+
+use super::rpc::{Chain, Head};
+use super::{Engine, RoundReport, SettleError, Settler};
+use crate::config::SettlementConfig;
+use crate::ledger::{
+    ApplyRequest, BatchRecord, BatchStatus, LedgerError, PaymentRecord, Status, TransitionRequest,
+};
+use crate::planner::{self, Caps, CutReason, Fees, GasLearner, Pending, Policy};
+use crate::x402::Reason;
+
+/// Splits accepted payments into those the chain can no longer take (their `validBefore`
+/// is at or before the head's time), as expiry transitions, and the live ones.
+pub(super) fn expire(
+    accepted: Vec<PaymentRecord>,
+    head: &Head,
+    now_ms: u64,
+) -> (Vec<TransitionRequest>, Vec<PaymentRecord>) {
+    let (expired, live): (Vec<_>, Vec<_>) =
+        accepted.into_iter().partition(|r| r.signed.authorization.valid_before <= U256::from(head.timestamp));
+    let transitions = expired
+        .iter()
+        .map(|r| {
+            let mut t = TransitionRequest::new(r.key(), Status::Expired, now_ms);
+            t.only_from = Some(Status::Accepted);
+            t.failure = Some((
+                Reason::InvalidValidBefore,
+                format!("validBefore passed (chain time {}) before it could be settled", head.timestamp),
+            ));
+            t
+        })
+        .collect();
+    (transitions, live)
+}
+
+/// The settlers with no batch waiting for inclusion, starting at `next` (round-robin, so
+/// every account takes its share).
+fn idle_settlers(settlers: &[Settler], open: &BTreeMap<u64, BatchRecord>, next: usize) -> Vec<Settler> {
+    let n = settlers.len();
+    (0..n)
+        .map(|i| &settlers[(next + i) % n])
+        .filter(|s| {
+            !open.values().any(|b| {
+                b.settler == s.address && matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// Caps for the planner such that the batches it plans get a gas limit (the limit model
+/// plus margin) within the per-transaction and block gas caps.
+pub(super) fn caps(
+    config: &SettlementConfig,
+    learner: &GasLearner,
+    max_batch_size: usize,
+    block_gas_limit: u64,
+) -> Caps {
+    let cap = config.tx_gas_cap.min(block_gas_limit.max(1));
+    let margin = config.gas_limit_margin_percent;
+    // Largest n whose limit fits (the limit is linear in n: a short search).
+    let (mut lo, mut hi) = (0usize, max_batch_size);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if learner.gas_limit(mid, margin) <= cap {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let tx_gas = if lo >= max_batch_size { u64::MAX } else { learner.model().batch_gas(lo) };
+    Caps { tx_gas, block_gas: u64::MAX }
+}
+
+fn pending(records: &[PaymentRecord]) -> Vec<Pending> {
+    let saturate = |v: U256| u64::try_from(v).unwrap_or(u64::MAX);
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Pending {
+            id: i,
+            accepted_at: r.accepted_at_ms / 1000,
+            valid_after: saturate(r.signed.authorization.valid_after),
+            valid_before: saturate(r.signed.authorization.valid_before),
+        })
+        .collect()
+}
+
+/// `records` split into the ones at `ids` (in order) and the rest.
+fn take(records: Vec<PaymentRecord>, ids: &[usize]) -> (Vec<PaymentRecord>, Vec<PaymentRecord>) {
+    let chosen: HashSet<usize> = ids.iter().copied().collect();
+    let (mut taken, mut rest) = (Vec::with_capacity(ids.len()), Vec::new());
+    for (i, r) in records.into_iter().enumerate() {
+        if chosen.contains(&i) { taken.push(r) } else { rest.push(r) }
+    }
+    (taken, rest)
+}
+
+impl<C: Chain> Engine<C> {
+    pub(super) async fn plan_and_send(
+        &mut self,
+        accepted: Vec<PaymentRecord>,
+        head: &Head,
+        fees: Fees,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        let now_ms = self.now_ms();
+        let now = (now_ms / 1000).max(head.timestamp);
+        let (expired, live) = expire(accepted, head, now_ms);
+        if !expired.is_empty() {
+            let results =
+                self.apply(ApplyRequest { transitions: expired, batch: None, atomic: false }).await?;
+            report.expired += results.iter().filter(|r| r.is_ok()).count();
+        }
+
+        let mut idle = idle_settlers(&self.settlers, &self.open, self.next_settler);
+        if idle.is_empty() {
+            return Ok(());
+        }
+        let mut by_token: BTreeMap<Address, Vec<PaymentRecord>> = BTreeMap::new();
+        for r in live {
+            by_token.entry(r.signed.token).or_default().push(r);
+        }
+        // The live value, read after this round's pending payments were: a payment
+        // accepted after a pause took effect is never batched before the resume.
+        if self.policy.paused || self.policy_rx.borrow().paused {
+            return Ok(());
+        }
+        let policy = Policy {
+            max_batch_size: self.policy.max_batch_size,
+            max_wait_secs: self.policy.max_wait_secs,
+            target_cost_per_payment_wei: self.policy.target_cost_per_payment_wei,
+            deadline_margin_secs: self.policy.deadline_margin_secs,
+        };
+        let model = self.learner.model();
+        let caps = caps(&self.config, &self.learner, self.policy.max_batch_size, head.gas_limit);
+        let affordable = fees.per_gas() <= self.config.max_fee_per_gas_wei;
+        for (token, mut records) in by_token {
+            while !records.is_empty() && !idle.is_empty() {
+                let plan = planner::plan(now, &pending(&records), fees, model, caps, &policy);
+                let Some((ids, reason)) = plan.cut else { break };
+                if !affordable {
+                    tracing::warn!(
+                        chain_id = self.chain_id,
+                        base_fee = fees.base_fee,
+                        max_fee_per_gas = self.config.max_fee_per_gas_wei,
+                        "fees above settlement.max_fee_per_gas_wei: batches wait"
+                    );
+                    break;
+                }
+                let (batch_records, rest) = take(records, &ids);
+                records = rest;
+                let settler = idle.remove(0);
+                if let Some(i) = self.settlers.iter().position(|s| s.address == settler.address) {
+                    self.next_settler = i + 1;
+                }
+                self.cut(token, batch_records, reason, settler.address, head, fees, report).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pre-simulates a cut, fails what the token would refuse, then signs, records and
+    /// sends a batch of the rest.
+    #[allow(clippy::too_many_arguments)]
+    async fn cut(
+        &mut self,
+        token: Address,
+        records: Vec<PaymentRecord>,
+        reason: CutReason,
+        settler: Address,
+        head: &Head,
+        fees: Fees,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        let now_ms = self.now_ms();
+        let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
+        let gas = self.batch_gas_limit(signed.len());
+        let sim = self.read(self.chain.simulate(&signed, gas).await)?;
+        let mut refusals = Vec::new();
+        let mut items = Vec::new();
+        for (record, outcome) in records.into_iter().zip(sim) {
+            match outcome {
+                Ok(()) => items.push(record),
+                Err(failure) => {
+                    let mut t = TransitionRequest::new(record.key(), Status::Failed, now_ms);
+                    t.only_from = Some(Status::Accepted);
+                    self.refusal(&record, failure, &mut t).await?;
+                    if t.to != Status::Accepted {
+                        refusals.push(t);
+                    }
+                }
+            }
+        }
+        if !refusals.is_empty() {
+            let results = self
+                .apply(ApplyRequest { transitions: refusals.clone(), batch: None, atomic: false })
+                .await?;
+            for (t, r) in refusals.iter().zip(&results) {
+                if r.is_ok() {
+                    match t.to {
+                        Status::Failed => report.failed += 1,
+                        Status::Expired => report.expired += 1,
+                        _ => {}
+                    }
+                    if let Some((reason, msg)) = &t.failure {
+                        tracing::info!(payment = %t.key.payment_id(), reason = reason.code(), "refused before sending: {msg}");
+                    }
+                }
+            }
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+
+        let counter = self.next_counter;
+        self.next_counter += 1;
+        let nonce = self.read(self.chain.nonce(settler).await)?;
+        let mut batch = BatchRecord {
+            chain_id: self.chain_id,
+            counter,
+            token,
+            settler,
+            items: items.iter().map(PaymentRecord::key).collect(),
+            cut_reason: reason.as_str().to_owned(),
+            status: BatchStatus::Signed,
+            attempts: Vec::new(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            gas_limit: self.batch_gas_limit(items.len()),
+            inclusion: None,
+        };
+        let attempt = self.sign(&batch, nonce, fees, None, head).await?;
+        let raw = attempt.raw.clone();
+        batch.attempts.push(attempt);
+        let transitions = items
+            .iter()
+            .map(|r| {
+                let mut t = TransitionRequest::new(r.key(), Status::Batched, now_ms);
+                t.only_from = Some(Status::Accepted);
+                t.batch_id = Some(batch.id());
+                t
+            })
+            .collect();
+        // Atomic: the signed transaction carries exactly these items, so either all of
+        // them join the batch or the batch is not recorded (and never sent).
+        match self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: true }).await {
+            Ok(_) => {}
+            Err(LedgerError::IllegalTransition { id, .. }) => {
+                tracing::info!(%id, "a payment changed while its batch was prepared; planning again next round");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(
+            batch = %batch.id(),
+            items = batch.items.len(),
+            reason = reason.as_str(),
+            %settler,
+            nonce,
+            gas_limit = batch.gas_limit,
+            "batch cut"
+        );
+        self.metrics.batch_cut(reason.as_str(), batch.items.len());
+        if let Err(e) = self.chain.broadcast(&raw).await {
+            // Recorded as submitted anyway: the next round finds it unknown to the node and
+            // re-signs it with current fees.
+            tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
+        }
+        self.mark_submitted(batch).await?;
+        report.batches_sent += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{attempt, batch, head, record};
+    use super::*;
+    use alloy::network::EthereumWallet;
+    use alloy::signers::local::PrivateKeySigner;
+
+    #[test]
+    fn payments_the_chain_passed_expire_with_their_reason() {
+        let h = head(100, 5_000);
+        let accepted = vec![
+            record(1, Status::Accepted, 4_999),
+            record(2, Status::Accepted, 5_000),
+            record(3, Status::Accepted, 5_001),
+        ];
+        let (expired, live) = expire(accepted, &h, 77);
+        assert_eq!(expired.len(), 2);
+        assert!(expired.iter().all(|t| t.to == Status::Expired
+            && t.only_from == Some(Status::Accepted)
+            && t.failure.as_ref().is_some_and(|f| f.0 == Reason::InvalidValidBefore)));
+        assert_eq!(
+            live.iter().map(PaymentRecord::key).collect::<Vec<_>>(),
+            [record(3, Status::Accepted, 0).key()]
+        );
+    }
+
+    #[test]
+    fn idle_settlers_take_turns_and_busy_ones_wait() {
+        let settlers: Vec<Settler> = (0..3)
+            .map(|_| {
+                let s = PrivateKeySigner::random();
+                Settler { address: s.address(), wallet: EthereumWallet::from(s) }
+            })
+            .collect();
+        let names = |v: Vec<Settler>| v.into_iter().map(|s| s.address).collect::<Vec<_>>();
+        let all = settlers.iter().map(|s| s.address).collect::<Vec<_>>();
+        assert_eq!(names(idle_settlers(&settlers, &BTreeMap::new(), 1)), [all[1], all[2], all[0]]);
+        let r = [record(1, Status::Submitted, 0)];
+        let mut busy = batch(1, BatchStatus::Submitted, &r, vec![attempt(1, 0, 0, 1)]);
+        busy.settler = all[2];
+        let mut mined = batch(2, BatchStatus::Included, &r, vec![attempt(2, 0, 0, 1)]);
+        mined.settler = all[0];
+        let open = BTreeMap::from([(1, busy), (2, mined)]);
+        assert_eq!(
+            names(idle_settlers(&settlers, &open, 1)),
+            [all[1], all[0]],
+            "an included batch frees its settler"
+        );
+    }
+
+    #[test]
+    fn caps_keep_every_planned_batch_within_the_transaction_gas_cap() {
+        let config = SettlementConfig { tx_gas_cap: 1_000_000, ..SettlementConfig::default() };
+        let learner = GasLearner::new(config.seed_gas(), 4);
+        let caps = caps(&config, &learner, 500, 30_000_000);
+        let fits = (0..500).take_while(|&n| learner.model().batch_gas(n) <= caps.tx_gas).last().unwrap();
+        assert!(config.gas_limit(&learner, fits) <= 1_000_000);
+        assert!(learner.gas_limit(fits + 1, config.gas_limit_margin_percent) > 1_000_000);
+        let roomy = super::caps(&config, &learner, 5, 30_000_000);
+        assert_eq!(roomy.tx_gas, u64::MAX, "a full batch fits: no gas cap for the planner");
+        let small_block = super::caps(&config, &learner, 500, 200_000);
+        // Seeds 40k + 60k per item, +50 %: one item (150k) fits a 200k block, two do not.
+        assert_eq!(small_block.tx_gas, learner.model().batch_gas(1), "the block's gas limit caps too");
+    }
+
+    #[test]
+    fn a_cut_takes_exactly_the_planned_items() {
+        let records: Vec<_> = (1..=5).map(|i| record(i, Status::Accepted, 0)).collect();
+        let (taken, rest) = take(records.clone(), &[3, 0]);
+        assert_eq!(taken, [records[0].clone(), records[3].clone()]);
+        assert_eq!(rest, [records[1].clone(), records[2].clone(), records[4].clone()]);
+    }
+}

@@ -1,0 +1,312 @@
+//! The engine's loop: rounds every poll interval, each cut short if it hangs or panics and
+//! resumed from the ledger; the ledger writes a round makes and the metrics they move; the
+//! gauges read off each round's view.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use futures::FutureExt as _;
+use tokio::sync::watch;
+
+use super::rpc::{Chain, Head};
+use super::{Engine, RoundReport, SettleError, Settler};
+use crate::balance::BalanceCache;
+use crate::chain::RpcError;
+use crate::clock::Clock;
+use crate::config::SettlementConfig;
+use crate::ledger::{
+    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, LedgerError, LedgerHandle, PaymentRecord, Status,
+};
+use crate::planner::{Fees, GasLearner, GasModel};
+use crate::policy::SettlementPolicy;
+use crate::telemetry::ChainMetrics;
+
+/// Longest a round may take. A round is a few RPC calls per open batch plus one per cut;
+/// an RPC that never answers must not stop settlement.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Receipts the gas model learns from (the most recent ones).
+const GAS_WINDOW: usize = 32;
+
+/// Pending payments this close to their `validBefore` (chain time) count as near their
+/// deadline in the metrics (and the alert built on it).
+const NEAR_DEADLINE_SECS: u64 = 60;
+
+/// How often settler balances are read for the metrics.
+const SETTLER_BALANCE_EVERY: Duration = Duration::from_secs(10);
+
+impl<C: Chain> Engine<C> {
+    /// An engine over `chain`, resuming the open batches the ledger holds.
+    pub fn new(
+        chain: C,
+        ledger: LedgerHandle,
+        clock: Arc<dyn Clock>,
+        balances: Option<BalanceCache>,
+        signers: &[PrivateKeySigner],
+        config: SettlementConfig,
+        policy_rx: watch::Receiver<SettlementPolicy>,
+    ) -> Result<Engine<C>, SettleError> {
+        let chain_id = chain.chain_id();
+        let open = ledger
+            .ledger()
+            .batches(chain_id)?
+            .into_iter()
+            .filter(|b| !b.status.is_final())
+            .map(|b| (b.counter, b))
+            .collect::<BTreeMap<_, _>>();
+        let next_counter = ledger.ledger().last_batch_counter(chain_id)? + 1;
+        let settlers = signers
+            .iter()
+            .map(|s| Settler { address: s.address(), wallet: EthereumWallet::from(s.clone()) })
+            .collect();
+        if !open.is_empty() {
+            tracing::info!(chain_id, open = open.len(), "resuming open settlement batches");
+        }
+        let policy = policy_rx.borrow().clone();
+        Ok(Engine {
+            chain_id,
+            chain,
+            ledger,
+            clock,
+            balances,
+            settlers,
+            learner: GasLearner::new(config.seed_gas(), GAS_WINDOW),
+            config,
+            open,
+            next_counter,
+            next_settler: 0,
+            consumed: Default::default(),
+            policy,
+            policy_rx,
+            metrics: ChainMetrics::new(chain_id),
+            balances_read_at: None,
+            value_tokens: Vec::new(),
+        })
+    }
+
+    /// Runs rounds every `poll_interval_ms` until `stop` turns true. A failed round is
+    /// logged and the next one starts from what the ledger holds.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.poll_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            // A round that hangs (an RPC without an answer) or panics is cut short; what it
+            // wrote stands, and the open batches are read back from the ledger.
+            let round = std::panic::AssertUnwindSafe(self.round()).catch_unwind();
+            match tokio::time::timeout(ROUND_TIMEOUT, round).await {
+                Ok(Ok(Ok(r))) if r != RoundReport::default() => {
+                    tracing::debug!(chain_id = self.chain_id, ?r, "round")
+                }
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(chain_id = self.chain_id, "settlement round failed: {e}"),
+                Ok(Err(_)) => {
+                    tracing::error!(
+                        chain_id = self.chain_id,
+                        "settlement round panicked; resuming from the ledger"
+                    );
+                    self.reload();
+                }
+                Err(_) => {
+                    tracing::error!(
+                        chain_id = self.chain_id,
+                        "settlement round took over {ROUND_TIMEOUT:?}; resuming from the ledger"
+                    );
+                    self.reload();
+                }
+            }
+        }
+    }
+
+    /// Reads the open batches back from the ledger (after a round was cut short between a
+    /// ledger write and the in-memory update that follows it).
+    fn reload(&mut self) {
+        match self.ledger.ledger().batches(self.chain_id) {
+            Ok(all) => {
+                self.next_counter = self.next_counter.max(all.last().map_or(0, |b| b.counter) + 1);
+                self.open =
+                    all.into_iter().filter(|b| !b.status.is_final()).map(|b| (b.counter, b)).collect();
+            }
+            Err(e) => tracing::error!(chain_id = self.chain_id, "cannot read batches back: {e}"),
+        }
+    }
+
+    /// One round: confirm, sweep, expire, plan and send.
+    pub async fn round(&mut self) -> Result<RoundReport, SettleError> {
+        let started = Instant::now();
+        self.policy = self.policy_rx.borrow_and_update().clone();
+        let mut report = RoundReport::default();
+        let head = self.read(self.chain.head().await)?;
+        let fees = self.fees().await?;
+        self.metrics.head_block.set(head.number as f64);
+        self.metrics.base_fee_wei.set(fees.base_fee as f64);
+        let counters: Vec<u64> = self.open.keys().copied().collect();
+        for counter in counters {
+            self.advance(counter, &head, fees, &mut report).await?;
+        }
+        let pending = self.pending_records().await?;
+        self.pending_metrics(&pending, &head);
+        self.sweep_included(&pending, &head, &mut report).await?;
+        let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
+        self.plan_and_send(accepted, &head, fees, &mut report).await?;
+        self.settler_balances().await;
+        self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
+        self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
+        Ok(report)
+    }
+
+    /// The gas model as learned from receipts so far.
+    pub fn gas_model(&self) -> GasModel {
+        self.learner.model()
+    }
+
+    /// An RPC read's result, its failure counted per call.
+    pub(super) fn read<T>(&self, result: Result<T, RpcError>) -> Result<T, SettleError> {
+        result.map_err(|e| {
+            self.metrics.rpc_error(e.call);
+            e.into()
+        })
+    }
+
+    /// The next block's base fee and a priority fee (the median tip of the last block, at
+    /// least the configured minimum).
+    async fn fees(&self) -> Result<Fees, SettleError> {
+        let reading = self.read(self.chain.fees().await)?;
+        Ok(Fees {
+            base_fee: reading.base_fee,
+            priority_fee: reading.median_tip.max(self.config.min_priority_fee_wei),
+        })
+    }
+
+    /// The canonical block hash at `number` (`None` if the node has no such block).
+    pub(super) async fn canonical_hash(
+        &self,
+        number: u64,
+    ) -> Result<Option<alloy::primitives::B256>, SettleError> {
+        Ok(self.read(self.chain.block_at(number).await)?.map(|(hash, _)| hash))
+    }
+
+    /// The time of block `number` (0 if the node has no such block any more).
+    pub(super) async fn block_time(&self, number: u64) -> Result<u64, SettleError> {
+        Ok(self.read(self.chain.block_at(number).await)?.map_or(0, |(_, time)| time))
+    }
+
+    /// Gauges read off this round's view: transactions awaiting inclusion, how deep the
+    /// oldest unconfirmed inclusion is, pending value per token, payments near deadline.
+    fn pending_metrics(&mut self, pending: &[PaymentRecord], head: &Head) {
+        let m = &self.metrics;
+        let waiting = self
+            .open
+            .values()
+            .filter(|b| matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted))
+            .count();
+        m.transactions_pending.set(waiting as f64);
+        let lag = self
+            .open
+            .values()
+            .filter_map(|b| b.inclusion.filter(|_| b.status == BatchStatus::Included))
+            .map(|i| head.number.saturating_sub(i.block_number) + 1)
+            .max()
+            .unwrap_or(0);
+        m.confirmation_lag_blocks.set(lag as f64);
+        let mut by_token: BTreeMap<Address, U256> = BTreeMap::new();
+        let soon = U256::from(head.timestamp.saturating_add(NEAR_DEADLINE_SECS));
+        let mut near = 0usize;
+        for r in pending {
+            *by_token.entry(r.signed.token).or_default() += r.value();
+            if r.signed.authorization.valid_before <= soon {
+                near += 1;
+            }
+        }
+        // A token with nothing pending any more reads 0, not its last sum.
+        for token in self.value_tokens.iter().filter(|t| !by_token.contains_key(*t)) {
+            m.pending_value(*token, 0.0);
+        }
+        for (token, sum) in &by_token {
+            m.pending_value(*token, f64::from(*sum));
+        }
+        self.value_tokens = by_token.into_keys().collect();
+        m.near_deadline.set(near as f64);
+    }
+
+    /// Each settler's native balance, for the low-balance alert (every ~10 s).
+    async fn settler_balances(&mut self) {
+        if self.balances_read_at.is_some_and(|t| t.elapsed() < SETTLER_BALANCE_EVERY) {
+            return;
+        }
+        self.balances_read_at = Some(Instant::now());
+        for s in &self.settlers {
+            if let Ok(wei) = self.read(self.chain.native_balance(s.address).await) {
+                self.metrics.settler_balance(s.address, f64::from(wei));
+            }
+        }
+    }
+
+    /// Writes a settlement step, and counts the payments it made final (settled ones with
+    /// their accept-to-settled time).
+    pub(super) async fn apply(&self, req: ApplyRequest) -> Result<ApplyResults, LedgerError> {
+        let results = self.ledger.apply(req).await?;
+        let mut finals: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
+        for r in results.iter().flatten() {
+            let status = match r.status {
+                Status::Settled => {
+                    let secs = r.updated_at_ms.saturating_sub(r.accepted_at_ms) as f64 / 1000.0;
+                    self.metrics.accept_to_settled_seconds.record(secs);
+                    "settled"
+                }
+                Status::Failed => "failed",
+                Status::Expired => "expired",
+                _ => continue,
+            };
+            *finals.entry((status, r.failure_reason.clone())).or_default() += 1;
+        }
+        for ((status, reason), n) in finals {
+            self.metrics.finals(status, &reason, n);
+        }
+        Ok(results)
+    }
+
+    /// This chain's payments not yet final, read off the async threads.
+    async fn pending_records(&self) -> Result<Vec<PaymentRecord>, SettleError> {
+        let ledger = Arc::clone(self.ledger.ledger());
+        let chain_id = self.chain_id;
+        Ok(tokio::task::spawn_blocking(move || ledger.pending_records())
+            .await
+            .map_err(|_| SettleError::Scan { chain_id })??
+            .into_iter()
+            .filter(|r| r.signed.chain_id == chain_id)
+            .collect())
+    }
+
+    /// The records of a batch's items, in the batch's order.
+    pub(super) fn records_of(&self, batch: &BatchRecord) -> Result<Vec<PaymentRecord>, SettleError> {
+        let ledger = self.ledger.ledger();
+        let mut out = Vec::with_capacity(batch.items.len());
+        for k in &batch.items {
+            match ledger.get(k)? {
+                Some(r) => out.push(r),
+                None => return Err(LedgerError::NotFound(k.payment_id()).into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The gas limit a batch of `items` is sent (and simulated) with.
+    pub(super) fn batch_gas_limit(&self, items: usize) -> u64 {
+        self.config.gas_limit(&self.learner, items)
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
