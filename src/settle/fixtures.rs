@@ -3,7 +3,7 @@
 use alloy::primitives::{Address, B256, Bytes, U256};
 
 use super::rpc::{Head, Receipt};
-use crate::ledger::{Attempt, BatchRecord, BatchStatus, PaymentRecord, Status, Submission};
+use crate::ledger::{Attempt, BatchRecord, BatchStatus, Inclusion, PaymentRecord, Status, Submission};
 use crate::x402::{Authorization, RawSignature, SignedAuthorization};
 
 pub const TOKEN: Address = Address::repeat_byte(0x70);
@@ -110,4 +110,17 @@ pub fn receipt(tx: u8, block: u64, used: &[(u8, u64)], gas_used: u64, price: u12
 
 pub fn head(number: u64, timestamp: u64) -> Head {
     Head { number, hash: B256::repeat_byte(0xaa), timestamp, gas_limit: 30_000_000 }
+}
+
+/// An inclusion of transaction 1 in block `block` (hash `hash`).
+pub fn inclusion(block: u64, hash: B256) -> Inclusion {
+    Inclusion {
+        tx_hash: B256::repeat_byte(1),
+        block_number: block,
+        block_hash: hash,
+        block_time: 0,
+        gas_used: 0,
+        effective_gas_price: 0,
+        settled_items: 1,
+    }
 }

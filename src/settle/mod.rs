@@ -36,7 +36,8 @@
 //! |---|---|
 //! | [`rpc`] | what the engine reads from a chain and sends to it, behind the [`Chain`] trait |
 //! | `round.rs` | the loop, recovery after a cut-short round, writes and their metrics, gauges |
-//! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs, the sweep |
+//! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
+//! | `sweep.rs` | included payments no open batch follows, on their own evidence |
 //! | `outcome.rs` | a receipt → each payment's outcome and evidence (the one fee-share rule) |
 //! | `plan.rs` | expiry, which settlers are idle, cutting a batch and recording it |
 //! | `sign.rs` | the fee of a (replacement) transaction, and signing it |
@@ -54,6 +55,7 @@ mod plan;
 mod round;
 pub mod rpc;
 mod sign;
+mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
