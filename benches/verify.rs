@@ -19,7 +19,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use secp256k1::Message;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 use x402_batcher::admission::Admitted;
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::testkit::PaymentBuilder;
 use x402_batcher::verify::{self, VerifyPool};
 use x402_batcher::x402::eip712::TokenDomain;
 

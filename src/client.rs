@@ -57,6 +57,39 @@ pub enum ClientError {
     InvalidToken,
     #[error("cannot connect to the daemon")]
     Connect(#[from] tonic::transport::Error),
+    #[error("cannot read {path}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment variable {0} (the bearer token) is not set or not UTF-8")]
+    TokenEnv(String),
+}
+
+impl ClientAuth {
+    /// Credentials read from files (PEM) and a bearer token from an environment variable
+    /// (never a flag: flags show in `ps`).
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        server_name: Option<String>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+        token_env: Option<&str>,
+    ) -> Result<ClientAuth, ClientError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| ClientError::File { path: p.display().to_string(), source })
+        };
+        Ok(ClientAuth {
+            ca_pem: ca.map(read).transpose()?,
+            server_name,
+            identity: identity
+                .map(|(cert, key)| Ok::<_, ClientError>((read(cert)?, read(key)?)))
+                .transpose()?,
+            token: token_env
+                .map(|var| std::env::var(var).map_err(|_| ClientError::TokenEnv(var.to_owned())))
+                .transpose()?,
+        })
+    }
 }
 
 impl Client {

@@ -7,9 +7,15 @@
 //! last entry it read, so successive runs see every entry exactly once, whatever the
 //! filters (the cursor moves past entries a filter leaves out too: keep the filters of one
 //! cursor fixed).
+//!
+//! The cursor protocol ([`run`] with a [`Cursor`]): read the saved position (none: from the
+//! beginning), write the whole output and sync it, then save the new position whole or not
+//! at all (a temporary file, synced, renamed over the old one). A crash at any point repeats
+//! the last run's rows at worst; it never skips one.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use alloy::primitives::{Address, U256};
 
@@ -54,6 +60,24 @@ pub enum ExportError {
     Ledger(#[from] LedgerError),
     #[error("cannot write the export")]
     Io(#[from] std::io::Error),
+    #[error("cannot write the export as CSV")]
+    Csv(#[from] csv::Error),
+    #[error("{what} {path}")]
+    File {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cursor file {path} does not hold a log position")]
+    CursorContent { path: String },
+    #[error("{flag} {value:?}: expected {expected}")]
+    Flag { flag: &'static str, value: String, expected: &'static str },
+}
+
+fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + use<> {
+    let path = path.display().to_string();
+    move |source| ExportError::File { what, path, source }
 }
 
 /// The output format.
@@ -61,6 +85,19 @@ pub enum ExportError {
 pub enum Format {
     Csv,
     JsonLines,
+}
+
+impl Format {
+    /// `csv` or `jsonl`.
+    pub fn from_flag(value: &str) -> Result<Format, ExportError> {
+        match value {
+            "csv" => Ok(Format::Csv),
+            "jsonl" => Ok(Format::JsonLines),
+            _ => {
+                Err(ExportError::Flag { flag: "--format", value: value.to_owned(), expected: "csv or jsonl" })
+            }
+        }
+    }
 }
 
 /// Which entries to export; every field that is set must match.
@@ -91,6 +128,29 @@ impl Filter {
     }
 }
 
+/// A final status by name: `settled`, `failed` or `expired`.
+pub fn status_from_flag(value: &str) -> Result<Status, ExportError> {
+    match value {
+        "settled" => Ok(Status::Settled),
+        "failed" => Ok(Status::Failed),
+        "expired" => Ok(Status::Expired),
+        _ => Err(ExportError::Flag {
+            flag: "--status",
+            value: value.to_owned(),
+            expected: "settled, failed or expired",
+        }),
+    }
+}
+
+/// A filter time given as `flag` (see [`parse_time`]).
+pub fn time_from_flag(flag: &'static str, value: &str) -> Result<u64, ExportError> {
+    parse_time(value).ok_or_else(|| ExportError::Flag {
+        flag,
+        value: value.to_owned(),
+        expected: "unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ",
+    })
+}
+
 /// When a payment became final (unix seconds): the including block's time for a settled
 /// payment, the time the daemon recorded the outcome otherwise.
 pub fn final_time(r: &PaymentRecord) -> u64 {
@@ -108,6 +168,95 @@ pub struct Summary {
     pub totals: BTreeMap<(String, u64, Address, Address), (u64, U256)>,
 }
 
+/// A saved position in the settlement log, in a file of its own.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    path: PathBuf,
+}
+
+impl Cursor {
+    pub fn at(path: impl Into<PathBuf>) -> Cursor {
+        Cursor { path: path.into() }
+    }
+
+    /// The saved position; 0 (the beginning) when none was saved yet.
+    pub fn read(&self) -> Result<u64, ExportError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|_| ExportError::CursorContent { path: self.path.display().to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(file_error("cursor file", &self.path)(e)),
+        }
+    }
+
+    /// Saves `position` whole or not at all: a reader sees the old position or the new one.
+    pub fn save(&self, position: u64) -> Result<(), ExportError> {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{position}\n")).map_err(file_error("cursor file", &tmp))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(file_error("cursor file", &tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(file_error("cursor file", &self.path))?;
+        // The rename itself is durable once the directory is.
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_error("cursor directory", dir))
+    }
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// After this log position.
+    After(u64),
+    /// After the cursor's saved position; the cursor moves once the output is complete.
+    Cursor(Cursor),
+}
+
+/// One export run, as the `export` command describes it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub start: Start,
+    pub filter: Filter,
+    pub format: Format,
+    /// Where to write (a file, synced before the cursor moves); standard output if `None`.
+    pub out: Option<PathBuf>,
+    /// Also write the settled totals per payee per UTC day (CSV) here.
+    pub totals: Option<PathBuf>,
+}
+
+/// Runs `job` on `ledger`: the rows, the totals, then the cursor (see the module's
+/// cursor protocol).
+pub fn run(ledger: &dyn LedgerStore, tokens: &TokenTable, job: &Job) -> Result<Summary, ExportError> {
+    let after = match &job.start {
+        Start::After(position) => *position,
+        Start::Cursor(cursor) => cursor.read()?,
+    };
+    let summary = match &job.out {
+        Some(path) => {
+            let file = std::fs::File::create(path).map_err(file_error("output", path))?;
+            let mut w = std::io::BufWriter::new(file);
+            let summary = export(ledger, tokens, after, &job.filter, job.format, &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all().map_err(file_error("output", path))?;
+            summary
+        }
+        None => export(ledger, tokens, after, &job.filter, job.format, &mut std::io::stdout().lock())?,
+    };
+    if let Some(path) = &job.totals {
+        let file = std::fs::File::create(path).map_err(file_error("totals", path))?;
+        let mut w = std::io::BufWriter::new(file);
+        write_totals(&summary, tokens, &mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all().map_err(file_error("totals", path))?;
+    }
+    if let Start::Cursor(cursor) = &job.start {
+        cursor.save(summary.cursor)?;
+    }
+    Ok(summary)
+}
+
+fn csv_writer<W: Write>(out: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(out)
+}
+
 /// Writes the settlement log entries after `after` that pass `filter` to `out`.
 pub fn export(
     ledger: &dyn LedgerStore,
@@ -117,21 +266,27 @@ pub fn export(
     format: Format,
     out: &mut impl Write,
 ) -> Result<Summary, ExportError> {
-    let mut summary = Summary { cursor: after, ..Summary::default() };
-    if format == Format::Csv {
-        write!(out, "{}\r\n", COLUMNS.join(","))?;
+    enum Sink<'a, W: Write> {
+        Csv(csv::Writer<&'a mut W>),
+        Json(&'a mut W),
     }
+    let mut summary = Summary { cursor: after, ..Summary::default() };
+    let mut sink = match format {
+        Format::Csv => {
+            let mut w = csv_writer(out);
+            w.write_record(COLUMNS)?;
+            Sink::Csv(w)
+        }
+        Format::JsonLines => Sink::Json(out),
+    };
     loop {
         let page = ledger.settlement_log(summary.cursor, PAGE)?;
         let Some(&(last, _)) = page.last() else { break };
         for (seq, r) in page.iter().filter(|(_, r)| filter.matches(r)) {
             let fields = fields(*seq, r, tokens);
-            match format {
-                Format::Csv => {
-                    let line: Vec<String> = fields.iter().map(|(_, v)| csv_field(v)).collect();
-                    write!(out, "{}\r\n", line.join(","))?;
-                }
-                Format::JsonLines => {
+            match &mut sink {
+                Sink::Csv(w) => w.write_record(fields.iter().map(|(_, v)| v))?,
+                Sink::Json(out) => {
                     let object: serde_json::Map<String, serde_json::Value> = fields
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
@@ -150,23 +305,40 @@ pub fn export(
         }
         summary.cursor = last;
     }
-    out.flush()?;
+    match sink {
+        Sink::Csv(mut w) => w.flush()?,
+        Sink::Json(out) => out.flush()?,
+    }
     Ok(summary)
 }
 
 /// Writes `summary`'s totals as CSV: day, chain, token, symbol, payee, payments, amount.
 pub fn write_totals(summary: &Summary, tokens: &TokenTable, out: &mut impl Write) -> Result<(), ExportError> {
-    write!(out, "day,chain_id,token,symbol,payee,payments,amount_base_units,amount\r\n")?;
+    let mut w = csv_writer(out);
+    w.write_record([
+        "day",
+        "chain_id",
+        "token",
+        "symbol",
+        "payee",
+        "payments",
+        "amount_base_units",
+        "amount",
+    ])?;
     for ((day, chain_id, token, payee), (n, sum)) in &summary.totals {
         let (symbol, decimals) = token_info(tokens, *chain_id, *token);
-        write!(
-            out,
-            "{day},{chain_id},{token},{},{payee},{n},{sum},{}\r\n",
-            csv_field(symbol),
-            format_units(*sum, decimals)
-        )?;
+        w.write_record([
+            day.clone(),
+            chain_id.to_string(),
+            token.to_string(),
+            symbol.to_owned(),
+            payee.to_string(),
+            n.to_string(),
+            sum.to_string(),
+            format_units(*sum, decimals),
+        ])?;
     }
-    out.flush()?;
+    w.flush()?;
     Ok(())
 }
 
@@ -214,11 +386,6 @@ fn fields(seq: u64, r: &PaymentRecord, tokens: &TokenTable) -> Vec<(&'static str
     COLUMNS.iter().copied().zip(values).collect()
 }
 
-/// A CSV field, quoted when it holds a comma, a quote or a line break (RFC 4180).
-fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\r', '\n']) { format!("\"{}\"", v.replace('"', "\"\"")) } else { v.to_owned() }
-}
-
 /// `value` in base units as a decimal string with `decimals` places.
 pub fn format_units(value: U256, decimals: u8) -> String {
     if decimals == 0 {
@@ -231,69 +398,34 @@ pub fn format_units(value: U256, decimals: u8) -> String {
 
 /// Unix milliseconds as RFC 3339 UTC (`2026-11-21T04:51:25.123Z`).
 pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+    match i64::try_from(ms).ok().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()) {
+        Some(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        // Past the year 9999: no calendar date, the number itself.
+        None => ms.to_string(),
+    }
 }
 
 /// Parses a time for a filter: unix seconds, `YYYY-MM-DD` (midnight UTC), or
-/// `YYYY-MM-DDTHH:MM:SSZ`.
+/// `YYYY-MM-DDTHH:MM:SSZ`; never before 1970.
 pub fn parse_time(text: &str) -> Option<u64> {
     if let Ok(secs) = text.parse::<u64>() {
         return Some(secs);
     }
-    let (date, time) = match text.split_once('T') {
-        Some((d, t)) => (d, Some(t.strip_suffix('Z')?)),
-        None => (text, None),
-    };
-    let mut parts = date.splitn(3, '-');
-    let y: i64 = parts.next()?.parse().ok()?;
-    let m: u32 = parts.next()?.parse().ok()?;
-    let d: u32 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
-        return None;
-    }
-    let days = days_from_civil(y, m, d);
-    if civil_from_days(days) != (y, m, d) {
-        return None; // 2026-02-30 and the like
-    }
-    let mut secs = u64::try_from(days).ok()? * 86_400;
-    if let Some(t) = time {
-        let mut hms = t.splitn(3, ':');
-        let h: u64 = hms.next()?.parse().ok()?;
-        let mi: u64 = hms.next()?.parse().ok()?;
-        let s: u64 = hms.next()?.parse().ok()?;
-        if h > 23 || mi > 59 || s > 59 {
-            return None;
+    let secs = match text.split_once('T') {
+        Some((_, time)) if time.len() == 9 && time.ends_with('Z') => {
+            text.parse::<jiff::Timestamp>().ok()?.as_second()
         }
-        secs += h * 3600 + mi * 60 + s;
-    }
-    Some(secs)
-}
-
-// Days since 1970-01-01 and the proleptic Gregorian calendar (H. Hinnant's algorithms).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+        Some(_) => return None,
+        None if text.len() == 10 => text
+            .parse::<jiff::civil::Date>()
+            .ok()?
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .ok()?
+            .timestamp()
+            .as_second(),
+        None => return None,
+    };
+    u64::try_from(secs).ok()
 }
 
 #[cfg(test)]
@@ -322,17 +454,56 @@ mod tests {
         {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
-        for days in [0i64, 59, 60, 365, 10_957, 20_000, 100_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+    }
+
+    #[test]
+    fn a_cursor_reads_what_was_saved_and_starts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let cursor = Cursor::at(dir.path().join("export.cursor"));
+        assert_eq!(cursor.read().unwrap(), 0, "no cursor yet: from the beginning");
+        cursor.save(41).unwrap();
+        cursor.save(42).unwrap();
+        assert_eq!(cursor.read().unwrap(), 42);
+        assert!(!dir.path().join("export.tmp").exists(), "no temporary file left");
+        std::fs::write(dir.path().join("export.cursor"), "forty-two").unwrap();
+        assert!(matches!(cursor.read(), Err(ExportError::CursorContent { .. })));
+    }
+
+    fn job(dir: &Path, out: PathBuf) -> Job {
+        Job {
+            start: Start::Cursor(Cursor::at(dir.join("c"))),
+            filter: Filter::default(),
+            format: Format::Csv,
+            out: Some(out),
+            totals: Some(dir.join("totals.csv")),
         }
     }
 
     #[test]
-    fn csv_fields_are_quoted_when_needed() {
-        assert_eq!(csv_field("plain"), "plain");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    fn a_run_writes_the_output_then_moves_the_cursor_and_a_failed_write_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
+        let tokens = TokenTable::default();
+        Cursor::at(dir.path().join("c")).save(7).unwrap();
+        let summary = run(&ledger, &tokens, &job(dir.path(), dir.path().join("out.csv"))).unwrap();
+        assert_eq!((summary.rows, summary.cursor), (0, 7), "nothing after 7: the cursor stays");
+        let out = std::fs::read_to_string(dir.path().join("out.csv")).unwrap();
+        assert_eq!(out, format!("{}\r\n", COLUMNS.join(",")));
+        assert!(std::fs::read_to_string(dir.path().join("totals.csv")).unwrap().starts_with("day,"));
+
+        let unwritable = job(dir.path(), dir.path().join("missing/out.csv"));
+        assert!(matches!(run(&ledger, &tokens, &unwritable), Err(ExportError::File { what: "output", .. })));
+        assert_eq!(Cursor::at(dir.path().join("c")).read().unwrap(), 7);
+    }
+
+    #[test]
+    fn flags_are_named_in_their_errors() {
+        assert_eq!(Format::from_flag("jsonl").unwrap(), Format::JsonLines);
+        let e = Format::from_flag("xml").unwrap_err().to_string();
+        assert_eq!(e, "--format \"xml\": expected csv or jsonl");
+        assert_eq!(status_from_flag("expired").unwrap(), Status::Expired);
+        assert!(status_from_flag("pending").unwrap_err().to_string().contains("--status"));
+        assert_eq!(time_from_flag("--from", "2000-02-29").unwrap(), 951_782_400);
+        assert!(time_from_flag("--to", "soon").unwrap_err().to_string().starts_with("--to \"soon\""));
     }
 }

@@ -11,20 +11,26 @@
 //!   recorded batch, or the evidence of a settled payment) whose payment the ledger does
 //!   not hold (`unknown_payment`) or does not show settled by it (`not_settled_in_ledger`);
 //! - an authorization the ledger holds that was used by someone else's transaction
-//!   (`used_outside`): the payment was not paid through this daemon, whatever its status.
+//!   (`used_outside`): the payment was not paid through this daemon, whatever its status;
+//! - a settled batch's transaction in the range whose payments' fee shares do not add up
+//!   to what its receipt says it cost (`gasUsed × effectiveGasPrice`) or whose gas shares
+//!   do not add up to its gas used (`fee_share_mismatch`), or that no payment carries a
+//!   share of (`fee_unattributed`: every item went back to the queue).
 //!
 //! Logs of authorizations the ledger does not know, in transactions not ours, are other
 //! people's business and are not reported.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::{Filter, Log};
 use alloy::sol_types::SolEvent;
 
-use crate::chain::{IEip3009, RpcEndpoint};
-use crate::ledger::{AuthKey, LedgerError, LedgerStore, Status};
+use crate::chain::{IEip3009, RpcEndpoint, RpcError};
+use crate::config::Config;
+use crate::ledger::{AuthKey, BatchStatus, LedgerError, LedgerStore, Status};
 
 /// Blocks per `eth_getLogs` call, within common node limits.
 const LOG_CHUNK: u64 = 2_000;
@@ -34,10 +40,18 @@ const LOG_CHUNK: u64 = 2_000;
 pub enum ReconcileError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("chain {chain_id}: eth_getLogs failed: {detail}")]
-    Rpc { chain_id: u64, detail: String },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
     #[error("--from-block {from} is after --to-block {to}")]
     Range { from: u64, to: u64 },
+    #[error("chain {chain_id}: no configured token on that chain")]
+    NoToken { chain_id: u64 },
+    #[error("chain {chain_id} has no [[chains]] rpc_url")]
+    NoRpcUrl { chain_id: u64 },
+    #[error("chain {chain_id}: rpc_url is not a valid URL")]
+    BadRpcUrl { chain_id: u64 },
+    #[error("cannot write the report")]
+    Write(#[from] std::io::Error),
 }
 
 /// One difference between the ledger and the chain.
@@ -67,7 +81,75 @@ impl std::fmt::Display for Discrepancy {
 pub struct Report {
     pub settled_checked: usize,
     pub logs_checked: usize,
+    /// Settled batches' transactions whose fee shares were checked against their receipts.
+    pub fees_checked: usize,
     pub discrepancies: Vec<Discrepancy>,
+}
+
+/// What one chain's reconciliation needs from the config: its RPC URL and its tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainPlan {
+    pub chain_id: u64,
+    pub rpc_url: String,
+    pub tokens: Vec<Address>,
+}
+
+/// The chains to reconcile: every chain with a configured token, or only `only` (which
+/// must have one), each with its RPC URL and tokens, in chain id order.
+pub fn plan(config: &Config, only: Option<u64>) -> Result<Vec<ChainPlan>, ReconcileError> {
+    let mut chains: Vec<u64> = config.tokens.iter().map(|t| t.chain_id).collect();
+    chains.sort_unstable();
+    chains.dedup();
+    if let Some(chain_id) = only {
+        if !chains.contains(&chain_id) {
+            return Err(ReconcileError::NoToken { chain_id });
+        }
+        chains = vec![chain_id];
+    }
+    chains
+        .into_iter()
+        .map(|chain_id| {
+            let rpc = config
+                .chains
+                .iter()
+                .find(|c| c.chain_id == chain_id)
+                .ok_or(ReconcileError::NoRpcUrl { chain_id })?;
+            let tokens = config.tokens.iter().filter(|t| t.chain_id == chain_id).map(|t| t.address).collect();
+            Ok(ChainPlan { chain_id, rpc_url: rpc.rpc_url.clone(), tokens })
+        })
+        .collect()
+}
+
+/// Reconciles each chain of `config` (or only `only`) over blocks `from..=to`, writing
+/// every discrepancy and a summary line per chain to `out`; `Ok(true)` when nothing differs.
+pub async fn run(
+    ledger: &dyn LedgerStore,
+    config: &Config,
+    from: u64,
+    to: u64,
+    only: Option<u64>,
+    out: &mut impl Write,
+) -> Result<bool, ReconcileError> {
+    let mut clean = true;
+    for chain in plan(config, only)? {
+        let chain_id = chain.chain_id;
+        let endpoint = RpcEndpoint::connect_http(chain_id, &chain.rpc_url)
+            .ok_or(ReconcileError::BadRpcUrl { chain_id })?;
+        let report = reconcile(ledger, &endpoint, &chain.tokens, from, to).await?;
+        for d in &report.discrepancies {
+            writeln!(out, "chain {chain_id}: {d}")?;
+        }
+        writeln!(
+            out,
+            "chain {chain_id}: blocks {from}..={to}: {} settled payments, {} AuthorizationUsed logs and {} transactions' fee shares checked, {} discrepancies",
+            report.settled_checked,
+            report.logs_checked,
+            report.fees_checked,
+            report.discrepancies.len()
+        )?;
+        clean &= report.discrepancies.is_empty();
+    }
+    Ok(clean)
 }
 
 struct UsedLog {
@@ -124,23 +206,72 @@ pub async fn reconcile(
 
     // The ledger's side: settled payments in range, and our settlement transactions.
     let token_set: HashSet<Address> = tokens.iter().copied().collect();
-    let settled: Vec<_> = ledger
+    let finals: Vec<_> = ledger
         .settlement_log(0, usize::MAX)?
         .into_iter()
         .map(|(_, r)| r)
         .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
+        .collect();
+    let settled: Vec<_> = finals
+        .iter()
         .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
         .collect();
     let mut ours: HashSet<B256> = settled.iter().filter_map(|r| r.tx_hash).collect();
-    for b in ledger.batches(chain_id)? {
+    let batches = ledger.batches(chain_id)?;
+    for b in &batches {
         ours.extend(b.attempts.iter().map(|a| a.tx_hash));
         ours.extend(b.inclusion.map(|i| i.tx_hash));
     }
 
     let mut report = Report { settled_checked: settled.len(), logs_checked: used.len(), ..Report::default() };
+
+    // Fee shares: a settled batch's payments (settled, failed, expired) share its fee.
+    let mut shares: HashMap<B256, (U256, u64)> = HashMap::new();
+    for r in &finals {
+        if let Some(tx) = r.tx_hash {
+            let s = shares.entry(tx).or_default();
+            s.0 += r.fee_share_wei;
+            s.1 += r.gas_share;
+        }
+    }
+    for b in batches.iter().filter(|b| b.status == BatchStatus::Done && token_set.contains(&b.token)) {
+        let Some(inc) = b.inclusion.filter(|i| (from..=to).contains(&i.block_number)) else { continue };
+        let receipt = endpoint
+            .provider
+            .get_transaction_receipt(inc.tx_hash)
+            .await
+            .map_err(|e| endpoint.error("eth_getTransactionReceipt", e))?;
+        let Some(receipt) = receipt else { continue }; // reorged away: missing_log says so
+        let fee = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
+        let (fee_shares, gas_shares) = shares.get(&inc.tx_hash).copied().unwrap_or_default();
+        report.fees_checked += 1;
+        if !shares.contains_key(&inc.tx_hash) {
+            report.discrepancies.push(Discrepancy {
+                kind: "fee_unattributed",
+                payment_id: None,
+                tx_hash: Some(inc.tx_hash),
+                detail: format!(
+                    "batch {}: no payment carries a share of its fee ({fee} wei): every item went back to the queue (a gas limit too low?)",
+                    b.id()
+                ),
+            });
+        } else if fee_shares != fee || gas_shares != receipt.gas_used {
+            report.discrepancies.push(Discrepancy {
+                kind: "fee_share_mismatch",
+                payment_id: None,
+                tx_hash: Some(inc.tx_hash),
+                detail: format!(
+                    "batch {}: its payments' shares sum to {fee_shares} wei and {gas_shares} gas; its receipt says {fee} wei ({} gas at {} wei)",
+                    b.id(),
+                    receipt.gas_used,
+                    receipt.effective_gas_price
+                ),
+            });
+        }
+    }
     let by_auth: HashMap<(Address, Address, B256), &UsedLog> =
         used.iter().map(|u| ((u.token, u.authorizer, u.nonce), u)).collect();
-    for r in &settled {
+    for &r in &settled {
         let a = &r.signed.authorization;
         let id = Some(r.payment_id().to_string());
         let Some(log) = by_auth.get(&(r.signed.token, a.from, a.nonce)) else {
@@ -248,10 +379,7 @@ async fn logs(
         let end = start.saturating_add(LOG_CHUNK - 1).min(to);
         let filter =
             Filter::new().address(tokens.to_vec()).event_signature(topic).from_block(start).to_block(end);
-        let page = endpoint.provider.get_logs(&filter).await.map_err(|e| ReconcileError::Rpc {
-            chain_id: endpoint.chain_id,
-            detail: endpoint.redact(&e.to_string()),
-        })?;
+        let page = endpoint.provider.get_logs(&filter).await.map_err(|e| endpoint.error("eth_getLogs", e))?;
         out.extend(page.into_iter().filter(|l| !l.removed));
         if end == u64::MAX {
             break;
@@ -259,4 +387,56 @@ async fn logs(
         start = end + 1;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    const TWO_CHAINS: &str = r#"
+        [[tokens]]
+        chain_id = 8453
+        address = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+        eip712_name = "USD Coin"
+        eip712_version = "2"
+        decimals = 6
+        symbol = "USDC"
+        [[tokens]]
+        chain_id = 84532
+        address = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+        eip712_name = "USDC"
+        eip712_version = "2"
+        decimals = 6
+        symbol = "USDC"
+        [[chains]]
+        chain_id = 84532
+        rpc_url = "http://127.0.0.1:8545"
+        [[chains]]
+        chain_id = 8453
+        rpc_url = "http://127.0.0.1:8546"
+    "#;
+
+    #[test]
+    fn every_chain_with_a_token_is_reconciled_in_order_or_only_the_one_asked_for() {
+        let c = config(TWO_CHAINS);
+        let all = plan(&c, None).unwrap();
+        assert_eq!(all.iter().map(|p| p.chain_id).collect::<Vec<_>>(), [8453, 84532]);
+        assert_eq!(all[0].rpc_url, "http://127.0.0.1:8546");
+        assert_eq!(all[0].tokens, [c.tokens[0].address]);
+        let one = plan(&c, Some(84532)).unwrap();
+        assert_eq!((one.len(), one[0].chain_id), (1, 84532));
+    }
+
+    #[test]
+    fn a_chain_without_a_token_or_an_rpc_url_is_named() {
+        let c = config(TWO_CHAINS);
+        assert!(matches!(plan(&c, Some(1)), Err(ReconcileError::NoToken { chain_id: 1 })));
+        let mut no_rpc = c.clone();
+        no_rpc.chains.retain(|ch| ch.chain_id != 8453);
+        assert!(matches!(plan(&no_rpc, None), Err(ReconcileError::NoRpcUrl { chain_id: 8453 })));
+    }
 }

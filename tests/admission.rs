@@ -8,7 +8,7 @@ use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::admission::{AdmissionError, PaymentInput};
 use x402_batcher::clock::ManualClock;
 use x402_batcher::config::TokenConfig;
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 use x402_batcher::x402::decode::decode_header;
 use x402_batcher::x402::eip712::TokenDomain;
 use x402_batcher::x402::{PaymentRequirements, Reason};

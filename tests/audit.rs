@@ -15,11 +15,11 @@ use x402_batcher::api::v1;
 use x402_batcher::audit::NonceAudit;
 use x402_batcher::chain::{self};
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::ledger::{
     AcceptOutcome, AcceptRequest, AuthKey, Ledger, LedgerHandle, Status, Submission, TransitionRequest,
 };
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 
 const LIMIT: Duration = Duration::from_secs(120);
 

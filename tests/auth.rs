@@ -18,7 +18,7 @@ use common::pki::{Ca, Leaf};
 use tonic::Code;
 use x402_batcher::api::v1;
 use x402_batcher::client::{Client, ClientAuth, ClientError};
-use x402_batcher::devnet::Devnet;
+use x402_batcher::tools::devnet::Devnet;
 
 const LIMIT: Duration = Duration::from_secs(120);
 

@@ -15,10 +15,10 @@ use common::binary::{settling_config, start, write_config};
 use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::ledger::LedgerStore as _;
-use x402_batcher::loadgen::{self, LoadOptions};
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::loadgen::{self, LoadOptions};
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 
 const ROUNDS: u64 = 20;
 const PAYMENTS_PER_ROUND: usize = 600;

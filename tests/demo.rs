@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use x402_batcher::demo::{self, DemoOptions};
+use x402_batcher::tools::demo::{self, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_demo_settles_and_exports_every_payment() {

@@ -16,8 +16,8 @@ use common::binary::{start, write_config};
 use x402_batcher::api::v1;
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::loadgen::{self, LoadOptions, LoadReport};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::loadgen::{self, LoadOptions, LoadReport};
 
 const LIMIT: Duration = Duration::from_secs(180);
 

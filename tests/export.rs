@@ -9,13 +9,13 @@ use std::process::Command;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, U256};
-use x402_batcher::devnet::payer_keys;
 use x402_batcher::export::format_units;
 use x402_batcher::ledger::{
     AcceptOutcome, AcceptRequest, AuthKey, Evidence, Ledger, LedgerHandle, Status, Submission,
     TransitionRequest,
 };
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::payer_keys;
+use x402_batcher::tools::testkit::PaymentBuilder;
 use x402_batcher::x402::SignedAuthorization;
 use x402_batcher::x402::eip712::TokenDomain;
 

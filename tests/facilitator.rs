@@ -18,10 +18,10 @@ use x402_batcher::api::v1;
 use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::{Config, CredentialConfig, Role, SettleMode, TlsConfig};
-use x402_batcher::devnet::Devnet;
 use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{Ledger, Status};
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::devnet::Devnet;
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -259,7 +259,7 @@ async fn the_facilitator_serves_tls_with_a_bearer_token() {
             cert_name: None,
         };
         let net = Devnet::start().await.unwrap();
-        let payer = x402_batcher::devnet::payer_keys("tls", 1).remove(0);
+        let payer = x402_batcher::tools::devnet::payer_keys("tls", 1).remove(0);
         net.fund(&[payer.address()], U256::from(10_000_000u64)).await.unwrap();
         let mut config = Config::parse("").unwrap();
         config.tokens.push(net.token_config());

@@ -16,8 +16,8 @@ use common::settle::{Miner, ledger_after, settling_daemon, wait_nothing_pending}
 use x402_batcher::chain::RPC_TIMEOUT;
 use x402_batcher::client::Client;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::loadgen::{self, LoadOptions};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::loadgen::{self, LoadOptions};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const PAYEE: Address = Address::repeat_byte(0xfa);

@@ -10,8 +10,8 @@ use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::chain;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::testkit::{DEFAULT_PAYEE, PaymentBuilder};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::testkit::{DEFAULT_PAYEE, PaymentBuilder};
 use x402_batcher::x402::SignedAuthorization;
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use x402_batcher::api::v1;
 use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 use x402_batcher::x402::Reason;
 
 /// Every test is bounded; anvil and the daemon answer in milliseconds.

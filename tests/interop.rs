@@ -22,9 +22,9 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use x402_batcher::api::v1;
 use x402_batcher::config::{CredentialConfig, Role, SettleMode};
-use x402_batcher::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID};
 use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{AuthKey, Ledger, PaymentRecord, Status};
+use x402_batcher::tools::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID};
 
 /// Longest one Node scenario may run.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(240);
@@ -70,7 +70,7 @@ impl World {
     async fn start_on(net: Arc<Devnet>, seed: &str, mode: SettleMode, settle_timeout_ms: u64) -> World {
         let payers: BTreeMap<_, _> = CLIENTS
             .iter()
-            .zip(x402_batcher::devnet::payer_keys(&format!("interop {seed}"), CLIENTS.len()))
+            .zip(x402_batcher::tools::devnet::payer_keys(&format!("interop {seed}"), CLIENTS.len()))
             .map(|(k, p)| (*k, p))
             .collect();
         let addrs: Vec<_> = payers.values().map(|p| p.address()).collect();
@@ -451,7 +451,7 @@ async fn a_wrong_token_or_no_credential_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_the_middleware_flow() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = x402_batcher::demo::DemoOptions {
+    let opts = x402_batcher::tools::demo::DemoOptions {
         payments: 100,
         payers: 10,
         rate: None,
@@ -459,7 +459,7 @@ async fn the_demo_shows_the_middleware_flow() {
         http_requests: 40,
         ..Default::default()
     };
-    let report = tokio::time::timeout(SCENARIO_LIMIT, x402_batcher::demo::run(&opts))
+    let report = tokio::time::timeout(SCENARIO_LIMIT, x402_batcher::tools::demo::run(&opts))
         .await
         .expect("the demo finished in time")
         .unwrap();

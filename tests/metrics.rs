@@ -14,10 +14,10 @@ use common::settle::Miner;
 use x402_batcher::api::v1;
 use x402_batcher::client::{self, Client};
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::loadgen::{self, LoadOptions};
 use x402_batcher::telemetry::NAMES;
-use x402_batcher::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::loadgen::{self, LoadOptions};
+use x402_batcher::tools::testkit::{self, PaymentBuilder};
 
 const LIMIT: Duration = Duration::from_secs(180);
 const PAYMENTS: usize = 50;

@@ -13,8 +13,8 @@ use common::settle::{ledger_after, settling_daemon, status, submit, wait_for};
 use tonic::transport::Channel;
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::Devnet;
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::Devnet;
+use x402_batcher::tools::testkit::PaymentBuilder;
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// How long one wait for payment states may take: below LIMIT, so a stuck wait reports the

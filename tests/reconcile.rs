@@ -13,9 +13,9 @@ use common::binary::write_config;
 use common::settle::{Miner, settling_daemon, status, submit, wait_for};
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
-use x402_batcher::devnet::Devnet;
 use x402_batcher::ledger::PaymentRecord;
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::Devnet;
+use x402_batcher::tools::testkit::PaymentBuilder;
 
 const LIMIT: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(60);

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use x402_batcher::api::{self, v1};
 use x402_batcher::chain::{self, IEip3009};
 use x402_batcher::clock::{Clock, ManualClock, SystemClock};
-use x402_batcher::devnet::{self, Devnet};
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::testkit::PaymentBuilder;
 use x402_batcher::verify::VerifyPool;
 use x402_batcher::x402::SignedAuthorization;
 

@@ -16,9 +16,9 @@ use common::settle::{Miner, is_final, ledger_after, settle_with, status, submit,
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::Config;
-use x402_batcher::devnet::{self, Devnet, ITestUSDC};
 use x402_batcher::ledger::BatchStatus;
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::{self, Devnet, ITestUSDC};
+use x402_batcher::tools::testkit::PaymentBuilder;
 use x402_batcher::x402::SignedAuthorization;
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -8,9 +8,9 @@ use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::chain::{IEip3009, RpcEndpoint};
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::SettlementConfig;
-use x402_batcher::devnet::{self, Devnet};
 use x402_batcher::simulate::simulate;
-use x402_batcher::testkit::PaymentBuilder;
+use x402_batcher::tools::devnet::{self, Devnet};
+use x402_batcher::tools::testkit::PaymentBuilder;
 use x402_batcher::x402::Reason;
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -223,6 +223,19 @@ impl Config {
     }
 
     /// Parses and validates TOML text.
+    /// The token table, one line per token (what `check-config` prints).
+    pub fn describe_tokens(&self) -> String {
+        self.tokens
+            .iter()
+            .map(|t| {
+                format!(
+                    "chain {:>8}  {}  {:<6} domain {:?}/{:?}  {} decimals\n",
+                    t.chain_id, t.address, t.symbol, t.eip712_name, t.eip712_version, t.decimals
+                )
+            })
+            .collect()
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text)?;
         config.validate()?;

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
-use x402_batcher::devnet::Devnet;
+use x402_batcher::tools::devnet::Devnet;
 
 pub struct Daemon {
     pub child: Child,

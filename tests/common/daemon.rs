@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use x402_batcher::api::v1;
 use x402_batcher::clock::SystemClock;
 use x402_batcher::config::{ChainConfig, Config};
-use x402_batcher::devnet::{self, Devnet};
+use x402_batcher::tools::devnet::{self, Devnet};
 use x402_batcher::x402::eip712::TokenDomain;
 
 pub struct TestDaemon {

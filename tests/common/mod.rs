@@ -44,17 +44,17 @@ pub fn admission(tokens: &[TokenConfig], clock: ManualClock) -> Admission {
 /// `n` signed submissions (run 1, 1,000 base units each, to `payee`) from `payers` payers of
 /// `seed`, each funded with 1 USDC on `net` first.
 pub async fn funded_submissions(
-    net: &x402_batcher::devnet::Devnet,
+    net: &x402_batcher::tools::devnet::Devnet,
     seed: &str,
     payers: usize,
     n: usize,
     payee: alloy::primitives::Address,
 ) -> Vec<v1::SubmitRequest> {
     use x402_batcher::clock::Clock as _;
-    let payers = x402_batcher::devnet::payer_keys(seed, payers);
+    let payers = x402_batcher::tools::devnet::payer_keys(seed, payers);
     let addrs: Vec<_> = payers.iter().map(|p| p.address()).collect();
     net.fund(&addrs, alloy::primitives::U256::from(1_000_000u64)).await.unwrap();
-    let opts = x402_batcher::loadgen::LoadOptions {
+    let opts = x402_batcher::tools::loadgen::LoadOptions {
         payments: n,
         payers,
         rate: None,
@@ -64,5 +64,5 @@ pub async fn funded_submissions(
         run_id: 1,
     };
     let now = x402_batcher::clock::SystemClock.now_unix();
-    x402_batcher::loadgen::presign(&net.token_domain(), &opts, now)
+    x402_batcher::tools::loadgen::presign(&net.token_domain(), &opts, now)
 }

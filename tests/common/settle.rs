@@ -7,9 +7,9 @@ use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::api::v1;
 use x402_batcher::client;
 use x402_batcher::config::Config;
-use x402_batcher::devnet::Devnet;
 use x402_batcher::ledger::{BatchRecord, Ledger, PaymentRecord};
-use x402_batcher::testkit;
+use x402_batcher::tools::devnet::Devnet;
+use x402_batcher::tools::testkit;
 use x402_batcher::x402::SignedAuthorization;
 
 use super::daemon::TestDaemon;

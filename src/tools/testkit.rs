@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use alloy::signers::local::PrivateKeySigner;
-//! use x402_batcher::testkit::PaymentBuilder;
+//! use x402_batcher::tools::testkit::PaymentBuilder;
 //! use x402_batcher::x402::eip712::TokenDomain;
 //! use alloy::primitives::Address;
 //!

@@ -41,8 +41,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const DEPLOYER_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 const SETTLER_KEY: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 
-const TEST_USDC_ARTIFACT: &str = include_str!("../ops/devnet/artifacts/TestUSDC.json");
-const BATCH_CALL_ARTIFACT: &str = include_str!("../ops/devnet/artifacts/BatchCall.json");
+const TEST_USDC_ARTIFACT: &str = include_str!("../../ops/devnet/artifacts/TestUSDC.json");
+const BATCH_CALL_ARTIFACT: &str = include_str!("../../ops/devnet/artifacts/BatchCall.json");
 
 sol! {
     /// The devnet token's administration, beyond the EIP-3009 surface in `chain`.
@@ -74,6 +74,12 @@ pub enum DevnetError {
     Artifact { name: &'static str, problem: String },
     #[error("devnet RPC {call} failed: {detail}")]
     Rpc { call: &'static str, detail: String },
+    #[error("cannot write {path}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn rpc_err(call: &'static str) -> impl FnOnce(String) -> DevnetError {
@@ -454,4 +460,88 @@ fn artifact(name: &'static str, json: &str) -> Result<(Bytes, Bytes), DevnetErro
             .map_err(|e| bad(format!("{key}: {e}")))
     };
     Ok((field("bytecode")?, field("deployedBytecode")?))
+}
+
+/// What `x402-batcher devnet` starts.
+#[derive(Debug, Clone)]
+pub struct ByHand {
+    /// Where the config and the settler keys are written.
+    pub dir: PathBuf,
+    /// Settler accounts, each given 1,000 ETH.
+    pub settlers: usize,
+    /// Payers of the load generator's default seed, each given 1,000 USDC.
+    pub payers: usize,
+    /// Blocks only every this many seconds (anvil's interval mining); `None`: a block per
+    /// transaction and one more every second.
+    pub block_time: Option<u64>,
+}
+
+/// A devnet to try the daemon by hand: funds settlers and payers, writes `DIR/config.toml`
+/// and `DIR/settler.keys`, prints how to run and load the daemon, and makes blocks until
+/// `stop` resolves.
+pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>) -> Result<(), DevnetError> {
+    let file_err = |path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| DevnetError::File { path, source }
+    };
+    std::fs::create_dir_all(&opts.dir).map_err(file_err(&opts.dir))?;
+    let net = Devnet::start_with(DevnetOptions { chain_id: X402_CHAIN_ID, block_time_secs: opts.block_time })
+        .await?;
+    let keys = net.new_settlers("devnet", opts.settlers).await?;
+    let payer_addrs: Vec<_> = payer_keys("loadgen", opts.payers).iter().map(|p| p.address()).collect();
+    net.fund(&payer_addrs, U256::from(1_000_000_000u64)).await?;
+    let keys_path = opts.dir.join("settler.keys");
+    crate::settle::write_key_file(&keys_path, &keys).map_err(file_err(&keys_path))?;
+    let t = net.token_config();
+    let config_path = opts.dir.join("config.toml");
+    let config = format!(
+        "# Written by `x402-batcher devnet` (see ops/config.devnet.toml).\n\
+         [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
+         decimals = 6\nsymbol = \"USDC\"\n\n[network_aliases]\ndevnet = {}\n\n\
+         [server]\nlisten = \"127.0.0.1:50051\"\n\n[facilitator]\nlisten = \"127.0.0.1:8402\"\n\n\
+         [ledger]\npath = \"{}\"\n\n\
+         [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\n\
+         [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_secs = 2\n\n\
+         [metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        t.chain_id,
+        t.address,
+        t.eip712_name,
+        t.eip712_version,
+        t.chain_id,
+        opts.dir.join("ledger").display(),
+        t.chain_id,
+        net.rpc_url(),
+        keys_path.display(),
+    );
+    std::fs::write(&config_path, config).map_err(file_err(&config_path))?;
+    println!("devnet on {} (chain {}), token {}", net.rpc_url(), t.chain_id, t.address);
+    println!(
+        "  {} settlers funded; {} payers (seed \"loadgen\") hold 1,000 USDC each",
+        keys.len(),
+        opts.payers
+    );
+    println!("  run:  x402-batcher run --config {}", config_path.display());
+    println!(
+        "  load: x402-batcher loadgen --target http://127.0.0.1:50051 --chain-id {} --token {} --payers {} --payments 2000 --rate 500",
+        t.chain_id, t.address, opts.payers
+    );
+    tokio::pin!(stop);
+    if let Some(secs) = opts.block_time {
+        println!("A block every {secs} s; Ctrl-C stops the devnet.");
+        stop.await;
+    } else {
+        println!("A block every second (besides one per transaction); Ctrl-C stops the devnet.");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => {
+                    if let Err(e) = net.mine().await {
+                        tracing::warn!("devnet block production: {e}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::v1;
 use crate::client::{self, Client};
-use crate::testkit::{self, PaymentBuilder};
+use crate::tools::testkit::{self, PaymentBuilder};
 use crate::x402::eip712::TokenDomain;
 
 /// What load to offer.
@@ -353,4 +353,162 @@ pub async fn run_verify(
     total.elapsed = started.elapsed();
     total.latencies.sort();
     total
+}
+
+/// Why `x402-batcher loadgen` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error(transparent)]
+    Devnet(#[from] crate::tools::devnet::DevnetError),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error("cannot bind the in-process daemon's listeners")]
+    Bind(#[source] std::io::Error),
+    #[error("--target (or --facilitator), --chain-id and --token are required without --devnet")]
+    NoTarget,
+    #[error("the in-process daemon's task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Where `x402-batcher loadgen` sends its load.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A devnet and an in-process daemon of its own, its payers funded.
+    Devnet,
+    /// A daemon's gRPC API at this URL, for this token.
+    Grpc { url: String, domain: TokenDomain, auth: crate::client::ClientAuth },
+    /// A facilitator's `POST /verify` (and `/settle` if `settle`) at this URL.
+    Facilitator { url: String, domain: TokenDomain, token: Option<String>, concurrency: usize, settle: bool },
+}
+
+/// What `x402-batcher loadgen` runs.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub target: Target,
+    /// Seed of the payer keys ([`crate::tools::devnet::payer_keys`]).
+    pub seed: String,
+    pub payments: usize,
+    pub payers: usize,
+    pub rate: Option<f64>,
+    pub streams: usize,
+    /// Seconds spent measuring the raw recovery ceiling before and after the load (0: skip).
+    pub ceiling_seconds: f64,
+}
+
+/// Prints a load's throughput over the raw recovery ceiling measured before and after it
+/// (their mean: on a shared VM the CPU available drifts during a run).
+fn print_over_ceiling(what: &str, throughput: f64, before: Option<f64>, after: Option<f64>, cores: usize) {
+    if let (Some(before), Some(after)) = (before, after) {
+        let mean = (before + after) / 2.0;
+        println!(
+            "{what} over the raw recovery ceiling of {cores} cores (mean of before and after, {mean:.0}/s): {:.1}%",
+            100.0 * throughput / mean
+        );
+    }
+}
+
+/// Runs the `loadgen` command: the ceiling, pre-signing, the load, the report.
+pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
+    use crate::clock::{Clock as _, SystemClock};
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let ceiling = || {
+        (cmd.ceiling_seconds > 0.0).then(|| {
+            let c =
+                crate::verify::measure_recovery_ceiling(cores, Duration::from_secs_f64(cmd.ceiling_seconds));
+            println!("raw libsecp256k1 recovery ceiling: {c:.0}/s on {cores} cores");
+            c
+        })
+    };
+    let before = ceiling();
+    let payers = crate::tools::devnet::payer_keys(&cmd.seed, cmd.payers.max(1));
+    let value = 1_000u64;
+    let opts = LoadOptions {
+        payments: cmd.payments,
+        payers,
+        rate: cmd.rate,
+        streams: cmd.streams,
+        value,
+        payees: vec![testkit::DEFAULT_PAYEE],
+        run_id: u64::from(std::process::id()),
+    };
+    let signing = Instant::now();
+    let now = SystemClock.now_unix();
+    let (url, domain, auth, own) = match cmd.target {
+        Target::Facilitator { url, domain, token, concurrency, settle } => {
+            let bodies = presign_facilitator(&domain, &opts, now);
+            println!(
+                "pre-signed {} x402 v2 bodies in {:.1} s",
+                bodies.len(),
+                signing.elapsed().as_secs_f64()
+            );
+            let report = run_verify(&url, bodies, concurrency, token.as_deref(), settle).await;
+            println!("{}", report.summary());
+            print_over_ceiling("answers/s", report.throughput(), before, ceiling(), cores);
+            return Ok(());
+        }
+        Target::Grpc { url, domain, auth } => (url, domain, auth, None),
+        Target::Devnet => {
+            let own = OwnDaemon::start(&opts).await?;
+            (own.url.clone(), own.domain.clone(), crate::client::ClientAuth::default(), Some(own))
+        }
+    };
+    let requests = presign(&domain, &opts, now);
+    println!(
+        "pre-signed {} payments from {} payers in {:.1} s",
+        requests.len(),
+        opts.payers.len(),
+        signing.elapsed().as_secs_f64()
+    );
+    let client = Client::connect_with(url, &auth).await?;
+    let report = run(&client, requests, opts.rate, opts.streams).await;
+    println!("{}", report.summary());
+    print_over_ceiling("acks/s", report.throughput(), before, ceiling(), cores);
+    if let Some(own) = own {
+        own.stop().await?;
+    }
+    Ok(())
+}
+
+/// A devnet and an in-process daemon over it (the benchmark set-up), its payers funded.
+struct OwnDaemon {
+    url: String,
+    domain: TokenDomain,
+    _net: crate::tools::devnet::Devnet,
+    dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
+}
+
+impl OwnDaemon {
+    async fn start(opts: &LoadOptions) -> Result<OwnDaemon, LoadgenError> {
+        use crate::config::{ChainConfig, Config};
+        let net = crate::tools::devnet::Devnet::start().await?;
+        let per_payer = opts.value * (opts.payments / opts.payers.len() + 1) as u64;
+        let addrs: Vec<Address> = opts.payers.iter().map(|p| p.address()).collect();
+        net.fund(&addrs, alloy::primitives::U256::from(per_payer)).await?;
+        let dir = std::env::temp_dir().join(format!("x402-loadgen-{}", std::process::id()));
+        let mut config = Config::parse("")?;
+        config.tokens.push(net.token_config());
+        config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
+        config.ledger.path = Some(dir.join("ledger"));
+        let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
+        let url = format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let clock = Arc::new(crate::clock::SystemClock);
+        let server = tokio::spawn(crate::daemon::serve(config, listeners, clock, async {
+            let _ = stopped.await;
+        }));
+        Ok(OwnDaemon { url, domain: net.token_domain(), _net: net, dir, stop, server })
+    }
+
+    async fn stop(self) -> Result<(), LoadgenError> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
 }

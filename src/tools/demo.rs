@@ -21,10 +21,10 @@ use crate::chain::MULTICALL3;
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ChainConfig, Config};
-use crate::devnet::{self, Devnet, DevnetError};
 use crate::ledger::{BatchStatus, Ledger, LedgerStore, Status};
-use crate::loadgen::{self, LoadOptions};
-use crate::testkit::PaymentBuilder;
+use crate::tools::devnet::{self, Devnet, DevnetError};
+use crate::tools::loadgen::{self, LoadOptions};
+use crate::tools::testkit::PaymentBuilder;
 
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]

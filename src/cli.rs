@@ -1,0 +1,299 @@
+//! The command line: flags and what they become (the library's option structs). Part of
+//! the binary, not the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use x402_batcher::config::Config;
+use x402_batcher::ledger::Ledger;
+use x402_batcher::tools::{self, loadgen};
+use x402_batcher::{export, x402};
+
+#[derive(Parser)]
+#[command(version, about = "Verifies, durably records and batch-settles x402 (EIP-3009) payments")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: verify, record and (later) settle payments submitted over gRPC.
+    /// Stops accepting on SIGTERM or SIGINT, answers what is in flight, and exits 0.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The whole product on a local devnet: start anvil and the daemon, submit payments over
+    /// gRPC, settle them in batches at depth, and print a summary.
+    Demo {
+        /// Payments to submit.
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().payments)]
+        payments: usize,
+        /// Distinct payers.
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().payers)]
+        payers: usize,
+        /// Distinct payees.
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().payees)]
+        payees: usize,
+        /// Settler accounts.
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().settlers)]
+        settlers: usize,
+        /// Submissions per second (0: flat out).
+        #[arg(long, default_value_t = 1_500.0)]
+        rate: f64,
+        /// Confirmation depth at which a payment counts as settled.
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().confirmations)]
+        confirmations: u64,
+        /// Where the ledger and the CSV export are written (default: a new temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Paid requests each x402 client (x402-axios, @x402/fetch) makes through its
+        /// middleware (x402-express, @x402/express) with the daemon as facilitator, after the
+        /// gRPC load (0: skip; the flow needs Node and the packages ops/setup.sh installs).
+        #[arg(long, default_value_t = tools::demo::DemoOptions::default().http_requests)]
+        http_requests: usize,
+    },
+    /// Start a local devnet (anvil, the test token, aggregate3) to try the daemon by hand:
+    /// funds settler and payer accounts, writes DIR/config.toml and DIR/settler.keys for
+    /// it, prints the commands to run the daemon and load it, and makes a block every
+    /// second until Ctrl-C.
+    Devnet {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Settler accounts (each given 1,000 ETH).
+        #[arg(long, default_value_t = 2)]
+        settlers: usize,
+        /// Payers of the load generator's default seed, each given 1,000 USDC.
+        #[arg(long, default_value_t = 200)]
+        payers: usize,
+        /// Blocks only every this many seconds, as on a real chain (anvil's interval
+        /// mining); without it, a block per transaction and one more every second.
+        #[arg(long)]
+        block_time: Option<u64>,
+    },
+    /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
+    /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it
+    /// starts its own devnet and in-process daemon first (the benchmark set-up).
+    Loadgen(LoadgenArgs),
+    /// Export the settlement log (settled, failed and expired payments) as CSV or JSON
+    /// Lines. Reads the ledger read-only, so it runs beside the daemon. With --cursor, each
+    /// run writes only what was logged since the last one (no duplicates, no gaps).
+    Export(ExportArgs),
+    /// Prove the settlement log against the chain for a block range: every settled payment
+    /// has its AuthorizationUsed log and its Transfer, every log of our settlement
+    /// transactions has its settled payment, and no recorded authorization was used by
+    /// someone else. Prints each discrepancy; exits 1 if there is any.
+    Reconcile {
+        #[arg(long)]
+        config: PathBuf,
+        /// The ledger directory, if not the config's.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        #[arg(long)]
+        from_block: u64,
+        #[arg(long)]
+        to_block: u64,
+        /// Only this chain (default: every chain with a configured token).
+        #[arg(long)]
+        chain_id: Option<u64>,
+    },
+    /// Validate a config file and print its token table.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make a bearer token for a [[credentials]] entry: prints the token (give it to the
+    /// caller, once) and the config lines holding only its SHA-256.
+    NewToken {
+        /// The caller's name (an API server's, or an operator's).
+        #[arg(long)]
+        name: String,
+        /// api (Ingest and Payments) or admin (Admin).
+        #[arg(long, default_value = "api")]
+        role: String,
+    },
+    /// Decode an x402 payment header (v1 X-PAYMENT or v2 PAYMENT-SIGNATURE) and print it,
+    /// or the reason code it would be refused with.
+    Decode {
+        /// The header value (base64).
+        header: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The daemon's config: its ledger path and its tokens (symbols, decimals).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The ledger directory, if not the config's.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+    /// csv (RFC 4180) or jsonl.
+    #[arg(long, default_value = "csv")]
+    pub format: String,
+    /// Where to write (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A file holding the last exported log position; read at start (missing: from the
+    /// beginning), rewritten once the output is complete.
+    #[arg(long)]
+    pub cursor: Option<PathBuf>,
+    /// Start after this log position (instead of a cursor file).
+    #[arg(long, conflicts_with = "cursor")]
+    pub after: Option<u64>,
+    /// Only payments final at or after this time: unix seconds, YYYY-MM-DD, or
+    /// YYYY-MM-DDTHH:MM:SSZ (UTC). Settled payments count at their block's time.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Only payments final before this time (same forms as --from).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub payee: Option<alloy::primitives::Address>,
+    #[arg(long)]
+    pub payer: Option<alloy::primitives::Address>,
+    /// settled, failed or expired.
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long)]
+    pub chain_id: Option<u64>,
+    #[arg(long)]
+    pub token: Option<alloy::primitives::Address>,
+    /// Also write settled totals per payee per UTC day (CSV) to this file.
+    #[arg(long)]
+    pub totals: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct LoadgenArgs {
+    /// Start a devnet and an in-process daemon, fund the payers, and load that.
+    #[arg(long)]
+    pub devnet: bool,
+    /// The daemon's URL (without --devnet or --facilitator).
+    #[arg(long, required_unless_present_any = ["devnet", "facilitator"])]
+    pub target: Option<String>,
+    /// The token's chain id, address, and EIP-712 domain (without --devnet).
+    #[arg(long, required_unless_present = "devnet")]
+    pub chain_id: Option<u64>,
+    #[arg(long, required_unless_present = "devnet")]
+    pub token: Option<alloy::primitives::Address>,
+    #[arg(long, default_value = "USD Coin")]
+    pub eip712_name: String,
+    #[arg(long, default_value = "2")]
+    pub eip712_version: String,
+    /// Seed of the payer keys (devnet::payer_keys); the payers must hold funds.
+    #[arg(long, default_value = "loadgen")]
+    pub seed: String,
+    #[arg(long, default_value_t = 20_000)]
+    pub payments: usize,
+    #[arg(long, default_value_t = 200)]
+    pub payers: usize,
+    /// Submissions per second; flat out if absent.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Seconds spent measuring the raw recovery ceiling on all cores, before and after the
+    /// load (0: skip).
+    #[arg(long, default_value_t = 3.0)]
+    pub ceiling_seconds: f64,
+    /// TLS: the CA certificate (PEM) that issued the daemon's; use an https:// --target.
+    #[arg(long, conflicts_with = "devnet")]
+    pub ca_file: Option<PathBuf>,
+    /// The name the daemon's certificate carries, if not the target's host.
+    #[arg(long, requires = "ca_file")]
+    pub server_name: Option<String>,
+    /// A client certificate (PEM) for mutual TLS, with --key-file.
+    #[arg(long, requires_all = ["ca_file", "key_file"])]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding a bearer token (not a flag: flags show in `ps`).
+    #[arg(long, conflicts_with = "devnet")]
+    pub token_env: Option<String>,
+    /// Load an x402 facilitator's `POST /verify` at this URL (this daemon's, or any other
+    /// facilitator's) instead of the gRPC API: pre-signed x402 v2 bodies, --concurrency
+    /// calls at a time.
+    #[arg(long, conflicts_with = "devnet", requires_all = ["chain_id", "token"])]
+    pub facilitator: Option<String>,
+    /// Calls in flight at once with --facilitator.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// With --facilitator: settle each payment after verifying it (the facilitator's side
+    /// of a paid request), timing both calls.
+    #[arg(long, requires = "facilitator")]
+    pub settle: bool,
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).with_context(|| format!("config {}", path.display()))
+}
+
+/// The config's ledger (or `over`), opened read-only: export and reconcile run beside the daemon.
+pub fn read_only_ledger(config: &Config, over: Option<PathBuf>) -> anyhow::Result<Ledger> {
+    let path = over.or(config.ledger.path.clone()).context("no ledger: pass --ledger or set ledger.path")?;
+    Ledger::open_read_only(&path).with_context(|| format!("ledger {}", path.display()))
+}
+
+pub fn export_job(a: ExportArgs) -> anyhow::Result<export::Job> {
+    let time = |flag, v: Option<String>| v.map(|t| export::time_from_flag(flag, &t)).transpose();
+    Ok(export::Job {
+        start: match (a.cursor, a.after) {
+            (Some(path), _) => export::Start::Cursor(export::Cursor::at(path)),
+            (None, after) => export::Start::After(after.unwrap_or(0)),
+        },
+        filter: export::Filter {
+            from: time("--from", a.from)?,
+            to: time("--to", a.to)?,
+            payer: a.payer,
+            payee: a.payee,
+            status: a.status.as_deref().map(export::status_from_flag).transpose()?,
+            chain_id: a.chain_id,
+            token: a.token,
+        },
+        format: export::Format::from_flag(&a.format)?,
+        out: a.out,
+        totals: a.totals,
+    })
+}
+
+pub fn loadgen_command(a: LoadgenArgs) -> anyhow::Result<loadgen::Command> {
+    let domain = |chain_id: Option<u64>, token| {
+        x402::eip712::TokenDomain::new(&a.eip712_name, &a.eip712_version, chain_id.unwrap_or_default(), token)
+    };
+    let target = match (a.devnet, a.facilitator, a.target, a.token) {
+        (true, ..) => loadgen::Target::Devnet,
+        (false, Some(url), _, Some(token)) => loadgen::Target::Facilitator {
+            url,
+            domain: domain(a.chain_id, token),
+            token: a.token_env.as_deref().map(std::env::var).transpose().context("--token-env")?,
+            concurrency: a.concurrency,
+            settle: a.settle,
+        },
+        (false, None, Some(url), Some(token)) => loadgen::Target::Grpc {
+            url,
+            domain: domain(a.chain_id, token),
+            auth: x402_batcher::client::ClientAuth::from_files(
+                a.ca_file.as_deref(),
+                a.server_name,
+                a.cert_file.as_deref().zip(a.key_file.as_deref()),
+                a.token_env.as_deref(),
+            )?,
+        },
+        _ => {
+            anyhow::bail!("--target (or --facilitator), --chain-id and --token are required without --devnet")
+        }
+    };
+    Ok(loadgen::Command {
+        target,
+        seed: a.seed,
+        payments: a.payments,
+        payers: a.payers,
+        rate: a.rate,
+        streams: a.streams,
+        ceiling_seconds: a.ceiling_seconds,
+    })
+}

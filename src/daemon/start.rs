@@ -1,0 +1,217 @@
+//! Start-up, step by step: the config checked, metrics served, access (policy, credentials,
+//! TLS), the chains and their tokens' domains checked, the ledger and its writer, the verify
+//! pool and balance cache, the settlement engines, and the ingest path over them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{DaemonError, Listeners};
+use crate::admission::Admission;
+use crate::audit::NonceAudit;
+use crate::auth::Auth;
+use crate::balance::{BalanceCache, ChainBalances};
+use crate::chain::{self, RpcEndpoint};
+use crate::clock::Clock;
+use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
+use crate::ingest::Ingest;
+use crate::ledger::{Ledger, LedgerHandle, LedgerStore};
+use crate::policy::PolicyHandle;
+use crate::settle::{Engine, RpcChain};
+use crate::verify::VerifyPool;
+
+/// How long shutdown waits for a settlement round in progress.
+const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks the config for running with these listeners; returns the ledger's path.
+pub(super) fn check(config: &Config, listeners: &Listeners) -> Result<PathBuf, DaemonError> {
+    config.validate()?;
+    config.validate_for_run()?;
+    if listeners.facilitator.is_some() {
+        config.validate_facilitator_settles()?;
+    }
+    Ok(config.ledger.path.clone().expect("validate_for_run requires ledger.path"))
+}
+
+/// Serves `/metrics` when `metrics.listen` is set (and this process has no recorder yet).
+pub(super) async fn metrics(config: &Config) -> Result<Option<JoinHandle<()>>, DaemonError> {
+    let (Some(addr), Some(handle)) = (config.metrics.listen, crate::telemetry::install()) else {
+        return Ok(None);
+    };
+    let listen_err = |source| DaemonError::MetricsListen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen_err)?;
+    let bound = listener.local_addr().map_err(listen_err)?;
+    tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+    // Scripts and tests read the bound address (the port may be 0 in the config).
+    println!("metrics on {bound}");
+    Ok(Some(tokio::spawn(crate::telemetry::serve(listener, handle))))
+}
+
+/// Who may call, over what, under which runtime policy.
+pub(super) struct Access {
+    pub policy: PolicyHandle,
+    pub auth: Arc<Auth>,
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+impl Access {
+    pub fn new(config: &Config) -> Result<Access, DaemonError> {
+        let auth = Auth::new(&config.credentials).map_err(DaemonError::Credentials)?;
+        let tls = config.tls.as_ref().map(crate::tls::server_config).transpose()?;
+        if !auth.required() {
+            tracing::warn!(
+                "no [[credentials]] configured: calls are not authenticated (the listeners are on loopback)"
+            );
+        }
+        Ok(Access { policy: PolicyHandle::new(config.settlement.policy()), auth, tls })
+    }
+}
+
+/// An RPC endpoint per configured chain, each token's EIP-712 domain checked against its
+/// contract: a daemon that would accept signatures the token refuses does not start.
+pub(super) async fn chains(config: &Config) -> Result<HashMap<u64, RpcEndpoint>, DaemonError> {
+    let mut endpoints = HashMap::new();
+    for c in &config.chains {
+        let endpoint = RpcEndpoint::connect_http(c.chain_id, &c.rpc_url)
+            .ok_or(DaemonError::RpcUrl { chain_id: c.chain_id })?;
+        endpoints.insert(c.chain_id, endpoint);
+    }
+    for token in config.token_table().iter() {
+        let endpoint = &endpoints[&token.domain.chain_id];
+        chain::check_domain(&endpoint.provider, &token.domain).await.map_err(|e| match e {
+            // The transport error quotes the URL, which may carry an API key.
+            chain::ChainError::Rpc { call, source } => DaemonError::Rpc(endpoint.error(call, source)),
+            other => DaemonError::Chain(Box::new(other)),
+        })?;
+        tracing::info!(
+            chain_id = token.domain.chain_id,
+            token = %token.domain.verifying_contract,
+            "token EIP-712 domain matches the chain"
+        );
+    }
+    Ok(endpoints)
+}
+
+/// The ledger and its writer, the verify pool, the balance cache and the nonce audit.
+pub(super) struct Core {
+    pub tokens: TokenTable,
+    pub writer: LedgerHandle,
+    pub writer_thread: std::thread::JoinHandle<()>,
+    pub pool: Arc<VerifyPool>,
+    pub balances: BalanceCache,
+    pub audit: Option<JoinHandle<()>>,
+}
+
+impl Core {
+    pub fn open(
+        config: &Config,
+        path: &std::path::Path,
+        endpoints: &HashMap<u64, RpcEndpoint>,
+        clock: &Arc<dyn Clock>,
+    ) -> Result<Core, DaemonError> {
+        let ledger: Arc<dyn LedgerStore> = Arc::new(Ledger::open(path)?);
+        tracing::info!(path = %path.display(), last_seq = ledger.last_seq(), pending = ledger.pending(), "ledger open");
+        let queue = match config.ledger.queue_capacity {
+            0 => DEFAULT_LEDGER_QUEUE_CAPACITY,
+            n => n,
+        };
+        let (writer, writer_thread) = LedgerHandle::start(ledger, queue).map_err(DaemonError::Thread)?;
+        let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
+        let balances = BalanceCache::start(
+            Arc::new(ChainBalances::new(endpoints.clone())),
+            Duration::from_millis(config.balances.max_age_ms),
+            config.balances.max_batch,
+        );
+        let audit = (config.audit.nonce_interval_ms > 0).then(|| {
+            let audit = NonceAudit::new(writer.clone(), endpoints.clone());
+            tokio::spawn(
+                audit.run_every(Duration::from_millis(config.audit.nonce_interval_ms), Arc::clone(clock)),
+            )
+        });
+        Ok(Core { tokens: config.token_table(), writer, writer_thread, pool, balances, audit })
+    }
+}
+
+/// The settlement engines, one per chain with a token, and how to stop them.
+pub(super) struct Engines {
+    /// The settler accounts (the facilitator's `/supported` names them).
+    pub settlers: Vec<Address>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Engines {
+    /// Lets each engine finish its round (each step is written before it is acted on, so
+    /// stopping between rounds or, on a timeout, within one loses nothing).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(ENGINE_STOP_TIMEOUT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Starts a settlement engine per chain with a token, when settler keys are configured.
+pub(super) fn engines(
+    config: &Config,
+    endpoints: &HashMap<u64, RpcEndpoint>,
+    core: &Core,
+    clock: &Arc<dyn Clock>,
+    policy: &PolicyHandle,
+) -> Result<Engines, DaemonError> {
+    let (stop, stopped) = watch::channel(false);
+    if !config.settlement.enabled() {
+        tracing::warn!(
+            "no settler keys configured (settlement.settler_keys_file / settler_keys_env): payments are \
+             accepted and held, not settled"
+        );
+        return Ok(Engines { settlers: Vec::new(), stop, tasks: Vec::new() });
+    }
+    let signers = crate::settle::load_keys(&config.settlement)?;
+    let settlers: Vec<Address> = signers.iter().map(|s| s.address()).collect();
+    let chains: BTreeSet<u64> = core.tokens.iter().map(|t| t.domain.chain_id).collect();
+    let mut tasks = Vec::new();
+    for chain_id in chains {
+        let engine = Engine::new(
+            RpcChain::new(endpoints[&chain_id].clone()),
+            core.writer.clone(),
+            Arc::clone(clock),
+            Some(core.balances.clone()),
+            &signers,
+            config.settlement.clone(),
+            policy.subscribe(),
+        )
+        .map_err(|source| DaemonError::Settle { chain_id, source })?;
+        tracing::info!(
+            chain_id,
+            ?settlers,
+            confirmations = config.settlement.confirmations,
+            "settlement engine started"
+        );
+        tasks.push(tokio::spawn(engine.run(stopped.clone())));
+    }
+    Ok(Engines { settlers, stop, tasks })
+}
+
+/// The ingest path: admission, the verify pool, the ledger writer, balances and limits.
+pub(super) fn ingest(config: &Config, core: &Core, clock: Arc<dyn Clock>) -> Arc<Ingest> {
+    let admission =
+        Admission::new(core.tokens.clone(), config.network_aliases.clone(), config.admission.clone(), clock);
+    let limits = crate::limits::Limits::new(&config.limits);
+    Arc::new(Ingest::new(
+        admission,
+        Arc::clone(&core.pool),
+        core.writer.clone(),
+        core.balances.clone(),
+        limits,
+    ))
+}
