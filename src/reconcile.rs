@@ -12,7 +12,7 @@
 //!   not hold (`unknown_payment`) or does not show settled by it (`not_settled_in_ledger`);
 //! - an authorization the ledger holds that was used by someone else's transaction
 //!   (`used_outside`): the payment was not paid through this daemon, whatever its status;
-//! - a settled batch's transaction in the range whose payments' fee shares do not add up
+//! - a mined batch's transaction in the range whose payments' fee shares do not add up
 //!   to what its receipt says it cost (`gasUsed × effectiveGasPrice`) or whose gas shares
 //!   do not add up to its gas used (`fee_share_mismatch`), or that no payment carries a
 //!   share of (`fee_unattributed`: every item went back to the queue).
@@ -30,7 +30,7 @@ use alloy::sol_types::SolEvent;
 
 use crate::chain::{IEip3009, RpcEndpoint, RpcError};
 use crate::config::Config;
-use crate::ledger::{AuthKey, BatchStatus, LedgerError, LedgerStore, Status};
+use crate::ledger::{AuthKey, BatchRecord, BatchStatus, LedgerError, LedgerStore, Status};
 
 /// Blocks per `eth_getLogs` call, within common node limits.
 const LOG_CHUNK: u64 = 2_000;
@@ -81,7 +81,7 @@ impl std::fmt::Display for Discrepancy {
 pub struct Report {
     pub settled_checked: usize,
     pub logs_checked: usize,
-    /// Settled batches' transactions whose fee shares were checked against their receipts.
+    /// Mined batches' transactions whose fee shares were checked against their receipts.
     pub fees_checked: usize,
     pub discrepancies: Vec<Discrepancy>,
 }
@@ -206,14 +206,11 @@ pub async fn reconcile(
 
     // The ledger's side: settled payments in range, and our settlement transactions.
     let token_set: HashSet<Address> = tokens.iter().copied().collect();
-    let finals: Vec<_> = ledger
+    let settled: Vec<_> = ledger
         .settlement_log(0, usize::MAX)?
         .into_iter()
         .map(|(_, r)| r)
         .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
-        .collect();
-    let settled: Vec<_> = finals
-        .iter()
         .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
         .collect();
     let mut ours: HashSet<B256> = settled.iter().filter_map(|r| r.tx_hash).collect();
@@ -225,16 +222,18 @@ pub async fn reconcile(
 
     let mut report = Report { settled_checked: settled.len(), logs_checked: used.len(), ..Report::default() };
 
-    // Fee shares: a settled batch's payments (settled, failed, expired) share its fee.
+    // Fee shares: the payments a mined batch settled (or failed) share its fee; each
+    // carries its share from the moment its transaction is known to be mined.
     let mut shares: HashMap<B256, (U256, u64)> = HashMap::new();
-    for r in &finals {
+    for r in ledger.records()?.iter().filter(|r| r.signed.chain_id == chain_id) {
         if let Some(tx) = r.tx_hash {
             let s = shares.entry(tx).or_default();
             s.0 += r.fee_share_wei;
             s.1 += r.gas_share;
         }
     }
-    for b in batches.iter().filter(|b| b.status == BatchStatus::Done && token_set.contains(&b.token)) {
+    let mined = |b: &&BatchRecord| matches!(b.status, BatchStatus::Included | BatchStatus::Done);
+    for b in batches.iter().filter(mined).filter(|b| token_set.contains(&b.token)) {
         let Some(inc) = b.inclusion.filter(|i| (from..=to).contains(&i.block_number)) else { continue };
         let receipt = endpoint
             .provider
@@ -271,7 +270,7 @@ pub async fn reconcile(
     }
     let by_auth: HashMap<(Address, Address, B256), &UsedLog> =
         used.iter().map(|u| ((u.token, u.authorizer, u.nonce), u)).collect();
-    for &r in &settled {
+    for r in &settled {
         let a = &r.signed.authorization;
         let id = Some(r.payment_id().to_string());
         let Some(log) = by_auth.get(&(r.signed.token, a.from, a.nonce)) else {

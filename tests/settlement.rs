@@ -397,6 +397,103 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
 }
 
 /// Polls `read` until `done` holds (at most 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
+    tokio::time::timeout(LIMIT, async {
+        let s = setup(1).await;
+        let d = daemon(&s, |_| {}).await;
+        let payers = d.payers("fees", 5, 1_000_000).await;
+        s.devnet.set_automine(false).await.unwrap();
+        let now = SystemClock.now_unix();
+        let pay = |i: usize| {
+            PaymentBuilder::new(&payers[i], &d.domain(), now).to(PAYEE).nonce_index(i as u64).build()
+        };
+        // Two batches: in the first one payment settles and two fail (their payers emptied
+        // their balance ahead of it in the same block); in the second every payment fails.
+        let mut outcomes = Vec::new();
+        for (wave, drained) in [(vec![0, 1, 2], vec![1, 2]), (vec![3, 4], vec![3, 4])] {
+            let items: Vec<_> = wave.iter().map(|&i| pay(i)).collect();
+            let ids = submit_as_one_wave(&d, &items).await;
+            let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
+            wait_for(&d, &ids, WAIT, submitted).await;
+            poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1).await;
+            for &i in &drained {
+                // A far higher tip than the batch's: mined first in the next block.
+                let drainer = s.devnet.provider_for(&payers[i]).await.unwrap();
+                let _pending = ITestUSDC::new(s.devnet.token(), &drainer)
+                    .transfer(Address::repeat_byte(0x99), U256::from(1_000_000u64))
+                    .gas(100_000) // not estimated: the node would estimate after the pending batch
+                    .max_priority_fee_per_gas(50_000_000_000)
+                    .max_fee_per_gas(100_000_000_000)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+            poll(|| s.devnet.pool_hashes(), |h: &Vec<B256>| h.len() == 1 + drained.len()).await;
+            s.devnet.mine().await.unwrap();
+            let miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
+            outcomes.extend(wait_for(&d, &ids, WAIT, is_final).await);
+            drop(miner);
+        }
+        let failed = |p: &v1::Payment| {
+            (status(p), p.failure_reason.as_str()) == (v1::PaymentStatus::Failed, "insufficient_funds")
+        };
+        assert!(settled(&outcomes[0]), "{:?}", outcomes[0]);
+        assert!(outcomes[1..].iter().all(failed), "{outcomes:?}");
+        d.stop().await;
+
+        let ledger = x402_batcher::ledger::Ledger::open(&s.dir.path().join("ledger")).unwrap();
+        let mut csv = Vec::new();
+        let (tokens, filter) =
+            (Config::parse("").unwrap().token_table(), x402_batcher::export::Filter::default());
+        x402_batcher::export::export(
+            &ledger,
+            &tokens,
+            0,
+            &filter,
+            x402_batcher::export::Format::Csv,
+            &mut csv,
+        )
+        .unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_slice());
+        let header = reader.headers().unwrap().clone();
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let mut by_tx: std::collections::BTreeMap<B256, (U256, u64, usize)> = Default::default();
+        for row in reader.records() {
+            let row = row.unwrap();
+            let e = by_tx.entry(row[col("tx_hash")].parse().unwrap()).or_default();
+            e.0 += row[col("fee_share_wei")].parse::<U256>().unwrap();
+            e.1 += row[col("gas_share")].parse::<u64>().unwrap();
+            e.2 += 1;
+        }
+        assert_eq!(
+            by_tx.values().map(|t| t.2).collect::<Vec<_>>().iter().sum::<usize>(),
+            5,
+            "every payment has its transaction"
+        );
+        assert_eq!(by_tx.len(), 2, "two transactions: {by_tx:?}");
+        for (tx, (fees, gas, rows)) in by_tx {
+            let receipt = s.devnet.provider().get_transaction_receipt(tx).await.unwrap().unwrap();
+            let paid = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
+            assert_eq!(
+                (fees, gas),
+                (paid, receipt.gas_used),
+                "tx {tx} ({rows} payments): shares vs gasUsed x effectiveGasPrice"
+            );
+        }
+        // Reconcile checks the same of every settled batch.
+        let endpoint =
+            x402_batcher::chain::RpcEndpoint::connect_http(s.devnet.chain_id(), s.devnet.rpc_url()).unwrap();
+        let head = s.devnet.block_number().await.unwrap();
+        let report = x402_batcher::reconcile::reconcile(&ledger, &endpoint, &[s.devnet.token()], 0, head)
+            .await
+            .unwrap();
+        assert_eq!((report.fees_checked, report.discrepancies), (2, vec![]));
+    })
+    .await
+    .expect("within the time limit");
+}
+
 async fn poll<T, F, Fut>(read: F, done: impl Fn(&T) -> bool) -> T
 where
     F: Fn() -> Fut,
