@@ -13,7 +13,7 @@ use std::time::Duration;
 use alloy::primitives::Bytes;
 use alloy::sol_types::SolCall;
 
-use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
+use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint, RpcError};
 use crate::ledger::{LedgerError, LedgerHandle, PaymentRecord, Status, TransitionRequest};
 use crate::x402::Reason;
 
@@ -25,8 +25,10 @@ pub const AUDIT_CHUNK: usize = 500;
 pub enum AuditError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    #[error("authorizationState read on chain {chain_id} failed: {detail}")]
-    Rpc { chain_id: u64, detail: String },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("the ledger scan task failed")]
+    Scan,
 }
 
 /// What a round found.
@@ -54,7 +56,7 @@ impl NonceAudit {
         let ledger = std::sync::Arc::clone(self.ledger.ledger());
         let accepted: Vec<PaymentRecord> = tokio::task::spawn_blocking(move || ledger.pending_records())
             .await
-            .map_err(|_| AuditError::Rpc { chain_id: 0, detail: "ledger scan task failed".into() })??
+            .map_err(|_| AuditError::Scan)??
             .into_iter()
             // A payment that was in a batch of ours may have been settled by that batch's
             // transaction (mined after all, or mined again after a reorg): the settlement
@@ -123,7 +125,6 @@ async fn authorization_states(
     endpoint: &RpcEndpoint,
     records: &[&PaymentRecord],
 ) -> Result<Vec<bool>, AuditError> {
-    let chain_id = endpoint.chain_id;
     let calls = records
         .iter()
         .map(|r| IMulticall3::Call3 {
@@ -142,12 +143,10 @@ async fn authorization_states(
         .aggregate3(calls)
         .call()
         .await
-        .map_err(|e| AuditError::Rpc { chain_id, detail: endpoint.redact(&e.to_string()) })?;
+        .map_err(|e| endpoint.error("eth_call aggregate3 authorizationState", e))?;
     if results.len() != records.len() {
-        return Err(AuditError::Rpc {
-            chain_id,
-            detail: format!("{} results for {} calls", results.len(), records.len()),
-        });
+        let shape = format!("{} results for {} calls", results.len(), records.len());
+        return Err(endpoint.error("eth_call aggregate3 authorizationState", shape).into());
     }
     // An unreadable state counts as unused: failing a payment needs positive evidence.
     Ok(results.iter().map(|r| r.success && r.returnData.len() == 32 && r.returnData[31] == 1).collect())

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint};
+use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint, RpcError};
 use crate::ledger::PayerKey;
 
 /// Why a balance could not be read.
@@ -23,8 +23,8 @@ use crate::ledger::PayerKey;
 pub enum BalanceError {
     #[error("no RPC endpoint is configured for chain {chain_id}")]
     NoChain { chain_id: u64 },
-    #[error("balance read on chain {chain_id} failed: {detail}")]
-    Rpc { chain_id: u64, detail: String },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
     #[error("token {token} did not return a balance for {from}")]
     Unreadable { token: String, from: String },
     #[error("the balance refresher has stopped")]
@@ -62,8 +62,8 @@ impl ChainBalances {
         match IMulticall3::new(MULTICALL3, &endpoint.provider).aggregate3(calls).call().await {
             Err(e) => {
                 // The detail reaches API servers in UNAVAILABLE replies: no URL, no key.
-                let detail = endpoint.redact(&e.to_string());
-                keys.iter().map(|_| Err(BalanceError::Rpc { chain_id, detail: detail.clone() })).collect()
+                let err = endpoint.error("eth_call aggregate3 balanceOf", e);
+                keys.iter().map(|_| Err(BalanceError::Rpc(err.clone()))).collect()
             }
             Ok(results) => keys
                 .iter()

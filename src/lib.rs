@@ -16,53 +16,41 @@
 //! finance ◀── export ◀── settlement log ◀── confirmer ◀── submitter ◀───────┴─ planner
 //! ```
 //!
-//! ## Layout
+//! ## Layers
 //!
-//! In the order a payment meets them:
+//! Each module uses only modules of its own layer or below, never one that uses it back
+//! (`tests/layers.rs` reads the `crate::` paths of every file and checks both, against the
+//! list below; it checks the files inside each module for loops too). Bottom up:
 //!
-//! - [`tls`], [`auth`]: the listeners' connections (TLS through rustls, handshakes logged
-//!   with their peer) and who may call: credentials by client certificate or bearer token,
-//!   each with a role, checked on every call by an interceptor.
-//! - [`server`]: the gRPC services (Ingest and Payments for API servers, Admin for operators
-//!   on its own listener) over [`ingest`] and the ledger; [`daemon`] assembles everything,
-//!   checks the tokens' domains at start-up, and drains on shutdown.
-//! - [`facilitator`]: the x402 facilitator HTTP API (`/supported`, `/verify`, `/settle`)
-//!   over the same decision and ledger: a verification holds the payment, a settlement
-//!   accepts it and answers by settle mode; replays are refused before the API serves.
-//! - [`api`]: the generated gRPC contract (`proto/x402/batcher/v1`) and the conversion of its
-//!   messages into domain types, with typed errors.
-//! - [`ingest`]: the decision path for one submission, and the one place decisions become
-//!   replies and gRPC statuses.
-//! - [`x402`]: the protocol core: authorizations and requirements, decoding of x402 v1 and v2
-//!   payment headers, EIP-712 hashing, and the official x402 reason codes ([`x402::Reason`]).
-//! - [`admission`]: the cheap, static checks (scheme, network, asset, payee, amount) and the
-//!   validity window against a [`clock::Clock`], before any signature work.
-//! - [`verify`]: the signature check (EIP-712 digest, libsecp256k1 recovery, low-s, v) and the
-//!   pool of OS threads that runs it, fed by a bounded queue.
-//! - [`balance`]: payers' on-chain balances, cached and refreshed in bulk.
-//! - [`ledger`]: the RocksDB nonce ledger and its single group-commit writer: the double-spend
-//!   guard, per-payer exposure, the holds of verified payments, the lifecycle, and the
-//!   change log (and followers of single payments).
-//! - [`audit`]: fails accepted payments whose nonce was used on chain outside the daemon.
-//! - [`planner`]: the batch planner's deciding core (when to cut, what, and why), a pure
-//!   function of the waiting payments, fees, gas model, caps, policy and time; and the gas
-//!   model learnt from receipts.
-//! - [`simulate`]: pre-simulation of a batch with `eth_call`, each refused item with its
-//!   reason decoded from the token's revert string.
-//! - [`settle`]: the settlement engine, one per chain: drives the planner, pre-simulates,
-//!   signs and sends batches from settler accounts (nonces, EIP-1559 fees, replacement,
-//!   resubmission), follows receipts to the confirmation depth through reorgs, and resumes
-//!   from the ledger after a restart.
-//! - [`export`]: the settlement log as CSV.
-//! - [`chain`]: the on-chain interfaces (EIP-3009 token, Multicall3) and batch encoding.
-//! - [`config`]: the typed configuration; every default is a named constant with its reason.
-//! - [`client`], [`loadgen`]: the Rust client, and the load generator built on it.
-//! - [`devnet`], [`testkit`], [`demo`]: a local anvil chain with the project's contracts,
-//!   fixture builders, and the README's main job.
+//! 0. [`clock`], [`planner`], [`policy`], [`telemetry`]: time, the batch planner's pure
+//!    decisions and gas model, the runtime settlement policy, Prometheus metrics.
+//! 1. [`x402`], [`chain`], [`simulate`]: the protocol core (authorizations, requirements,
+//!    header decoding, EIP-712, reason codes); the token and Multicall3 interfaces, batch
+//!    encoding and the one RPC error; pre-simulation of a batch.
+//! 2. [`config`]: the typed configuration, plain data plus validation (listeners,
+//!    credentials and their parsers, settlement, tokens); every default a named constant.
+//! 3. [`ledger`]: the nonce ledger behind one seam ([`ledger::LedgerStore`]; RocksDB is the
+//!    implementation): commands, the rules of a group, its own on-disk records, the
+//!    group-commit writer, the holds of verified payments, followers of single payments.
+//! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`]: the cheap static
+//!    checks and the validity window; the signature check and its pool of OS threads;
+//!    payers' balances, cached; who may call (credentials, roles); per-server limits; the
+//!    listeners' TLS.
+//! 5. [`ingest`]: the decision path for one submission, whatever surface it came by.
+//! 6. [`settle`], [`audit`], [`export`], [`reconcile`]: the settlement engine, one per chain
+//!    (chain reads behind a trait, decisions as functions of what was read, I/O in the
+//!    round); the nonce audit; the settlement log as CSV or JSON Lines with its cursor
+//!    protocol; the ledger proved against the chain.
+//! 7. [`api`], [`server`], [`facilitator`], [`client`]: the edges: the generated gRPC
+//!    contract and its conversions to domain types, the gRPC services, the x402 facilitator
+//!    HTTP API, the Rust client.
+//! 8. [`daemon`]: assembly, start-up step by step, the drain.
+//! 9. [`tools`]: not the daemon: the devnet, the demo, the load generator, test fixtures.
 //!
-//! Also: [`telemetry`] (Prometheus metrics), [`policy`] (the runtime settlement policy),
-//! [`limits`] (per-API-server limits), [`reconcile`] (the ledger proved against the chain).
-//! The README says what works today.
+//! In the order a payment meets them: [`tls`] and [`auth`] at the connection, [`server`]
+//! (gRPC) or [`facilitator`] (HTTP), [`ingest`]: [`admission`], [`verify`], [`balance`],
+//! then the [`ledger`] writer (the ack); later [`settle`] takes it to the chain and back, and
+//! [`export`] to finance. The README says what works today.
 
 pub mod admission;
 pub mod api;

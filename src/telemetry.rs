@@ -16,7 +16,6 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
 /// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`).
@@ -100,8 +99,14 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404.
+/// Serves `GET /metrics` on `listener` until the task is dropped; any other path gets 404.
+/// Each connection must send its request head within [`REQUEST_TIMEOUT`] (hyper's header
+/// read timeout: a client that trickles bytes does not hold a task for ever).
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    use axum::http::{StatusCode, header};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
     let upkeep = {
         let handle = handle.clone();
         tokio::spawn(async move {
@@ -113,8 +118,16 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
         })
     };
     let _upkeep = AbortOnDrop(upkeep);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") });
     loop {
-        let mut conn = match listener.accept().await {
+        let conn = match listener.accept().await {
             Ok((conn, _)) => conn,
             Err(e) => {
                 // Out of descriptors and the like: back off rather than spin.
@@ -123,41 +136,11 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
                 continue;
             }
         };
-        let handle = handle.clone();
+        let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // The request line and headers, within a bound and a deadline.
-            let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                while len < buf.len() {
-                    let n = conn.read(&mut buf[len..]).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return Some(());
-                    }
-                }
-                None
-            })
-            .await;
-            if !matches!(read, Ok(Some(()))) {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let line = head.lines().next().unwrap_or_default();
-            let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
-                ("200 OK", handle.render())
-            } else {
-                ("404 Not Found", "only GET /metrics is served here\n".to_owned())
-            };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT);
+            let _ = builder.serve_connection(TokioIo::new(conn), service).await;
         });
     }
 }
@@ -314,4 +297,43 @@ pub fn finals(chain: &str, status: &'static str, reason: &str, n: usize) {
         "reason" => reason.to_owned()
     )
     .increment(n as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request).await.unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_are_served_other_paths_are_not_and_a_slow_head_is_cut_off() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = AbortOnDrop(tokio::spawn(serve(listener, handle)));
+
+        let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{ok}");
+        let other = exchange(addr, b"GET /debug HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(other.starts_with("HTTP/1.1 404") && other.ends_with("only GET /metrics is served here\n"));
+
+        // Half a request head, then nothing: the connection is closed once the header read
+        // timeout passes (paused time: no real wait).
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /metr").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = slow.read_to_end(&mut rest).await;
+        assert!(started.elapsed() >= REQUEST_TIMEOUT, "closed only after the timeout");
+        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "no metrics for a partial request");
+    }
 }

@@ -74,7 +74,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let key_path = &tls.key_file;
     let key_read =
         |source| TlsError::Read { what: "tls.key_file", path: key_path.display().to_string(), source };
-    if let Some(mode) = crate::settle::loose_mode(key_path).map_err(key_read)? {
+    if let Some(mode) = crate::config::loose_mode(key_path).map_err(key_read)? {
         return Err(TlsError::LoosePermissions { path: key_path.display().to_string(), mode });
     }
     let key = PrivateKeyDer::from_pem_slice(&read("tls.key_file", key_path)?)

@@ -195,3 +195,39 @@ fn the_reader_sees_paths_and_groups() {
         vec![vec!["ledger", "AuthKey"], vec!["ledger", "store", "Ledger"], vec!["telemetry", "hot"]]
     );
 }
+
+/// The layers `src/lib.rs` lists (`//! N. [`a`], [`b`]: …`), by module.
+fn declared_layers() -> BTreeMap<String, usize> {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
+    let mut out = BTreeMap::new();
+    for line in lib.lines() {
+        let Some(rest) = line.strip_prefix("//! ") else { continue };
+        let Some((n, rest)) = rest.split_once(". ") else { continue };
+        let Ok(n) = n.parse::<usize>() else { continue };
+        let names = rest.split(':').next().unwrap();
+        for name in names.split(',') {
+            let name = name.trim().trim_start_matches("[`").trim_end_matches("`]");
+            out.insert(name.to_owned(), n);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_module_uses_only_its_layer_or_those_below_as_lib_rs_lists_them() {
+    let layers = declared_layers();
+    let mods = modules();
+    let tops: BTreeSet<String> = mods.keys().map(|m| top(m).to_owned()).filter(|m| m != "cli").collect();
+    let unlisted: Vec<_> = tops.iter().filter(|m| !layers.contains_key(*m)).collect();
+    assert!(unlisted.is_empty(), "modules missing from the layers in src/lib.rs: {unlisted:?}");
+    let mut upward = Vec::new();
+    for (from, to) in edges(&mods) {
+        let (from, to) = (top(&from), top(&to));
+        if let (Some(a), Some(b)) = (layers.get(from), layers.get(to))
+            && b > a
+        {
+            upward.push(format!("{from} (layer {a}) uses {to} (layer {b})"));
+        }
+    }
+    assert!(upward.is_empty(), "imports up the layers: {upward:#?}");
+}

@@ -400,6 +400,14 @@ impl Config {
     }
 }
 
+/// The permission bits of a secret file the config names (a settler key file, a TLS key)
+/// if group or others have any access to it: such a file is refused.
+pub fn loose_mode(path: &std::path::Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & 0o077 != 0).then_some(mode))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

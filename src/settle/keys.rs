@@ -4,7 +4,7 @@
 
 use alloy::signers::local::PrivateKeySigner;
 
-use crate::config::SettlementConfig;
+use crate::config::{SettlementConfig, loose_mode};
 
 /// Why the settler keys could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +39,6 @@ pub fn write_file(path: &std::path::Path, signers: &[PrivateKeySigner]) -> std::
         writeln!(f, "{}", s.to_bytes())?;
     }
     f.sync_all()
-}
-
-/// The permission bits of a secret file (a key) if group or others have any access to it.
-pub fn loose_mode(path: &std::path::Path) -> std::io::Result<Option<u32>> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-    Ok((mode & 0o077 != 0).then_some(mode))
 }
 
 /// The configured settler signers, in the order given. Empty when none is configured.

@@ -64,7 +64,7 @@ use alloy::network::{Ethereum, EthereumWallet, TransactionBuilderError};
 use alloy::primitives::Address;
 use tokio::sync::watch;
 
-pub use keys::{KeyError, load as load_keys, loose_mode, write_file as write_key_file};
+pub use keys::{KeyError, load as load_keys, write_file as write_key_file};
 pub use outcome::{fee_share, gas_share};
 pub use rpc::{Chain, FeeReading, Head, Receipt, RpcChain};
 
