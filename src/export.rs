@@ -454,6 +454,11 @@ mod tests {
         {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
+        // Every day's midnight, printed and parsed back (leap days, centuries included).
+        for days in [0u64, 59, 60, 365, 10_957, 11_016, 20_000, 100_000] {
+            let day = &utc(days * 86_400_000)[..10];
+            assert_eq!(parse_time(day), Some(days * 86_400), "{day}");
+        }
     }
 
     #[test]

@@ -396,7 +396,6 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
     .expect("within the time limit");
 }
 
-/// Polls `read` until `done` holds (at most 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
     tokio::time::timeout(LIMIT, async {
@@ -494,6 +493,7 @@ async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
     .expect("within the time limit");
 }
 
+/// Polls `read` until `done` holds (at most 30 s).
 async fn poll<T, F, Fut>(read: F, done: impl Fn(&T) -> bool) -> T
 where
     F: Fn() -> Fut,

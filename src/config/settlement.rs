@@ -207,3 +207,20 @@ fn decimal_u128<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
     let s = String::deserialize(d)?;
     s.parse::<u128>().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a decimal integer of wei")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_gas_limit_has_its_margin_and_stays_within_the_transaction_cap() {
+        let c = SettlementConfig::default();
+        let one = DEFAULT_FIXED_GAS + DEFAULT_ITEM_GAS;
+        assert_eq!(c.seed_gas_limit(1), one + one * DEFAULT_GAS_LIMIT_MARGIN_PERCENT / 100);
+        assert_eq!(c.seed_gas_limit(1_000_000), crate::chain::TX_GAS_CAP);
+        let mut learner = GasLearner::new(c.seed_gas(), 4);
+        learner.observe(10, 300_000);
+        learner.observe(10, 300_000);
+        assert_eq!(c.gas_limit(&learner, 1), c.seed_gas_limit(1), "never below the seeds");
+    }
+}
