@@ -57,8 +57,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => loadgen::command(cli::loadgen_command(args)?).await?,
         Command::Export(args) => {
             let config = load(&args.config)?;
-            let ledger = read_only_ledger(&config, args.ledger.clone())?;
-            let s = export::run(&ledger, &config.token_table(), &cli::export_job(args)?)?;
+            let over = args.ledger.clone();
+            let job = cli::export_job(args)?; // bad flags refused before the ledger is opened
+            let s = export::run(&read_only_ledger(&config, over)?, &config.token_table(), &job)?;
             eprintln!("exported {} rows; log position {}", s.rows, s.cursor);
         }
         Command::Devnet { dir, settlers, payers, block_time } => {
