@@ -100,7 +100,7 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped; any other path gets 404.
-/// Each connection must send its request head within [`REQUEST_TIMEOUT`] (hyper's header
+/// Each connection must send its request head within 5 s (hyper's header
 /// read timeout: a client that trickles bytes does not hold a task for ever).
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     use axum::http::{StatusCode, header};

@@ -1,5 +1,5 @@
 //! The single ledger writer: one OS thread drains a bounded queue of commands, applies
-//! each drained group with [`Ledger::apply_group`], commits it with one synced write, and
+//! each drained group with [`LedgerStore::apply_group`] (one synced write), and
 //! only then answers every command of the group. One writer means conflicts (a nonce used
 //! twice, a payer's balance) are decided in one place, in one order; grouping means one
 //! fsync (~90 µs) is shared by every payment that arrived while the previous one ran.

@@ -368,8 +368,6 @@ pub enum LoadgenError {
     Client(#[from] crate::client::ClientError),
     #[error("cannot bind the in-process daemon's listeners")]
     Bind(#[source] std::io::Error),
-    #[error("--target (or --facilitator), --chain-id and --token are required without --devnet")]
-    NoTarget,
     #[error("the in-process daemon's task failed")]
     Join(#[from] tokio::task::JoinError),
 }
