@@ -22,6 +22,7 @@ use x402_batcher::ledger::LedgerStore as _;
 use x402_batcher::ledger::{Ledger, Status};
 use x402_batcher::tools::devnet::Devnet;
 use x402_batcher::tools::testkit::{self, PaymentBuilder};
+use x402_batcher::x402::SignedAuthorization;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -49,9 +50,14 @@ async fn daemon(
 /// payment-identifier.
 fn body(d: &TestDaemon, payer: &PrivateKeySigner, i: u64, payment_identifier: Option<&str>) -> String {
     let signed = PaymentBuilder::new(payer, &d.domain(), SystemClock.now_unix()).nonce_index(i).build();
+    body_of(d, &signed, payment_identifier)
+}
+
+/// The facilitator body carrying `signed` (the same authorization another surface may send).
+fn body_of(d: &TestDaemon, signed: &SignedAuthorization, payment_identifier: Option<&str>) -> String {
     let mut v: Value = serde_json::from_str(&testkit::facilitator_body(
-        &signed,
-        &testkit::requirements_for(&signed),
+        signed,
+        &testkit::requirements_for(signed),
         &d.domain(),
     ))
     .unwrap();
@@ -110,12 +116,17 @@ async fn a_verified_payment_is_held_then_settled_once() {
 
         // Verified over HTTP, then submitted over gRPC (a replay through the other surface):
         // one acceptance between them, the HTTP settle is refused.
-        let b2 = body(&d, &payer, 2, None);
-        assert_eq!(post(&url, "/verify", &b2).await.1["isValid"], true);
+        // One authorization for both surfaces (built twice, a second boundary between the two
+        // builds would make two authorizations with one nonce).
         let signed = PaymentBuilder::new(&payer, &d.domain(), SystemClock.now_unix()).nonce_index(2).build();
+        let b2 = body_of(&d, &signed, None);
+        assert_eq!(post(&url, "/verify", &b2).await.1["isValid"], true);
         let req = client::typed_request("grpc".into(), &signed, &testkit::requirements_for(&signed));
         let reply = d.ingest().await.submit(req).await.unwrap().into_inner();
-        assert!(matches!(reply.outcome, Some(v1::submit_reply::Outcome::Accepted(ref a)) if a.repeat == v1::Repeat::New as i32));
+        assert!(
+            matches!(reply.outcome, Some(v1::submit_reply::Outcome::Accepted(ref a)) if a.repeat == v1::Repeat::New as i32),
+            "{reply:?}"
+        );
         let (_, v) = post(&url, "/settle", &b2).await;
         assert_eq!(reason(&v), "invalid_exact_evm_nonce_already_used", "{v}");
         d.stop().await;

@@ -69,9 +69,9 @@ impl WireError {
 pub fn request(body: &[u8]) -> Result<FacilitatorRequest, WireError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| WireError::Body(e.to_string()))?;
     let root = value.as_object().ok_or_else(|| WireError::Body("not an object".into()))?;
-    let payload_value = root
+    let (payload_value, payload) = root
         .get("paymentPayload")
-        .filter(|v| v.is_object())
+        .and_then(|v| Some((v, v.as_object()?)))
         .ok_or_else(|| WireError::Body("paymentPayload (an object) is missing".into()))?;
     let requirements = root
         .get("paymentRequirements")
@@ -84,7 +84,6 @@ pub fn request(body: &[u8]) -> Result<FacilitatorRequest, WireError> {
         return Err(WireError::VersionMismatch { outer: outer.to_string(), inner: payment.x402_version });
     }
     let (requirements, v1_resource) = payment_requirements(requirements, payment.x402_version)?;
-    let payload = payload_value.as_object().expect("checked above");
     let resource = payment.resource.clone().or(v1_resource).unwrap_or_default();
     Ok(FacilitatorRequest {
         x402_version: payment.x402_version,

@@ -283,11 +283,9 @@ impl<C: Chain> Engine<C> {
         receipt: &Receipt,
         record: &PaymentRecord,
     ) -> Result<Option<Evidence>, SettleError> {
-        if evidence_for(receipt, record, 0).is_none() {
-            return Ok(None);
-        }
-        let block_time = self.block_time(receipt.block_number).await?;
-        Ok(evidence_for(receipt, record, block_time))
+        let Some(mut evidence) = evidence_for(receipt, record, 0) else { return Ok(None) };
+        evidence.block_time = self.block_time(receipt.block_number).await?;
+        Ok(Some(evidence))
     }
 }
 

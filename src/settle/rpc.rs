@@ -135,10 +135,6 @@ impl RpcChain {
     pub fn new(endpoint: RpcEndpoint) -> Self {
         Self { endpoint }
     }
-
-    fn err(&self, call: &'static str, e: impl std::fmt::Display) -> RpcError {
-        RpcError { chain_id: self.endpoint.chain_id, call, detail: self.endpoint.redact(&e.to_string()) }
-    }
 }
 
 impl Chain for RpcChain {
@@ -152,8 +148,8 @@ impl Chain for RpcChain {
             .provider
             .get_block_by_number(BlockNumberOrTag::Latest)
             .await
-            .map_err(|e| self.err("eth_getBlockByNumber", e))?
-            .ok_or_else(|| self.err("eth_getBlockByNumber", "the node has no latest block"))?;
+            .map_err(|e| self.endpoint.error("eth_getBlockByNumber", e))?
+            .ok_or_else(|| self.endpoint.error("eth_getBlockByNumber", "the node has no latest block"))?;
         Ok(Head {
             number: block.header.number,
             hash: block.header.hash,
@@ -168,7 +164,7 @@ impl Chain for RpcChain {
             .provider
             .get_block_by_number(BlockNumberOrTag::Number(number))
             .await
-            .map_err(|e| self.err("eth_getBlockByNumber", e))?
+            .map_err(|e| self.endpoint.error("eth_getBlockByNumber", e))?
             .map(|b| (b.header.hash, b.header.timestamp)))
     }
 
@@ -178,7 +174,7 @@ impl Chain for RpcChain {
             .provider
             .get_fee_history(1, BlockNumberOrTag::Latest, &[50.0])
             .await
-            .map_err(|e| self.err("eth_feeHistory", e))?;
+            .map_err(|e| self.endpoint.error("eth_feeHistory", e))?;
         let base_fee = history.base_fee_per_gas.last().copied().unwrap_or_default();
         let median_tip = history
             .reward
@@ -196,7 +192,7 @@ impl Chain for RpcChain {
             .get_transaction_count(account)
             .block_id(BlockId::latest())
             .await
-            .map_err(|e| self.err("eth_getTransactionCount", e))
+            .map_err(|e| self.endpoint.error("eth_getTransactionCount", e))
     }
 
     async fn receipt(&self, tx: B256, token: Address) -> Result<Option<Receipt>, RpcError> {
@@ -205,7 +201,7 @@ impl Chain for RpcChain {
             .provider
             .get_transaction_receipt(tx)
             .await
-            .map_err(|e| self.err("eth_getTransactionReceipt", e))?;
+            .map_err(|e| self.endpoint.error("eth_getTransactionReceipt", e))?;
         Ok(receipt.as_ref().and_then(|r| Receipt::of(r, token)))
     }
 
@@ -215,7 +211,7 @@ impl Chain for RpcChain {
             .provider
             .get_transaction_by_hash(tx)
             .await
-            .map_err(|e| self.err("eth_getTransactionByHash", e))?
+            .map_err(|e| self.endpoint.error("eth_getTransactionByHash", e))?
             .is_some())
     }
 
@@ -225,7 +221,7 @@ impl Chain for RpcChain {
             .send_raw_transaction(raw)
             .await
             .map(|_| ())
-            .map_err(|e| self.err("eth_sendRawTransaction", e))
+            .map_err(|e| self.endpoint.error("eth_sendRawTransaction", e))
     }
 
     async fn simulate(
@@ -251,12 +247,21 @@ impl Chain for RpcChain {
             .topic2(nonce)
             .from_block(from_block)
             .to_block(to_block);
-        let logs = self.endpoint.provider.get_logs(&filter).await.map_err(|e| self.err("eth_getLogs", e))?;
+        let logs = self
+            .endpoint
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| self.endpoint.error("eth_getLogs", e))?;
         Ok(logs.into_iter().filter(|l| !l.removed).filter_map(|l| l.transaction_hash).collect())
     }
 
     async fn native_balance(&self, account: Address) -> Result<U256, RpcError> {
-        self.endpoint.provider.get_balance(account).await.map_err(|e| self.err("eth_getBalance", e))
+        self.endpoint
+            .provider
+            .get_balance(account)
+            .await
+            .map_err(|e| self.endpoint.error("eth_getBalance", e))
     }
 }
 
