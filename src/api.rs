@@ -11,6 +11,7 @@ use crate::admission::PaymentInput;
 use crate::ingest::PaymentRequest;
 use crate::ledger::{PaymentRecord, Repeat, Status};
 use crate::policy::{PolicyError, PolicyUpdate, SettlementPolicy};
+use crate::settle::ChainView;
 use crate::x402::decode::{self, DecodeError, FieldProblem};
 use crate::x402::{Authorization, PaymentRequirements, Reason, SignedAuthorization};
 
@@ -138,11 +139,58 @@ pub fn typed_authorization(s: &SignedAuthorization) -> v1::TypedAuthorization {
     }
 }
 
+/// The public form of a chain's view (see [`crate::settle::ChainView`]).
+pub fn chain_status(c: &ChainView) -> v1::ChainStatus {
+    v1::ChainStatus {
+        chain_id: c.chain_id,
+        head_block: c.head_block,
+        base_fee_wei: c.base_fee_wei.to_string(),
+        head_time: c.head_time,
+        priority_fee_wei: c.priority_fee_wei.to_string(),
+        tokens: c
+            .tokens
+            .iter()
+            .map(|t| v1::TokenStatus {
+                token: t.token.to_checksum(None),
+                pending_payments: t.pending,
+                pending_value: t.pending_value.to_string(),
+                l1_fee_direct_wei: t.l1_fees.direct.to_string(),
+                l1_fee_batch_fixed_wei: t.l1_fees.batch_fixed.to_string(),
+                l1_fee_batch_per_payment_wei: t.l1_fees.batch_per_item.to_string(),
+                batch_fixed_gas: t.batch_gas.fixed,
+                batch_gas_per_payment: t.batch_gas.per_item,
+                direct_gas: t.direct_gas,
+            })
+            .collect(),
+        updated_at_ms: c.updated_at_ms,
+    }
+}
+
+/// The public form of a chain's settler accounts.
+pub fn settler_statuses(c: &ChainView) -> Vec<v1::SettlerStatus> {
+    c.settlers
+        .iter()
+        .map(|s| v1::SettlerStatus {
+            chain_id: c.chain_id,
+            address: s.address.to_checksum(None),
+            native_balance_wei: s.native_balance_wei.unwrap_or_default().to_string(),
+            next_nonce: s.next_nonce.unwrap_or_default(),
+            pending_transactions: s.pending_transactions,
+            open_batch_id: s.open_batch.clone().unwrap_or_default(),
+            open_tx_hash: s.open_tx.map(|h| h.to_string()).unwrap_or_default(),
+            balance_known: s.native_balance_wei.is_some(),
+            nonce_known: s.next_nonce.is_some(),
+        })
+        .collect()
+}
+
 /// The public form of the settlement policy.
 pub fn policy(p: &SettlementPolicy) -> v1::Policy {
     v1::Policy {
         max_batch_size: u32::try_from(p.max_batch_size).unwrap_or(u32::MAX),
-        max_wait_seconds: p.max_wait_secs,
+        max_wait_seconds: p.max_wait_ms / 1000,
+        max_wait_ms: p.max_wait_ms,
+        linger_ms: p.linger_ms,
         target_cost_per_payment_wei: p.target_cost_per_payment_wei.to_string(),
         confirmation_depth: u32::try_from(p.confirmations).unwrap_or(u32::MAX),
         deadline_margin_seconds: p.deadline_margin_secs,
@@ -162,9 +210,21 @@ pub fn policy_update(req: &v1::UpdatePolicyRequest) -> Result<PolicyUpdate, Poli
             })
         })
         .transpose()?;
+    let max_wait_ms = match (req.max_wait_ms, req.max_wait_seconds) {
+        (Some(_), Some(_)) => {
+            return Err(PolicyError {
+                field: "max_wait_ms",
+                reason: "set max_wait_ms or max_wait_seconds, not both".into(),
+            });
+        }
+        (Some(ms), None) => Some(ms),
+        (None, Some(secs)) => Some(secs.saturating_mul(1000)),
+        (None, None) => None,
+    };
     Ok(PolicyUpdate {
         max_batch_size: req.max_batch_size.map(|v| v as usize),
-        max_wait_secs: req.max_wait_seconds,
+        max_wait_ms,
+        linger_ms: req.linger_ms,
         target_cost_per_payment_wei: target,
         confirmations: req.confirmation_depth.map(u64::from),
         deadline_margin_secs: req.deadline_margin_seconds,

@@ -17,6 +17,9 @@ use crate::x402::eip712::TokenDomain;
 /// Multicall3's address, the same on every chain.
 pub const MULTICALL3: Address = address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 
+/// The OP-stack `GasPriceOracle` predeploy: the L1 data fee of a transaction's bytes.
+pub const GAS_PRICE_ORACLE: Address = address!("0x420000000000000000000000000000000000000F");
+
 /// Ethereum's per-transaction gas cap since Osaka (EIP-7825).
 pub const TX_GAS_CAP: u64 = 1 << 24;
 
@@ -69,9 +72,15 @@ mod bindings {
 
             function aggregate3(Call3[] calldata calls) external payable returns (Result[] memory returnData);
         }
+
+        /// The OP-stack `GasPriceOracle` predeploy's fee of a transaction's bytes.
+        #[sol(rpc)]
+        interface IGasPriceOracle {
+            function getL1Fee(bytes calldata data) external view returns (uint256);
+        }
     }
 }
-pub use bindings::{IEip3009, IMulticall3};
+pub use bindings::{IEip3009, IGasPriceOracle, IMulticall3};
 
 /// An RPC call to a chain that failed: which chain, which call, and the node's or the
 /// transport's words (redacted: node URLs carry keys). The one RPC error every module that
@@ -184,6 +193,21 @@ pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
     }
     .abi_encode()
     .into()
+}
+
+/// Where a settlement of `items` (one token's) is sent and its calldata: one item is the
+/// token's own `transferWithAuthorization`, sent to the token (cheaper than through
+/// Multicall3, same `AuthorizationUsed` evidence); more are one `aggregate3`.
+pub fn settlement_call(items: &[SignedAuthorization]) -> (Address, Bytes) {
+    match items {
+        [one] => (one.token, transfer_calldata(one)),
+        _ => (MULTICALL3, aggregate3_calldata(items)),
+    }
+}
+
+/// The `aggregate3` calldata of a batch of `items`.
+pub fn aggregate3_calldata(items: &[SignedAuthorization]) -> Bytes {
+    IMulticall3::aggregate3Call { calls: batch_calls(items) }.abi_encode().into()
 }
 
 /// The `aggregate3` calls of a batch, each allowed to fail on its own.

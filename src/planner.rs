@@ -1,22 +1,29 @@
-//! The batch planner's deciding core: given the payments waiting, current fees, the gas
-//! model, the caps and the operator's policy, decide at time `now` whether to cut a batch,
-//! which payments go in it, and why, or how long to wait. A pure function of its inputs, so
-//! every rule is tested without a chain or a clock.
+//! The batch planner's deciding core: given the payments waiting, current fees, what a
+//! settlement costs, the caps and the operator's policy, decide at time `now_ms` whether to
+//! cut a batch, which payments go in it, and why, or how long to wait. A pure function of
+//! its inputs, so every rule is tested without a chain or a clock.
 //!
-//! Cost per payment at size `n` and fee `f` (wei per gas) is `f · (fixed/n + marginal)`.
-//! When gas is cheap a small batch already meets the cost target and is cut at once
-//! (latency); when gas is expensive the planner waits for more payments to amortise the
-//! fixed cost, but never past an item's deadline (its `validBefore` minus the safety
-//! margin), never past the maximum wait, and never beyond the size and gas caps. Items not
-//! yet valid wait; items that can no longer be planned in time are handed back as too late.
+//! A settlement of one payment is the token's own `transferWithAuthorization` sent
+//! directly ([`Shape::Direct`]); of more, one Multicall3 `aggregate3` ([`Shape::Batch`]).
+//! Cost per payment at size `n` and fee `f` (wei per gas) is `(f · gas(n) + l1(n)) / n`,
+//! with `gas(n) = fixed + marginal · n` for a batch and the direct call's gas for one, and
+//! `l1` the L1 data fee OP-stack chains charge (zero elsewhere). When gas is cheap a small
+//! batch already meets the cost target; it is still held for the policy's *linger* (counted
+//! from the oldest waiting payment) so that payments arriving together share a batch. When
+//! gas is expensive the planner waits for more payments to amortise the fixed cost, but
+//! never past an item's deadline (its `validBefore` minus the safety margin), never past
+//! the maximum wait, and never beyond the size and gas caps. Items not yet valid wait;
+//! items that can no longer be planned in time are handed back as too late.
+//!
+//! Waits are in milliseconds; validity windows are chain time, in whole seconds.
 
 /// One payment waiting for a batch, in the planner's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     /// Caller's handle (an index into its own list).
     pub id: usize,
-    /// When the ledger accepted it (Unix seconds).
-    pub accepted_at: u64,
+    /// When the ledger accepted it (Unix milliseconds).
+    pub accepted_at_ms: u64,
     /// The token requires `block.timestamp > validAfter` ...
     pub valid_after: u64,
     /// ... and `block.timestamp < validBefore` (saturated to u64).
@@ -39,7 +46,7 @@ impl Fees {
 
 /// Gas a batch costs: a fixed part and a part per payment (seeded from config, then learned
 /// from receipts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GasModel {
     pub fixed: u64,
     pub per_item: u64,
@@ -49,13 +56,76 @@ impl GasModel {
     pub fn batch_gas(self, items: usize) -> u64 {
         self.fixed.saturating_add(self.per_item.saturating_mul(items as u64))
     }
+}
 
-    /// Wei per payment for a batch of `items` at `fees`.
-    pub fn cost_per_payment(self, items: usize, fees: Fees) -> u128 {
+/// How a settlement of `n` payments is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Shape {
+    /// One payment: the token's `transferWithAuthorization`, sent to the token.
+    Direct,
+    /// Several: one `aggregate3` call to Multicall3, each item allowed to fail.
+    Batch,
+}
+
+impl Shape {
+    pub fn of(items: usize) -> Shape {
+        if items == 1 { Shape::Direct } else { Shape::Batch }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shape::Direct => "direct",
+            Shape::Batch => "batch",
+        }
+    }
+}
+
+/// The L1 data fee (wei) an OP-stack chain charges on top of gas, by shape: a direct call,
+/// and a batch's fixed and per-payment parts. All zero on other chains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct L1Fees {
+    pub direct: u128,
+    pub batch_fixed: u128,
+    pub batch_per_item: u128,
+}
+
+/// What settling `n` payments costs, in both shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Costs {
+    /// Gas of an `aggregate3` batch.
+    pub batch: GasModel,
+    /// Gas of one direct `transferWithAuthorization`.
+    pub direct_gas: u64,
+    pub l1: L1Fees,
+}
+
+impl Costs {
+    /// Gas of a settlement of `items` (in its shape).
+    pub fn gas(&self, items: usize) -> u64 {
+        match Shape::of(items) {
+            Shape::Direct => self.direct_gas,
+            Shape::Batch => self.batch.batch_gas(items),
+        }
+    }
+
+    /// The L1 data fee of a settlement of `items` (wei).
+    pub fn l1_fee(&self, items: usize) -> u128 {
+        match Shape::of(items) {
+            Shape::Direct => self.l1.direct,
+            Shape::Batch => {
+                self.l1.batch_fixed.saturating_add(self.l1.batch_per_item.saturating_mul(items as u128))
+            }
+        }
+    }
+
+    /// Wei per payment for a settlement of `items` at `fees`.
+    pub fn cost_per_payment(&self, items: usize, fees: Fees) -> u128 {
         if items == 0 {
             return u128::MAX;
         }
-        u128::from(self.batch_gas(items)).saturating_mul(fees.per_gas()) / items as u128
+        let total =
+            u128::from(self.gas(items)).saturating_mul(fees.per_gas()).saturating_add(self.l1_fee(items));
+        total / items as u128
     }
 }
 
@@ -63,9 +133,12 @@ impl GasModel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub max_batch_size: usize,
-    /// Longest a valid payment waits for a batch (seconds).
-    pub max_wait_secs: u64,
-    /// Cut at once when a batch would cost at most this per payment (wei).
+    /// Longest a valid payment waits for a batch (milliseconds).
+    pub max_wait_ms: u64,
+    /// How long a batch that is not full, but already cheap enough, waits for more
+    /// payments, counted from its oldest payment (milliseconds).
+    pub linger_ms: u64,
+    /// Cut (after the linger) when a batch would cost at most this per payment (wei).
     pub target_cost_per_payment_wei: u128,
     /// Plan a payment no later than this long before its `validBefore` (seconds): time for
     /// the transaction to be sent, included, and replaced once if stuck.
@@ -92,7 +165,7 @@ pub enum CutReason {
     Deadline,
     /// A payment waited the maximum wait.
     MaxWait,
-    /// The batch already costs no more per payment than the target.
+    /// The batch already costs no more per payment than the target (and lingered).
     CostTarget,
 }
 
@@ -108,19 +181,19 @@ impl CutReason {
     }
 }
 
-/// The planner's decision at `now`.
+/// The planner's decision at `now_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// A batch to send now, with why; `None` to wait.
     pub cut: Option<(Vec<usize>, CutReason)>,
-    /// When to decide again if nothing changes (Unix seconds); `None` if nothing waits.
-    pub wake_at: Option<u64>,
+    /// When to decide again if nothing changes (Unix milliseconds); `None` if nothing waits.
+    pub wake_at_ms: Option<u64>,
     /// Payments that can no longer be planned before their deadline margin. The caller
     /// expires them once their `validBefore` has passed on chain.
     pub too_late: Vec<usize>,
 }
 
-/// The last second at which `p` may be planned.
+/// The last second (chain time) in which `p` may be planned.
 pub fn latest_plan_time(p: &Pending, policy: &Policy) -> u64 {
     p.valid_before.saturating_sub(policy.deadline_margin_secs).saturating_sub(1)
 }
@@ -129,6 +202,10 @@ pub fn latest_plan_time(p: &Pending, policy: &Policy) -> u64 {
 /// `block.timestamp > validAfter`.
 pub fn earliest_plan_time(p: &Pending) -> u64 {
     p.valid_after.saturating_add(1)
+}
+
+fn ms(secs: u64) -> u64 {
+    secs.saturating_mul(1000)
 }
 
 /// Largest batch the caps and the policy allow (at least 1 when one payment fits at all).
@@ -144,44 +221,54 @@ pub fn capacity(gas: GasModel, caps: Caps, policy: &Policy) -> (usize, CutReason
     }
 }
 
-/// Decides what to do at `now`.
-pub fn plan(now: u64, pending: &[Pending], fees: Fees, gas: GasModel, caps: Caps, policy: &Policy) -> Plan {
+/// Decides what to do at `now_ms`.
+pub fn plan(
+    now_ms: u64,
+    pending: &[Pending],
+    fees: Fees,
+    costs: &Costs,
+    caps: Caps,
+    policy: &Policy,
+) -> Plan {
+    let now = now_ms / 1000;
     let mut too_late = Vec::new();
     let mut ready: Vec<&Pending> = Vec::new();
-    let mut wake_at: Option<u64> = None;
+    let mut wake_at_ms: Option<u64> = None;
 
     for p in pending {
         let (earliest, latest) = (earliest_plan_time(p), latest_plan_time(p, policy));
         if now > latest || earliest > latest {
             too_late.push(p.id);
         } else if now < earliest {
-            wake_at = earlier(wake_at, earliest);
+            wake_at_ms = earlier(wake_at_ms, ms(earliest));
         } else {
             ready.push(p);
         }
     }
-    let (cap, cap_reason) = capacity(gas, caps, policy);
+    let (cap, cap_reason) = capacity(costs.batch, caps, policy);
     if ready.is_empty() || cap == 0 {
-        return Plan { cut: None, wake_at, too_late };
+        return Plan { cut: None, wake_at_ms, too_late };
     }
 
     // Earliest deadline first, then oldest: whoever must go first goes first.
-    ready.sort_by_key(|p| (latest_plan_time(p, policy), p.accepted_at, p.id));
+    ready.sort_by_key(|p| (latest_plan_time(p, policy), p.accepted_at_ms, p.id));
     let take = ready.len().min(cap);
     let chosen = || ready[..take].iter().map(|p| p.id).collect::<Vec<_>>();
 
-    let first_deadline = ready.iter().map(|p| latest_plan_time(p, policy)).min().unwrap_or(u64::MAX);
-    let oldest_wait =
-        ready.iter().map(|p| p.accepted_at.max(earliest_plan_time(p))).min().unwrap_or(u64::MAX);
-    let wait_over = oldest_wait.saturating_add(policy.max_wait_secs);
+    let first_deadline = ready.iter().map(|p| ms(latest_plan_time(p, policy))).min().unwrap_or(u64::MAX);
+    let oldest =
+        ready.iter().map(|p| p.accepted_at_ms.max(ms(earliest_plan_time(p)))).min().unwrap_or(u64::MAX);
+    let wait_over = oldest.saturating_add(policy.max_wait_ms);
+    let linger_over = oldest.saturating_add(policy.linger_ms).min(wait_over);
+    let cheap = costs.cost_per_payment(take, fees) <= policy.target_cost_per_payment_wei;
 
     let reason = if ready.len() >= cap {
         Some(cap_reason)
-    } else if now >= first_deadline {
+    } else if now_ms >= first_deadline {
         Some(CutReason::Deadline)
-    } else if now >= wait_over {
+    } else if now_ms >= wait_over {
         Some(CutReason::MaxWait)
-    } else if gas.cost_per_payment(take, fees) <= policy.target_cost_per_payment_wei {
+    } else if cheap && now_ms >= linger_over {
         Some(CutReason::CostTarget)
     } else {
         None
@@ -189,9 +276,12 @@ pub fn plan(now: u64, pending: &[Pending], fees: Fees, gas: GasModel, caps: Caps
     match reason {
         Some(reason) => {
             // What is left behind decides the next wake-up.
-            Plan { cut: Some((chosen(), reason)), wake_at: Some(now), too_late }
+            Plan { cut: Some((chosen(), reason)), wake_at_ms: Some(now_ms), too_late }
         }
-        None => Plan { cut: None, wake_at: earlier(wake_at, first_deadline.min(wait_over)), too_late },
+        None => {
+            let next = first_deadline.min(if cheap { linger_over } else { wait_over });
+            Plan { cut: None, wake_at_ms: earlier(wake_at_ms, next), too_late }
+        }
     }
 }
 
@@ -201,8 +291,8 @@ fn earlier(a: Option<u64>, t: u64) -> Option<u64> {
 
 /// Learns the gas model from receipts: a least-squares line `gas = fixed + per_item · n`
 /// through the most recent batches. Until two different sizes have been seen, only the
-/// per-item part is learned (the fixed part keeps its seed). What it learns prices batches
-/// for the planner; gas *limits* never go below the seeds (see [`GasLearner::limit_model`]).
+/// per-item part is learned (the fixed part keeps its seed). The line prices batches for
+/// the planner; [`GasLearner::envelope`] sizes gas limits.
 #[derive(Debug, Clone)]
 pub struct GasLearner {
     seed: GasModel,
@@ -224,6 +314,11 @@ impl GasLearner {
             self.samples.pop_front();
         }
         self.samples.push_back((items as u64, gas_used));
+    }
+
+    /// Whether any receipt was learnt from.
+    pub fn learnt(&self) -> bool {
+        !self.samples.is_empty()
     }
 
     /// The model as learned so far (the seed before any receipt).
@@ -249,18 +344,67 @@ impl GasLearner {
         GasModel { fixed: fixed.max(21_000.0).round() as u64, per_item: per_item.max(1.0).round() as u64 }
     }
 
-    /// The model gas limits come from: the learned one, never below the seeds, so a run of
-    /// cheap batches (say, all items failing early) cannot shrink limits under what an
-    /// item may need.
-    pub fn limit_model(&self) -> GasModel {
+    /// The gas a batch of `items` may need by what was learnt, before any margin: the line
+    /// scaled by the largest ratio of gas used to the line's prediction in the window (at
+    /// least 1), so a batch that used more than the line (fresh payees, say) is covered.
+    /// `None` before the first receipt.
+    pub fn envelope(&self, items: usize) -> Option<u64> {
+        if self.samples.is_empty() {
+            return None;
+        }
         let m = self.model();
-        GasModel { fixed: m.fixed.max(self.seed.fixed), per_item: m.per_item.max(self.seed.per_item) }
+        let worst = self
+            .samples
+            .iter()
+            .map(|&(n, used)| used as f64 / m.batch_gas(n as usize).max(1) as f64)
+            .fold(1.0f64, f64::max);
+        Some((m.batch_gas(items) as f64 * worst).ceil() as u64)
+    }
+}
+
+/// The learners of one chain: one per token and shape (a direct call and a batch cost
+/// differently, and so do tokens), each starting from the seeds.
+#[derive(Debug, Clone)]
+pub struct GasBook {
+    seed: GasModel,
+    window: usize,
+    learners: std::collections::BTreeMap<(alloy::primitives::Address, Shape), GasLearner>,
+}
+
+impl GasBook {
+    pub fn new(seed: GasModel, window: usize) -> Self {
+        Self { seed, window, learners: Default::default() }
     }
 
-    /// The gas limit for a batch of `items`: the limit model plus `margin_percent`.
-    pub fn gas_limit(&self, items: usize, margin_percent: u64) -> u64 {
-        let gas = self.limit_model().batch_gas(items);
-        gas.saturating_add(gas.saturating_mul(margin_percent) / 100)
+    /// The learner for `token`'s settlements of `items` (the seeds' if none yet).
+    pub fn learner(&self, token: alloy::primitives::Address, items: usize) -> GasLearner {
+        self.learners
+            .get(&(token, Shape::of(items)))
+            .cloned()
+            .unwrap_or_else(|| GasLearner::new(self.seed, self.window))
+    }
+
+    /// A receipt of `token`'s settlement of `items` that used `gas_used`.
+    pub fn observe(&mut self, token: alloy::primitives::Address, items: usize, gas_used: u64) {
+        let (seed, window) = (self.seed, self.window);
+        self.learners
+            .entry((token, Shape::of(items)))
+            .or_insert_with(|| GasLearner::new(seed, window))
+            .observe(items, gas_used);
+    }
+
+    /// What `token`'s settlements cost by what was learnt, with the L1 fees given.
+    pub fn costs(&self, token: alloy::primitives::Address, l1: L1Fees) -> Costs {
+        Costs {
+            batch: self.learner(token, 2).model(),
+            direct_gas: self.learner(token, 1).model().batch_gas(1),
+            l1,
+        }
+    }
+
+    /// Every learner with its token and shape (for status and metrics).
+    pub fn learners(&self) -> impl Iterator<Item = (alloy::primitives::Address, Shape, &GasLearner)> {
+        self.learners.iter().map(|(&(t, s), l)| (t, s, l))
     }
 }
 
@@ -270,77 +414,132 @@ mod tests {
     use proptest::prelude::*;
 
     const GAS: GasModel = GasModel { fixed: 30_000, per_item: 45_000 };
+    const COSTS: Costs =
+        Costs { batch: GAS, direct_gas: 70_000, l1: L1Fees { direct: 0, batch_fixed: 0, batch_per_item: 0 } };
     const CAPS: Caps = Caps { tx_gas: 1 << 24, block_gas: 30_000_000 };
     const POLICY: Policy = Policy {
         max_batch_size: 100,
-        max_wait_secs: 10,
+        max_wait_ms: 10_000,
+        linger_ms: 0,
         target_cost_per_payment_wei: 50_000 * 1_000_000_000,
         deadline_margin_secs: 20,
     };
-    /// 1 gwei: a batch of one costs 75k gwei per payment, of ten 48k gwei.
+    /// 1 gwei: a batch of two costs 60k gwei per payment, of ten 48k gwei.
     const CHEAPISH: Fees = Fees { base_fee: 1_000_000_000, priority_fee: 0 };
     const EXPENSIVE: Fees = Fees { base_fee: 100_000_000_000, priority_fee: 1_000_000_000 };
 
     fn item(id: usize, accepted_at: u64, valid_before: u64) -> Pending {
-        Pending { id, accepted_at, valid_after: 0, valid_before }
+        Pending { id, accepted_at_ms: accepted_at * 1000, valid_after: 0, valid_before }
     }
 
     #[test]
     fn each_reason() {
         let now = 1_000;
+        let now_ms = now * 1000;
         // Expensive gas, young payments, far deadlines: wait, and say until when.
         let few: Vec<_> = (0..3).map(|i| item(i, now, now + 300)).collect();
-        let p = plan(now, &few, EXPENSIVE, GAS, CAPS, &POLICY);
+        let p = plan(now_ms, &few, EXPENSIVE, &COSTS, CAPS, &POLICY);
         assert_eq!(p.cut, None);
-        assert_eq!(p.wake_at, Some(now + POLICY.max_wait_secs));
-        // ... until the oldest has waited the maximum.
-        let p = plan(now + 10, &few, EXPENSIVE, GAS, CAPS, &POLICY);
+        assert_eq!(p.wake_at_ms, Some(now_ms + POLICY.max_wait_ms));
+        // ... until the oldest has waited the maximum (to the millisecond).
+        assert_eq!(plan(now_ms + 9_999, &few, EXPENSIVE, &COSTS, CAPS, &POLICY).cut, None);
+        let p = plan(now_ms + 10_000, &few, EXPENSIVE, &COSTS, CAPS, &POLICY);
         assert_eq!(p.cut, Some((vec![0, 1, 2], CutReason::MaxWait)));
         // A deadline comes first.
         let urgent = vec![item(0, now, now + 21), item(1, now, now + 300)];
-        let p = plan(now, &urgent, EXPENSIVE, GAS, CAPS, &POLICY);
+        let p = plan(now_ms, &urgent, EXPENSIVE, &COSTS, CAPS, &POLICY);
         assert_eq!(p.cut, Some((vec![0, 1], CutReason::Deadline)));
-        // Cheap gas: ten payments already meet the cost target; one does not.
+        // Cheap gas: ten payments already meet the cost target; two do not.
         let ten: Vec<_> = (0..10).map(|i| item(i, now, now + 300)).collect();
         assert_eq!(
-            plan(now, &ten, CHEAPISH, GAS, CAPS, &POLICY).cut.map(|c| c.1),
+            plan(now_ms, &ten, CHEAPISH, &COSTS, CAPS, &POLICY).cut.map(|c| c.1),
             Some(CutReason::CostTarget)
         );
-        assert_eq!(plan(now, &ten[..1], CHEAPISH, GAS, CAPS, &POLICY).cut, None);
+        assert_eq!(plan(now_ms, &ten[..2], CHEAPISH, &COSTS, CAPS, &POLICY).cut, None);
         // Size cap, then gas cap.
         let many: Vec<_> = (0..250).map(|i| item(i, now, now + 300)).collect();
-        let (ids, reason) = plan(now, &many, EXPENSIVE, GAS, CAPS, &POLICY).cut.unwrap();
+        let (ids, reason) = plan(now_ms, &many, EXPENSIVE, &COSTS, CAPS, &POLICY).cut.unwrap();
         assert_eq!((ids.len(), reason), (100, CutReason::SizeCap));
         let big = Policy { max_batch_size: 1000, ..POLICY };
         let (ids, reason) =
-            plan(now, &many[..], EXPENSIVE, GAS, Caps { tx_gas: 3_000_000, ..CAPS }, &big).cut.unwrap();
+            plan(now_ms, &many[..], EXPENSIVE, &COSTS, Caps { tx_gas: 3_000_000, ..CAPS }, &big).cut.unwrap();
         assert_eq!((ids.len(), reason), (66, CutReason::GasCap));
         // Not yet valid: wait for it; past its deadline margin: too late.
-        let later = Pending { id: 7, accepted_at: now, valid_after: now + 5, valid_before: now + 300 };
+        let later = Pending { id: 7, accepted_at_ms: now_ms, valid_after: now + 5, valid_before: now + 300 };
         let gone = item(8, now - 100, now + 20);
-        let p = plan(now, &[later, gone], EXPENSIVE, GAS, CAPS, &POLICY);
-        assert_eq!((p.cut, p.wake_at, p.too_late), (None, Some(now + 6), vec![8]));
+        let p = plan(now_ms, &[later, gone], EXPENSIVE, &COSTS, CAPS, &POLICY);
+        assert_eq!((p.cut, p.wake_at_ms, p.too_late), (None, Some((now + 6) * 1000), vec![8]));
+    }
+
+    #[test]
+    fn a_cheap_batch_lingers_for_more_payments_but_a_full_one_goes_at_once() {
+        let t0 = 5_000_000;
+        let policy = Policy { linger_ms: 250, max_batch_size: 4, ..POLICY };
+        let first = Pending { id: 0, accepted_at_ms: t0, valid_after: 0, valid_before: 10_000 };
+        // Alone and cheap: held until the linger is over, counted from the oldest payment.
+        let p = plan(t0 + 10, &[first], CHEAPISH, &Costs { direct_gas: 21_000, ..COSTS }, CAPS, &policy);
+        assert_eq!((p.cut, p.wake_at_ms), (None, Some(t0 + 250)));
+        let two = [first, Pending { id: 1, accepted_at_ms: t0 + 200, ..first }];
+        let p = plan(
+            t0 + 250,
+            &two,
+            EXPENSIVE,
+            &COSTS,
+            CAPS,
+            &Policy { target_cost_per_payment_wei: u128::MAX, ..policy },
+        );
+        assert_eq!(p.cut, Some((vec![0, 1], CutReason::CostTarget)));
+        // Full: no lingering.
+        let four: Vec<_> = (0..4).map(|id| Pending { id, ..first }).collect();
+        assert_eq!(
+            plan(t0, &four, CHEAPISH, &COSTS, CAPS, &policy).cut.map(|c| c.1),
+            Some(CutReason::SizeCap)
+        );
+        // A linger longer than the maximum wait ends with it.
+        let short = Policy { max_wait_ms: 100, target_cost_per_payment_wei: u128::MAX, ..policy };
+        assert_eq!(plan(t0, &[first], CHEAPISH, &COSTS, CAPS, &short).wake_at_ms, Some(t0 + 100));
+    }
+
+    #[test]
+    fn the_cost_model_knows_a_direct_call_from_a_batch_and_counts_the_l1_fee() {
+        let fees = Fees { base_fee: 10, priority_fee: 0 };
+        let l1 = L1Fees { direct: 1_000, batch_fixed: 2_000, batch_per_item: 500 };
+        let c = Costs { l1, ..COSTS };
+        assert_eq!(c.cost_per_payment(1, fees), 70_000 * 10 + 1_000);
+        assert_eq!(c.cost_per_payment(2, fees), ((30_000 + 90_000) * 10 + 2_000 + 1_000) / 2);
+        assert_eq!(c.cost_per_payment(0, fees), u128::MAX);
+        // An L1 fee that makes one payment too dear lets a batch of two meet the target.
+        let target = Policy { target_cost_per_payment_wei: 650_000, ..POLICY };
+        let now_ms = 1_000_000;
+        let one = [item(0, 1_000, 2_000)];
+        assert_eq!(plan(now_ms, &one, fees, &c, CAPS, &target).cut, None);
+        let two = [item(0, 1_000, 2_000), item(1, 1_000, 2_000)];
+        assert_eq!(plan(now_ms, &two, fees, &c, CAPS, &target).cut.map(|c| c.1), Some(CutReason::CostTarget));
     }
 
     fn arb_pending(n: usize) -> impl Strategy<Value = Vec<Pending>> {
-        prop::collection::vec((0u64..200, 0u64..60, 0u64..400), 0..n).prop_map(|v| {
+        prop::collection::vec((0u64..200_000, 0u64..60, 0u64..400), 0..n).prop_map(|v| {
             v.into_iter()
                 .enumerate()
-                .map(|(id, (accepted_at, after, life))| Pending {
-                    id,
-                    accepted_at,
-                    valid_after: accepted_at.saturating_sub(30) + after,
-                    valid_before: accepted_at + life,
+                .map(|(id, (accepted_at_ms, after, life))| {
+                    let accepted_at = accepted_at_ms / 1000;
+                    Pending {
+                        id,
+                        accepted_at_ms,
+                        valid_after: accepted_at.saturating_sub(30) + after,
+                        valid_before: accepted_at + life,
+                    }
                 })
                 .collect()
         })
     }
 
     fn arb_policy() -> impl Strategy<Value = Policy> {
-        (1usize..60, 0u64..30, 0u128..200_000_000_000_000, 0u64..40).prop_map(
-            |(size, wait, target, margin)| Policy {
+        (1usize..60, 0u64..30_000, 0u64..2_000, 0u128..200_000_000_000_000, 0u64..40).prop_map(
+            |(size, wait, linger, target, margin)| Policy {
                 max_batch_size: size,
-                max_wait_secs: wait,
+                max_wait_ms: wait,
+                linger_ms: linger,
                 target_cost_per_payment_wei: target,
                 deadline_margin_secs: margin,
             },
@@ -358,14 +557,15 @@ mod tests {
         /// Never over a cap; never an item outside its window; every item accounted for.
         #[test]
         fn a_cut_respects_caps_and_windows(
-            now in 0u64..500,
+            now_ms in 0u64..500_000,
             pending in arb_pending(300),
             fees in arb_fees(),
             policy in arb_policy(),
             tx_gas in 50_000u64..20_000_000,
         ) {
+            let now = now_ms / 1000;
             let caps = Caps { tx_gas, block_gas: 30_000_000 };
-            let p = plan(now, &pending, fees, GAS, caps, &policy);
+            let p = plan(now_ms, &pending, fees, &COSTS, caps, &policy);
             if let Some((ids, _)) = &p.cut {
                 prop_assert!(!ids.is_empty());
                 prop_assert!(ids.len() <= policy.max_batch_size);
@@ -380,40 +580,48 @@ mod tests {
                 let item = &pending[*id];
                 prop_assert!(now > latest_plan_time(item, &policy) || earliest_plan_time(item) > latest_plan_time(item, &policy));
             }
-            if p.cut.is_none() && let Some(w) = p.wake_at {
-                prop_assert!(w > now, "a wait wakes in the future");
+            if p.cut.is_none() && let Some(w) = p.wake_at_ms {
+                prop_assert!(w > now_ms, "a wait wakes in the future");
             }
         }
+    }
 
-        /// Run over time (a decision every second, as many cuts per second as it makes):
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Run over time (a decision every 250 ms, as many cuts each time as it makes):
         /// every payment that could be planned is planned by its deadline and by its
-        /// maximum wait; only payments that arrived too late are handed back.
+        /// maximum wait, whatever the linger; only payments that arrived too late are
+        /// handed back.
         #[test]
         fn no_payment_starves(pending in arb_pending(120), fees in arb_fees(), policy in arb_policy()) {
+            const STEP: u64 = 250;
             let mut planned_at = vec![None; pending.len()];
             let mut too_late = vec![false; pending.len()];
-            for now in 0..700u64 {
+            for step in 0..(700_000 / STEP) {
+                let now_ms = step * STEP;
                 loop {
                     let waiting: Vec<Pending> = pending
                         .iter()
-                        .filter(|p| p.accepted_at <= now && planned_at[p.id].is_none() && !too_late[p.id])
+                        .filter(|p| p.accepted_at_ms <= now_ms && planned_at[p.id].is_none() && !too_late[p.id])
                         .copied()
                         .collect();
-                    let p = plan(now, &waiting, fees, GAS, CAPS, &policy);
+                    let p = plan(now_ms, &waiting, fees, &COSTS, CAPS, &policy);
                     for id in p.too_late {
                         too_late[id] = true;
                     }
                     match p.cut {
-                        Some((ids, _)) => ids.into_iter().for_each(|id| planned_at[id] = Some(now)),
+                        Some((ids, _)) => ids.into_iter().for_each(|id| planned_at[id] = Some(now_ms)),
                         None => break,
                     }
                 }
             }
             for p in &pending {
                 let (earliest, latest) = (earliest_plan_time(p), latest_plan_time(p, &policy));
-                let start = p.accepted_at.max(earliest);
-                if start <= latest {
-                    let by = latest.min(start + policy.max_wait_secs);
+                // The first decision at or after its arrival and validity.
+                let start = p.accepted_at_ms.max(earliest * 1000).div_ceil(STEP) * STEP;
+                if start / 1000 <= latest {
+                    let by = (latest * 1000 + 999).min((start + policy.max_wait_ms).div_ceil(STEP) * STEP);
                     prop_assert!(matches!(planned_at[p.id], Some(t) if t <= by), "{p:?} planned at {:?}, due by {by}", planned_at[p.id]);
                 } else {
                     prop_assert!(too_late[p.id] && planned_at[p.id].is_none());
@@ -426,7 +634,7 @@ mod tests {
     fn gas_learner_finds_the_line() {
         let seed = GasModel { fixed: 40_000, per_item: 60_000 };
         let mut l = GasLearner::new(seed, 16);
-        assert_eq!(l.model(), seed);
+        assert_eq!((l.model(), l.envelope(10)), (seed, None));
         // One size only: the per-item part from the seed's fixed part.
         l.observe(10, 40_000 + 10 * 45_000);
         assert_eq!(l.model(), GasModel { fixed: 40_000, per_item: 45_000 });
@@ -436,9 +644,7 @@ mod tests {
         l.observe(10, 27_000 + 10 * 45_300);
         l.samples.pop_front();
         assert_eq!(l.model(), GasModel { fixed: 27_000, per_item: 45_300 });
-        // Limits never below the seeds, plus the margin.
-        assert_eq!(l.limit_model(), GasModel { fixed: 40_000, per_item: 60_000 });
-        assert_eq!(l.gas_limit(1, 50), 150_000);
+        assert_eq!(l.envelope(200), Some(27_000 + 200 * 45_300), "on the line: no more than the line");
         // The window forgets old samples.
         let mut w = GasLearner::new(seed, 2);
         for _ in 0..3 {
@@ -447,5 +653,34 @@ mod tests {
         w.observe(2, 300_000);
         w.observe(4, 500_000);
         assert_eq!(w.model(), GasModel { fixed: 100_000, per_item: 100_000 });
+    }
+
+    #[test]
+    fn the_envelope_covers_the_dearest_batch_seen() {
+        let mut l = GasLearner::new(GasModel { fixed: 40_000, per_item: 60_000 }, 16);
+        // Funded payees, then one batch of fresh ones (+22k each).
+        for n in [10, 20, 30] {
+            l.observe(n, 27_000 + n as u64 * 49_000);
+        }
+        l.observe(20, 27_000 + 20 * 71_000);
+        let line = l.model().batch_gas(20);
+        let env = l.envelope(20).unwrap();
+        assert!(env >= 27_000 + 20 * 71_000, "covers the dear batch: {env}");
+        assert!(env > line);
+    }
+
+    #[test]
+    fn the_book_learns_per_token_and_shape() {
+        use alloy::primitives::Address;
+        let seed = GasModel { fixed: 40_000, per_item: 60_000 };
+        let (a, b) = (Address::repeat_byte(1), Address::repeat_byte(2));
+        let mut book = GasBook::new(seed, 8);
+        book.observe(a, 1, 85_700);
+        book.observe(a, 10, 27_000 + 10 * 45_000);
+        book.observe(a, 20, 27_000 + 20 * 45_000);
+        let c = book.costs(a, L1Fees::default());
+        assert_eq!((c.direct_gas, c.batch), (85_700, GasModel { fixed: 27_000, per_item: 45_000 }));
+        assert_eq!(book.costs(b, L1Fees::default()).batch, seed, "another token starts from the seeds");
+        assert_eq!(book.learner(a, 1).envelope(1), Some(85_700));
     }
 }

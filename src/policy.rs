@@ -1,5 +1,5 @@
 //! The settlement policy operators tune while the daemon runs: batch size, max wait,
-//! target cost per payment, confirmation depth, deadline margin, and pause.
+//! linger, target cost per payment, confirmation depth, deadline margin, and pause.
 //!
 //! It starts from the config's `[settlement]` section and changes through the Admin
 //! service's `UpdatePolicy` or a config reload on SIGHUP. Every change is validated as a
@@ -16,6 +16,9 @@ use tokio::sync::watch;
 pub const MAX_BATCH_SIZE_LIMIT: usize = 10_000;
 /// Longest wait or margin accepted, in seconds (a day).
 pub const MAX_SECONDS_LIMIT: u64 = 86_400;
+/// Longest linger accepted, in milliseconds: a linger is a short hold for company, never a
+/// wait (that is `max_wait_ms`).
+pub const MAX_LINGER_MS: u64 = 60_000;
 /// Deepest confirmation depth accepted.
 pub const MAX_CONFIRMATIONS_LIMIT: u64 = 10_000;
 
@@ -23,7 +26,10 @@ pub const MAX_CONFIRMATIONS_LIMIT: u64 = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettlementPolicy {
     pub max_batch_size: usize,
-    pub max_wait_secs: u64,
+    /// Longest an accepted payment waits for a batch (milliseconds).
+    pub max_wait_ms: u64,
+    /// How long a cheap batch that is not full waits for more payments (milliseconds).
+    pub linger_ms: u64,
     pub target_cost_per_payment_wei: u128,
     pub confirmations: u64,
     pub deadline_margin_secs: u64,
@@ -46,7 +52,8 @@ pub(crate) fn refuse(field: &'static str, reason: impl Into<String>) -> PolicyEr
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyUpdate {
     pub max_batch_size: Option<usize>,
-    pub max_wait_secs: Option<u64>,
+    pub max_wait_ms: Option<u64>,
+    pub linger_ms: Option<u64>,
     pub target_cost_per_payment_wei: Option<u128>,
     pub confirmations: Option<u64>,
     pub deadline_margin_secs: Option<u64>,
@@ -59,8 +66,14 @@ impl SettlementPolicy {
         if self.max_batch_size == 0 || self.max_batch_size > MAX_BATCH_SIZE_LIMIT {
             return Err(refuse("max_batch_size", format!("must be 1 to {MAX_BATCH_SIZE_LIMIT}")));
         }
-        if self.max_wait_secs > MAX_SECONDS_LIMIT {
-            return Err(refuse("max_wait_secs", format!("must be at most {MAX_SECONDS_LIMIT} seconds")));
+        if self.max_wait_ms > MAX_SECONDS_LIMIT * 1000 {
+            return Err(refuse(
+                "max_wait_ms",
+                format!("must be at most {} milliseconds (a day)", MAX_SECONDS_LIMIT * 1000),
+            ));
+        }
+        if self.linger_ms > MAX_LINGER_MS {
+            return Err(refuse("linger_ms", format!("must be at most {MAX_LINGER_MS} milliseconds")));
         }
         if self.confirmations == 0 || self.confirmations > MAX_CONFIRMATIONS_LIMIT {
             return Err(refuse(
@@ -81,7 +94,8 @@ impl SettlementPolicy {
     pub fn with_update(&self, update: &PolicyUpdate) -> Result<Self, PolicyError> {
         let p = SettlementPolicy {
             max_batch_size: update.max_batch_size.unwrap_or(self.max_batch_size),
-            max_wait_secs: update.max_wait_secs.unwrap_or(self.max_wait_secs),
+            max_wait_ms: update.max_wait_ms.unwrap_or(self.max_wait_ms),
+            linger_ms: update.linger_ms.unwrap_or(self.linger_ms),
             target_cost_per_payment_wei: update
                 .target_cost_per_payment_wei
                 .unwrap_or(self.target_cost_per_payment_wei),
@@ -96,7 +110,8 @@ impl SettlementPolicy {
     /// Publishes the policy's values as gauges (at start and on every change).
     pub fn publish(&self) {
         metrics::gauge!("x402_batcher_policy_max_batch_size").set(self.max_batch_size as f64);
-        metrics::gauge!("x402_batcher_policy_max_wait_seconds").set(self.max_wait_secs as f64);
+        metrics::gauge!("x402_batcher_policy_max_wait_seconds").set(self.max_wait_ms as f64 / 1000.0);
+        metrics::gauge!("x402_batcher_policy_linger_seconds").set(self.linger_ms as f64 / 1000.0);
         metrics::gauge!("x402_batcher_policy_target_cost_per_payment_wei")
             .set(self.target_cost_per_payment_wei as f64);
         metrics::gauge!("x402_batcher_policy_confirmations").set(self.confirmations as f64);
@@ -113,7 +128,8 @@ impl SettlementPolicy {
             }
         };
         diff("max_batch_size", before.max_batch_size.to_string(), self.max_batch_size.to_string());
-        diff("max_wait_secs", before.max_wait_secs.to_string(), self.max_wait_secs.to_string());
+        diff("max_wait_ms", before.max_wait_ms.to_string(), self.max_wait_ms.to_string());
+        diff("linger_ms", before.linger_ms.to_string(), self.linger_ms.to_string());
         diff(
             "target_cost_per_payment_wei",
             before.target_cost_per_payment_wei.to_string(),
@@ -186,7 +202,8 @@ mod tests {
     fn base() -> SettlementPolicy {
         SettlementPolicy {
             max_batch_size: 200,
-            max_wait_secs: 5,
+            max_wait_ms: 5_000,
+            linger_ms: 250,
             target_cost_per_payment_wei: 1,
             confirmations: 3,
             deadline_margin_secs: 10,
@@ -207,7 +224,8 @@ mod tests {
             (PolicyUpdate { max_batch_size: Some(0), ..Default::default() }, "max_batch_size"),
             (PolicyUpdate { max_batch_size: Some(10_001), ..Default::default() }, "max_batch_size"),
             (PolicyUpdate { confirmations: Some(0), ..Default::default() }, "confirmations"),
-            (PolicyUpdate { max_wait_secs: Some(86_401), ..Default::default() }, "max_wait_secs"),
+            (PolicyUpdate { max_wait_ms: Some(86_400_001), ..Default::default() }, "max_wait_ms"),
+            (PolicyUpdate { linger_ms: Some(60_001), ..Default::default() }, "linger_ms"),
             (
                 PolicyUpdate { deadline_margin_secs: Some(u64::MAX), ..Default::default() },
                 "deadline_margin_secs",

@@ -25,6 +25,7 @@ use crate::ingest::{Decision, Ingest, Intent, SubmitError};
 use crate::ledger::Repeat;
 use crate::ledger::{AuthKey, LedgerHandle, PaymentId};
 use crate::policy::PolicyHandle;
+use crate::settle::StatusBoard;
 use crate::x402::decode;
 
 /// Requests of one SubmitStream decided concurrently: enough to keep both verify threads
@@ -45,12 +46,18 @@ pub struct Services {
     /// Turns true when the daemon starts draining: long-lived streams end.
     shutdown: watch::Receiver<bool>,
     policy: PolicyHandle,
+    board: StatusBoard,
 }
 
 impl Services {
-    pub fn new(ingest: Arc<Ingest>, shutdown: watch::Receiver<bool>, policy: PolicyHandle) -> Self {
+    pub fn new(
+        ingest: Arc<Ingest>,
+        shutdown: watch::Receiver<bool>,
+        policy: PolicyHandle,
+        board: StatusBoard,
+    ) -> Self {
         let ledger = ingest.ledger().clone();
-        Self { ingest, ledger, started: Instant::now(), shutdown, policy }
+        Self { ingest, ledger, started: Instant::now(), shutdown, policy, board }
     }
 }
 
@@ -303,6 +310,7 @@ impl v1::payments_server::Payments for Services {
 impl v1::admin_server::Admin for Services {
     async fn get_status(&self, _: Request<v1::GetStatusRequest>) -> Result<Response<v1::Status>, Status> {
         let ledger = self.ledger.ledger();
+        let chains = self.board.chains();
         Ok(Response::new(v1::Status {
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -311,8 +319,8 @@ impl v1::admin_server::Admin for Services {
             verify_queue_depth: self.ingest.pool().queue_depth() as u64,
             pending_payments: ledger.pending(),
             ledger_seq: ledger.last_seq(),
-            chains: Vec::new(),
-            settlers: Vec::new(),
+            chains: chains.iter().map(api::chain_status).collect(),
+            settlers: chains.iter().flat_map(api::settler_statuses).collect(),
         }))
     }
 

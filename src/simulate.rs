@@ -19,6 +19,17 @@ pub struct ItemFailure {
     pub message: String,
 }
 
+/// The message of an item that reverted with no data at all: what an inner call that ran
+/// out of gas returns (a token refusal always says why).
+const NO_DATA: &str = "reverted without data (out of gas, or a revert without a reason)";
+
+impl ItemFailure {
+    /// Whether the item may only have run short of gas: it reverted without any data.
+    pub fn maybe_out_of_gas(&self) -> bool {
+        self.reason == Reason::UnexpectedSettleError && self.message == NO_DATA
+    }
+}
+
 /// The token's revert strings and the x402 reason each means. Anything else is an
 /// unexpected settlement error carrying the token's message.
 const REVERTS: &[(&str, Reason)] = &[
@@ -39,6 +50,9 @@ pub fn classify(revert_data: &[u8]) -> ItemFailure {
                 .find(|(needle, _)| message.contains(needle))
                 .map_or(Reason::UnexpectedSettleError, |&(_, r)| r);
             ItemFailure { reason, message }
+        }
+        Err(_) if revert_data.is_empty() => {
+            ItemFailure { reason: Reason::UnexpectedSettleError, message: NO_DATA.to_owned() }
         }
         Err(_) => ItemFailure {
             reason: Reason::UnexpectedSettleError,
@@ -91,5 +105,8 @@ mod tests {
         let odd = classify(&[0xde, 0xad]);
         assert_eq!(odd.reason, Reason::UnexpectedSettleError);
         assert!(odd.message.contains("0xdead"), "{}", odd.message);
+        assert!(!odd.maybe_out_of_gas());
+        assert!(classify(&[]).maybe_out_of_gas(), "no data at all: perhaps out of gas");
+        assert!(!classify(&data("")).maybe_out_of_gas(), "an empty reason is still a reason");
     }
 }

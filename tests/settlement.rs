@@ -164,7 +164,7 @@ async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
         let s = setup(1).await;
         // Wait long enough for the test to spoil three payments before any batch is cut.
         let d = daemon(&s, |c| {
-            c.settlement.max_wait_secs = 4;
+            c.settlement.max_wait_ms = Some(4_000);
             c.settlement.target_cost_per_payment_wei = 0;
             c.admission.min_validity_remaining_secs = 1;
         })
@@ -294,7 +294,7 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
     tokio::time::timeout(LIMIT, async {
         let s = setup(1).await;
         let d = daemon(&s, |c| {
-            c.settlement.max_wait_secs = 3;
+            c.settlement.max_wait_ms = Some(3_000);
             c.settlement.max_fee_per_gas_wei = 1_000_000_000_000;
         })
         .await;

@@ -21,8 +21,14 @@ pub const DEFAULT_SETTLE_POLL_MS: u64 = 1_000;
 /// small while staying far below the 2^24 gas cap.
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 200;
 
-/// Longest an accepted payment waits for a batch when gas is expensive.
-pub const DEFAULT_MAX_WAIT_SECS: u64 = 5;
+/// Longest an accepted payment waits for a batch when gas is expensive (milliseconds).
+pub const DEFAULT_MAX_WAIT_MS: u64 = 5_000;
+
+/// How long a batch that already meets the cost target, but is not full, waits for more
+/// payments (milliseconds, from its oldest payment). A quarter of a second costs little
+/// latency against 1-2 s blocks and lets a burst share one transaction instead of the first
+/// payment leaving alone.
+pub const DEFAULT_LINGER_MS: u64 = 250;
 
 /// Cut a batch at once when it costs at most this per payment: 1e14 wei (0.0001 ETH). At
 /// 1 gwei a payment alone costs ~7e13 wei, so cheap gas means small batches at once; at a
@@ -52,10 +58,16 @@ pub const DEFAULT_FEE_BUMP_PERCENT: u64 = 25;
 pub const DEFAULT_FIXED_GAS: u64 = 40_000;
 pub const DEFAULT_ITEM_GAS: u64 = 60_000;
 
-/// Headroom of a batch's gas limit over the gas model, in percent. The limit must never
-/// under-fund an item (the item would fail silently inside a successful transaction);
-/// unused gas is not paid for.
-pub const DEFAULT_GAS_LIMIT_MARGIN_PERCENT: u64 = 50;
+/// Headroom of a batch's gas limit over what receipts taught (the dearest batch seen, see
+/// [`GasLearner::envelope`]), in percent: covers the gas a refund hides from a receipt and
+/// state that changed since. Every batch is simulated at its own limit before it is sent,
+/// and one whose items would run short is sent with the seed limit instead.
+pub const DEFAULT_GAS_LIMIT_MARGIN_PERCENT: u64 = 20;
+
+/// Headroom over the seeds, before the first receipt of a token (and the fallback limit):
+/// generous, because nothing is known yet. Unused gas is not paid for, but the settler must
+/// hold limit × max fee.
+pub const DEFAULT_SEED_GAS_MARGIN_PERCENT: u64 = 50;
 
 /// The settlement engine: settler accounts, batching policy, fees, confirmations.
 #[derive(Clone, Deserialize)]
@@ -72,8 +84,12 @@ pub struct SettlementConfig {
     pub poll_interval_ms: u64,
     /// See [`DEFAULT_MAX_BATCH_SIZE`].
     pub max_batch_size: usize,
-    /// See [`DEFAULT_MAX_WAIT_SECS`].
-    pub max_wait_secs: u64,
+    /// See [`DEFAULT_MAX_WAIT_MS`].
+    pub max_wait_ms: Option<u64>,
+    /// The same in whole seconds, as older configs say it (one or the other).
+    pub max_wait_secs: Option<u64>,
+    /// See [`DEFAULT_LINGER_MS`].
+    pub linger_ms: u64,
     /// See [`DEFAULT_TARGET_COST_PER_PAYMENT_WEI`]; a decimal string.
     #[serde(deserialize_with = "decimal_u128")]
     pub target_cost_per_payment_wei: u128,
@@ -97,6 +113,8 @@ pub struct SettlementConfig {
     pub item_gas: u64,
     /// See [`DEFAULT_GAS_LIMIT_MARGIN_PERCENT`].
     pub gas_limit_margin_percent: u64,
+    /// See [`DEFAULT_SEED_GAS_MARGIN_PERCENT`].
+    pub seed_gas_margin_percent: u64,
 }
 
 impl std::fmt::Debug for SettlementConfig {
@@ -119,7 +137,9 @@ impl Default for SettlementConfig {
             confirmations: DEFAULT_CONFIRMATIONS,
             poll_interval_ms: DEFAULT_SETTLE_POLL_MS,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
-            max_wait_secs: DEFAULT_MAX_WAIT_SECS,
+            max_wait_ms: None,
+            max_wait_secs: None,
+            linger_ms: DEFAULT_LINGER_MS,
             target_cost_per_payment_wei: DEFAULT_TARGET_COST_PER_PAYMENT_WEI,
             deadline_margin_secs: DEFAULT_DEADLINE_MARGIN_SECS,
             max_fee_per_gas_wei: DEFAULT_MAX_FEE_PER_GAS_WEI,
@@ -130,6 +150,7 @@ impl Default for SettlementConfig {
             fixed_gas: DEFAULT_FIXED_GAS,
             item_gas: DEFAULT_ITEM_GAS,
             gas_limit_margin_percent: DEFAULT_GAS_LIMIT_MARGIN_PERCENT,
+            seed_gas_margin_percent: DEFAULT_SEED_GAS_MARGIN_PERCENT,
         }
     }
 }
@@ -139,7 +160,8 @@ impl SettlementConfig {
     pub fn policy(&self) -> SettlementPolicy {
         SettlementPolicy {
             max_batch_size: self.max_batch_size,
-            max_wait_secs: self.max_wait_secs,
+            max_wait_ms: self.max_wait_ms(),
+            linger_ms: self.linger_ms,
             target_cost_per_payment_wei: self.target_cost_per_payment_wei,
             confirmations: self.confirmations,
             deadline_margin_secs: self.deadline_margin_secs,
@@ -152,18 +174,38 @@ impl SettlementConfig {
         GasModel { fixed: self.fixed_gas, per_item: self.item_gas }
     }
 
-    /// The gas limit of a batch of `items` under what `learner` has learnt (never below
-    /// the seeds), plus the margin, within the per-transaction cap. Estimation is never
-    /// used: `eth_estimateGas` under-funds small `allowFailure` batches (an inner call runs
-    /// out of gas while the outer call succeeds).
-    pub fn gas_limit(&self, learner: &GasLearner, items: usize) -> u64 {
-        learner.gas_limit(items, self.gas_limit_margin_percent).min(self.tx_gas_cap)
+    /// The maximum wait in milliseconds, however the config said it.
+    pub fn max_wait_ms(&self) -> u64 {
+        match (self.max_wait_ms, self.max_wait_secs) {
+            (Some(ms), _) => ms,
+            (None, Some(secs)) => secs.saturating_mul(1000),
+            (None, None) => DEFAULT_MAX_WAIT_MS,
+        }
     }
 
-    /// The gas limit of a batch of `items` before anything is learnt (the devnet's batches
-    /// and tests send with it).
+    /// The gas limit of a settlement of `items` under what `learner` has learnt: its
+    /// envelope plus `gas_limit_margin_percent`, or the seeds' limit before any receipt;
+    /// within the per-transaction cap. Estimation is never used:
+    /// `eth_estimateGas` under-funds small `allowFailure` batches (an inner call runs out of
+    /// gas while the outer call succeeds).
+    pub fn gas_limit(&self, learner: &GasLearner, items: usize) -> u64 {
+        self.gas_need(learner, items).min(self.tx_gas_cap)
+    }
+
+    /// [`Self::gas_limit`] before the per-transaction cap: what a settlement of `items`
+    /// would ask for (the planner keeps batches small enough that it fits).
+    pub fn gas_need(&self, learner: &GasLearner, items: usize) -> u64 {
+        match learner.envelope(items) {
+            Some(gas) => with_margin(gas, self.gas_limit_margin_percent),
+            None => with_margin(self.seed_gas().batch_gas(items), self.seed_gas_margin_percent),
+        }
+    }
+
+    /// The gas limit of a settlement of `items` before anything is learnt, and the limit a
+    /// batch falls back to when its simulation at the learnt limit runs short (the
+    /// devnet's batches and tests send with it too).
     pub fn seed_gas_limit(&self, items: usize) -> u64 {
-        self.gas_limit(&GasLearner::new(self.seed_gas(), 2), items)
+        with_margin(self.seed_gas().batch_gas(items), self.seed_gas_margin_percent).min(self.tx_gas_cap)
     }
 
     /// Whether settler keys are configured (without them the daemon accepts and holds).
@@ -175,6 +217,9 @@ impl SettlementConfig {
         let f = |name: &str| format!("settlement.{name}");
         // The runtime-tunable fields obey the same bounds as a change through Admin.
         self.policy().validate().map_err(|e| invalid(f(e.field), e.reason))?;
+        if self.max_wait_ms.is_some() && self.max_wait_secs.is_some() {
+            return Err(invalid(f("max_wait_secs"), "set max_wait_ms or max_wait_secs, not both"));
+        }
         if self.poll_interval_ms == 0 {
             return Err(invalid(f("poll_interval_ms"), "must be at least 1"));
         }
@@ -203,6 +248,10 @@ impl SettlementConfig {
     }
 }
 
+fn with_margin(gas: u64, percent: u64) -> u64 {
+    gas.saturating_add(gas.saturating_mul(percent) / 100)
+}
+
 fn decimal_u128<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
     let s = String::deserialize(d)?;
     s.parse::<u128>().map_err(|_| serde::de::Error::custom(format!("{s:?} is not a decimal integer of wei")))
@@ -216,11 +265,35 @@ mod tests {
     fn the_seed_gas_limit_has_its_margin_and_stays_within_the_transaction_cap() {
         let c = SettlementConfig::default();
         let one = DEFAULT_FIXED_GAS + DEFAULT_ITEM_GAS;
-        assert_eq!(c.seed_gas_limit(1), one + one * DEFAULT_GAS_LIMIT_MARGIN_PERCENT / 100);
+        assert_eq!(c.seed_gas_limit(1), one + one * DEFAULT_SEED_GAS_MARGIN_PERCENT / 100);
         assert_eq!(c.seed_gas_limit(1_000_000), crate::chain::TX_GAS_CAP);
+        let learner = GasLearner::new(c.seed_gas(), 4);
+        assert_eq!(c.gas_limit(&learner, 7), c.seed_gas_limit(7), "the seeds until a receipt");
+    }
+
+    #[test]
+    fn a_learnt_gas_limit_is_the_envelope_plus_the_margin() {
+        let c = SettlementConfig::default();
         let mut learner = GasLearner::new(c.seed_gas(), 4);
-        learner.observe(10, 300_000);
-        learner.observe(10, 300_000);
-        assert_eq!(c.gas_limit(&learner, 1), c.seed_gas_limit(1), "never below the seeds");
+        learner.observe(200, 27_000 + 200 * 45_000);
+        learner.observe(100, 27_000 + 100 * 45_000);
+        let used = 27_000 + 200 * 45_000;
+        assert_eq!(c.gas_limit(&learner, 200), used + used * DEFAULT_GAS_LIMIT_MARGIN_PERCENT / 100);
+        assert!(c.gas_limit(&learner, 200) * 100 <= used * 125, "within 1.25x of what it uses");
+        let mut dear = GasLearner::new(c.seed_gas(), 4);
+        dear.observe(1, 500_000);
+        assert_eq!(c.gas_limit(&dear, 1), 600_000, "above the seeds when the token costs more");
+    }
+
+    #[test]
+    fn the_maximum_wait_is_said_in_milliseconds_or_in_seconds_but_not_both() {
+        let mut c = SettlementConfig::default();
+        assert_eq!(c.max_wait_ms(), DEFAULT_MAX_WAIT_MS);
+        c.max_wait_secs = Some(2);
+        assert_eq!(c.max_wait_ms(), 2_000);
+        c.max_wait_ms = Some(1_500);
+        assert!(c.validate().unwrap_err().to_string().contains("max_wait_secs"));
+        c.max_wait_secs = None;
+        assert_eq!((c.validate().is_ok(), c.policy().max_wait_ms), (true, 1_500));
     }
 }

@@ -32,6 +32,11 @@ pub struct ChainConfig {
     /// HTTP(S) JSON-RPC URL. May embed an API key: errors that quote it are redacted
     /// before they are logged or sent to clients (`chain::RpcEndpoint::redact`).
     pub rpc_url: String,
+    /// An OP-stack chain (Base, Optimism, ...): each transaction also pays an L1 data fee,
+    /// read from the `GasPriceOracle` predeploy, and the planner counts it in the cost of
+    /// a batch.
+    #[serde(default)]
+    pub op_stack: bool,
 }
 
 /// A configured token, ready for verification.

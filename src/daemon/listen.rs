@@ -66,7 +66,8 @@ pub(super) async fn serve(
         );
         (f, listener)
     });
-    let services = Services::new(Arc::clone(&ingest), drain_rx.clone(), access.policy.clone());
+    let services =
+        Services::new(Arc::clone(&ingest), drain_rx.clone(), access.policy.clone(), access.board.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::ingest_server::IngestServer<Services>>().await;
     // Reflection on both listeners (grpcurl needs it), behind each listener's gate.

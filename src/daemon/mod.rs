@@ -146,7 +146,7 @@ pub async fn serve(
     let access = start::Access::new(&config)?;
     let endpoints = start::chains(&config).await?;
     let core = start::Core::open(&config, &path, &endpoints, &clock)?;
-    let engines = start::engines(&config, &endpoints, &core, &clock, &access.policy)?;
+    let engines = start::engines(&config, &endpoints, &core, &clock, &access)?;
     let supported = crate::facilitator::supported(&core.tokens, &config.network_aliases, &engines.settlers);
     let ingest = start::ingest(&config, &core, clock);
     let reload = hangup.map(|(source, hangup)| {

@@ -23,7 +23,7 @@ use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
 use crate::ingest::Ingest;
 use crate::ledger::{Ledger, LedgerHandle, LedgerStore};
 use crate::policy::PolicyHandle;
-use crate::settle::{Engine, RpcChain};
+use crate::settle::{Engine, RpcChain, StatusBoard};
 use crate::verify::VerifyPool;
 
 /// How long shutdown waits for a settlement round in progress.
@@ -56,6 +56,8 @@ pub(super) async fn metrics(config: &Config) -> Result<Option<JoinHandle<()>>, D
 /// Who may call, over what, under which runtime policy.
 pub(super) struct Access {
     pub policy: PolicyHandle,
+    /// What each settlement engine last saw (Admin `GetStatus`).
+    pub board: StatusBoard,
     pub auth: Arc<Auth>,
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
@@ -69,7 +71,12 @@ impl Access {
                 "no [[credentials]] configured: calls are not authenticated (the listeners are on loopback)"
             );
         }
-        Ok(Access { policy: PolicyHandle::new(config.settlement.policy()), auth, tls })
+        Ok(Access {
+            policy: PolicyHandle::new(config.settlement.policy()),
+            board: StatusBoard::default(),
+            auth,
+            tls,
+        })
     }
 }
 
@@ -166,7 +173,7 @@ pub(super) fn engines(
     endpoints: &HashMap<u64, RpcEndpoint>,
     core: &Core,
     clock: &Arc<dyn Clock>,
-    policy: &PolicyHandle,
+    access: &Access,
 ) -> Result<Engines, DaemonError> {
     let (stop, stopped) = watch::channel(false);
     if !config.settlement.enabled() {
@@ -181,20 +188,23 @@ pub(super) fn engines(
     let chains: BTreeSet<u64> = core.tokens.iter().map(|t| t.domain.chain_id).collect();
     let mut tasks = Vec::new();
     for chain_id in chains {
+        let op_stack = config.chains.iter().any(|c| c.chain_id == chain_id && c.op_stack);
         let engine = Engine::new(
-            RpcChain::new(endpoints[&chain_id].clone()),
+            RpcChain::new(endpoints[&chain_id].clone()).op_stack(op_stack),
             core.writer.clone(),
             Arc::clone(clock),
             Some(core.balances.clone()),
             &signers,
             config.settlement.clone(),
-            policy.subscribe(),
+            access.policy.subscribe(),
         )
-        .map_err(|source| DaemonError::Settle { chain_id, source })?;
+        .map_err(|source| DaemonError::Settle { chain_id, source })?
+        .with_board(access.board.clone());
         tracing::info!(
             chain_id,
             ?settlers,
             confirmations = config.settlement.confirmations,
+            op_stack,
             "settlement engine started"
         );
         tasks.push(tokio::spawn(engine.run(stopped.clone())));

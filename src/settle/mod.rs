@@ -41,6 +41,7 @@
 //! | `outcome.rs` | a receipt → each payment's outcome and evidence (the one fee-share rule) |
 //! | `plan.rs` | expiry, which settlers are idle, cutting a batch and recording it |
 //! | `sign.rs` | the fee of a (replacement) transaction, and signing it |
+//! | `status.rs` | what the engine last saw, published for operators |
 //!
 //! Each decision is a plain function of what was read (receipts, heads, the clock) that
 //! returns what to write or send, with unit tests; the `impl Engine` blocks beside them do
@@ -55,6 +56,7 @@ mod plan;
 mod round;
 pub mod rpc;
 mod sign;
+mod status;
 mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,13 +69,14 @@ use tokio::sync::watch;
 pub use keys::{KeyError, load as load_keys, write_file as write_key_file};
 pub use outcome::{fee_share, gas_share};
 pub use rpc::{Chain, FeeReading, Head, Receipt, RpcChain};
+pub use status::{ChainView, SettlerView, StatusBoard, TokenView};
 
 use crate::balance::BalanceCache;
 use crate::chain::RpcError;
 use crate::clock::Clock;
 use crate::config::SettlementConfig;
 use crate::ledger::{BatchRecord, LedgerError, LedgerHandle};
-use crate::planner::GasLearner;
+use crate::planner::{GasBook, L1Fees};
 use crate::policy::SettlementPolicy;
 use crate::telemetry::ChainMetrics;
 
@@ -130,7 +133,17 @@ pub struct Engine<C: Chain = RpcChain> {
     balances: Option<BalanceCache>,
     settlers: Vec<Settler>,
     config: SettlementConfig,
-    learner: GasLearner,
+    /// What settlements cost, learnt per token and shape from receipts.
+    gas: GasBook,
+    /// The L1 data fees last read per token (OP-stack chains).
+    l1: BTreeMap<Address, L1Fees>,
+    /// When the planner asked to decide again (a linger or a wait ending before the next
+    /// poll), Unix milliseconds.
+    wake_at_ms: Option<u64>,
+    /// Where this engine's view is published for operators, and the view's settler parts
+    /// read every few seconds.
+    board: StatusBoard,
+    settler_views: BTreeMap<Address, SettlerView>,
     /// Batches not yet done or abandoned, by counter.
     open: BTreeMap<u64, BatchRecord>,
     next_counter: u64,

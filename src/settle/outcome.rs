@@ -172,7 +172,7 @@ impl<C: Chain> Engine<C> {
             }
         }
         if judged.unsettled.is_empty() && receipt.success && !batch.items.is_empty() {
-            self.learner.observe(batch.items.len(), receipt.gas_used);
+            self.gas.observe(batch.token, batch.items.len(), receipt.gas_used);
             self.metrics.batch_gas_per_payment.record(receipt.gas_used as f64 / batch.items.len() as f64);
         }
         batch.status = BatchStatus::Included;
@@ -214,7 +214,8 @@ impl<C: Chain> Engine<C> {
     ) -> Result<TransitionRequest, SettleError> {
         let mut t = TransitionRequest::new(record.key(), Status::Accepted, now_ms);
         t.only_from = Some(record.status);
-        let gas = self.batch_gas_limit(1);
+        // Generous: only whether the token would take it matters here.
+        let gas = self.config.seed_gas_limit(1);
         let sim = self.read(self.chain.simulate(std::slice::from_ref(&record.signed), gas).await)?;
         match sim.into_iter().next() {
             None | Some(Ok(())) => {

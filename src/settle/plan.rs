@@ -13,8 +13,9 @@ use crate::config::SettlementConfig;
 use crate::ledger::{
     ApplyRequest, BatchRecord, BatchStatus, LedgerError, PaymentRecord, Status, TransitionRequest,
 };
-use crate::planner::{self, Caps, CutReason, Fees, GasLearner, Pending, Policy};
-use crate::x402::Reason;
+use crate::planner::{self, Caps, CutReason, Fees, GasLearner, Pending, Policy, Shape};
+use crate::simulate::ItemFailure;
+use crate::x402::{Reason, SignedAuthorization};
 
 /// Splits accepted payments into those the chain can no longer take (their `validBefore`
 /// is at or before the head's time), as expiry transitions, and the live ones.
@@ -55,8 +56,8 @@ fn idle_settlers(settlers: &[Settler], open: &BTreeMap<u64, BatchRecord>, next: 
         .collect()
 }
 
-/// Caps for the planner such that the batches it plans get a gas limit (the limit model
-/// plus margin) within the per-transaction and block gas caps.
+/// Caps for the planner such that the batches it plans get a gas limit (see
+/// [`SettlementConfig::gas_limit`]) within the per-transaction and block gas caps.
 pub(super) fn caps(
     config: &SettlementConfig,
     learner: &GasLearner,
@@ -64,12 +65,11 @@ pub(super) fn caps(
     block_gas_limit: u64,
 ) -> Caps {
     let cap = config.tx_gas_cap.min(block_gas_limit.max(1));
-    let margin = config.gas_limit_margin_percent;
-    // Largest n whose limit fits (the limit is linear in n: a short search).
+    // Largest n whose limit fits (the limit grows with n: a short search).
     let (mut lo, mut hi) = (0usize, max_batch_size);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
-        if learner.gas_limit(mid, margin) <= cap {
+        if config.gas_need(learner, mid) <= cap {
             lo = mid;
         } else {
             hi = mid - 1;
@@ -86,7 +86,7 @@ fn pending(records: &[PaymentRecord]) -> Vec<Pending> {
         .enumerate()
         .map(|(i, r)| Pending {
             id: i,
-            accepted_at: r.accepted_at_ms / 1000,
+            accepted_at_ms: r.accepted_at_ms,
             valid_after: saturate(r.signed.authorization.valid_after),
             valid_before: saturate(r.signed.authorization.valid_before),
         })
@@ -115,7 +115,8 @@ impl<C: Chain> Engine<C> {
             return Ok(());
         }
         let now_ms = self.now_ms();
-        let now = (now_ms / 1000).max(head.timestamp);
+        // Chain time ahead of the clock (a devnet's, or a skewed node's) decides windows.
+        let plan_ms = now_ms.max(head.timestamp.saturating_mul(1000));
         let (expired, live) = expire(accepted, head, now_ms);
         if !expired.is_empty() {
             let results =
@@ -138,17 +139,28 @@ impl<C: Chain> Engine<C> {
         }
         let policy = Policy {
             max_batch_size: self.policy.max_batch_size,
-            max_wait_secs: self.policy.max_wait_secs,
+            max_wait_ms: self.policy.max_wait_ms,
+            linger_ms: self.policy.linger_ms,
             target_cost_per_payment_wei: self.policy.target_cost_per_payment_wei,
             deadline_margin_secs: self.policy.deadline_margin_secs,
         };
-        let model = self.learner.model();
-        let caps = caps(&self.config, &self.learner, self.policy.max_batch_size, head.gas_limit);
         let affordable = fees.per_gas() <= self.config.max_fee_per_gas_wei;
         for (token, mut records) in by_token {
+            self.read_l1_fees(token, &records[0]).await;
+            let costs = self.costs(token);
+            let caps =
+                caps(&self.config, &self.gas.learner(token, 2), self.policy.max_batch_size, head.gas_limit);
             while !records.is_empty() && !idle.is_empty() {
-                let plan = planner::plan(now, &pending(&records), fees, model, caps, &policy);
-                let Some((ids, reason)) = plan.cut else { break };
+                let plan = planner::plan(plan_ms, &pending(&records), fees, &costs, caps, &policy);
+                let Some((ids, reason)) = plan.cut else {
+                    // Decide again when the planner said (a linger or a wait ending), if
+                    // that comes before the next poll.
+                    if let Some(at) = plan.wake_at_ms {
+                        let at = at.saturating_sub(plan_ms - now_ms);
+                        self.wake_at_ms = Some(self.wake_at_ms.map_or(at, |w| w.min(at)));
+                    }
+                    break;
+                };
                 if !affordable {
                     tracing::warn!(
                         chain_id = self.chain_id,
@@ -170,6 +182,49 @@ impl<C: Chain> Engine<C> {
         Ok(())
     }
 
+    /// Reads the L1 data fees of `token`'s settlements (OP-stack chains; zero elsewhere).
+    /// A failed read keeps the last fees known: the planner prices a little off, nothing
+    /// else depends on them.
+    async fn read_l1_fees(&mut self, token: Address, sample: &PaymentRecord) {
+        match self.chain.l1_fees(&sample.signed).await {
+            Ok(fees) => {
+                self.l1.insert(token, fees);
+            }
+            Err(e) => {
+                self.metrics.rpc_error(e.call);
+                tracing::warn!(chain_id = self.chain_id, %token, "cannot read the L1 data fee; keeping the last known: {e}");
+            }
+        }
+    }
+
+    /// Simulates `signed` as one settlement at the limit it would be sent with. When that
+    /// is a learnt limit and an item reverted without data (perhaps out of gas), simulates
+    /// again at the seeds' limit and sends with that: a learnt limit never under-funds an
+    /// item, and never turns a payment that would settle into a failure.
+    async fn simulate_at_limit(
+        &self,
+        token: Address,
+        signed: &[SignedAuthorization],
+    ) -> Result<(Vec<Result<(), ItemFailure>>, u64), SettleError> {
+        let limit = self.gas_limit(token, signed.len());
+        let sim = self.read(self.chain.simulate(signed, limit).await)?;
+        let seed = self.config.seed_gas_limit(signed.len());
+        if limit < seed && sim.iter().any(|r| r.as_ref().is_err_and(ItemFailure::maybe_out_of_gas)) {
+            tracing::warn!(
+                chain_id = self.chain_id,
+                %token,
+                items = signed.len(),
+                learnt_limit = limit,
+                seed_limit = seed,
+                "an item may run short of gas at the learnt limit; sending with the seeds' limit"
+            );
+            self.metrics.gas_limit_fallbacks.increment(1);
+            let sim = self.read(self.chain.simulate(signed, seed).await)?;
+            return Ok((sim, seed));
+        }
+        Ok((sim, limit))
+    }
+
     /// Pre-simulates a cut, fails what the token would refuse, then signs, records and
     /// sends a batch of the rest.
     #[allow(clippy::too_many_arguments)]
@@ -185,8 +240,7 @@ impl<C: Chain> Engine<C> {
     ) -> Result<(), SettleError> {
         let now_ms = self.now_ms();
         let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
-        let gas = self.batch_gas_limit(signed.len());
-        let sim = self.read(self.chain.simulate(&signed, gas).await)?;
+        let (sim, gas_limit) = self.simulate_at_limit(token, &signed).await?;
         let mut refusals = Vec::new();
         let mut items = Vec::new();
         for (record, outcome) in records.into_iter().zip(sim) {
@@ -223,6 +277,8 @@ impl<C: Chain> Engine<C> {
             return Ok(());
         }
 
+        // Items refused: the rest keep the limit they were simulated with, proven enough for
+        // them together with the refused ones (a little generous, on a rare path).
         let counter = self.next_counter;
         self.next_counter += 1;
         let nonce = self.read(self.chain.nonce(settler).await)?;
@@ -237,7 +293,7 @@ impl<C: Chain> Engine<C> {
             attempts: Vec::new(),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
-            gas_limit: self.batch_gas_limit(items.len()),
+            gas_limit,
             inclusion: None,
         };
         let attempt = self.sign(&batch, nonce, fees, None, head).await?;
@@ -265,6 +321,7 @@ impl<C: Chain> Engine<C> {
         tracing::info!(
             batch = %batch.id(),
             items = batch.items.len(),
+            shape = Shape::of(batch.items.len()).as_str(),
             reason = reason.as_str(),
             %settler,
             nonce,
@@ -340,7 +397,7 @@ mod tests {
         let caps = caps(&config, &learner, 500, 30_000_000);
         let fits = (0..500).take_while(|&n| learner.model().batch_gas(n) <= caps.tx_gas).last().unwrap();
         assert!(config.gas_limit(&learner, fits) <= 1_000_000);
-        assert!(learner.gas_limit(fits + 1, config.gas_limit_margin_percent) > 1_000_000);
+        assert!(config.gas_need(&learner, fits + 1) > 1_000_000);
         let roomy = super::caps(&config, &learner, 5, 30_000_000);
         assert_eq!(roomy.tx_gas, u64::MAX, "a full batch fits: no gas cap for the planner");
         let small_block = super::caps(&config, &learner, 500, 200_000);

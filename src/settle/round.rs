@@ -13,7 +13,7 @@ use futures::FutureExt as _;
 use tokio::sync::watch;
 
 use super::rpc::{Chain, Head};
-use super::{Engine, RoundReport, SettleError, Settler};
+use super::{ChainView, Engine, RoundReport, SettleError, Settler, StatusBoard, TokenView};
 use crate::balance::BalanceCache;
 use crate::chain::RpcError;
 use crate::clock::Clock;
@@ -21,7 +21,7 @@ use crate::config::SettlementConfig;
 use crate::ledger::{
     ApplyRequest, ApplyResults, BatchRecord, BatchStatus, LedgerError, LedgerHandle, PaymentRecord, Status,
 };
-use crate::planner::{Fees, GasLearner, GasModel};
+use crate::planner::{Costs, Fees, GasBook};
 use crate::policy::SettlementPolicy;
 use crate::telemetry::ChainMetrics;
 
@@ -74,7 +74,11 @@ impl<C: Chain> Engine<C> {
             clock,
             balances,
             settlers,
-            learner: GasLearner::new(config.seed_gas(), GAS_WINDOW),
+            gas: GasBook::new(config.seed_gas(), GAS_WINDOW),
+            l1: BTreeMap::new(),
+            wake_at_ms: None,
+            board: StatusBoard::default(),
+            settler_views: BTreeMap::new(),
             config,
             open,
             next_counter,
@@ -88,14 +92,24 @@ impl<C: Chain> Engine<C> {
         })
     }
 
-    /// Runs rounds every `poll_interval_ms` until `stop` turns true. A failed round is
-    /// logged and the next one starts from what the ledger holds.
+    /// Publishes this engine's view on `board` after every round (Admin `GetStatus`).
+    pub fn with_board(mut self, board: StatusBoard) -> Self {
+        self.board = board;
+        self
+    }
+
+    /// Runs rounds every `poll_interval_ms`, and sooner when the planner asked to decide
+    /// again (a linger ending), until `stop` turns true. A failed round is logged and the
+    /// next one starts from what the ledger holds.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.poll_interval_ms));
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let early = wake_delay(self.wake_at_ms.take(), self.now_ms(), poll);
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = tokio::time::sleep(early.unwrap_or(poll)), if early.is_some() => {}
                 _ = stop.changed() => break,
             }
             if *stop.borrow() {
@@ -155,19 +169,64 @@ impl<C: Chain> Engine<C> {
             self.advance(counter, &head, fees, &mut report).await?;
         }
         let pending = self.pending_records().await?;
-        self.pending_metrics(&pending, &head);
+        let pending_view = tally(&pending);
+        self.pending_metrics(&pending, &pending_view, &head);
         self.sweep_included(&pending, &head, &mut report).await?;
         let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
         self.plan_and_send(accepted, &head, fees, &mut report).await?;
         self.settler_balances().await;
+        self.publish(&head, fees, &pending_view);
         self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
         self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
         Ok(report)
     }
 
-    /// The gas model as learned from receipts so far.
-    pub fn gas_model(&self) -> GasModel {
-        self.learner.model()
+    /// What `token`'s settlements cost by what was learnt from receipts so far.
+    pub fn costs(&self, token: Address) -> Costs {
+        self.gas.costs(token, self.l1.get(&token).copied().unwrap_or_default())
+    }
+
+    /// Publishes what this round saw on the status board.
+    fn publish(&self, head: &Head, fees: Fees, pending: &BTreeMap<Address, (u64, U256)>) {
+        let tokens = pending
+            .iter()
+            .map(|(&token, &(count, value))| {
+                let costs = self.costs(token);
+                TokenView {
+                    token,
+                    pending: count,
+                    pending_value: value,
+                    l1_fees: costs.l1,
+                    batch_gas: costs.batch,
+                    direct_gas: costs.direct_gas,
+                }
+            })
+            .collect();
+        let settlers = self
+            .settlers
+            .iter()
+            .map(|s| {
+                let mut v = self.settler_views.get(&s.address).cloned().unwrap_or_default();
+                v.address = s.address;
+                let open = self.open.values().find(|b| {
+                    b.settler == s.address && matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted)
+                });
+                v.open_batch = open.map(BatchRecord::id);
+                v.open_tx = open.and_then(|b| b.attempts.last()).map(|a| a.tx_hash);
+                v.pending_transactions = u64::from(open.is_some());
+                v
+            })
+            .collect();
+        self.board.publish(ChainView {
+            chain_id: self.chain_id,
+            head_block: head.number,
+            head_time: head.timestamp,
+            base_fee_wei: fees.base_fee,
+            priority_fee_wei: fees.priority_fee,
+            tokens,
+            settlers,
+            updated_at_ms: self.now_ms(),
+        });
     }
 
     /// An RPC read's result, its failure counted per call.
@@ -203,7 +262,12 @@ impl<C: Chain> Engine<C> {
 
     /// Gauges read off this round's view: transactions awaiting inclusion, how deep the
     /// oldest unconfirmed inclusion is, pending value per token, payments near deadline.
-    fn pending_metrics(&mut self, pending: &[PaymentRecord], head: &Head) {
+    fn pending_metrics(
+        &mut self,
+        pending: &[PaymentRecord],
+        by_token: &BTreeMap<Address, (u64, U256)>,
+        head: &Head,
+    ) {
         let m = &self.metrics;
         let waiting = self
             .open
@@ -219,11 +283,9 @@ impl<C: Chain> Engine<C> {
             .max()
             .unwrap_or(0);
         m.confirmation_lag_blocks.set(lag as f64);
-        let mut by_token: BTreeMap<Address, U256> = BTreeMap::new();
         let soon = U256::from(head.timestamp.saturating_add(NEAR_DEADLINE_SECS));
         let mut near = 0usize;
         for r in pending {
-            *by_token.entry(r.signed.token).or_default() += r.value();
             if r.signed.authorization.valid_before <= soon {
                 near += 1;
             }
@@ -232,22 +294,32 @@ impl<C: Chain> Engine<C> {
         for token in self.value_tokens.iter().filter(|t| !by_token.contains_key(*t)) {
             m.pending_value(*token, 0.0);
         }
-        for (token, sum) in &by_token {
+        for (token, (_, sum)) in by_token {
             m.pending_value(*token, f64::from(*sum));
         }
-        self.value_tokens = by_token.into_keys().collect();
+        self.value_tokens = by_token.keys().copied().collect();
         m.near_deadline.set(near as f64);
     }
 
-    /// Each settler's native balance, for the low-balance alert (every ~10 s).
+    /// Each settler's native balance (for the low-balance alert) and next nonce (for
+    /// status), every ~10 s.
     async fn settler_balances(&mut self) {
         if self.balances_read_at.is_some_and(|t| t.elapsed() < SETTLER_BALANCE_EVERY) {
             return;
         }
         self.balances_read_at = Some(Instant::now());
         for s in &self.settlers {
-            if let Ok(wei) = self.read(self.chain.native_balance(s.address).await) {
+            let view = self.settler_views.entry(s.address).or_default();
+            if let Ok(wei) =
+                self.chain.native_balance(s.address).await.inspect_err(|e| self.metrics.rpc_error(e.call))
+            {
                 self.metrics.settler_balance(s.address, f64::from(wei));
+                view.native_balance_wei = Some(wei);
+            }
+            if let Ok(nonce) =
+                self.chain.nonce(s.address).await.inspect_err(|e| self.metrics.rpc_error(e.call))
+            {
+                view.next_nonce = Some(nonce);
             }
         }
     }
@@ -301,12 +373,32 @@ impl<C: Chain> Engine<C> {
         Ok(out)
     }
 
-    /// The gas limit a batch of `items` is sent (and simulated) with.
-    pub(super) fn batch_gas_limit(&self, items: usize) -> u64 {
-        self.config.gas_limit(&self.learner, items)
+    /// The gas limit a settlement of `items` of `token` is sent (and simulated) with.
+    pub(super) fn gas_limit(&self, token: Address, items: usize) -> u64 {
+        self.config.gas_limit(&self.gas.learner(token, items), items)
     }
 
     pub(super) fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }
+}
+
+/// Payments not yet final per token: how many, and their value.
+fn tally(pending: &[PaymentRecord]) -> BTreeMap<Address, (u64, U256)> {
+    let mut out: BTreeMap<Address, (u64, U256)> = BTreeMap::new();
+    for r in pending {
+        let e = out.entry(r.signed.token).or_default();
+        e.0 += 1;
+        e.1 += r.value();
+    }
+    out
+}
+
+/// How long to sleep before deciding again when the planner asked for `wake_at_ms`: `None`
+/// when the regular poll comes first (or nothing was asked). Never less than a few
+/// milliseconds, so a wake-up that is already due cannot spin.
+fn wake_delay(wake_at_ms: Option<u64>, now_ms: u64, poll: Duration) -> Option<Duration> {
+    const MIN: Duration = Duration::from_millis(5);
+    let delay = Duration::from_millis(wake_at_ms?.saturating_sub(now_ms)).max(MIN);
+    (delay < poll).then_some(delay)
 }

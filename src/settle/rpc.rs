@@ -14,7 +14,8 @@ use alloy::providers::Provider;
 use alloy::rpc::types::{Filter, TransactionReceipt};
 use alloy::sol_types::SolEvent;
 
-use crate::chain::{self, IEip3009, RpcEndpoint, RpcError};
+use crate::chain::{self, GAS_PRICE_ORACLE, IEip3009, IGasPriceOracle, RpcEndpoint, RpcError};
+use crate::planner::L1Fees;
 use crate::simulate::{self, ItemFailure};
 use crate::x402::SignedAuthorization;
 
@@ -123,18 +124,46 @@ pub trait Chain: Send + Sync + 'static {
 
     /// The account's native balance (wei).
     fn native_balance(&self, account: Address) -> impl Future<Output = Result<U256, RpcError>> + Send;
+
+    /// The L1 data fee settlements like `sample` pay, by shape (all zero except on an
+    /// OP-stack chain).
+    fn l1_fees(&self, sample: &SignedAuthorization) -> impl Future<Output = Result<L1Fees, RpcError>> + Send;
 }
 
 /// [`Chain`] over JSON-RPC. Every error is redacted (node URLs carry keys).
 #[derive(Debug, Clone)]
 pub struct RpcChain {
     endpoint: RpcEndpoint,
+    op_stack: bool,
 }
 
 impl RpcChain {
     pub fn new(endpoint: RpcEndpoint) -> Self {
-        Self { endpoint }
+        Self { endpoint, op_stack: false }
     }
+
+    /// The chain charges an L1 data fee, read from the `GasPriceOracle` predeploy.
+    pub fn op_stack(mut self, op_stack: bool) -> Self {
+        self.op_stack = op_stack;
+        self
+    }
+
+    async fn l1_fee(&self, data: Bytes) -> Result<u128, RpcError> {
+        let fee = IGasPriceOracle::new(GAS_PRICE_ORACLE, &self.endpoint.provider)
+            .getL1Fee(data)
+            .call()
+            .await
+            .map_err(|e| self.endpoint.error("eth_call GasPriceOracle.getL1Fee", e))?;
+        Ok(u128::try_from(fee).unwrap_or(u128::MAX))
+    }
+}
+
+/// The L1 fees of each shape from the oracle's fee of three transactions' calldata: a
+/// direct call, and batches of one and two items (the batch's fixed part and the part per
+/// item by difference).
+pub fn l1_fees_from(direct: u128, batch_of_one: u128, batch_of_two: u128) -> L1Fees {
+    let per_item = batch_of_two.saturating_sub(batch_of_one);
+    L1Fees { direct, batch_fixed: batch_of_one.saturating_sub(per_item), batch_per_item: per_item }
 }
 
 impl Chain for RpcChain {
@@ -262,6 +291,20 @@ impl Chain for RpcChain {
             .get_balance(account)
             .await
             .map_err(|e| self.endpoint.error("eth_getBalance", e))
+    }
+
+    async fn l1_fees(&self, sample: &SignedAuthorization) -> Result<L1Fees, RpcError> {
+        if !self.op_stack {
+            return Ok(L1Fees::default());
+        }
+        let one = std::slice::from_ref(sample);
+        let two = [sample.clone(), sample.clone()];
+        let (direct, batch_of_one, batch_of_two) = tokio::try_join!(
+            self.l1_fee(chain::settlement_call(one).1),
+            self.l1_fee(chain::aggregate3_calldata(one)),
+            self.l1_fee(chain::aggregate3_calldata(&two)),
+        )?;
+        Ok(l1_fees_from(direct, batch_of_one, batch_of_two))
     }
 }
 

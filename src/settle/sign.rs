@@ -1,16 +1,17 @@
 //! Signing a batch's transaction: its fees ([`fees_for`]: current ones, or a replacement's
-//! bump over the previous attempt, never above the configured cap) and the signature.
+//! bump over the previous attempt, never above the configured cap), its shape (one item:
+//! the token's own call; more: `aggregate3`, see [`chain::settlement_call`]) and the
+//! signature.
 //! Nothing here talks to the chain.
 
 use alloy::consensus::Transaction as _;
 use alloy::eips::Encodable2718;
 use alloy::network::{Ethereum, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::rpc::types::TransactionRequest;
-use alloy::sol_types::SolCall;
 
 use super::rpc::{Chain, Head};
 use super::{Engine, SettleError};
-use crate::chain::{self, IMulticall3, MULTICALL3};
+use crate::chain;
 use crate::ledger::{Attempt, BatchRecord};
 use crate::planner::Fees;
 
@@ -58,9 +59,9 @@ impl<C: Chain> Engine<C> {
             .find(|s| s.address == batch.settler)
             .ok_or_else(|| SettleError::SettlerGone { batch: batch.id(), settler: batch.settler })?;
         let signed: Vec<_> = self.records_of(batch)?.into_iter().map(|r| r.signed).collect();
-        let calldata = IMulticall3::aggregate3Call { calls: chain::batch_calls(&signed) }.abi_encode();
+        let (to, calldata) = chain::settlement_call(&signed);
         let tx = TransactionRequest::default()
-            .with_to(MULTICALL3)
+            .with_to(to)
             .with_input(calldata)
             .with_nonce(nonce)
             .with_chain_id(self.chain_id)

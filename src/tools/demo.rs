@@ -174,7 +174,11 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     crate::settle::write_key_file(&keys, &settlers).map_err(io)?;
     let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
     config.tokens.push(net.token_config());
-    config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
+    config.chains.push(ChainConfig {
+        chain_id: net.chain_id(),
+        rpc_url: net.rpc_url().to_owned(),
+        op_stack: false,
+    });
     config.ledger.path = Some(ledger_path.clone());
     config.settlement.settler_keys_file = Some(keys);
     config.settlement.confirmations = opts.confirmations;

@@ -501,7 +501,7 @@ pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>)
          [server]\nlisten = \"127.0.0.1:50051\"\n\n[facilitator]\nlisten = \"127.0.0.1:8402\"\n\n\
          [ledger]\npath = \"{}\"\n\n\
          [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\n\
-         [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_secs = 2\n\n\
+         [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_ms = 2000\n\n\
          [metrics]\nlisten = \"127.0.0.1:9464\"\n",
         t.chain_id,
         t.address,

@@ -491,7 +491,11 @@ impl OwnDaemon {
         let dir = std::env::temp_dir().join(format!("x402-loadgen-{}", std::process::id()));
         let mut config = Config::parse("")?;
         config.tokens.push(net.token_config());
-        config.chains.push(ChainConfig { chain_id: net.chain_id(), rpc_url: net.rpc_url().to_owned() });
+        config.chains.push(ChainConfig {
+            chain_id: net.chain_id(),
+            rpc_url: net.rpc_url().to_owned(),
+            op_stack: false,
+        });
         config.ledger.path = Some(dir.join("ledger"));
         let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
         let url = format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?);

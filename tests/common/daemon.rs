@@ -40,7 +40,11 @@ impl TestDaemon {
     ) -> TestDaemon {
         let mut config = Config::parse("").unwrap();
         config.tokens.push(devnet.token_config());
-        config.chains.push(ChainConfig { chain_id: devnet.chain_id(), rpc_url: devnet.rpc_url().to_owned() });
+        config.chains.push(ChainConfig {
+            chain_id: devnet.chain_id(),
+            rpc_url: devnet.rpc_url().to_owned(),
+            op_stack: false,
+        });
         config.ledger.path = Some(dir.path().join("ledger"));
         tune(&mut config);
         let listeners = if config.facilitator.listen.is_some() {

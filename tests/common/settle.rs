@@ -23,7 +23,7 @@ pub fn settle_with(config: &mut Config, dir: &std::path::Path, settlers: &[Priva
     config.settlement.settler_keys_file = Some(path);
     config.settlement.poll_interval_ms = 50;
     config.settlement.confirmations = 3;
-    config.settlement.max_wait_secs = 1;
+    config.settlement.max_wait_ms = Some(1_000);
     // The nonce audit has its own test; here the engine alone decides.
     config.audit.nonce_interval_ms = 0;
 }
