@@ -121,6 +121,53 @@ pub enum Command {
         /// The header value (base64).
         header: String,
     },
+    /// Ask a running daemon what it is doing (Admin GetStatus): each chain's head and fees,
+    /// what waits per token and what settling it costs, each settler's balance, nonce and
+    /// open batch. A table for a person; --json for scripts.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's Admin listener, e.g. http://127.0.0.1:50052 (https:// with --ca-file).
+    #[arg(long)]
+    pub admin: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// TLS: the CA certificate (PEM) that issued the daemon's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// The name the daemon's certificate carries, if not the URL's host.
+    #[arg(long, requires = "ca_file")]
+    pub server_name: Option<String>,
+    /// mTLS: this client's certificate and key (PEM).
+    #[arg(long, requires_all = ["ca_file", "key_file"])]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// The environment variable holding an admin bearer token (never a flag: flags show
+    /// in `ps`).
+    #[arg(long)]
+    pub token_env: Option<String>,
+}
+
+/// Prints the daemon's status (see [`StatusArgs`]).
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let identity = a.cert_file.as_deref().zip(a.key_file.as_deref());
+    let auth = x402_batcher::client::ClientAuth::from_files(
+        a.ca_file.as_deref(),
+        a.server_name,
+        identity,
+        a.token_env.as_deref(),
+    )?;
+    let s = tools::status::fetch(a.admin, &auth).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&tools::status::json(&s))?);
+    } else {
+        print!("{}", tools::status::table(&s));
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]

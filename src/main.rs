@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", load(&config)?.describe_tokens());
             println!("config is valid");
         }
+        Command::Status(args) => cli::status(args).await?,
         Command::Decode { header } => match x402::decode::decode_header(&header) {
             Ok(payload) => println!("{payload:#?}"),
             Err(e) => {

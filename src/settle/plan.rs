@@ -401,7 +401,7 @@ mod tests {
         let roomy = super::caps(&config, &learner, 5, 30_000_000);
         assert_eq!(roomy.tx_gas, u64::MAX, "a full batch fits: no gas cap for the planner");
         let small_block = super::caps(&config, &learner, 500, 200_000);
-        // Seeds 40k + 60k per item, +50 %: one item (150k) fits a 200k block, two do not.
+        // Seeds 40k + 60k per item, +30 %: one item (130k) fits a 200k block, two (208k) do not.
         assert_eq!(small_block.tx_gas, learner.model().batch_gas(1), "the block's gas limit caps too");
     }
 

@@ -17,7 +17,7 @@ use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 
-use crate::chain::{IMulticall3, MULTICALL3};
+use crate::chain::{GAS_PRICE_ORACLE, IMulticall3, MULTICALL3};
 use crate::config::TokenConfig;
 use crate::x402::SignedAuthorization;
 use crate::x402::eip712::TokenDomain;
@@ -43,6 +43,8 @@ const SETTLER_KEY: &str = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f46
 
 const TEST_USDC_ARTIFACT: &str = include_str!("../../ops/devnet/artifacts/TestUSDC.json");
 const BATCH_CALL_ARTIFACT: &str = include_str!("../../ops/devnet/artifacts/BatchCall.json");
+const GAS_PRICE_ORACLE_STUB_ARTIFACT: &str =
+    include_str!("../../ops/devnet/artifacts/GasPriceOracleStub.json");
 
 sol! {
     /// The devnet token's administration, beyond the EIP-3009 surface in `chain`.
@@ -224,6 +226,20 @@ impl Devnet {
         let (_, runtime) = artifact("BatchCall", BATCH_CALL_ARTIFACT)?;
         devnet.raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime)).await?;
         Ok(devnet)
+    }
+
+    /// Makes the devnet price an L1 data fee as an OP-stack chain does: the project's
+    /// `GasPriceOracleStub` at the `GasPriceOracle` predeploy's address, answering
+    /// `getL1Fee(data)` with `base + per_byte * data.length` wei. (Anvil itself charges no
+    /// L1 fee: this is what a daemon configured with `op_stack = true` reads and plans by.)
+    pub async fn install_l1_fee_oracle(&self, base: U256, per_byte: U256) -> Result<(), DevnetError> {
+        let (_, runtime) = artifact("GasPriceOracleStub", GAS_PRICE_ORACLE_STUB_ARTIFACT)?;
+        self.raw::<_, ()>("anvil_setCode", (GAS_PRICE_ORACLE, runtime)).await?;
+        for (slot, value) in [(0u64, base), (1, per_byte)] {
+            let value = alloy::primitives::B256::from(value);
+            self.raw::<_, bool>("anvil_setStorageAt", (GAS_PRICE_ORACLE, U256::from(slot), value)).await?;
+        }
+        Ok(())
     }
 
     /// Sends an RPC the typed provider has no method for (anvil's own).

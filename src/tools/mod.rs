@@ -5,9 +5,11 @@
 //! - [`devnet`]: a local chain (anvil) with the test token and Multicall3;
 //! - [`demo`]: the whole product on a devnet, gRPC fleet and x402 middlewares;
 //! - [`loadgen`]: pre-signed load over gRPC or a facilitator's `/verify`;
+//! - [`status`]: Admin `GetStatus` for a person or a script;
 //! - [`testkit`]: signed payments and requirements built to order.
 
 pub mod demo;
 pub mod devnet;
 pub mod loadgen;
+pub mod status;
 pub mod testkit;
