@@ -157,17 +157,13 @@ async fn after_warm_up_gas_limits_are_within_a_quarter_of_the_gas_used() {
         // A funded payee, as in steady operation (a fresh one costs ~20k more per item once).
         net.fund(&[PAYEE], U256::from(1)).await.unwrap();
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
-        let mut settled_ids = Vec::new();
-        let mut tag = 10;
         let mut next = 0usize;
         // Batches of several sizes, and lone payments, each from payers not used before.
-        for size in [1, 20, 1, 50, 1, 10, 80, 1, 30] {
+        for (tag, size) in (10u64..).zip([1, 20, 1, 50, 1, 10, 80, 1, 30]) {
             let items = payments(&d, &payers[next..next + size], size, tag);
             next += size;
-            tag += 1;
             let ids = wave(&d, &items).await;
             wait_for(&d, &ids, WAIT, settled).await;
-            settled_ids.extend(ids);
         }
         let dir = Arc::clone(&d.dir);
         d.stop().await;
