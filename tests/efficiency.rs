@@ -201,3 +201,134 @@ async fn after_warm_up_gas_limits_are_within_a_quarter_of_the_gas_used() {
     .await
     .expect("within the time limit");
 }
+
+/// Polls Admin GetStatus until `done` holds, or panics with the last status after 30 s.
+async fn status_until(d: &TestDaemon, done: impl Fn(&v1::Status) -> bool) -> v1::Status {
+    let mut admin = d.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_chain_its_payments_and_both_settlers_with_real_values() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        let d = settling_daemon(&net, "status", 2, |_| {}).await;
+        let payers = d.payers("status", 2, 1_000_000).await;
+        // Nothing is mined until the test says: the batch stays open for status to show.
+        net.set_automine(false).await.unwrap();
+        let items = payments(&d, &payers, 2, 30);
+        let ids = wave(&d, &items).await;
+        let open = status_until(&d, |s| s.settlers.iter().any(|t| !t.open_tx_hash.is_empty())).await;
+        let head = net.provider().get_block_number().await.unwrap();
+        assert_eq!(open.chains.len(), 1);
+        let c = &open.chains[0];
+        assert_eq!(c.chain_id, net.chain_id());
+        assert!(c.head_block > 0 && c.head_block <= head, "head {} vs the node's {head}", c.head_block);
+        assert!(c.base_fee_wei.parse::<u128>().unwrap() > 0 && c.head_time > 0 && c.updated_at_ms > 0);
+        let t = &c.tokens[0];
+        assert_eq!((t.token.parse::<Address>().unwrap(), t.pending_payments), (net.token(), 2));
+        let value: U256 = items.iter().map(|i| i.authorization.value).sum();
+        assert_eq!(t.pending_value, value.to_string());
+        assert_eq!(
+            (t.batch_fixed_gas, t.batch_gas_per_payment),
+            (40_000, 60_000),
+            "the seeds before a receipt"
+        );
+        let sender = open.settlers.iter().find(|t| !t.open_tx_hash.is_empty()).unwrap();
+        assert!(!sender.open_batch_id.is_empty() && sender.pending_transactions == 1);
+        let pending_tx =
+            net.provider().get_transaction_by_hash(sender.open_tx_hash.parse().unwrap()).await.unwrap();
+        assert!(pending_tx.is_some(), "the open transaction is the one the node holds");
+        let addresses: HashSet<Address> = open.settlers.iter().map(|t| t.address.parse().unwrap()).collect();
+        assert_eq!(addresses.len(), 2, "both settlers listed");
+        for t in &open.settlers {
+            let addr: Address = t.address.parse().unwrap();
+            assert!(t.balance_known && t.nonce_known, "{t:?}");
+            assert_eq!(t.native_balance_wei, net.provider().get_balance(addr).await.unwrap().to_string());
+            assert_eq!(t.next_nonce, 0, "read before its first transaction was mined");
+        }
+
+        // Mined: the open batch closes; the payments settle.
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
+        wait_for(&d, &ids, WAIT, settled).await;
+        let after = status_until(&d, |s| s.settlers.iter().all(|t| t.open_tx_hash.is_empty())).await;
+        assert_eq!(after.pending_payments, 0);
+
+        // The command: a table for a person, JSON for a script.
+        let run = |json: bool| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_x402-batcher"));
+            cmd.args(["status", "--admin", &d.admin_url()]);
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let table = run(false);
+        for t in &after.settlers {
+            assert!(table.contains(&t.address), "{table}");
+        }
+        assert!(table.contains("settler") && table.contains(&net.chain_id().to_string()), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+        assert_eq!(json["chains"][0]["chain_id"], net.chain_id());
+        assert_eq!(json["settlers"].as_array().unwrap().len(), 2);
+        assert!(json["settlers"].as_array().unwrap().iter().all(|t| t["native_balance_wei"].is_string()));
+        d.stop().await;
+    })
+    .await
+    .expect("within the time limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_an_op_stack_chain_the_l1_data_fee_counts_in_the_cost_of_a_batch() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        // An L1 fee of 0.001 ETH per transaction (plus 16 wei a byte): ten times the default
+        // cost target, so a lone payment is no longer cheap enough to go at once.
+        let (base, per_byte) = (1_000_000_000_000_000u128, 16u128);
+        net.install_l1_fee_oracle(U256::from(base), U256::from(per_byte)).await.unwrap();
+        let d = settling_daemon(&net, "l1", 1, |c| {
+            c.chains[0].op_stack = true;
+            c.settlement.max_wait_ms = Some(1_500);
+        })
+        .await;
+        let payers = d.payers("l1", 1, 1_000_000).await;
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
+        let items = payments(&d, &payers, 1, 40);
+        let id = submit(&d, &items[0]).await;
+        // What the daemon read from the oracle, per shape, while the payment waits.
+        let s =
+            status_until(&d, |s| s.chains.iter().flat_map(|c| &c.tokens).any(|t| t.l1_fee_direct_wei != "0"))
+                .await;
+        let t = &s.chains[0].tokens[0];
+        let fee = |data: alloy::primitives::Bytes| base + per_byte * data.len() as u128;
+        let one = std::slice::from_ref(&items[0]);
+        let two = [items[0].clone(), items[0].clone()];
+        let (direct, b1, b2) = (
+            fee(x402_batcher::chain::settlement_call(one).1),
+            fee(x402_batcher::chain::aggregate3_calldata(one)),
+            fee(x402_batcher::chain::aggregate3_calldata(&two)),
+        );
+        assert_eq!(t.l1_fee_direct_wei, direct.to_string());
+        assert_eq!(t.l1_fee_batch_per_payment_wei, (b2 - b1).to_string());
+        assert_eq!(t.l1_fee_batch_fixed_wei, (b1 - (b2 - b1)).to_string());
+        let p = wait_for(&d, &[id], WAIT, settled).await.remove(0);
+        let dir = Arc::clone(&d.dir);
+        d.stop().await;
+        let (_, batches) = ledger_after(dir.path(), net.chain_id());
+        // Alone and dear (its L1 fee): held to the maximum wait, not cut at the linger as
+        // on a chain without an L1 fee (the first test).
+        assert_eq!(batch_of(&batches, &p).cut_reason, "max_wait");
+    })
+    .await
+    .expect("within the time limit");
+}

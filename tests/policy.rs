@@ -49,8 +49,15 @@ async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_a
 
         let p = admin.get_policy(v1::GetPolicyRequest {}).await.unwrap().into_inner();
         assert_eq!(
-            (p.max_batch_size, p.confirmation_depth, p.max_wait_seconds, p.paused),
-            (200, 3, 1, false)
+            (
+                p.max_batch_size,
+                p.confirmation_depth,
+                p.max_wait_seconds,
+                p.max_wait_ms,
+                p.linger_ms,
+                p.paused
+            ),
+            (200, 3, 1, 1_000, 250, false)
         );
 
         // A bad value refuses the whole update, naming the field; nothing changes.
@@ -60,6 +67,15 @@ async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_a
                 "max_batch_size",
             ),
             (v1::UpdatePolicyRequest { confirmation_depth: Some(0), ..Default::default() }, "confirmations"),
+            (
+                v1::UpdatePolicyRequest {
+                    max_wait_ms: Some(500),
+                    max_wait_seconds: Some(1),
+                    ..Default::default()
+                },
+                "max_wait_ms",
+            ),
+            (v1::UpdatePolicyRequest { linger_ms: Some(60_001), ..Default::default() }, "linger_ms"),
             (
                 v1::UpdatePolicyRequest {
                     target_cost_per_payment_wei: Some("ten".into()),
@@ -73,6 +89,15 @@ async fn policy_changes_through_admin_apply_from_the_next_batch_and_bad_values_a
             assert!(e.message().contains(field), "{field}: {}", e.message());
         }
         assert_eq!(admin.get_policy(v1::GetPolicyRequest {}).await.unwrap().into_inner(), p);
+
+        // Waits in milliseconds; the seconds field still works for older callers.
+        let ms =
+            v1::UpdatePolicyRequest { max_wait_ms: Some(1_500), linger_ms: Some(100), ..Default::default() };
+        let changed = admin.update_policy(ms).await.unwrap().into_inner();
+        assert_eq!((changed.max_wait_ms, changed.max_wait_seconds, changed.linger_ms), (1_500, 1, 100));
+        let secs =
+            v1::UpdatePolicyRequest { max_wait_seconds: Some(1), linger_ms: Some(250), ..Default::default() };
+        assert_eq!(admin.update_policy(secs).await.unwrap().into_inner(), p);
 
         // Paused: payments are accepted and wait, round after round.
         let paused = v1::UpdatePolicyRequest { paused: Some(true), ..Default::default() };
