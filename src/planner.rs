@@ -28,6 +28,8 @@ pub struct Pending {
     pub valid_after: u64,
     /// ... and `block.timestamp < validBefore` (saturated to u64).
     pub valid_before: u64,
+    /// Who pays: among payments equally urgent, one payer's go together (see [`plan`]).
+    pub payer: alloy::primitives::Address,
 }
 
 /// Fees as last seen (`eth_feeHistory`), in wei per gas.
@@ -250,8 +252,10 @@ pub fn plan(
         return Plan { cut: None, wake_at_ms, too_late };
     }
 
-    // Earliest deadline first, then oldest: whoever must go first goes first.
-    ready.sort_by_key(|p| (latest_plan_time(p, policy), p.accepted_at_ms, p.id));
+    // Earliest deadline first, then oldest (by the second): whoever must go first goes
+    // first. Among payments equally urgent, one payer's go together: a payer's second
+    // payment in a transaction costs ~1.5-4k gas less (its balance is warm storage).
+    ready.sort_by_key(|p| (latest_plan_time(p, policy), p.accepted_at_ms / 1000, p.payer, p.id));
     let take = ready.len().min(cap);
     let chosen = || ready[..take].iter().map(|p| p.id).collect::<Vec<_>>();
 
@@ -411,6 +415,7 @@ impl GasBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloy::primitives::Address;
     use proptest::prelude::*;
 
     const GAS: GasModel = GasModel { fixed: 30_000, per_item: 45_000 };
@@ -429,7 +434,7 @@ mod tests {
     const EXPENSIVE: Fees = Fees { base_fee: 100_000_000_000, priority_fee: 1_000_000_000 };
 
     fn item(id: usize, accepted_at: u64, valid_before: u64) -> Pending {
-        Pending { id, accepted_at_ms: accepted_at * 1000, valid_after: 0, valid_before }
+        Pending { id, accepted_at_ms: accepted_at * 1000, valid_after: 0, valid_before, payer: Address::ZERO }
     }
 
     #[test]
@@ -465,7 +470,13 @@ mod tests {
             plan(now_ms, &many[..], EXPENSIVE, &COSTS, Caps { tx_gas: 3_000_000, ..CAPS }, &big).cut.unwrap();
         assert_eq!((ids.len(), reason), (66, CutReason::GasCap));
         // Not yet valid: wait for it; past its deadline margin: too late.
-        let later = Pending { id: 7, accepted_at_ms: now_ms, valid_after: now + 5, valid_before: now + 300 };
+        let later = Pending {
+            id: 7,
+            accepted_at_ms: now_ms,
+            valid_after: now + 5,
+            valid_before: now + 300,
+            payer: Address::ZERO,
+        };
         let gone = item(8, now - 100, now + 20);
         let p = plan(now_ms, &[later, gone], EXPENSIVE, &COSTS, CAPS, &POLICY);
         assert_eq!((p.cut, p.wake_at_ms, p.too_late), (None, Some((now + 6) * 1000), vec![8]));
@@ -475,7 +486,8 @@ mod tests {
     fn a_cheap_batch_lingers_for_more_payments_but_a_full_one_goes_at_once() {
         let t0 = 5_000_000;
         let policy = Policy { linger_ms: 250, max_batch_size: 4, ..POLICY };
-        let first = Pending { id: 0, accepted_at_ms: t0, valid_after: 0, valid_before: 10_000 };
+        let first =
+            Pending { id: 0, accepted_at_ms: t0, valid_after: 0, valid_before: 10_000, payer: Address::ZERO };
         // Alone and cheap: held until the linger is over, counted from the oldest payment.
         let p = plan(t0 + 10, &[first], CHEAPISH, &Costs { direct_gas: 21_000, ..COSTS }, CAPS, &policy);
         assert_eq!((p.cut, p.wake_at_ms), (None, Some(t0 + 250)));
@@ -498,6 +510,28 @@ mod tests {
         // A linger longer than the maximum wait ends with it.
         let short = Policy { max_wait_ms: 100, target_cost_per_payment_wei: u128::MAX, ..policy };
         assert_eq!(plan(t0, &[first], CHEAPISH, &COSTS, CAPS, &short).wake_at_ms, Some(t0 + 100));
+    }
+
+    #[test]
+    fn equally_urgent_payments_of_one_payer_share_a_batch_but_urgency_comes_first() {
+        let (a, b) = (Address::repeat_byte(0xa), Address::repeat_byte(0xb));
+        let now_ms = 1_000_000;
+        let three = Policy { max_batch_size: 3, ..POLICY };
+        // Arrived in the same second, payers alternating: a full batch takes one payer's.
+        let mixed: Vec<_> = (0..6)
+            .map(|id| Pending { payer: if id % 2 == 0 { a } else { b }, ..item(id, 999, 2_000) })
+            .collect();
+        assert_eq!(
+            plan(now_ms, &mixed, EXPENSIVE, &COSTS, CAPS, &three).cut,
+            Some((vec![0, 2, 4], CutReason::SizeCap))
+        );
+        // An older or more urgent payment still goes first, whoever pays it.
+        let mut older = mixed.clone();
+        older[5].accepted_at_ms -= 1_000;
+        assert_eq!(plan(now_ms, &older, EXPENSIVE, &COSTS, CAPS, &three).cut.unwrap().0, vec![5, 0, 2]);
+        let mut urgent = mixed;
+        urgent[3].valid_before = 1_100;
+        assert_eq!(plan(now_ms, &urgent, EXPENSIVE, &COSTS, CAPS, &three).cut.unwrap().0, vec![3, 0, 2]);
     }
 
     #[test]
@@ -528,6 +562,7 @@ mod tests {
                         accepted_at_ms,
                         valid_after: accepted_at.saturating_sub(30) + after,
                         valid_before: accepted_at + life,
+                        payer: Address::with_last_byte((id % 7) as u8),
                     }
                 })
                 .collect()

@@ -89,6 +89,7 @@ fn pending(records: &[PaymentRecord]) -> Vec<Pending> {
             accepted_at_ms: r.accepted_at_ms,
             valid_after: saturate(r.signed.authorization.valid_after),
             valid_before: saturate(r.signed.authorization.valid_before),
+            payer: r.signed.authorization.from,
         })
         .collect()
 }
