@@ -405,11 +405,6 @@ impl GasBook {
             l1,
         }
     }
-
-    /// Every learner with its token and shape (for status and metrics).
-    pub fn learners(&self) -> impl Iterator<Item = (alloy::primitives::Address, Shape, &GasLearner)> {
-        self.learners.iter().map(|(&(t, s), l)| (t, s, l))
-    }
 }
 
 #[cfg(test)]

@@ -402,3 +402,30 @@ fn wake_delay(wake_at_ms: Option<u64>, now_ms: u64, poll: Duration) -> Option<Du
     let delay = Duration::from_millis(wake_at_ms?.saturating_sub(now_ms)).max(MIN);
     (delay < poll).then_some(delay)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::record;
+    use super::*;
+
+    #[test]
+    fn an_early_wake_up_only_when_it_comes_before_the_poll_and_never_a_spin() {
+        let poll = Duration::from_millis(1_000);
+        assert_eq!(wake_delay(None, 5_000, poll), None, "nothing asked");
+        assert_eq!(wake_delay(Some(5_250), 5_000, poll), Some(Duration::from_millis(250)));
+        assert_eq!(
+            wake_delay(Some(4_000), 5_000, poll),
+            Some(Duration::from_millis(5)),
+            "overdue: soon, not at once"
+        );
+        assert_eq!(wake_delay(Some(7_000), 5_000, poll), None, "the poll comes first");
+    }
+
+    #[test]
+    fn the_tally_counts_and_sums_per_token() {
+        let records = [record(1, Status::Accepted, 0), record(2, Status::Batched, 0)];
+        let t = tally(&records);
+        let value: U256 = records.iter().map(PaymentRecord::value).sum();
+        assert_eq!(t.into_iter().collect::<Vec<_>>(), vec![(records[0].signed.token, (2, value))]);
+    }
+}
