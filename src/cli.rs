@@ -135,33 +135,43 @@ pub struct StatusArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
-    /// TLS: the CA certificate (PEM) that issued the daemon's.
+    #[command(flatten)]
+    pub client: ClientFlags,
+}
+
+/// How a command reaches a daemon: TLS, mutual TLS, a bearer token.
+#[derive(clap::Args)]
+pub struct ClientFlags {
+    /// TLS: the CA certificate (PEM) that issued the daemon's; use an https:// URL.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// The name the daemon's certificate carries, if not the URL's host.
     #[arg(long, requires = "ca_file")]
     pub server_name: Option<String>,
-    /// mTLS: this client's certificate and key (PEM).
+    /// A client certificate (PEM) for mutual TLS, with --key-file.
     #[arg(long, requires_all = ["ca_file", "key_file"])]
     pub cert_file: Option<PathBuf>,
     #[arg(long, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
-    /// The environment variable holding an admin bearer token (never a flag: flags show
-    /// in `ps`).
+    /// The environment variable holding a bearer token (not a flag: flags show in `ps`).
     #[arg(long)]
     pub token_env: Option<String>,
 }
 
+impl ClientFlags {
+    pub fn auth(self) -> anyhow::Result<x402_batcher::client::ClientAuth> {
+        Ok(x402_batcher::client::ClientAuth::from_files(
+            self.ca_file.as_deref(),
+            self.server_name,
+            self.cert_file.as_deref().zip(self.key_file.as_deref()),
+            self.token_env.as_deref(),
+        )?)
+    }
+}
+
 /// Prints the daemon's status (see [`StatusArgs`]).
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let identity = a.cert_file.as_deref().zip(a.key_file.as_deref());
-    let auth = x402_batcher::client::ClientAuth::from_files(
-        a.ca_file.as_deref(),
-        a.server_name,
-        identity,
-        a.token_env.as_deref(),
-    )?;
-    let s = tools::status::fetch(a.admin, &auth).await?;
+    let s = tools::status::fetch(a.admin, &a.client.auth()?).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&tools::status::json(&s))?);
     } else {
@@ -217,7 +227,7 @@ pub struct ExportArgs {
 #[derive(clap::Args)]
 pub struct LoadgenArgs {
     /// Start a devnet and an in-process daemon, fund the payers, and load that.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["ca_file", "token_env"])]
     pub devnet: bool,
     /// The daemon's URL (without --devnet or --facilitator).
     #[arg(long, required_unless_present_any = ["devnet", "facilitator"])]
@@ -247,20 +257,8 @@ pub struct LoadgenArgs {
     /// load (0: skip).
     #[arg(long, default_value_t = 3.0)]
     pub ceiling_seconds: f64,
-    /// TLS: the CA certificate (PEM) that issued the daemon's; use an https:// --target.
-    #[arg(long, conflicts_with = "devnet")]
-    pub ca_file: Option<PathBuf>,
-    /// The name the daemon's certificate carries, if not the target's host.
-    #[arg(long, requires = "ca_file")]
-    pub server_name: Option<String>,
-    /// A client certificate (PEM) for mutual TLS, with --key-file.
-    #[arg(long, requires_all = ["ca_file", "key_file"])]
-    pub cert_file: Option<PathBuf>,
-    #[arg(long, requires = "cert_file")]
-    pub key_file: Option<PathBuf>,
-    /// The environment variable holding a bearer token (not a flag: flags show in `ps`).
-    #[arg(long, conflicts_with = "devnet")]
-    pub token_env: Option<String>,
+    #[command(flatten)]
+    pub client: ClientFlags,
     /// Load an x402 facilitator's `POST /verify` at this URL (this daemon's, or any other
     /// facilitator's) instead of the gRPC API: pre-signed x402 v2 bodies, --concurrency
     /// calls at a time.
@@ -316,20 +314,13 @@ pub fn loadgen_command(a: LoadgenArgs) -> anyhow::Result<loadgen::Command> {
         (false, Some(url), _, Some(token)) => loadgen::Target::Facilitator {
             url,
             domain: domain(a.chain_id, token),
-            token: a.token_env.as_deref().map(std::env::var).transpose().context("--token-env")?,
+            token: a.client.token_env.as_deref().map(std::env::var).transpose().context("--token-env")?,
             concurrency: a.concurrency,
             settle: a.settle,
         },
-        (false, None, Some(url), Some(token)) => loadgen::Target::Grpc {
-            url,
-            domain: domain(a.chain_id, token),
-            auth: x402_batcher::client::ClientAuth::from_files(
-                a.ca_file.as_deref(),
-                a.server_name,
-                a.cert_file.as_deref().zip(a.key_file.as_deref()),
-                a.token_env.as_deref(),
-            )?,
-        },
+        (false, None, Some(url), Some(token)) => {
+            loadgen::Target::Grpc { url, domain: domain(a.chain_id, token), auth: a.client.auth()? }
+        }
         _ => {
             anyhow::bail!("--target (or --facilitator), --chain-id and --token are required without --devnet")
         }

@@ -13,7 +13,7 @@ use alloy::primitives::{Address, U256};
 use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
-use common::settle::{Miner, ledger_after, settling_daemon, status, submit, wait_for};
+use common::settle::{Miner, ledger_after, payments, settling_daemon, status, submit, wait_for};
 use x402_batcher::api::v1;
 use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
@@ -25,19 +25,6 @@ use x402_batcher::x402::SignedAuthorization;
 const LIMIT: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
-
-fn payments(d: &TestDaemon, payers: &[PrivateKeySigner], n: usize, tag: u64) -> Vec<SignedAuthorization> {
-    let now = SystemClock.now_unix();
-    (0..n)
-        .map(|i| {
-            PaymentBuilder::new(&payers[i % payers.len()], &d.domain(), now)
-                .to(PAYEE)
-                .value(1_000 + i as u64)
-                .nonce_index((tag << 32) | i as u64)
-                .build()
-        })
-        .collect()
-}
 
 /// Submits every item at once (one task each over one connection); the ids, and the time
 /// from the first submission to the last acknowledgement.
@@ -99,7 +86,7 @@ async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
 
         // Alone: the token's transferWithAuthorization, sent to the token, cut once it had
         // lingered (cheap gas: the cost target is met).
-        let lone = payments(&d, &payers[..1], 1, 1);
+        let lone = payments(&d, &payers[..1], 1, 1, PAYEE);
         let id = submit(&d, &lone[0]).await;
         let one = wait_for(&d, &[id], WAIT, settled).await.remove(0);
         assert_eq!(tx_to(&net, &one.tx_hash).await, Some(net.token()), "a batch of one is a direct call");
@@ -107,7 +94,7 @@ async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
         // 200 distinct payers within 200 ms: one batch. The first goes alone, and a round
         // sees it (the engine's published view counts it) before the other 199 arrive: the
         // linger, not luck, keeps it for them (alone it already met the cost target).
-        let items = payments(&d, &payers, 200, 2);
+        let items = payments(&d, &payers, 200, 2, PAYEE);
         let started = Instant::now();
         let (mut ids, _) = burst(&d, &items[..1]).await;
         let seen_after = SystemClock.now_ms();
@@ -160,7 +147,7 @@ async fn after_warm_up_gas_limits_are_within_a_quarter_of_the_gas_used() {
         let mut next = 0usize;
         // Batches of several sizes, and lone payments, each from payers not used before.
         for (tag, size) in (10u64..).zip([1, 20, 1, 50, 1, 10, 80, 1, 30]) {
-            let items = payments(&d, &payers[next..next + size], size, tag);
+            let items = payments(&d, &payers[next..next + size], size, tag, PAYEE);
             next += size;
             let ids = wave(&d, &items).await;
             wait_for(&d, &ids, WAIT, settled).await;
@@ -224,7 +211,7 @@ async fn status_shows_the_chain_its_payments_and_both_settlers_with_real_values(
         let payers = d.payers("status", 2, 1_000_000).await;
         // Nothing is mined until the test says: the batch stays open for status to show.
         net.set_automine(false).await.unwrap();
-        let items = payments(&d, &payers, 2, 30);
+        let items = payments(&d, &payers, 2, 30, PAYEE);
         let ids = wave(&d, &items).await;
         let open = status_until(&d, |s| s.settlers.iter().any(|t| !t.open_tx_hash.is_empty())).await;
         let head = net.provider().get_block_number().await.unwrap();
@@ -303,7 +290,7 @@ async fn on_an_op_stack_chain_the_l1_data_fee_counts_in_the_cost_of_a_batch() {
         .await;
         let payers = d.payers("l1", 1, 1_000_000).await;
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
-        let items = payments(&d, &payers, 1, 40);
+        let items = payments(&d, &payers, 1, 40, PAYEE);
         let id = submit(&d, &items[0]).await;
         // What the daemon read from the oracle, per shape, while the payment waits.
         let s =

@@ -12,7 +12,7 @@ use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
-use common::settle::{Miner, is_final, ledger_after, settle_with, status, submit, wait_for};
+use common::settle::{Miner, is_final, ledger_after, payments, settle_with, status, submit, wait_for};
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::Config;
@@ -46,19 +46,6 @@ async fn daemon(s: &Setup, tune: impl FnOnce(&mut Config)) -> TestDaemon {
         tune(c);
     })
     .await
-}
-
-fn payments(d: &TestDaemon, payers: &[PrivateKeySigner], n: usize, tag: u64) -> Vec<SignedAuthorization> {
-    let now = SystemClock.now_unix();
-    (0..n)
-        .map(|i| {
-            PaymentBuilder::new(&payers[i % payers.len()], &d.domain(), now)
-                .to(PAYEE)
-                .value(1_000 + i as u64)
-                .nonce_index((tag << 32) | i as u64)
-                .build()
-        })
-        .collect()
 }
 
 /// Submits `items` while settlement is paused, then resumes it: the next round sees them
@@ -113,7 +100,7 @@ async fn happy_path_settles_every_payment_at_depth_in_batches() {
         let d = daemon(&s, |c| c.settlement.max_batch_size = 25).await;
         let payers = d.payers("happy", 10, 10_000_000).await;
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
-        let items = payments(&d, &payers, 60, 1);
+        let items = payments(&d, &payers, 60, 1, PAYEE);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
         let done = wait_for(&d, &ids, WAIT, settled).await;
@@ -139,7 +126,7 @@ async fn a_batch_of_one_really_settles() {
         let d = daemon(&s, |_| {}).await;
         let payers = d.payers("one", 1, 1_000_000).await;
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
-        let items = payments(&d, &payers, 1, 2);
+        let items = payments(&d, &payers, 1, 2, PAYEE);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
         let done = wait_for(&d, &ids, WAIT, settled).await;
@@ -230,7 +217,7 @@ async fn a_reorg_after_inclusion_resettles_everything_once() {
         // Deep enough that no batch settles before the test reorganises the chain.
         let d = daemon(&s, |c| c.settlement.confirmations = 30).await;
         let payers = d.payers("reorg", 5, 1_000_000).await;
-        let items = payments(&d, &payers, 20, 3);
+        let items = payments(&d, &payers, 20, 3, PAYEE);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
         // Automine: each batch is mined at once; nothing else makes blocks yet.
@@ -268,7 +255,7 @@ async fn a_dropped_transaction_is_resubmitted() {
         let d = daemon(&s, |_| {}).await;
         let payers = d.payers("drop", 3, 1_000_000).await;
         s.devnet.set_automine(false).await.unwrap();
-        let items = payments(&d, &payers, 6, 4);
+        let items = payments(&d, &payers, 6, 4, PAYEE);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_as_one_wave(&d, &items).await;
         let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
@@ -303,7 +290,7 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
 
         // Cheap gas: the first payments go out at once, priced for ~1 gwei.
-        let wave1 = payments(&d, &payers, 4, 5);
+        let wave1 = payments(&d, &payers, 4, 5, PAYEE);
         let ids1 = submit_as_one_wave(&d, &wave1).await;
         let submitted = |p: &v1::Payment| status(p) == v1::PaymentStatus::Submitted;
         wait_for(&d, &ids1, WAIT, submitted).await;
@@ -320,7 +307,7 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
         assert!(receipt.effective_gas_price >= spike, "the replacement pays the new base fee");
 
         // Expensive gas: payments arriving over a second wait for one bigger batch.
-        let wave2 = payments(&d, &payers, 12, 6);
+        let wave2 = payments(&d, &payers, 12, 6, PAYEE);
         let mut ids2 = Vec::new();
         for chunk in wave2.chunks(4) {
             ids2.extend(submit_all(&d, chunk).await);
@@ -355,7 +342,7 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
         })
         .await;
         let payers = d.payers("ours", 2, 1_000_000).await;
-        let items = payments(&d, &payers, 2, 7);
+        let items = payments(&d, &payers, 2, 7, PAYEE);
         let before = s.devnet.balance_of(PAYEE).await.unwrap();
         let ids = submit_all(&d, &items).await;
         d.stop().await;

@@ -71,6 +71,28 @@ impl Drop for Miner {
     }
 }
 
+/// `n` payments of 1,000 + i base units to `payee`, from `payers` in turn, their nonces
+/// tagged with `tag` (distinct tags, distinct nonces).
+pub fn payments(
+    d: &TestDaemon,
+    payers: &[PrivateKeySigner],
+    n: usize,
+    tag: u64,
+    payee: alloy::primitives::Address,
+) -> Vec<SignedAuthorization> {
+    use x402_batcher::clock::Clock as _;
+    let now = x402_batcher::clock::SystemClock.now_unix();
+    (0..n)
+        .map(|i| {
+            testkit::PaymentBuilder::new(&payers[i % payers.len()], &d.domain(), now)
+                .to(payee)
+                .value(1_000 + i as u64)
+                .nonce_index((tag << 32) | i as u64)
+                .build()
+        })
+        .collect()
+}
+
 /// Submits a typed payment and returns its id; panics on a refusal.
 pub async fn submit(d: &TestDaemon, signed: &SignedAuthorization) -> String {
     let mut c = d.ingest().await;
