@@ -45,6 +45,8 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_accept_to_settled_seconds",
     "x402_batcher_payments_final_total",
     "x402_batcher_rpc_errors_total",
+    "x402_batcher_balance_breaker_open",
+    "x402_batcher_balance_stale_answers_total",
     "x402_batcher_settlement_round_seconds",
     "x402_batcher_settlement_last_round_timestamp_seconds",
     "x402_batcher_settlement_paused",

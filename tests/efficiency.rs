@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, U256};
 use alloy::providers::Provider;
-use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
 use common::settle::{Miner, ledger_after, payments, settling_daemon, status, submit, wait_for};
 use x402_batcher::api::v1;
@@ -19,7 +18,7 @@ use x402_batcher::client;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::ledger::BatchRecord;
 use x402_batcher::tools::devnet::Devnet;
-use x402_batcher::tools::testkit::{self, PaymentBuilder};
+use x402_batcher::tools::testkit;
 use x402_batcher::x402::SignedAuthorization;
 
 const LIMIT: Duration = Duration::from_secs(120);

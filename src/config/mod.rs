@@ -49,6 +49,11 @@ pub const DEFAULT_BALANCE_MAX_AGE_MS: u64 = 2_000;
 /// limits, and one round trip for a burst of new payers.
 pub const DEFAULT_BALANCE_MAX_BATCH: usize = 500;
 
+/// Longest one balance read may take before the submissions waiting on it are refused
+/// (UNAVAILABLE): far below API clients' deadlines (5 s is common), far above a healthy
+/// node's answer (a few ms). The general RPC timeout (10 s) is for settlement, not ingest.
+pub const DEFAULT_BALANCE_READ_TIMEOUT_MS: u64 = 1_000;
+
 /// How often accepted payments' nonces are checked on chain for use outside the daemon.
 /// Each round is one `eth_call` per 500 pending payments; 5 s keeps a payment spent
 /// elsewhere from lingering as accepted.
@@ -154,11 +159,24 @@ pub struct BalanceConfig {
     pub max_age_ms: u64,
     /// See [`DEFAULT_BALANCE_MAX_BATCH`].
     pub max_batch: usize,
+    /// See [`DEFAULT_BALANCE_READ_TIMEOUT_MS`].
+    pub read_timeout_ms: u64,
+    /// While a chain's node is failing, accept against a payer's last known balance if it
+    /// is at most this much older than `max_age_ms` (the ledger still subtracts everything
+    /// the payer has pending). 0, the default, refuses instead. A risk the operator takes:
+    /// the payer may have spent elsewhere meanwhile, and such a payment fails at settlement
+    /// after the API server has served it.
+    pub stale_ok_ms: u64,
 }
 
 impl Default for BalanceConfig {
     fn default() -> Self {
-        Self { max_age_ms: DEFAULT_BALANCE_MAX_AGE_MS, max_batch: DEFAULT_BALANCE_MAX_BATCH }
+        Self {
+            max_age_ms: DEFAULT_BALANCE_MAX_AGE_MS,
+            max_batch: DEFAULT_BALANCE_MAX_BATCH,
+            read_timeout_ms: DEFAULT_BALANCE_READ_TIMEOUT_MS,
+            stale_ok_ms: 0,
+        }
     }
 }
 
@@ -299,6 +317,9 @@ impl Config {
                 "limits.per_server_rate",
                 "must be a number of submissions per second, 0 or more",
             ));
+        }
+        if self.balances.read_timeout_ms == 0 {
+            return Err(invalid("balances.read_timeout_ms", "must be at least 1"));
         }
         if self.balances.max_batch == 0 {
             return Err(invalid("balances.max_batch", "must be at least 1"));

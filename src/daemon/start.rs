@@ -131,9 +131,11 @@ impl Core {
         let (writer, writer_thread) = LedgerHandle::start(ledger, queue).map_err(DaemonError::Thread)?;
         let pool = Arc::new(VerifyPool::from_config(&config.verify).map_err(DaemonError::Thread)?);
         let balances = BalanceCache::start(
-            Arc::new(ChainBalances::new(endpoints.clone())),
-            Duration::from_millis(config.balances.max_age_ms),
-            config.balances.max_batch,
+            Arc::new(ChainBalances::new(
+                endpoints.clone(),
+                Duration::from_millis(config.balances.read_timeout_ms),
+            )),
+            &config.balances,
         );
         let audit = (config.audit.nonce_interval_ms > 0).then(|| {
             let audit = NonceAudit::new(writer.clone(), endpoints.clone());
