@@ -177,6 +177,34 @@ impl RpcEndpoint {
     }
 }
 
+/// A mined (or pending) transaction's receipt, with the L1 data fee it paid besides gas:
+/// OP-stack receipts carry it as `l1Fee`, read only when `op_stack` (0 otherwise). `None`:
+/// the node knows no receipt.
+pub async fn receipt_with_l1_fee(
+    endpoint: &RpcEndpoint,
+    tx: B256,
+    op_stack: bool,
+) -> Result<Option<(TransactionReceipt, u128)>, RpcError> {
+    const CALL: &str = "eth_getTransactionReceipt";
+    if !op_stack {
+        let receipt =
+            endpoint.provider.get_transaction_receipt(tx).await.map_err(|e| endpoint.error(CALL, e))?;
+        return Ok(receipt.map(|r| (r, 0)));
+    }
+    let raw: Option<serde_json::Value> =
+        endpoint.provider.raw_request(CALL.into(), (tx,)).await.map_err(|e| endpoint.error(CALL, e))?;
+    let Some(raw) = raw else { return Ok(None) };
+    let l1_fee = match raw.get("l1Fee") {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(v) => v
+            .as_str()
+            .and_then(|s| u128::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+            .ok_or_else(|| endpoint.error(CALL, format!("the receipt's l1Fee {v} is not a hex quantity")))?,
+    };
+    let receipt = serde_json::from_value(raw).map_err(|e| endpoint.error(CALL, e))?;
+    Ok(Some((receipt, l1_fee)))
+}
+
 /// The `transferWithAuthorization` calldata that settles one authorization.
 pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
     let a = &s.authorization;

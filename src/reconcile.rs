@@ -13,7 +13,8 @@
 //! - an authorization the ledger holds that was used by someone else's transaction
 //!   (`used_outside`): the payment was not paid through this daemon, whatever its status;
 //! - a mined batch's transaction in the range whose payments' fee shares do not add up
-//!   to what its receipt says it cost (`gasUsed × effectiveGasPrice`) or whose gas shares
+//!   to what its receipt says it cost (`gasUsed × effectiveGasPrice`, plus its `l1Fee` on
+//!   an OP-stack chain) or whose gas shares
 //!   do not add up to its gas used (`fee_share_mismatch`), or that no payment carries a
 //!   share of (`fee_unattributed`: every item went back to the queue).
 //!
@@ -92,6 +93,8 @@ pub struct ChainPlan {
     pub chain_id: u64,
     pub rpc_url: String,
     pub tokens: Vec<Address>,
+    /// Transactions also pay an L1 data fee (see [`crate::config::ChainConfig::op_stack`]).
+    pub op_stack: bool,
 }
 
 /// The chains to reconcile: every chain with a configured token, or only `only` (which
@@ -115,7 +118,7 @@ pub fn plan(config: &Config, only: Option<u64>) -> Result<Vec<ChainPlan>, Reconc
                 .find(|c| c.chain_id == chain_id)
                 .ok_or(ReconcileError::NoRpcUrl { chain_id })?;
             let tokens = config.tokens.iter().filter(|t| t.chain_id == chain_id).map(|t| t.address).collect();
-            Ok(ChainPlan { chain_id, rpc_url: rpc.rpc_url.clone(), tokens })
+            Ok(ChainPlan { chain_id, rpc_url: rpc.rpc_url.clone(), tokens, op_stack: rpc.op_stack })
         })
         .collect()
 }
@@ -135,7 +138,7 @@ pub async fn run(
         let chain_id = chain.chain_id;
         let endpoint = RpcEndpoint::connect_http(chain_id, &chain.rpc_url)
             .ok_or(ReconcileError::BadRpcUrl { chain_id })?;
-        let report = reconcile(ledger, &endpoint, &chain.tokens, from, to).await?;
+        let report = reconcile(ledger, &endpoint, &chain.tokens, chain.op_stack, from, to).await?;
         for d in &report.discrepancies {
             writeln!(out, "chain {chain_id}: {d}")?;
         }
@@ -161,11 +164,13 @@ struct UsedLog {
     block_hash: B256,
 }
 
-/// Reconciles `tokens` on `endpoint`'s chain over blocks `from..=to`.
+/// Reconciles `tokens` on `endpoint`'s chain (an OP-stack one if `op_stack`) over blocks
+/// `from..=to`.
 pub async fn reconcile(
     ledger: &dyn LedgerStore,
     endpoint: &RpcEndpoint,
     tokens: &[Address],
+    op_stack: bool,
     from: u64,
     to: u64,
 ) -> Result<Report, ReconcileError> {
@@ -235,13 +240,9 @@ pub async fn reconcile(
     let mined = |b: &&BatchRecord| matches!(b.status, BatchStatus::Included | BatchStatus::Done);
     for b in batches.iter().filter(mined).filter(|b| token_set.contains(&b.token)) {
         let Some(inc) = b.inclusion.filter(|i| (from..=to).contains(&i.block_number)) else { continue };
-        let receipt = endpoint
-            .provider
-            .get_transaction_receipt(inc.tx_hash)
-            .await
-            .map_err(|e| endpoint.error("eth_getTransactionReceipt", e))?;
-        let Some(receipt) = receipt else { continue }; // reorged away: missing_log says so
-        let fee = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price);
+        let receipt = crate::chain::receipt_with_l1_fee(endpoint, inc.tx_hash, op_stack).await?;
+        let Some((receipt, l1_fee)) = receipt else { continue }; // reorged away: missing_log says so
+        let fee = U256::from(receipt.gas_used) * U256::from(receipt.effective_gas_price) + U256::from(l1_fee);
         let (fee_shares, gas_shares) = shares.get(&inc.tx_hash).copied().unwrap_or_default();
         report.fees_checked += 1;
         if !shares.contains_key(&inc.tx_hash) {
@@ -260,7 +261,7 @@ pub async fn reconcile(
                 payment_id: None,
                 tx_hash: Some(inc.tx_hash),
                 detail: format!(
-                    "batch {}: its payments' shares sum to {fee_shares} wei and {gas_shares} gas; its receipt says {fee} wei ({} gas at {} wei)",
+                    "batch {}: its payments' shares sum to {fee_shares} wei and {gas_shares} gas; its receipt says {fee} wei ({} gas at {} wei, L1 fee {l1_fee} wei)",
                     b.id(),
                     receipt.gas_used,
                     receipt.effective_gas_price

@@ -471,9 +471,10 @@ async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
         let endpoint =
             x402_batcher::chain::RpcEndpoint::connect_http(s.devnet.chain_id(), s.devnet.rpc_url()).unwrap();
         let head = s.devnet.block_number().await.unwrap();
-        let report = x402_batcher::reconcile::reconcile(&ledger, &endpoint, &[s.devnet.token()], 0, head)
-            .await
-            .unwrap();
+        let report =
+            x402_batcher::reconcile::reconcile(&ledger, &endpoint, &[s.devnet.token()], false, 0, head)
+                .await
+                .unwrap();
         assert_eq!((report.fees_checked, report.discrepancies), (2, vec![]));
     })
     .await

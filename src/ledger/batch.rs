@@ -81,6 +81,8 @@ pub struct Inclusion {
     pub gas_used: u64,
     pub effective_gas_price: u128,
     pub settled_items: u32,
+    /// The L1 data fee paid besides gas (OP-stack chains; 0 elsewhere), wei.
+    pub l1_fee: u128,
 }
 
 /// A batch and everything known about it.
@@ -152,6 +154,7 @@ impl BatchRecord {
                 .map(|i| i.effective_gas_price.to_be_bytes().to_vec())
                 .unwrap_or_default(),
             settled_items: inc.map(|i| i.settled_items).unwrap_or_default(),
+            l1_fee: inc.filter(|i| i.l1_fee > 0).map(|i| i.l1_fee.to_be_bytes().to_vec()).unwrap_or_default(),
         }
         .encode_to_vec()
     }
@@ -198,6 +201,7 @@ impl BatchRecord {
                 gas_used: d.gas_used,
                 effective_gas_price: u128_of(&d.effective_gas_price, "effective_gas_price")?,
                 settled_items: d.settled_items,
+                l1_fee: if d.l1_fee.is_empty() { 0 } else { u128_of(&d.l1_fee, "l1_fee")? },
             })
         };
         Ok(BatchRecord {
@@ -216,9 +220,12 @@ impl BatchRecord {
         })
     }
 
-    /// The fee this batch's transaction paid, in wei (zero before inclusion).
+    /// The fee this batch's transaction paid, in wei (zero before inclusion): its gas, and
+    /// its L1 data fee on an OP-stack chain.
     pub fn fee_wei(&self) -> U256 {
-        self.inclusion.map_or(U256::ZERO, |i| U256::from(i.gas_used) * U256::from(i.effective_gas_price))
+        self.inclusion.map_or(U256::ZERO, |i| {
+            U256::from(i.gas_used) * U256::from(i.effective_gas_price) + U256::from(i.l1_fee)
+        })
     }
 }
 
@@ -263,10 +270,15 @@ mod tests {
                 gas_used: 70_000,
                 effective_gas_price: 3,
                 settled_items: 1,
+                l1_fee: 0,
             }),
         };
         assert_eq!(BatchRecord::decode(&b.encode()).unwrap(), b);
         assert_eq!(b.fee_wei(), U256::from(210_000));
+        let mut op = b.clone();
+        op.inclusion.as_mut().unwrap().l1_fee = 5_000;
+        assert_eq!(BatchRecord::decode(&op.encode()).unwrap(), op, "an L1 fee is kept");
+        assert_eq!(op.fee_wei(), U256::from(215_000), "and counted in the fee");
         assert_eq!(b.id(), "31337:9");
         assert!(BatchRecord::decode(&[0xff, 0xff]).is_err());
     }

@@ -104,6 +104,7 @@ pub fn receipt(tx: u8, block: u64, used: &[(u8, u64)], gas_used: u64, price: u12
         gas_used,
         effective_gas_price: price,
         success: true,
+        l1_fee: 0,
         used: used.iter().map(|&(i, log)| (Address::repeat_byte(i), B256::repeat_byte(i), log)).collect(),
     }
 }
@@ -122,5 +123,6 @@ pub fn inclusion(block: u64, hash: B256) -> Inclusion {
         gas_used: 0,
         effective_gas_price: 0,
         settled_items: 1,
+        l1_fee: 0,
     }
 }

@@ -184,6 +184,7 @@ impl<C: Chain> Engine<C> {
             block_time,
             gas_used: receipt.gas_used,
             effective_gas_price: receipt.effective_gas_price,
+            l1_fee: receipt.l1_fee,
             settled_items: judged.settled_items,
         });
         let finals = transitions.iter().filter(|t| t.to.is_final()).count();
@@ -309,6 +310,17 @@ mod tests {
                 assert_eq!(shares, fee, "{fee} over {n}");
             }
         }
+    }
+
+    #[test]
+    fn an_l1_fee_is_shared_with_the_gas_fee() {
+        let recs: Vec<_> = (1..=3).map(|i| record(i, Status::Submitted, 10_000)).collect();
+        let b = batch(1, BatchStatus::Submitted, &recs, vec![attempt(0xa1, 7, 99, 5_000)]);
+        let mut r = receipt(0xa1, 100, &[(1, 1), (2, 2), (3, 3)], 150_000, 1_000);
+        r.l1_fee = 7_000_001;
+        let judged = judge_receipt(&b, &recs, &r, 1_700, 50);
+        let fees: U256 = judged.transitions.iter().map(|t| t.evidence.unwrap().fee_share_wei).sum();
+        assert_eq!(fees, U256::from(150_000u64 * 1_000 + 7_000_001), "gas and L1 fee, to the wei");
     }
 
     #[test]

@@ -41,13 +41,16 @@ pub struct Receipt {
     pub effective_gas_price: u128,
     /// Whether the transaction itself succeeded (items are judged by their own logs).
     pub success: bool,
+    /// The L1 data fee paid besides gas (OP-stack chains; 0 elsewhere), wei.
+    pub l1_fee: u128,
     /// The token's `AuthorizationUsed` logs: `(authorizer, nonce, log index)`, in log order.
     pub used: Vec<(Address, B256, u64)>,
 }
 
 impl Receipt {
-    /// The receipt of a mined transaction, with `token`'s logs; `None` for a pending one.
-    pub fn of(receipt: &TransactionReceipt, token: Address) -> Option<Receipt> {
+    /// The receipt of a mined transaction, with `token`'s logs and the L1 fee it paid;
+    /// `None` for a pending one.
+    pub fn of(receipt: &TransactionReceipt, token: Address, l1_fee: u128) -> Option<Receipt> {
         let mut used = chain::authorization_logs(receipt, token);
         used.sort_by_key(|&(_, _, index)| index);
         Some(Receipt {
@@ -58,13 +61,15 @@ impl Receipt {
             gas_used: receipt.gas_used,
             effective_gas_price: receipt.effective_gas_price,
             success: receipt.status(),
+            l1_fee,
             used,
         })
     }
 
-    /// What the transaction cost its sender (wei).
+    /// What the transaction cost its sender (wei): its gas, and its L1 data fee on an
+    /// OP-stack chain.
     pub fn fee(&self) -> U256 {
-        U256::from(self.gas_used) * U256::from(self.effective_gas_price)
+        U256::from(self.gas_used) * U256::from(self.effective_gas_price) + U256::from(self.l1_fee)
     }
 }
 
@@ -225,13 +230,8 @@ impl Chain for RpcChain {
     }
 
     async fn receipt(&self, tx: B256, token: Address) -> Result<Option<Receipt>, RpcError> {
-        let receipt = self
-            .endpoint
-            .provider
-            .get_transaction_receipt(tx)
-            .await
-            .map_err(|e| self.endpoint.error("eth_getTransactionReceipt", e))?;
-        Ok(receipt.as_ref().and_then(|r| Receipt::of(r, token)))
+        let receipt = chain::receipt_with_l1_fee(&self.endpoint, tx, self.op_stack).await?;
+        Ok(receipt.as_ref().and_then(|(r, l1_fee)| Receipt::of(r, token, *l1_fee)))
     }
 
     async fn is_known(&self, tx: B256) -> Result<bool, RpcError> {
@@ -372,6 +372,35 @@ mod tests {
         );
         asserter.push_success(&serde_json::Value::Null);
         assert_eq!(chain.receipt(B256::repeat_byte(0xcc), token).await.unwrap(), None, "not mined");
+    }
+
+    #[tokio::test]
+    async fn on_an_op_stack_chain_a_receipt_carries_its_l1_fee_into_the_fee() {
+        let (chain, asserter) = mocked();
+        let chain = chain.op_stack(true);
+        let receipt = |l1_fee: serde_json::Value| {
+            json!({
+                "transactionHash": B256::repeat_byte(0xaa), "transactionIndex": "0x1",
+                "blockHash": B256::repeat_byte(0xbb), "blockNumber": "0x20",
+                "from": Address::repeat_byte(0x5e), "to": crate::chain::MULTICALL3,
+                "cumulativeGasUsed": "0x30d40", "gasUsed": "0x30d40", "effectiveGasPrice": "0x3b9aca00",
+                "contractAddress": null, "type": "0x2", "status": "0x1", "logsBloom": format!("0x{}", "00".repeat(256)),
+                "logs": [],
+                // What OP-stack nodes add to a receipt.
+                "l1Fee": l1_fee, "l1GasPrice": "0x1", "l1GasUsed": "0x640", "l1BaseFeeScalar": "0x558"
+            })
+        };
+        let gas_fee = U256::from(200_000u64) * U256::from(1_000_000_000u64);
+        asserter.push_success(&receipt(json!("0x2386f26fc10000")));
+        let r = chain.receipt(B256::repeat_byte(0xaa), Address::ZERO).await.unwrap().unwrap();
+        assert_eq!(r.l1_fee, 10_000_000_000_000_000);
+        assert_eq!(r.fee(), gas_fee + U256::from(10_000_000_000_000_000u128));
+        asserter.push_success(&receipt(serde_json::Value::Null));
+        let r = chain.receipt(B256::repeat_byte(0xaa), Address::ZERO).await.unwrap().unwrap();
+        assert_eq!((r.l1_fee, r.fee()), (0, gas_fee), "no L1 fee said: none counted");
+        asserter.push_success(&receipt(json!("lots")));
+        let err = chain.receipt(B256::repeat_byte(0xaa), Address::ZERO).await.unwrap_err();
+        assert!(err.detail.contains("l1Fee"), "a malformed fee is an error, never a guess: {err}");
     }
 
     #[tokio::test]
