@@ -282,6 +282,7 @@ pub fn payment(r: &PaymentRecord) -> v1::Payment {
         block_time: r.block_time,
         log_index: r.log_index,
         seq: r.seq,
+        finalized_at_ms: r.finalized_at_ms,
     }
 }
 

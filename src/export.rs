@@ -1,5 +1,11 @@
-//! Finance export of the settlement log: one row per payment that reached a final state
-//! (settled, failed, expired), in the order they did, as CSV (RFC 4180) or JSON Lines.
+//! Finance export of the settlement log: one row per entry, in the order they were logged,
+//! as CSV (RFC 4180) or JSON Lines. Each payment's outcome (settled, failed, expired) is an
+//! entry (`entry` = `outcome`); a settled payment's later entries follow the chain past the
+//! confirmation depth: `corrected` (a reorg mined its transaction again in another block:
+//! the row carries the new evidence), `reversed` (a reorg removed its transaction: the row
+//! is the settlement undone; the payment is settled again later, a new `outcome` row, or
+//! expires) and `finalized` (its block is final on chain: nothing changes it any more). So
+//! settled amounts are the `outcome` rows of status settled minus the `reversed` rows.
 //!
 //! Amounts are integers in base units with an exact decimal rendering beside them (the
 //! token's decimals; nothing is rounded). Times are UTC (RFC 3339). The log's sequence
@@ -20,7 +26,7 @@ use std::path::{Path, PathBuf};
 use alloy::primitives::{Address, U256};
 
 use crate::config::TokenTable;
-use crate::ledger::{LedgerError, LedgerStore, PaymentRecord, Status};
+use crate::ledger::{LedgerError, LedgerStore, LogEntry, PaymentRecord, Status};
 
 /// The CSV columns, in order.
 pub const COLUMNS: &[&str] = &[
@@ -47,6 +53,8 @@ pub const COLUMNS: &[&str] = &[
     "batch_id",
     "gas_share",
     "fee_share_wei",
+    "entry",
+    "finalized_at",
 ];
 
 /// Entries read from the ledger per step.
@@ -164,8 +172,18 @@ pub struct Summary {
     pub rows: usize,
     /// The last settlement log entry read: the cursor for the next run.
     pub cursor: u64,
-    /// Settled amounts per (UTC day, chain, token, payee): payments and sum in base units.
-    pub totals: BTreeMap<(String, u64, Address, Address), (u64, U256)>,
+    /// Amounts per (UTC day, chain, token, payee), in base units.
+    pub totals: BTreeMap<(String, u64, Address, Address), Total>,
+}
+
+/// One day's amounts for one payee: settlements logged, and settlements reversed (by a
+/// reorg deeper than the confirmation depth; the day is the reversed settlement's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Total {
+    pub settled: u64,
+    pub settled_amount: U256,
+    pub reversed: u64,
+    pub reversed_amount: U256,
 }
 
 /// A saved position in the settlement log, in a file of its own.
@@ -295,12 +313,22 @@ pub fn export(
                 }
             }
             summary.rows += 1;
-            if r.status == Status::Settled {
+            let counts = match r.log_entry {
+                LogEntry::Outcome => r.status == Status::Settled,
+                LogEntry::Reversed => true,
+                LogEntry::Corrected | LogEntry::Finalized => false,
+            };
+            if counts {
                 let a = &r.signed.authorization;
                 let day = utc(final_time(r) * 1000)[..10].to_owned();
                 let e = summary.totals.entry((day, r.signed.chain_id, r.signed.token, a.to)).or_default();
-                e.0 += 1;
-                e.1 += a.value;
+                if r.log_entry == LogEntry::Reversed {
+                    e.reversed += 1;
+                    e.reversed_amount += a.value;
+                } else {
+                    e.settled += 1;
+                    e.settled_amount += a.value;
+                }
             }
         }
         summary.cursor = last;
@@ -324,8 +352,11 @@ pub fn write_totals(summary: &Summary, tokens: &TokenTable, out: &mut impl Write
         "payments",
         "amount_base_units",
         "amount",
+        "reversed_payments",
+        "reversed_amount_base_units",
+        "reversed_amount",
     ])?;
-    for ((day, chain_id, token, payee), (n, sum)) in &summary.totals {
+    for ((day, chain_id, token, payee), t) in &summary.totals {
         let (symbol, decimals) = token_info(tokens, *chain_id, *token);
         w.write_record([
             day.clone(),
@@ -333,9 +364,12 @@ pub fn write_totals(summary: &Summary, tokens: &TokenTable, out: &mut impl Write
             token.to_string(),
             symbol.to_owned(),
             payee.to_string(),
-            n.to_string(),
-            sum.to_string(),
-            format_units(*sum, decimals),
+            t.settled.to_string(),
+            t.settled_amount.to_string(),
+            format_units(t.settled_amount, decimals),
+            t.reversed.to_string(),
+            t.reversed_amount.to_string(),
+            format_units(t.reversed_amount, decimals),
         ])?;
     }
     w.flush()?;
@@ -382,6 +416,8 @@ fn fields(seq: u64, r: &PaymentRecord, tokens: &TokenTable) -> Vec<(&'static str
         r.batch_id.clone(),
         r.gas_share.to_string(),
         r.fee_share_wei.to_string(),
+        r.log_entry.as_str().to_owned(),
+        if r.finalized_at_ms > 0 { utc(r.finalized_at_ms) } else { String::new() },
     ];
     COLUMNS.iter().copied().zip(values).collect()
 }

@@ -18,6 +18,10 @@
 //!   do not add up to its gas used (`fee_share_mismatch`), or that no payment carries a
 //!   share of (`fee_unattributed`: every item went back to the queue).
 //!
+//! A mismatch of a settled payment whose block is not final on chain yet is a reorg the
+//! daemon is following (it corrects the evidence or reverses the settlement itself): it is
+//! listed apart, as not final yet, and does not fail the run.
+//!
 //! Logs of authorizations the ledger does not know, in transactions not ours, are other
 //! people's business and are not reported.
 
@@ -31,7 +35,7 @@ use alloy::sol_types::SolEvent;
 
 use crate::chain::{IEip3009, RpcEndpoint, RpcError};
 use crate::config::Config;
-use crate::ledger::{AuthKey, BatchRecord, BatchStatus, LedgerError, LedgerStore, Status};
+use crate::ledger::{AuthKey, BatchRecord, BatchStatus, LedgerError, LedgerStore, PaymentRecord, Status};
 
 /// Blocks per `eth_getLogs` call, within common node limits.
 const LOG_CHUNK: u64 = 2_000;
@@ -85,6 +89,10 @@ pub struct Report {
     /// Mined batches' transactions whose fee shares were checked against their receipts.
     pub fees_checked: usize,
     pub discrepancies: Vec<Discrepancy>,
+    /// Mismatches of settled payments whose block is not final on chain yet: a reorg the
+    /// daemon is following, and will correct (or reverse) itself. Not discrepancies; a
+    /// later run after finality shows whether any remains.
+    pub pending_corrections: Vec<Discrepancy>,
 }
 
 /// What one chain's reconciliation needs from the config: its RPC URL and its tokens.
@@ -142,17 +150,76 @@ pub async fn run(
         for d in &report.discrepancies {
             writeln!(out, "chain {chain_id}: {d}")?;
         }
+        for d in &report.pending_corrections {
+            writeln!(out, "chain {chain_id}: not final yet, the daemon is following a reorg: {d}")?;
+        }
         writeln!(
             out,
-            "chain {chain_id}: blocks {from}..={to}: {} settled payments, {} AuthorizationUsed logs and {} transactions' fee shares checked, {} discrepancies",
+            "chain {chain_id}: blocks {from}..={to}: {} settled payments, {} AuthorizationUsed logs and {} transactions' fee shares checked, {} discrepancies, {} not final yet",
             report.settled_checked,
             report.logs_checked,
             report.fees_checked,
-            report.discrepancies.len()
+            report.discrepancies.len(),
+            report.pending_corrections.len()
         )?;
         clean &= report.discrepancies.is_empty();
     }
     Ok(clean)
+}
+
+/// Checks one settled payment against the chain's logs and transfers of the range.
+fn check_settled(
+    r: &PaymentRecord,
+    by_auth: &HashMap<(Address, Address, B256), &UsedLog>,
+    transfers: &mut HashMap<B256, Vec<(Address, Address, Address, U256)>>,
+    from: u64,
+    to: u64,
+    report: &mut Report,
+) {
+    let a = &r.signed.authorization;
+    let id = Some(r.payment_id().to_string());
+    let Some(log) = by_auth.get(&(r.signed.token, a.from, a.nonce)) else {
+        report.discrepancies.push(Discrepancy {
+            kind: "missing_log",
+            payment_id: id,
+            tx_hash: r.tx_hash,
+            detail: format!(
+                "settled in the ledger (block {}) but no AuthorizationUsed log in blocks {from}..={to}",
+                r.block_number
+            ),
+        });
+        return;
+    };
+    if Some(log.tx) != r.tx_hash || Some(log.block_hash) != r.block_hash {
+        report.discrepancies.push(Discrepancy {
+            kind: "evidence_mismatch",
+            payment_id: id.clone(),
+            tx_hash: Some(log.tx),
+            detail: format!(
+                "the chain used it in tx {} block {}; the ledger records tx {} block {}",
+                log.tx,
+                log.block_number,
+                r.tx_hash.map(|h| h.to_string()).unwrap_or_default(),
+                r.block_number
+            ),
+        });
+    }
+    let in_tx = transfers.entry(log.tx).or_default();
+    let wanted = (r.signed.token, a.from, a.to, a.value);
+    match in_tx.iter().position(|t| *t == wanted) {
+        Some(i) => {
+            in_tx.swap_remove(i);
+        }
+        None => report.discrepancies.push(Discrepancy {
+            kind: "transfer_mismatch",
+            payment_id: id,
+            tx_hash: Some(log.tx),
+            detail: format!(
+                "no Transfer of {} from {} to {} in that transaction (the ledger's amount or parties differ from the chain's)",
+                a.value, a.from, a.to
+            ),
+        }),
+    }
 }
 
 struct UsedLog {
@@ -211,13 +278,12 @@ pub async fn reconcile(
 
     // The ledger's side: settled payments in range, and our settlement transactions.
     let token_set: HashSet<Address> = tokens.iter().copied().collect();
-    let settled: Vec<_> = ledger
-        .settlement_log(0, usize::MAX)?
-        .into_iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
-        .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
-        .collect();
+    let settled: Vec<_> =
+        crate::ledger::books(ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r))
+            .into_iter()
+            .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
+            .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
+            .collect();
     let mut ours: HashSet<B256> = settled.iter().filter_map(|r| r.tx_hash).collect();
     let batches = ledger.batches(chain_id)?;
     for b in &batches {
@@ -271,52 +337,24 @@ pub async fn reconcile(
     }
     let by_auth: HashMap<(Address, Address, B256), &UsedLog> =
         used.iter().map(|u| ((u.token, u.authorizer, u.nonce), u)).collect();
+    // Settled payments the daemon still watches (their block not final): a mismatch of
+    // their evidence is a reorg it is following.
+    let watched: HashSet<_> = ledger.watched()?.iter().map(PaymentRecord::key).collect();
+    let mut found = Vec::new();
     for r in &settled {
-        let a = &r.signed.authorization;
-        let id = Some(r.payment_id().to_string());
-        let Some(log) = by_auth.get(&(r.signed.token, a.from, a.nonce)) else {
-            report.discrepancies.push(Discrepancy {
-                kind: "missing_log",
-                payment_id: id,
-                tx_hash: r.tx_hash,
-                detail: format!(
-                    "settled in the ledger (block {}) but no AuthorizationUsed log in blocks {from}..={to}",
-                    r.block_number
-                ),
-            });
-            continue;
-        };
-        if Some(log.tx) != r.tx_hash || Some(log.block_hash) != r.block_hash {
-            report.discrepancies.push(Discrepancy {
-                kind: "evidence_mismatch",
-                payment_id: id.clone(),
-                tx_hash: Some(log.tx),
-                detail: format!(
-                    "the chain used it in tx {} block {}; the ledger records tx {} block {}",
-                    log.tx,
-                    log.block_number,
-                    r.tx_hash.map(|h| h.to_string()).unwrap_or_default(),
-                    r.block_number
-                ),
-            });
-        }
-        let in_tx = transfers.entry(log.tx).or_default();
-        let wanted = (r.signed.token, a.from, a.to, a.value);
-        match in_tx.iter().position(|t| *t == wanted) {
-            Some(i) => {
-                in_tx.swap_remove(i);
-            }
-            None => report.discrepancies.push(Discrepancy {
-                kind: "transfer_mismatch",
-                payment_id: id,
-                tx_hash: Some(log.tx),
-                detail: format!(
-                    "no Transfer of {} from {} to {} in that transaction (the ledger's amount or parties differ from the chain's)",
-                    a.value, a.from, a.to
-                ),
-            }),
+        let before = report.discrepancies.len();
+        check_settled(r, &by_auth, &mut transfers, from, to, &mut report);
+        if watched.contains(&r.key()) {
+            // Where its log is (or is not) a reorg can change; its amount and parties, never.
+            let (moved, real): (Vec<_>, Vec<_>) = report
+                .discrepancies
+                .drain(before..)
+                .partition(|d| matches!(d.kind, "missing_log" | "evidence_mismatch"));
+            found.extend(moved);
+            report.discrepancies.extend(real);
         }
     }
+    report.pending_corrections = found;
 
     for log in &used {
         let key = AuthKey::new(chain_id, log.token, log.authorizer, log.nonce);

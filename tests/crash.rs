@@ -169,7 +169,12 @@ async fn sigkill_under_load_loses_no_acknowledged_payment() {
         daemon.signal("TERM");
         assert!(daemon.child.wait().unwrap().success());
         let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
-        let log = ledger.settlement_log(0, usize::MAX).unwrap();
+        let log: Vec<_> = x402_batcher::ledger::books(
+            ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r),
+        )
+        .into_iter()
+        .map(|r| (r.seq, r))
+        .collect();
         let ids: std::collections::HashSet<_> = log.iter().map(|(_, r)| r.payment_id()).collect();
         double += log.len() - ids.len();
         let settled = log.iter().filter(|(_, r)| r.status == x402_batcher::ledger::Status::Settled).count();
@@ -323,7 +328,12 @@ async fn sigkill_between_sending_and_confirmation_keeps_one_outcome_per_payment(
         assert!(daemon.child.wait().unwrap().success());
 
         let ledger = x402_batcher::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
-        let log = ledger.settlement_log(0, usize::MAX).unwrap();
+        let log: Vec<_> = x402_batcher::ledger::books(
+            ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r),
+        )
+        .into_iter()
+        .map(|r| (r.seq, r))
+        .collect();
         let ids: std::collections::HashSet<_> = log.iter().map(|(_, r)| r.payment_id()).collect();
         assert_eq!(log.len(), all.len(), "one settlement log entry per payment");
         assert_eq!(ids.len(), all.len());

@@ -278,6 +278,7 @@ async fn the_facilitator_serves_tls_with_a_bearer_token() {
             chain_id: net.chain_id(),
             rpc_url: net.rpc_url().to_owned(),
             op_stack: false,
+            finality: Default::default(),
         });
         config.ledger.path = Some(dir.path().join("ledger"));
         config.tls = Some(TlsConfig { cert_file: cert, key_file: key, client_ca_file: None });

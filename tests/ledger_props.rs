@@ -321,3 +321,110 @@ fn a_schema_1_ledger_is_upgraded_in_place() {
     let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
     assert!(cfs.iter().any(|c| c == "batch") && cfs.iter().any(|c| c == "settlement"), "{cfs:?}");
 }
+
+/// A settled payment past the confirmation depth: watched until final; a correction and a
+/// reversal are new settlement log entries (the reversal carries the settlement it undoes),
+/// a reversed payment is pending again (exposure, pending count), settles anew, and once
+/// finalized nothing moves it. The books fold the log to one settlement.
+#[test]
+fn a_settled_payment_is_corrected_reversed_settled_again_and_finalized_every_step_logged() {
+    use x402_batcher::ledger::{Evidence, LogEntry, books};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = Ledger::open(dir.path()).unwrap();
+    let s = signed(1, 1, 500);
+    let key = AuthKey::of(&s);
+    let accept = AcceptRequest {
+        signed: s,
+        submission: Submission { network: "eip155:8453".into(), ..Submission::default() },
+        balance: U256::from(1_000u64),
+        window: Ok(()),
+        now_ms: 1,
+    };
+    let run = |ledger: &mut Ledger, t: TransitionRequest| match &ledger
+        .apply_group(&[Command::transition(t).0])
+        .results[0]
+    {
+        Ok(Applied::Transition(r)) => Ok(r.clone()),
+        Err(e) => Err(e.to_string()),
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        ledger.apply_group(&[Command::accept(accept).0]).results[0],
+        Ok(Applied::Accept(AcceptOutcome::Accepted(_)))
+    ));
+    let step = |to: Status, only_from: Status| {
+        let mut t = TransitionRequest::new(key, to, 10);
+        t.only_from = Some(only_from);
+        t
+    };
+    let evidence = |block: u64| Evidence {
+        tx_hash: B256::repeat_byte(7),
+        block_number: block,
+        block_hash: B256::repeat_byte(block as u8),
+        block_time: 1_000 + block,
+        log_index: 3,
+        gas_share: 45_000,
+        fee_share_wei: U256::from(9),
+    };
+    let mut included = step(Status::Included, Status::Accepted);
+    included.evidence = Some(evidence(10));
+    run(&mut ledger, included).unwrap();
+    run(&mut ledger, step(Status::Settled, Status::Included)).unwrap();
+    assert_eq!(ledger.watched().unwrap().len(), 1, "settled, not yet final: watched");
+    assert_eq!((ledger.pending(), ledger.exposure(&key.payer()).unwrap()), (0, U256::ZERO));
+    assert!(
+        run(&mut ledger, TransitionRequest::new(key, Status::Accepted, 10)).is_err(),
+        "only as decided on a settled read"
+    );
+
+    // A reorg mined it again in block 12: corrected.
+    let mut correction = step(Status::Settled, Status::Settled);
+    correction.evidence = Some(evidence(12));
+    let r = run(&mut ledger, correction).unwrap();
+    assert_eq!((r.block_number, r.log_entry, r.status), (12, LogEntry::Corrected, Status::Settled));
+    assert_eq!(ledger.watched().unwrap().len(), 1, "still watched");
+
+    // A deeper one removed it: reversed, pending again, owed again.
+    let r = run(&mut ledger, step(Status::Accepted, Status::Settled)).unwrap();
+    assert_eq!((r.status, r.tx_hash, r.log_entry), (Status::Accepted, None, LogEntry::Reversed));
+    assert!(ledger.watched().unwrap().is_empty());
+    assert_eq!((ledger.pending(), ledger.exposure(&key.payer()).unwrap()), (1, U256::from(500u64)));
+
+    // Settled again by another transaction, then final.
+    let mut again = step(Status::Included, Status::Accepted);
+    again.evidence = Some(evidence(20));
+    run(&mut ledger, again).unwrap();
+    run(&mut ledger, step(Status::Settled, Status::Included)).unwrap();
+    let mut finalize = step(Status::Settled, Status::Settled);
+    finalize.finalize = true;
+    finalize.now_ms = 99;
+    let r = run(&mut ledger, finalize.clone()).unwrap();
+    assert_eq!((r.finalized_at_ms, r.log_entry), (99, LogEntry::Finalized));
+    assert!(ledger.watched().unwrap().is_empty(), "final: watched no more");
+    assert!(run(&mut ledger, finalize).is_err(), "final once");
+    assert!(
+        run(&mut ledger, step(Status::Accepted, Status::Settled)).is_err(),
+        "a final settlement never moves"
+    );
+
+    // The log, append-only: settled, corrected, reversed (the settlement undone), settled,
+    // finalized; the books hold one settlement, the final one.
+    drop(ledger);
+    let ledger = Ledger::open(dir.path()).unwrap();
+    let log: Vec<_> = ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r).collect();
+    let entries: Vec<_> = log.iter().map(|r| (r.log_entry, r.status, r.block_number)).collect();
+    assert_eq!(
+        entries,
+        [
+            (LogEntry::Outcome, Status::Settled, 10),
+            (LogEntry::Corrected, Status::Settled, 12),
+            (LogEntry::Reversed, Status::Settled, 12),
+            (LogEntry::Outcome, Status::Settled, 20),
+            (LogEntry::Finalized, Status::Settled, 20),
+        ]
+    );
+    let held = books(log);
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].block_number, held[0].finalized_at_ms), (20, 99));
+    assert_eq!(ledger.pending(), 0);
+}

@@ -88,16 +88,31 @@ async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported(
             let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &ledger_path).unwrap();
             let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &ledger_path, &cfs).unwrap();
             let cf = db.cf_handle("settlement").unwrap();
-            let (key, bytes) = db.iterator_cf(cf, rocksdb::IteratorMode::Start).next().unwrap().unwrap();
+            let mut entries = db.iterator_cf(cf, rocksdb::IteratorMode::Start);
+            let (key, bytes) = entries.next().unwrap().unwrap();
             let mut record = PaymentRecord::decode(&bytes).unwrap();
             record.signed.authorization.value += U256::from(1u64);
             db.put_cf(cf, key, record.encode()).unwrap();
-            record.payment_id().to_string()
+            // And another's block, as a reorg the daemon has not followed yet would leave it.
+            let (key, bytes) = entries.next().unwrap().unwrap();
+            let mut moved = PaymentRecord::decode(&bytes).unwrap();
+            moved.block_hash = Some(alloy::primitives::B256::repeat_byte(0x99));
+            db.put_cf(cf, key, moved.encode()).unwrap();
+            (record.payment_id().to_string(), moved.payment_id().to_string())
         };
+        let (tampered, moved) = tampered;
         let (clean, out) = reconcile(&config, head);
         assert!(!clean);
         assert!(out.contains(&format!("transfer_mismatch payment {tampered}")), "{out}");
         assert!(out.contains("2 discrepancies"), "{out}");
+        // Its block is not final yet (the daemon still watches it): listed apart, not failed.
+        assert!(
+            out.contains(&format!(
+                "not final yet, the daemon is following a reorg: evidence_mismatch payment {moved}"
+            )),
+            "{out}"
+        );
+        assert!(out.contains("1 not final yet"), "{out}");
     })
     .await
     .expect("within the time limit");

@@ -333,6 +333,12 @@ impl Config {
             if !(c.rpc_url.starts_with("http://") || c.rpc_url.starts_with("https://")) {
                 return Err(invalid(format!("chains[{i}].rpc_url"), "must be an http:// or https:// URL"));
             }
+            if c.finality == Finality::Depth(0) {
+                return Err(invalid(
+                    format!("chains[{i}].finality"),
+                    "must be \"finalized\", \"safe\" or a depth of at least 1 block",
+                ));
+            }
         }
         Ok(())
     }

@@ -37,6 +37,34 @@ pub struct ChainConfig {
     /// a batch.
     #[serde(default)]
     pub op_stack: bool,
+    /// When a settled payment's block is final: `"finalized"` (the default: the chain's own
+    /// finality, the `finalized` block tag of Ethereum and OP-stack chains), `"safe"`, or a
+    /// number of blocks (the block and that many minus one on top). Until then a settled
+    /// payment is watched, and a reorg corrects or reverses it.
+    #[serde(default)]
+    pub finality: Finality,
+}
+
+/// See [`ChainConfig::finality`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Finality {
+    Tag(FinalityTag),
+    Depth(u64),
+}
+
+impl Default for Finality {
+    fn default() -> Self {
+        Finality::Tag(FinalityTag::Finalized)
+    }
+}
+
+/// The block tags a chain's finality can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalityTag {
+    Finalized,
+    Safe,
 }
 
 /// A configured token, ready for verification.

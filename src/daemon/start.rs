@@ -201,7 +201,10 @@ pub(super) fn engines(
             access.policy.subscribe(),
         )
         .map_err(|source| DaemonError::Settle { chain_id, source })?
-        .with_board(access.board.clone());
+        .with_board(access.board.clone())
+        .with_finality(
+            config.chains.iter().find(|c| c.chain_id == chain_id).map(|c| c.finality).unwrap_or_default(),
+        );
         tracing::info!(
             chain_id,
             ?settlers,

@@ -119,12 +119,23 @@ pub struct TransitionRequest {
     pub failure: Option<(Reason, String)>,
     pub batch_id: Option<String>,
     pub evidence: Option<Evidence>,
+    /// Settled → settled: its block is final on chain (see [`super::LogEntry::Finalized`]).
+    pub finalize: bool,
     pub now_ms: u64,
 }
 
 impl TransitionRequest {
     pub fn new(key: AuthKey, to: Status, now_ms: u64) -> Self {
-        Self { key, only_from: None, to, failure: None, batch_id: None, evidence: None, now_ms }
+        Self {
+            key,
+            only_from: None,
+            to,
+            failure: None,
+            batch_id: None,
+            evidence: None,
+            finalize: false,
+            now_ms,
+        }
     }
 }
 

@@ -15,9 +15,9 @@ use super::command::{
 };
 use super::error::{LedgerError, db_err};
 use super::holds::{Hold, Holds};
-use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentRecord, Status};
+use super::record::{AuthKey, CorruptRecord, LogEntry, PayerKey, PaymentRecord, Status};
 use super::rocks::{
-    CF_AUTH, CF_BATCH, CF_EXPOSURE, CF_ID, CF_IDEM, CF_PENDING, CF_SEQ, CF_SETTLEMENT, Ledger,
+    CF_AUTH, CF_BATCH, CF_EXPOSURE, CF_ID, CF_IDEM, CF_PENDING, CF_SEQ, CF_SETTLEMENT, CF_WATCH, Ledger,
     synced_write_options,
 };
 use crate::x402::Reason;
@@ -122,7 +122,14 @@ impl<'a> Group<'a> {
 
     fn check_transition(&self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
         let record = self.record(&req.key)?.ok_or(LedgerError::NotFound(req.key.payment_id()))?;
-        if !record.status.can_move_to(req.to) || req.only_from.is_some_and(|s| s != record.status) {
+        // Out of settled only as decided on a settled read (a reorg's correction or
+        // reversal, or finality), and finality only of a settled payment.
+        let from_settled = record.status == Status::Settled;
+        if !record.can_move_to(req.to)
+            || req.only_from.is_some_and(|s| s != record.status)
+            || (from_settled && req.only_from != Some(Status::Settled))
+            || (req.finalize && !(from_settled && req.to == Status::Settled))
+        {
             return Err(LedgerError::IllegalTransition {
                 id: req.key.payment_id(),
                 from: record.status,
@@ -289,6 +296,8 @@ impl<'a> Group<'a> {
             log_index: 0,
             gas_share: 0,
             fee_share_wei: U256::ZERO,
+            finalized_at_ms: 0,
+            log_entry: LogEntry::Outcome,
         };
         let record = self.write(record);
         self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
@@ -308,8 +317,26 @@ impl<'a> Group<'a> {
 
     fn transition(&mut self, req: &TransitionRequest) -> Result<PaymentRecord, LedgerError> {
         let mut record = self.check_transition(req)?;
-        if req.to.is_final() {
-            let payer = req.key.payer();
+        let payer = req.key.payer();
+        let from_settled = record.status == Status::Settled;
+        if from_settled {
+            // A settled payment moves on only after a reorg, or when its block is final:
+            // either way it is watched no more; a reversal logs the settlement it undoes.
+            self.batch.delete_cf(self.ledger.cf(CF_WATCH), req.key.as_bytes());
+            if req.to != Status::Settled {
+                let mut reversed = record.clone();
+                reversed.log_entry = LogEntry::Reversed;
+                reversed.updated_at_ms = req.now_ms;
+                self.log(&reversed);
+                record.log_entry = LogEntry::Reversed;
+                // Pending again: the payer owes it until it settles anew.
+                let exposure = self.exposure(&payer)?;
+                self.set_exposure(payer, exposure.saturating_add(record.value()));
+                self.batch.put_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes(), []);
+                self.pending_delta += 1;
+            }
+        }
+        if req.to.is_final() && !(from_settled && req.to == Status::Settled) {
             let exposure = self.exposure(&payer)?;
             self.set_exposure(payer, exposure.saturating_sub(record.value()));
             self.batch.delete_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes());
@@ -340,17 +367,35 @@ impl<'a> Group<'a> {
             record.gas_share = ev.gas_share;
             record.fee_share_wei = ev.fee_share_wei;
         }
+        // What the settlement log says of this step: an outcome (settled, failed, expired),
+        // a corrected settlement, a settlement's finality; nothing for the steps between.
+        let entry = match (from_settled, req.to) {
+            (true, Status::Settled) if req.finalize => Some(LogEntry::Finalized),
+            (true, Status::Settled) => Some(LogEntry::Corrected),
+            (_, to) if to.is_final() => Some(LogEntry::Outcome),
+            _ => None,
+        };
+        if req.finalize {
+            record.finalized_at_ms = req.now_ms;
+        }
+        if let Some(entry) = entry {
+            record.log_entry = entry;
+        }
         let record = self.write(record);
-        if record.status.is_final() {
-            // Final states have no way out, so this runs once per payment.
-            self.batch.put_cf(
-                self.ledger.cf(CF_SETTLEMENT),
-                self.next_settlement.to_be_bytes(),
-                record.encode(),
-            );
-            self.next_settlement += 1;
+        if let Some(entry) = entry {
+            self.log(&record);
+            if record.status == Status::Settled && entry != LogEntry::Finalized {
+                // Watched until its block is final on chain (a reorg may still move it).
+                self.batch.put_cf(self.ledger.cf(CF_WATCH), req.key.as_bytes(), []);
+            }
         }
         Ok(record)
+    }
+
+    /// Appends `record` to the settlement log.
+    fn log(&mut self, record: &PaymentRecord) {
+        self.batch.put_cf(self.ledger.cf(CF_SETTLEMENT), self.next_settlement.to_be_bytes(), record.encode());
+        self.next_settlement += 1;
     }
 
     /// Stamps the next sequence number on `record` and writes it under its key and its seq.

@@ -57,9 +57,38 @@ pub use command::{
     HoldRequest, Refusal, Repeat, TransitionRequest,
 };
 pub use error::LedgerError;
-pub use record::{AuthKey, PayerKey, PaymentId, PaymentRecord, Status, Submission};
+pub use record::{AuthKey, LogEntry, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use rocks::Ledger;
 pub use writer::{Follow, LedgerHandle};
+
+/// The settlement log folded into each payment's standing outcome, in the order outcomes
+/// were first logged: an outcome entry adds the payment, a reversal takes its settlement
+/// back out, a correction or its finality replaces it with the newer snapshot. A payment
+/// listed twice had two outcomes without a reversal between: a double count.
+pub fn books(log: impl IntoIterator<Item = PaymentRecord>) -> Vec<PaymentRecord> {
+    let mut rows: Vec<Option<PaymentRecord>> = Vec::new();
+    let mut at: std::collections::HashMap<PaymentId, Vec<usize>> = std::collections::HashMap::new();
+    for r in log {
+        let id = r.payment_id();
+        match r.log_entry {
+            LogEntry::Outcome => {
+                at.entry(id).or_default().push(rows.len());
+                rows.push(Some(r));
+            }
+            LogEntry::Reversed => {
+                if let Some(i) = at.get_mut(&id).and_then(Vec::pop) {
+                    rows[i] = None;
+                }
+            }
+            LogEntry::Corrected | LogEntry::Finalized => {
+                if let Some(&i) = at.get(&id).and_then(|v| v.last()) {
+                    rows[i] = Some(r);
+                }
+            }
+        }
+    }
+    rows.into_iter().flatten().collect()
+}
 
 /// What one group of commands did: each command's result, in order, and every record the
 /// group wrote (as it stands after the group).
@@ -104,8 +133,12 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     /// Up to `limit` changes with a sequence number above `after`, in order.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError>;
 
-    /// Up to `limit` settlement log entries after `after`, with their sequence numbers: each
-    /// payment's final record, once, in the order they became final.
+    /// Settled payments whose block is not yet final on chain (watched for reorgs).
+    fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Up to `limit` settlement log entries after `after`, with their sequence numbers, in
+    /// the order they were logged: each payment's outcome once, and for a settled one any
+    /// correction, reversal and its finality (see [`LogEntry`]).
     fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError>;
 
     fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError>;

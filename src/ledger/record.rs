@@ -144,7 +144,9 @@ impl Status {
         }
     }
 
-    /// Settled, failed and expired payments never change again.
+    /// Settled, failed and expired payments are done: the API server's answer never
+    /// changes. (A settled payment whose block is not yet final on chain may still be
+    /// corrected or reversed by a reorg: see [`PaymentRecord::can_move_to`].)
     pub fn is_final(self) -> bool {
         matches!(self, Status::Settled | Status::Failed | Status::Expired)
     }
@@ -155,6 +157,8 @@ impl Status {
     /// payment moves straight to Included only when the chain shows it settled by an
     /// earlier transaction of ours (one reorged out, then mined again); an included one
     /// moves to Included again when a reorg re-mined its transaction in another block.
+    /// (Settled payments move on only while their block is not final on chain:
+    /// [`PaymentRecord::can_move_to`].)
     pub fn can_move_to(self, to: Status) -> bool {
         use Status::*;
         matches!(
@@ -227,6 +231,54 @@ pub struct PaymentRecord {
     /// This payment's share of its transaction's gas used and fee paid (wei).
     pub gas_share: u64,
     pub fee_share_wei: U256,
+    /// When its settlement's block became final on chain (0: not yet; or settled by a
+    /// version that did not follow finality).
+    pub finalized_at_ms: u64,
+    /// What the latest settlement log entry of this payment says (see [`LogEntry`]).
+    pub log_entry: LogEntry,
+}
+
+/// Why a payment's snapshot is in the settlement log. The log is append-only: a settled
+/// payment whose block a reorg changed gets a new entry, never a rewritten one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LogEntry {
+    /// Its outcome: settled, failed or expired.
+    #[default]
+    Outcome,
+    /// Its settlement transaction was mined again in another block: new evidence.
+    Corrected,
+    /// Its settlement transaction is gone from the chain: the settlement is undone (the
+    /// payment goes back to be settled again, or expires). The snapshot is the settlement
+    /// being reversed.
+    Reversed,
+    /// Its settlement's block is final on chain: nothing changes it any more.
+    Finalized,
+}
+
+impl LogEntry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogEntry::Outcome => "outcome",
+            LogEntry::Corrected => "corrected",
+            LogEntry::Reversed => "reversed",
+            LogEntry::Finalized => "finalized",
+        }
+    }
+
+    const fn to_disk(self) -> i32 {
+        match self {
+            LogEntry::Outcome => 0,
+            LogEntry::Corrected => 1,
+            LogEntry::Reversed => 2,
+            LogEntry::Finalized => 3,
+        }
+    }
+
+    fn from_disk(n: i32) -> Option<LogEntry> {
+        [LogEntry::Outcome, LogEntry::Corrected, LogEntry::Reversed, LogEntry::Finalized]
+            .into_iter()
+            .find(|e| e.to_disk() == n)
+    }
 }
 
 impl PaymentRecord {
@@ -240,6 +292,17 @@ impl PaymentRecord {
 
     pub fn value(&self) -> U256 {
         self.signed.authorization.value
+    }
+
+    /// Whether this payment may move to `to`: the lifecycle's edges ([`Status::can_move_to`]),
+    /// and, while its settlement's block is not yet final on chain, settled → settled (new
+    /// evidence after a reorg, or its finality) and settled → accepted or expired (its
+    /// transaction vanished in a reorg deeper than the confirmation depth).
+    pub fn can_move_to(&self, to: Status) -> bool {
+        self.status.can_move_to(to)
+            || (self.status == Status::Settled
+                && self.finalized_at_ms == 0
+                && matches!(to, Status::Settled | Status::Accepted | Status::Expired))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -277,6 +340,8 @@ impl PaymentRecord {
             } else {
                 self.fee_share_wei.to_be_bytes::<32>().to_vec()
             },
+            finalized_at_ms: self.finalized_at_ms,
+            log_entry: self.log_entry.to_disk(),
         }
         .encode_to_vec()
     }
@@ -340,6 +405,8 @@ impl PaymentRecord {
             } else {
                 word(&d.fee_share_wei, "fee_share_wei")?
             },
+            finalized_at_ms: d.finalized_at_ms,
+            log_entry: LogEntry::from_disk(d.log_entry).ok_or(CorruptRecord { field: "log_entry" })?,
         })
     }
 }
@@ -384,6 +451,8 @@ mod tests {
             log_index: 9,
             gas_share: 10,
             fee_share_wei: U256::from(11),
+            finalized_at_ms: 12,
+            log_entry: LogEntry::Corrected,
         }
     }
 

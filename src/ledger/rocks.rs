@@ -23,16 +23,22 @@ pub const CF_META: &str = "meta";
 pub const CF_PENDING: &str = "pending";
 /// Settlement batches, under `chain_id ‖ counter`.
 pub const CF_BATCH: &str = "batch";
-/// The settlement log: append-only, one entry per payment when it becomes final (settled,
-/// failed, expired), under a u64 sequence of its own. What finance exports.
+/// The settlement log: append-only, under a u64 sequence of its own: one entry per payment
+/// when it becomes final (settled, failed, expired), and for a settled one, later, one when
+/// a reorg corrects or reverses it and one when its block is final on chain. What finance
+/// exports.
 pub const CF_SETTLEMENT: &str = "settlement";
-const CFS: [&str; 9] =
-    [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META, CF_PENDING, CF_BATCH, CF_SETTLEMENT];
+/// Keys of settled payments whose block is not yet final on chain: watched for reorgs.
+pub const CF_WATCH: &str = "watch";
+const CFS: [&str; 10] =
+    [CF_AUTH, CF_SEQ, CF_ID, CF_IDEM, CF_EXPOSURE, CF_META, CF_PENDING, CF_BATCH, CF_SETTLEMENT, CF_WATCH];
 
 /// The layout this code reads and writes. Bumped by any change older code cannot read.
 /// 2: the `batch` and `settlement` column families (a version 1 ledger is upgraded in
 /// place by creating them; a version 1 daemon cannot open a version 2 ledger).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: the `watch` column family (settled payments followed to finality); payments settled
+/// before it are not watched.
+pub const SCHEMA_VERSION: u32 = 3;
 const META_SCHEMA: &[u8] = b"schema_version";
 
 /// Every ledger commit is synced: an acknowledged payment must survive a power cut.
@@ -271,6 +277,21 @@ impl Ledger {
             out.push(
                 PaymentRecord::decode(&v).map_err(|source| LedgerError::Corrupt { cf: CF_SEQ, source })?,
             );
+        }
+        Ok(out)
+    }
+
+    /// Settled payments whose block is not yet final on chain.
+    pub(super) fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator_cf(self.cf(CF_WATCH), IteratorMode::Start) {
+            let (k, _) = kv.map_err(db_err("iterate", CF_WATCH))?;
+            let key = AuthKey::from_bytes(&k)
+                .ok_or(LedgerError::Corrupt { cf: CF_WATCH, source: CorruptRecord { field: "auth key" } })?;
+            let record = self
+                .get(&key)?
+                .ok_or(LedgerError::Corrupt { cf: CF_WATCH, source: CorruptRecord { field: "record" } })?;
+            out.push(record);
         }
         Ok(out)
     }

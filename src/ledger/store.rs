@@ -60,6 +60,10 @@ impl LedgerStore for Ledger {
         Ledger::settlement_log(self, after, limit)
     }
 
+    fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        Ledger::watched(self)
+    }
+
     fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
         Ledger::batch(self, chain_id, counter)
     }

@@ -46,6 +46,8 @@ pub fn record(i: u8, status: Status, valid_before: u64) -> PaymentRecord {
         log_index: 0,
         gas_share: 0,
         fee_share_wei: U256::ZERO,
+        finalized_at_ms: 0,
+        log_entry: crate::ledger::LogEntry::Outcome,
     }
 }
 

@@ -38,6 +38,7 @@
 //! | `round.rs` | the loop, recovery after a cut-short round, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
 //! | `sweep.rs` | included payments no open batch follows, on their own evidence |
+//! | `finality.rs` | settled payments followed to finality: corrected or reversed after a reorg |
 //! | `outcome.rs` | a receipt → each payment's outcome and evidence (the one fee-share rule) |
 //! | `plan.rs` | expiry, which settlers are idle, cutting a batch and recording it |
 //! | `sign.rs` | the fee of a (replacement) transaction, and signing it |
@@ -47,6 +48,7 @@
 //! returns what to write or send, with unit tests; the `impl Engine` blocks beside them do
 //! the reading, writing and sending.
 
+mod finality;
 #[cfg(test)]
 mod fixtures;
 mod follow;
@@ -74,7 +76,7 @@ pub use status::{ChainView, SettlerView, StatusBoard, TokenView};
 use crate::balance::BalanceCache;
 use crate::chain::RpcError;
 use crate::clock::Clock;
-use crate::config::SettlementConfig;
+use crate::config::{Finality, SettlementConfig};
 use crate::ledger::{BatchRecord, LedgerError, LedgerHandle};
 use crate::planner::{GasBook, L1Fees};
 use crate::policy::SettlementPolicy;
@@ -115,6 +117,11 @@ pub struct RoundReport {
     pub replaced: usize,
     pub rebroadcast: usize,
     pub requeued: usize,
+    /// Settled payments whose block became final, whose evidence a reorg moved, and whose
+    /// settlement a reorg undid.
+    pub finalized: usize,
+    pub corrected: usize,
+    pub reversed: usize,
 }
 
 /// A settler account.
@@ -144,6 +151,10 @@ pub struct Engine<C: Chain = RpcChain> {
     /// read every few seconds.
     board: StatusBoard,
     settler_views: BTreeMap<Address, SettlerView>,
+    /// When a settled payment's block counts as final.
+    finality: Finality,
+    /// The head at which every watched block at or below it was last found canonical.
+    checked_head: Option<(u64, alloy::primitives::B256)>,
     /// Batches not yet done or abandoned, by counter.
     open: BTreeMap<u64, BatchRecord>,
     next_counter: u64,

@@ -17,9 +17,10 @@ use super::{ChainView, Engine, RoundReport, SettleError, Settler, StatusBoard, T
 use crate::balance::BalanceCache;
 use crate::chain::RpcError;
 use crate::clock::Clock;
-use crate::config::SettlementConfig;
+use crate::config::{Finality, SettlementConfig};
 use crate::ledger::{
-    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, LedgerError, LedgerHandle, PaymentRecord, Status,
+    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, LedgerError, LedgerHandle, LogEntry, PaymentRecord,
+    Status,
 };
 use crate::planner::{Costs, Fees, GasBook};
 use crate::policy::SettlementPolicy;
@@ -79,6 +80,8 @@ impl<C: Chain> Engine<C> {
             wake_at_ms: None,
             board: StatusBoard::default(),
             settler_views: BTreeMap::new(),
+            finality: Finality::default(),
+            checked_head: None,
             config,
             open,
             next_counter,
@@ -90,6 +93,12 @@ impl<C: Chain> Engine<C> {
             balances_read_at: None,
             value_tokens: Vec::new(),
         })
+    }
+
+    /// Follows settled payments to `finality` (the chain's `finalized` block by default).
+    pub fn with_finality(mut self, finality: Finality) -> Self {
+        self.finality = finality;
+        self
     }
 
     /// Publishes this engine's view on `board` after every round (Admin `GetStatus`).
@@ -172,6 +181,7 @@ impl<C: Chain> Engine<C> {
         let pending_view = tally(&pending);
         self.pending_metrics(&pending, &pending_view, &head);
         self.sweep_included(&pending, &head, &mut report).await?;
+        self.follow_settled(&head, &mut report).await?;
         let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
         self.plan_and_send(accepted, &head, fees, &mut report).await?;
         self.settler_balances().await;
@@ -329,7 +339,9 @@ impl<C: Chain> Engine<C> {
     pub(super) async fn apply(&self, req: ApplyRequest) -> Result<ApplyResults, LedgerError> {
         let results = self.ledger.apply(req).await?;
         let mut finals: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
-        for r in results.iter().flatten() {
+        // Outcomes only: a settled payment's later entries (corrected, finalized) are not
+        // new outcomes; a reversal's expiry is.
+        for r in results.iter().flatten().filter(|r| r.log_entry == LogEntry::Outcome) {
             let status = match r.status {
                 Status::Settled => {
                     let secs = r.updated_at_ms.saturating_sub(r.accepted_at_ms) as f64 / 1000.0;

@@ -15,6 +15,7 @@ use alloy::rpc::types::{Filter, TransactionReceipt};
 use alloy::sol_types::SolEvent;
 
 use crate::chain::{self, GAS_PRICE_ORACLE, IEip3009, IGasPriceOracle, RpcEndpoint, RpcError};
+use crate::config::FinalityTag;
 use crate::planner::L1Fees;
 use crate::simulate::{self, ItemFailure};
 use crate::x402::SignedAuthorization;
@@ -129,6 +130,10 @@ pub trait Chain: Send + Sync + 'static {
 
     /// The account's native balance (wei).
     fn native_balance(&self, account: Address) -> impl Future<Output = Result<U256, RpcError>> + Send;
+
+    /// The number of the block the chain calls `tag` (`finalized`, `safe`); `None` if the
+    /// node has none yet.
+    fn tagged_block(&self, tag: FinalityTag) -> impl Future<Output = Result<Option<u64>, RpcError>> + Send;
 
     /// The L1 data fee settlements like `sample` pay, by shape (all zero except on an
     /// OP-stack chain).
@@ -291,6 +296,20 @@ impl Chain for RpcChain {
             .get_balance(account)
             .await
             .map_err(|e| self.endpoint.error("eth_getBalance", e))
+    }
+
+    async fn tagged_block(&self, tag: FinalityTag) -> Result<Option<u64>, RpcError> {
+        let tag = match tag {
+            FinalityTag::Finalized => BlockNumberOrTag::Finalized,
+            FinalityTag::Safe => BlockNumberOrTag::Safe,
+        };
+        Ok(self
+            .endpoint
+            .provider
+            .get_block_by_number(tag)
+            .await
+            .map_err(|e| self.endpoint.error("eth_getBlockByNumber", e))?
+            .map(|b| b.header.number))
     }
 
     async fn l1_fees(&self, sample: &SignedAuthorization) -> Result<L1Fees, RpcError> {

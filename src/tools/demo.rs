@@ -178,6 +178,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         chain_id: net.chain_id(),
         rpc_url: net.rpc_url().to_owned(),
         op_stack: false,
+        finality: Default::default(),
     });
     config.ledger.path = Some(ledger_path.clone());
     config.settlement.settler_keys_file = Some(keys);
@@ -283,7 +284,10 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     // The middlewares' payments are named after their callers' addresses (`http:<ip>`).
     let via_http = |r: &crate::ledger::PaymentRecord| r.submission.api_server.starts_with("http:");
     let mut latencies = Vec::new();
-    let log = ledger.settlement_log(0, usize::MAX)?;
+    let log: Vec<_> = crate::ledger::books(ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r))
+        .into_iter()
+        .map(|r| (r.seq, r))
+        .collect();
     let http_keys: std::collections::HashSet<_> =
         log.iter().filter(|(_, r)| via_http(r)).map(|(_, r)| r.key()).collect();
     for (_, r) in log.iter().filter(|(_, r)| !via_http(r)) {

@@ -107,11 +107,14 @@ pub struct DevnetOptions {
     /// A block every this many seconds (anvil `--block-time`); `None`: a block per
     /// transaction.
     pub block_time_secs: Option<u64>,
+    /// Anvil's `--slots-in-an-epoch`: its `safe` block is this many below the head, its
+    /// `finalized` block twice as many (`None`: anvil's 32).
+    pub slots_in_an_epoch: Option<u64>,
 }
 
 impl Default for DevnetOptions {
     fn default() -> Self {
-        Self { chain_id: CHAIN_ID, block_time_secs: None }
+        Self { chain_id: CHAIN_ID, block_time_secs: None, slots_in_an_epoch: None }
     }
 }
 
@@ -155,6 +158,9 @@ impl Devnet {
         ];
         if let Some(secs) = options.block_time_secs {
             args.extend(["--block-time".to_owned(), secs.to_string()]);
+        }
+        if let Some(slots) = options.slots_in_an_epoch {
+            args.extend(["--slots-in-an-epoch".to_owned(), slots.to_string()]);
         }
         let mut child = Command::new(&path)
             .args(&args)
@@ -405,8 +411,20 @@ impl Devnet {
 
     /// Replaces the newest `depth` blocks with empty ones (their transactions vanish).
     pub async fn reorg(&self, depth: u64) -> Result<(), DevnetError> {
-        let none: Vec<(serde_json::Value, u64)> = Vec::new();
-        self.raw::<_, serde_json::Value>("anvil_reorg", (depth, none)).await.map(|_| ())
+        self.reorg_with(depth, &[]).await
+    }
+
+    /// Replaces the newest `depth` blocks with new ones holding `txs`: each a signed raw
+    /// transaction and the new block (0-based, from the first replaced) it goes in. A
+    /// transaction of the old blocks given here is mined again, in another block.
+    pub async fn reorg_with(&self, depth: u64, txs: &[(Bytes, u64)]) -> Result<(), DevnetError> {
+        let txs: Vec<(Bytes, u64)> = txs.to_vec();
+        self.raw::<_, serde_json::Value>("anvil_reorg", (depth, txs)).await.map(|_| ())
+    }
+
+    /// The signed bytes of a transaction the node knows.
+    pub async fn raw_transaction(&self, hash: B256) -> Result<Bytes, DevnetError> {
+        self.raw("eth_getRawTransactionByHash", (hash,)).await
     }
 
     /// Sets the base fee of the next block (wei).
@@ -501,8 +519,12 @@ pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>)
         move |source| DevnetError::File { path, source }
     };
     std::fs::create_dir_all(&opts.dir).map_err(file_err(&opts.dir))?;
-    let net = Devnet::start_with(DevnetOptions { chain_id: X402_CHAIN_ID, block_time_secs: opts.block_time })
-        .await?;
+    let net = Devnet::start_with(DevnetOptions {
+        chain_id: X402_CHAIN_ID,
+        block_time_secs: opts.block_time,
+        ..DevnetOptions::default()
+    })
+    .await?;
     let keys = net.new_settlers("devnet", opts.settlers).await?;
     let payer_addrs: Vec<_> = payer_keys("loadgen", opts.payers).iter().map(|p| p.address()).collect();
     net.fund(&payer_addrs, U256::from(1_000_000_000u64)).await?;

@@ -495,6 +495,7 @@ impl OwnDaemon {
             chain_id: net.chain_id(),
             rpc_url: net.rpc_url().to_owned(),
             op_stack: false,
+            finality: Default::default(),
         });
         config.ledger.path = Some(dir.join("ledger"));
         let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;

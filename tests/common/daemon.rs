@@ -44,6 +44,7 @@ impl TestDaemon {
             chain_id: devnet.chain_id(),
             rpc_url: devnet.rpc_url().to_owned(),
             op_stack: false,
+            finality: Default::default(),
         });
         config.ledger.path = Some(dir.path().join("ledger"));
         tune(&mut config);

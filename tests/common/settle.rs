@@ -141,7 +141,10 @@ pub async fn wait_for(
 /// The ledger's settlement log and batches, read after the daemon stopped.
 pub fn ledger_after(d_dir: &std::path::Path, chain_id: u64) -> (Vec<PaymentRecord>, Vec<BatchRecord>) {
     let ledger = Ledger::open(&d_dir.join("ledger")).unwrap();
-    let log = ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r).collect();
+    // Each payment's standing outcome (reversals undone, corrections and finality applied).
+    let log = x402_batcher::ledger::books(
+        ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r),
+    );
     (log, ledger.batches(chain_id).unwrap())
 }
 
