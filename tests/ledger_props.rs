@@ -376,6 +376,10 @@ fn a_settled_payment_is_corrected_reversed_settled_again_and_finalized_every_ste
         run(&mut ledger, TransitionRequest::new(key, Status::Accepted, 10)).is_err(),
         "only as decided on a settled read"
     );
+    assert!(
+        run(&mut ledger, step(Status::Settled, Status::Settled)).is_err(),
+        "a correction brings its evidence"
+    );
 
     // A reorg mined it again in block 12: corrected.
     let mut correction = step(Status::Settled, Status::Settled);

@@ -129,6 +129,7 @@ impl<'a> Group<'a> {
             || req.only_from.is_some_and(|s| s != record.status)
             || (from_settled && req.only_from != Some(Status::Settled))
             || (req.finalize && !(from_settled && req.to == Status::Settled))
+            || (from_settled && req.to == Status::Settled && !req.finalize && req.evidence.is_none())
         {
             return Err(LedgerError::IllegalTransition {
                 id: req.key.payment_id(),
