@@ -292,6 +292,15 @@ impl<C: Chain> Engine<C> {
             Ok(attempt) => self.add_attempt(batch, attempt, report, true).await,
             Err(e @ SettleError::FeeAtCap { .. }) => {
                 tracing::warn!("cannot replace a stuck transaction: {e}");
+                // At the cap it cannot be replaced; if the node forgot it meanwhile, it must
+                // at least be sent again, or it waits for ever (found by the simulator).
+                if !self.read(self.chain.is_known(last.tx_hash).await)? {
+                    self.metrics.transactions_dropped.increment(1);
+                    if self.chain.broadcast(&last.raw).await.is_ok() {
+                        report.rebroadcast += 1;
+                        tracing::info!(batch = %batch.id(), tx = %last.tx_hash, "dropped transaction at the fee cap resubmitted");
+                    }
+                }
                 Ok(())
             }
             Err(e) => Err(e),

@@ -263,7 +263,7 @@ impl<C: Chain> Engine<C> {
     /// The `AuthorizationUsed` log of `record`'s authorization if a transaction from one
     /// of our settlers emitted it: a payment that did settle (say, a reorged-out
     /// transaction mined again) must never be reported failed.
-    async fn find_our_use(&self, record: &PaymentRecord) -> Result<Option<Evidence>, SettleError> {
+    pub(super) async fn find_our_use(&self, record: &PaymentRecord) -> Result<Option<Evidence>, SettleError> {
         let head = self.read(self.chain.head().await)?.number;
         let a = &record.signed.authorization;
         let token = record.signed.token;
@@ -271,7 +271,20 @@ impl<C: Chain> Engine<C> {
         let txs = self.read(self.chain.uses_of(token, a.from, a.nonce, from, head).await)?;
         let ours: BTreeSet<Address> = self.settlers.iter().map(|s| s.address).collect();
         for tx in txs {
-            let Some(receipt) = self.read(self.chain.receipt(tx, token).await)? else { continue };
+            let Some(receipt) = self.read(self.chain.receipt(tx, token).await)? else {
+                // Its log is served but not its receipt (a node catching up): whose it is
+                // cannot be told yet, so nothing is decided; a later round asks again. (Taking
+                // it for someone else's failed a payment our own transaction paid: found by
+                // the simulator, seed 19.)
+                self.metrics.rpc_error("eth_getTransactionReceipt");
+                return Err(SettleError::Rpc(crate::chain::RpcError {
+                    chain_id: self.chain_id,
+                    call: "eth_getTransactionReceipt",
+                    detail: format!(
+                        "transaction {tx} used the authorization but its receipt is not served yet"
+                    ),
+                }));
+            };
             if ours.contains(&receipt.from) {
                 return self.evidence_in(&receipt, record).await;
             }

@@ -118,11 +118,29 @@ impl<C: Chain> Engine<C> {
         let now_ms = self.now_ms();
         // Chain time ahead of the clock (a devnet's, or a skewed node's) decides windows.
         let plan_ms = now_ms.max(head.timestamp.saturating_mul(1000));
-        let (expired, live) = expire(accepted, head, now_ms);
+        let (mut expired, live) = expire(accepted, head, now_ms);
+        // A payment that was in a batch before may have been paid by that batch's
+        // transaction after all (back in a node's pool after a reorg, mined later): its
+        // evidence, not its expiry (found by the simulator, seed 38).
+        for t in &mut expired {
+            let Some(record) = self.ledger.ledger().get(&t.key)? else { continue };
+            if record.batch_id.is_empty() {
+                continue;
+            }
+            if let Some(ev) = self.find_our_use(&record).await? {
+                t.to = Status::Included;
+                t.failure = None;
+                t.evidence = Some(ev);
+            }
+        }
         if !expired.is_empty() {
             let results =
-                self.apply(ApplyRequest { transitions: expired, batch: None, atomic: false }).await?;
-            report.expired += results.iter().filter(|r| r.is_ok()).count();
+                self.apply(ApplyRequest { transitions: expired.clone(), batch: None, atomic: false }).await?;
+            for (t, r) in expired.iter().zip(&results) {
+                if r.is_ok() && t.to == Status::Expired {
+                    report.expired += 1;
+                }
+            }
         }
 
         let mut idle = idle_settlers(&self.settlers, &self.open, self.next_settler);
