@@ -480,18 +480,11 @@ impl Chain for SimChain {
                     return Err(classify(&[]));
                 }
                 gas += ITEM_GAS;
-                let (v, r, sig_s) = (s.signature.v(), s.signature.r(), s.signature.s());
-                let call = IEip3009::transferWithAuthorizationCall {
-                    from: s.authorization.from,
-                    to: s.authorization.to,
-                    value: s.authorization.value,
-                    validAfter: s.authorization.valid_after,
-                    validBefore: s.authorization.valid_before,
-                    nonce: s.authorization.nonce,
-                    v,
-                    r,
-                    s: sig_s,
-                };
+                // The calldata the engine would send for it, read back as the token would.
+                let call = IEip3009::transferWithAuthorizationCall::abi_decode(
+                    &x402_batcher::chain::transfer_calldata(s),
+                )
+                .expect("our own encoding decodes");
                 transfer(&call, &mut token, now)
                     .map(|_| ())
                     .map_err(|why| classify(&alloy::sol_types::Revert::from(why).abi_encode()))
