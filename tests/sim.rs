@@ -14,7 +14,14 @@
 //! receipt not served yet made our own use of an authorization look like someone else's:
 //! the payment failed although our transaction paid it), seed 38 (a payment back in the
 //! queue after a reorg expired although its earlier transaction, back in the pool, had paid
-//! it).
+//! it), seeds 62 and 143 (a payment failed `nonce_already_used` on someone else's use in a
+//! block not yet final; a reorg removed it and our own transaction paid: a use by others
+//! now fails a payment only once final), seed 149 (the log search for who used a nonce
+//! stopped at a lagging head and missed our own use in the newest block: it now runs to the
+//! latest block), seeds 352 and 522 (a receipt not served yet after a reorg made a settled
+//! payment's transaction look gone: the settlement was reversed and the payment expired
+//! although the transaction had paid it; a transaction the node still knows is now not
+//! taken for gone).
 
 mod sim {
     pub mod chain;
@@ -25,13 +32,13 @@ mod sim {
 use std::time::Instant;
 
 /// Seeds that break an invariant because of a known, open engine gap; each must still
-/// fail, and no other may (so the list stays true). All five: a payment failed with
-/// `nonce_already_used` on chain state that was not final (a use elsewhere, or our own item
-/// judged at inclusion), then a reorg removed that state and our own transaction, back in a
-/// node's pool, paid it: the books say failed, the payee was paid. A failure verdict is
-/// never revisited; it needs the watch-until-final that settled payments have (#18) for
-/// failed and expired ones too. Open in issue #17.
-const KNOWN_OPEN: &[u64] = &[62, 143, 149, 224, 254];
+/// fail, and no other may (so the list stays true). Of the first 1,000 seeds, three, all
+/// one gap: a batch is abandoned when its settler's nonce was used and no receipt of ours
+/// was served within a block (a node lagging on receipts), its payments go back or expire,
+/// and the transaction that had in fact been mined paid them: the books say expired, the
+/// payee was paid. Abandoned batches' transactions are not watched until final. Open in
+/// issue #17.
+const KNOWN_OPEN: &[u64] = &[233, 404, 721];
 
 fn seeds() -> Vec<u64> {
     if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
@@ -63,7 +70,8 @@ async fn every_invariant_holds_in_every_seeded_world() {
         let outcome = match sim::world::run(seed, true).await {
             Ok(o) => o,
             Err(violation) => {
-                if std::env::var_os("SIM_ALL").is_none() && !KNOWN_OPEN.contains(&seed) {
+                let one = std::env::var_os("SIM_SEED").is_some();
+                if std::env::var_os("SIM_ALL").is_none() && (one || !KNOWN_OPEN.contains(&seed)) {
                     panic!("{violation}");
                 }
                 failing.push((seed, violation.lines().next().unwrap_or_default().to_owned()));
@@ -103,7 +111,7 @@ async fn every_invariant_holds_in_every_seeded_world() {
 /// The seeds of the bugs the simulator found, each fixed: they must keep passing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_of_fixed_bugs_pass() {
-    for seed in [6, 19, 38] {
+    for seed in [6, 19, 38, 62, 143, 149, 352, 522] {
         if let Err(violation) = sim::world::run(seed, true).await {
             panic!("{violation}");
         }

@@ -45,6 +45,14 @@ pub fn fee_share(total: U256, n: usize, rank: usize) -> U256 {
     total / n + extra
 }
 
+/// Who used an authorization (see `Engine::who_used`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum UseOf {
+    Ours(Evidence),
+    Others { final_: bool },
+    Unseen,
+}
+
 /// Evidence of `receipt` for the item ranked `rank` of the `n` sharing its fee.
 fn evidence(receipt: &Receipt, block_time: u64, log_index: u64, rank: usize, n: usize) -> Evidence {
     Evidence {
@@ -242,12 +250,20 @@ impl<C: Chain> Engine<C> {
                 t.failure = Some((Reason::InvalidValidBefore, message));
             }
             Verdict::NotYet => t.to = Status::Accepted,
-            Verdict::NonceUsed(message) => match self.find_our_use(record).await? {
-                Some(ev) => {
+            Verdict::NonceUsed(message) => match self.who_used(record).await? {
+                UseOf::Ours(ev) => {
                     t.to = Status::Included;
                     t.evidence = Some(ev);
                 }
-                None => {
+                UseOf::Others { final_: false } => {
+                    // Used by someone else in a block a reorg may still undo: nothing is
+                    // final yet, so neither is this payment; it is judged again later. (A
+                    // failure decided here was wrong when the reorg came and our own
+                    // transaction paid it: found by the simulator, seeds 62, 143, 149.)
+                    tracing::info!(payment = %record.payment_id(), "its nonce was used by another transaction, not yet final: deciding later");
+                    t.to = Status::Accepted;
+                }
+                UseOf::Others { final_: true } | UseOf::Unseen => {
                     t.to = Status::Failed;
                     t.failure = Some((Reason::NonceAlreadyUsed, message));
                 }
@@ -263,13 +279,28 @@ impl<C: Chain> Engine<C> {
     /// The `AuthorizationUsed` log of `record`'s authorization if a transaction from one
     /// of our settlers emitted it: a payment that did settle (say, a reorged-out
     /// transaction mined again) must never be reported failed.
+    /// Our own use of `record`'s authorization, as evidence, if a transaction of ours used it.
     pub(super) async fn find_our_use(&self, record: &PaymentRecord) -> Result<Option<Evidence>, SettleError> {
-        let head = self.read(self.chain.head().await)?.number;
+        Ok(match self.who_used(record).await? {
+            UseOf::Ours(ev) => Some(ev),
+            UseOf::Others { .. } | UseOf::Unseen => None,
+        })
+    }
+
+    /// Who used `record`'s authorization, by its `AuthorizationUsed` logs of the last
+    /// [`LOG_LOOKBACK_BLOCKS`]: a transaction of ours (its evidence), someone else's (and
+    /// whether in a block final on chain), or nobody the logs show (canceled, or older).
+    pub(super) async fn who_used(&self, record: &PaymentRecord) -> Result<UseOf, SettleError> {
+        let head = self.read(self.chain.head().await)?;
         let a = &record.signed.authorization;
         let token = record.signed.token;
-        let from = head.saturating_sub(LOG_LOOKBACK_BLOCKS);
-        let txs = self.read(self.chain.uses_of(token, a.from, a.nonce, from, head).await)?;
+        let from = head.number.saturating_sub(LOG_LOOKBACK_BLOCKS);
+        // Up to the latest block, whatever head this round read: the use that made the
+        // token refuse may be in a block newer than it (a lagging read missed one and failed
+        // a payment our own transaction had paid: found by the simulator, seed 149).
+        let txs = self.read(self.chain.uses_of(token, a.from, a.nonce, from, u64::MAX).await)?;
         let ours: BTreeSet<Address> = self.settlers.iter().map(|s| s.address).collect();
+        let mut others = Vec::new();
         for tx in txs {
             let Some(receipt) = self.read(self.chain.receipt(tx, token).await)? else {
                 // Its log is served but not its receipt (a node catching up): whose it is
@@ -286,10 +317,30 @@ impl<C: Chain> Engine<C> {
                 }));
             };
             if ours.contains(&receipt.from) {
-                return self.evidence_in(&receipt, record).await;
+                return match self.evidence_in(&receipt, record).await? {
+                    Some(ev) => Ok(UseOf::Ours(ev)),
+                    // Its log, seen a moment ago, is not in the receipt served now (a node
+                    // between two views of a reorg): decided in a later round.
+                    None => Err(SettleError::Rpc(crate::chain::RpcError {
+                        chain_id: self.chain_id,
+                        call: "eth_getTransactionReceipt",
+                        detail: format!(
+                            "transaction {tx} of ours used the authorization but its receipt shows no log for it"
+                        ),
+                    })),
+                };
             }
+            others.push(receipt.block_number);
         }
-        Ok(None)
+        if others.is_empty() {
+            return Ok(UseOf::Unseen);
+        }
+        let tagged = match self.finality {
+            crate::config::Finality::Tag(tag) => self.read(self.chain.tagged_block(tag).await)?,
+            crate::config::Finality::Depth(_) => None,
+        };
+        let final_block = super::finality::final_block(self.finality, &head, tagged);
+        Ok(UseOf::Others { final_: others.iter().any(|b| final_block.is_some_and(|f| *b <= f)) })
     }
 
     /// `record`'s evidence in a mined `receipt`, if its log is there (with the block's time).

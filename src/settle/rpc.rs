@@ -118,7 +118,8 @@ pub trait Chain: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Result<(), ItemFailure>>, RpcError>> + Send;
 
     /// The transactions in `[from_block, to_block]` in which `token` emitted
-    /// `AuthorizationUsed` for `(authorizer, nonce)` (reorged-out logs left out).
+    /// `AuthorizationUsed` for `(authorizer, nonce)` (reorged-out logs left out);
+    /// `to_block` `u64::MAX`: up to the latest block.
     fn uses_of(
         &self,
         token: Address,
@@ -280,7 +281,7 @@ impl Chain for RpcChain {
             .topic1(authorizer.into_word())
             .topic2(nonce)
             .from_block(from_block)
-            .to_block(to_block);
+            .to_block(if to_block == u64::MAX { BlockNumberOrTag::Latest } else { to_block.into() });
         let logs = self
             .endpoint
             .provider

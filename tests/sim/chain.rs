@@ -29,6 +29,8 @@ use super::rng::Rng;
 /// Gas of a transaction's fixed part and of each transfer in it.
 pub const FIXED_GAS: u64 = 30_000;
 pub const ITEM_GAS: u64 = 45_000;
+/// Whoever spends authorizations outside the daemon.
+pub const FOREIGN: Address = Address::repeat_byte(0xf0);
 /// Anvil-like `finalized`: this many blocks under the head.
 pub const FINALITY_DEPTH: u64 = 6;
 
@@ -224,10 +226,18 @@ impl World {
         }
     }
 
-    /// A payer uses an authorization outside the daemon (its nonce is spent, no payment).
+    /// A payer uses an authorization outside the daemon: someone else's transaction in the
+    /// head block spends its nonce (with its `AuthorizationUsed` log; nothing paid to us).
     pub fn spend_elsewhere(&mut self, from: Address, nonce: B256) {
         let head = self.blocks.last_mut().expect("genesis");
         head.token.used.insert((from, nonce));
+        let index = head.txs.iter().map(|(_, m)| m.used.len() as u64).sum();
+        let tx_hash = keccak256([from.as_slice(), nonce.as_slice(), b"elsewhere"].concat());
+        let used = vec![(from, nonce, index, FOREIGN, U256::ZERO)];
+        head.txs.push((
+            Bytes::new(),
+            Mined { tx_hash, from: FOREIGN, gas_used: 21_000, price: 1, success: true, used },
+        ));
         self.foreign.insert((from, nonce));
         self.count("spent_elsewhere");
     }

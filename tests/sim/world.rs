@@ -201,7 +201,9 @@ pub async fn run(seed: u64, with_faults: bool) -> Result<Outcome, String> {
     }
     drop(engine);
     let l = Arc::clone(ledger.ledger());
-    let outcome = check_end(&world.lock(), l.as_ref(), &accepted).map_err(|e| report(seed, &e, &trace));
+    let ours: HashSet<Address> = settlers.iter().map(|s| s.address()).collect();
+    let outcome =
+        check_end(&world.lock(), l.as_ref(), &accepted, &ours).map_err(|e| report(seed, &e, &trace));
     drop(ledger);
     let _ = writer.join();
     let mut outcome = outcome?;
@@ -283,7 +285,12 @@ fn check_exposure(ledger: &dyn LedgerStore) -> Result<(), String> {
 
 /// The end: every payment final exactly once, settled ⇔ its log in a canonical block of
 /// ours, payees paid what the books say, fee shares summing to each fee.
-fn check_end(world: &World, ledger: &dyn LedgerStore, accepted: &[PaymentRecord]) -> Result<Outcome, String> {
+fn check_end(
+    world: &World,
+    ledger: &dyn LedgerStore,
+    accepted: &[PaymentRecord],
+    ours: &HashSet<Address>,
+) -> Result<Outcome, String> {
     let err = |e: x402_batcher::ledger::LedgerError| e.to_string();
     if ledger.pending() > 0 {
         let pending: Vec<_> = ledger
@@ -340,10 +347,14 @@ fn check_end(world: &World, ledger: &dyn LedgerStore, accepted: &[PaymentRecord]
     let head = world.head();
     // Every transfer our transactions made, canonical.
     let mut paid: HashMap<(Address, B256), (B256, B256)> = HashMap::new();
+    let mut uses = HashSet::new();
     for (tx, (_, block_hash, m)) in &mined {
         for u in &m.used {
-            if paid.insert((u.0, u.1), (*tx, *block_hash)).is_some() {
+            if !uses.insert((u.0, u.1)) {
                 return Err(format!("authorization {} of {} used twice on chain", u.1, u.0));
+            }
+            if ours.contains(&m.from) {
+                paid.insert((u.0, u.1), (*tx, *block_hash));
             }
         }
     }
@@ -403,7 +414,7 @@ fn check_end(world: &World, ledger: &dyn LedgerStore, accepted: &[PaymentRecord]
     }
     // Payees: what our transactions moved equals what the books settled.
     let mut moved: HashMap<Address, U256> = HashMap::new();
-    for (_, _, m) in mined.values() {
+    for (_, _, m) in mined.values().filter(|(_, _, m)| ours.contains(&m.from)) {
         for u in &m.used {
             *moved.entry(u.3).or_default() += u.4;
         }
