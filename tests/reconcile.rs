@@ -79,6 +79,11 @@ async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported(
         assert!(!clean, "{out}");
         assert!(out.contains(&format!("used_outside payment {outside_id}")), "{out}");
         assert!(out.contains("1 discrepancies"), "only that one: {out}");
+        // One more payment, settled and not yet final when the daemon stops.
+        let fresh = submit(&d, &pay(200)).await;
+        let p = wait_for(&d, std::slice::from_ref(&fresh), WAIT, settled).await.remove(0);
+        assert_eq!(p.finalized_at_ms, 0, "stopped before its block is final");
+        let head = devnet.block_number().await.unwrap();
         let dir_keep = Arc::clone(&d.dir);
         d.stop().await;
 
@@ -88,17 +93,25 @@ async fn a_clean_run_reports_nothing_and_outside_use_and_tampering_are_reported(
             let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &ledger_path).unwrap();
             let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &ledger_path, &cfs).unwrap();
             let cf = db.cf_handle("settlement").unwrap();
-            let mut entries = db.iterator_cf(cf, rocksdb::IteratorMode::Start);
-            let (key, bytes) = entries.next().unwrap().unwrap();
-            let mut record = PaymentRecord::decode(&bytes).unwrap();
-            record.signed.authorization.value += U256::from(1u64);
-            db.put_cf(cf, key, record.encode()).unwrap();
-            // And another's block, as a reorg the daemon has not followed yet would leave it.
-            let (key, bytes) = entries.next().unwrap().unwrap();
-            let mut moved = PaymentRecord::decode(&bytes).unwrap();
-            moved.block_hash = Some(alloy::primitives::B256::repeat_byte(0x99));
-            db.put_cf(cf, key, moved.encode()).unwrap();
-            (record.payment_id().to_string(), moved.payment_id().to_string())
+            let entries: Vec<_> =
+                db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap()).collect();
+            let first = PaymentRecord::decode(&entries[0].1).unwrap().payment_id().to_string();
+            for (key, bytes) in &entries {
+                let mut record = PaymentRecord::decode(bytes).unwrap();
+                let id = record.payment_id().to_string();
+                if id == first {
+                    // Every entry of one payment: a settled amount edited.
+                    record.signed.authorization.value += U256::from(1u64);
+                } else if id == fresh {
+                    // The fresh one's block, as a reorg the daemon has not followed yet would
+                    // leave it.
+                    record.block_hash = Some(alloy::primitives::B256::repeat_byte(0x99));
+                } else {
+                    continue;
+                }
+                db.put_cf(cf, key, record.encode()).unwrap();
+            }
+            (first, fresh.clone())
         };
         let (tampered, moved) = tampered;
         let (clean, out) = reconcile(&config, head);
