@@ -112,6 +112,9 @@ impl<C: Chain> Engine<C> {
         let mut transitions = Vec::new();
         // A reorged payment left for a later round: its block must be read again then.
         let mut undecided = false;
+        // One reorg counted per round that found settled payments moved (not one per
+        // payment; a round that looks again for an undecided one counts again).
+        let mut reorged = false;
         for r in &watched {
             let hash = canonical.get(&r.block_number).copied().unwrap_or(r.block_hash);
             match watch_step(r, hash, final_block) {
@@ -123,7 +126,7 @@ impl<C: Chain> Engine<C> {
                     transitions.push(t);
                 }
                 WatchStep::Reorged { tx_hash } => {
-                    self.metrics.reorgs.increment(1);
+                    reorged = true;
                     let receipt = self.read(self.chain.receipt(tx_hash, r.signed.token).await)?;
                     // Mined again elsewhere: its log there, with the shares of that
                     // receipt's fee (the new block's base fee may differ).
@@ -190,6 +193,9 @@ impl<C: Chain> Engine<C> {
                     _ => {}
                 }
             }
+        }
+        if reorged {
+            self.metrics.reorgs.increment(1);
         }
         self.checked_head = if undecided { None } else { Some((head.number, head.hash)) };
         Ok(())
