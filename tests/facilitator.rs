@@ -274,12 +274,7 @@ async fn the_facilitator_serves_tls_with_a_bearer_token() {
         net.fund(&[payer.address()], U256::from(10_000_000u64)).await.unwrap();
         let mut config = Config::parse("").unwrap();
         config.tokens.push(net.token_config());
-        config.chains.push(x402_batcher::config::ChainConfig {
-            chain_id: net.chain_id(),
-            rpc_url: net.rpc_url().to_owned(),
-            op_stack: false,
-            finality: Default::default(),
-        });
+        config.chains.push(net.chain_config());
         config.ledger.path = Some(dir.path().join("ledger"));
         config.tls = Some(TlsConfig { cert_file: cert, key_file: key, client_ca_file: None });
         config.facilitator.listen = Some("127.0.0.1:0".parse().unwrap());

@@ -20,7 +20,7 @@ use crate::api::v1;
 use crate::chain::MULTICALL3;
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{ChainConfig, Config};
+use crate::config::Config;
 use crate::ledger::{BatchStatus, Ledger, LedgerStore, Status};
 use crate::tools::devnet::{self, Devnet, DevnetError};
 use crate::tools::loadgen::{self, LoadOptions};
@@ -174,12 +174,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     crate::settle::write_key_file(&keys, &settlers).map_err(io)?;
     let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
     config.tokens.push(net.token_config());
-    config.chains.push(ChainConfig {
-        chain_id: net.chain_id(),
-        rpc_url: net.rpc_url().to_owned(),
-        op_stack: false,
-        finality: Default::default(),
-    });
+    config.chains.push(net.chain_config());
     config.ledger.path = Some(ledger_path.clone());
     config.settlement.settler_keys_file = Some(keys);
     config.settlement.confirmations = opts.confirmations;

@@ -279,6 +279,16 @@ impl Devnet {
     }
 
     /// The test token as a config entry.
+    /// The `[[chains]]` entry of this devnet (its RPC URL; not OP-stack; default finality).
+    pub fn chain_config(&self) -> crate::config::ChainConfig {
+        crate::config::ChainConfig {
+            chain_id: self.chain_id,
+            rpc_url: self.rpc_url.clone(),
+            op_stack: false,
+            finality: Default::default(),
+        }
+    }
+
     pub fn token_config(&self) -> TokenConfig {
         TokenConfig {
             chain_id: self.chain_id,

@@ -483,7 +483,7 @@ struct OwnDaemon {
 
 impl OwnDaemon {
     async fn start(opts: &LoadOptions) -> Result<OwnDaemon, LoadgenError> {
-        use crate::config::{ChainConfig, Config};
+        use crate::config::Config;
         let net = crate::tools::devnet::Devnet::start().await?;
         let per_payer = opts.value * (opts.payments / opts.payers.len() + 1) as u64;
         let addrs: Vec<Address> = opts.payers.iter().map(|p| p.address()).collect();
@@ -491,12 +491,7 @@ impl OwnDaemon {
         let dir = std::env::temp_dir().join(format!("x402-loadgen-{}", std::process::id()));
         let mut config = Config::parse("")?;
         config.tokens.push(net.token_config());
-        config.chains.push(ChainConfig {
-            chain_id: net.chain_id(),
-            rpc_url: net.rpc_url().to_owned(),
-            op_stack: false,
-            finality: Default::default(),
-        });
+        config.chains.push(net.chain_config());
         config.ledger.path = Some(dir.join("ledger"));
         let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
         let url = format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?);

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use x402_batcher::api::v1;
 use x402_batcher::clock::SystemClock;
-use x402_batcher::config::{ChainConfig, Config};
+use x402_batcher::config::Config;
 use x402_batcher::tools::devnet::{self, Devnet};
 use x402_batcher::x402::eip712::TokenDomain;
 
@@ -40,12 +40,7 @@ impl TestDaemon {
     ) -> TestDaemon {
         let mut config = Config::parse("").unwrap();
         config.tokens.push(devnet.token_config());
-        config.chains.push(ChainConfig {
-            chain_id: devnet.chain_id(),
-            rpc_url: devnet.rpc_url().to_owned(),
-            op_stack: false,
-            finality: Default::default(),
-        });
+        config.chains.push(devnet.chain_config());
         config.ledger.path = Some(dir.path().join("ledger"));
         tune(&mut config);
         let listeners = if config.facilitator.listen.is_some() {
