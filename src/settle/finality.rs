@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use alloy::primitives::B256;
 use futures::StreamExt as _;
 
-use super::follow::requeue;
 use super::rpc::{Chain, Head};
 use super::{Engine, RoundReport, SettleError};
 use crate::config::Finality;
@@ -158,12 +157,15 @@ impl<C: Chain> Engine<C> {
                                 payment = %r.payment_id(), tx = %tx_hash, block = r.block_number,
                                 "reorg past settlement: the settlement transaction is gone; the settlement is reversed and the payment settles again"
                             );
-                            transitions.push(requeue(
-                                r,
-                                head,
-                                "its settlement was reversed by a reorg",
-                                now_ms,
-                            ));
+                            transitions.push(
+                                self.requeue_unless_ours(
+                                    r,
+                                    head,
+                                    "its settlement was reversed by a reorg",
+                                    now_ms,
+                                )
+                                .await?,
+                            );
                         }
                     }
                 }

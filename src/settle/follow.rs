@@ -387,6 +387,40 @@ impl<C: Chain> Engine<C> {
         Ok(())
     }
 
+    /// [`requeue`], unless a transaction of ours used `r`'s authorization after all: a
+    /// payment about to expire is first looked for on chain. A transaction taken for gone
+    /// (its nonce used and no receipt served within a block, a node lagging on receipts)
+    /// may have been mined and paid it; the books must then say so, never expired (found
+    /// by the simulator, seeds 233, 404, 721). Still-valid payments go back without the
+    /// look: a new batch's simulation finds the use and its evidence.
+    pub(super) async fn requeue_unless_ours(
+        &self,
+        r: &PaymentRecord,
+        head: &Head,
+        why: &str,
+        now_ms: u64,
+    ) -> Result<TransitionRequest, SettleError> {
+        let mut t = requeue(r, head, why, now_ms);
+        if t.to != Status::Expired {
+            return Ok(t);
+        }
+        let Some(ev) = self.find_our_use(r).await? else { return Ok(t) };
+        tracing::warn!(payment = %r.payment_id(), tx = %ev.tx_hash, "{why}, but a transaction of ours paid it");
+        t.failure = None;
+        if r.status == Status::Settled {
+            // Settled by another transaction of ours than the one reversed: a correction.
+            t.to = Status::Settled;
+            t.evidence = Some(ev);
+        } else if r.status.can_move_to(Status::Included) {
+            t.to = Status::Included;
+            t.evidence = Some(ev);
+        } else {
+            // Batched: back to accepted, where the expiry check finds the same evidence.
+            t.to = Status::Accepted;
+        }
+        Ok(t)
+    }
+
     /// The batch's transaction is gone: its payments go back to accepted while the chain
     /// can still take them, else they expire.
     async fn abandon(
@@ -404,7 +438,7 @@ impl<C: Chain> Engine<C> {
             .filter(|r| matches!(r.status, Status::Batched | Status::Submitted | Status::Included))
             .filter(|r| !included_elsewhere(r, &batch))
         {
-            let t = requeue(r, head, why, now_ms);
+            let t = self.requeue_unless_ours(r, head, why, now_ms).await?;
             if t.to == Status::Expired {
                 report.expired += 1;
             } else {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use alloy::primitives::B256;
 
-use super::follow::{moves, requeue};
+use super::follow::moves;
 use super::rpc::{Chain, Head};
 use super::{Engine, RoundReport, SettleError};
 use crate::ledger::{ApplyRequest, BatchRecord, BatchStatus, PaymentRecord, Status};
@@ -91,9 +91,9 @@ impl<C: Chain> Engine<C> {
             };
             match sweep_step(r, hash, head, self.policy.confirmations) {
                 SweepStep::Wait => {}
-                SweepStep::NoEvidence => {
-                    transitions.push(requeue(r, head, "it was included without evidence", now_ms))
-                }
+                SweepStep::NoEvidence => transitions.push(
+                    self.requeue_unless_ours(r, head, "it was included without evidence", now_ms).await?,
+                ),
                 SweepStep::Settle => {
                     if let Some(cache) = &self.balances {
                         cache.invalidate(&r.key().payer());
@@ -114,7 +114,10 @@ impl<C: Chain> Engine<C> {
                             t.evidence = Some(ev);
                             transitions.push(t);
                         }
-                        None => transitions.push(requeue(r, head, "its transaction was reorged out", now_ms)),
+                        None => transitions.push(
+                            self.requeue_unless_ours(r, head, "its transaction was reorged out", now_ms)
+                                .await?,
+                        ),
                     }
                 }
             }

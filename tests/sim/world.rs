@@ -2,7 +2,7 @@
 //! and fails at the RPC edge, operators changing the policy, the daemon crashing and
 //! restarting from its ledger; then the faults stop, and every invariant is checked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -29,6 +29,40 @@ const STEPS: usize = 90;
 /// Rounds after the faults stop within which everything pending must become final.
 const LIVENESS_ROUNDS: usize = 400;
 
+/// The kinds of fault a world injects (`SIM_FAULTS`, comma-separated; all by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultKinds(pub BTreeSet<&'static str>);
+
+impl FaultKinds {
+    pub const ALL: [&'static str; 7] =
+        ["crash", "drop", "fee_spike", "lag", "reorg", "rpc_error", "spent_elsewhere"];
+
+    pub fn all() -> FaultKinds {
+        FaultKinds(Self::ALL.into_iter().collect())
+    }
+
+    /// `all`, `none`, or a list of kinds from [`FaultKinds::ALL`].
+    pub fn parse(list: &str) -> Result<FaultKinds, String> {
+        match list.trim() {
+            "all" | "" => return Ok(Self::all()),
+            "none" => return Ok(FaultKinds(BTreeSet::new())),
+            _ => {}
+        }
+        let mut kinds = BTreeSet::new();
+        for k in list.split(',').map(str::trim) {
+            let known = Self::ALL.iter().find(|a| **a == k);
+            kinds.insert(
+                *known.ok_or_else(|| format!("unknown fault kind {k:?}; kinds: {}", Self::ALL.join(",")))?,
+            );
+        }
+        Ok(FaultKinds(kinds))
+    }
+
+    fn on(&self, kind: &str) -> bool {
+        self.0.contains(kind)
+    }
+}
+
 /// What a seed's world did.
 #[derive(Debug, Default, Clone)]
 pub struct Outcome {
@@ -40,7 +74,7 @@ pub struct Outcome {
 }
 
 /// Runs the world of `seed`; `Err` names the invariant broken, with the trace.
-pub async fn run(seed: u64, with_faults: bool) -> Result<Outcome, String> {
+pub async fn run(seed: u64, kinds: &FaultKinds) -> Result<Outcome, String> {
     let mut rng = Rng::new(seed);
     let token = Address::repeat_byte(0x70);
     let domain = TokenDomain::new("USD Coin", "2", CHAIN_ID, token);
@@ -91,9 +125,10 @@ pub async fn run(seed: u64, with_faults: bool) -> Result<Outcome, String> {
     let mut accepted: Vec<PaymentRecord> = Vec::new();
     let mut next_nonce = 0u64;
     let mut spike = 0u32;
-    if with_faults {
-        world.lock().faults = Faults { error_per_mille: 30, lag_per_mille: 30 };
-    }
+    world.lock().faults = Faults {
+        error_per_mille: if kinds.on("rpc_error") { 30 } else { 0 },
+        lag_per_mille: if kinds.on("lag") { 30 } else { 0 },
+    };
 
     for step in 0..STEPS {
         let now = world.lock().head().timestamp;
@@ -125,19 +160,19 @@ pub async fn run(seed: u64, with_faults: bool) -> Result<Outcome, String> {
                 accepted.push(r);
             }
         }
-        if with_faults {
+        {
             let mut w = world.lock();
-            if rng.chance(40) && w.blocks.len() > 2 {
+            if kinds.on("reorg") && rng.chance(40) && w.blocks.len() > 2 {
                 let depth = 1 + rng.below(4);
                 let requeue = rng.chance(500);
                 w.reorg(depth, requeue);
                 trace.push(format!("step {step}: reorg depth {depth} requeue {requeue}"));
             }
-            if rng.chance(60) {
+            if kinds.on("drop") && rng.chance(60) {
                 w.drop_pending();
                 trace.push(format!("step {step}: a pending transaction dropped"));
             }
-            if rng.chance(20) && !accepted.is_empty() {
+            if kinds.on("spent_elsewhere") && rng.chance(20) && !accepted.is_empty() {
                 let r = &accepted[rng.below(accepted.len() as u64) as usize];
                 let (from, nonce) = (r.signed.authorization.from, r.signed.authorization.nonce);
                 if !w.head().token.used.contains(&(from, nonce)) {
@@ -145,12 +180,12 @@ pub async fn run(seed: u64, with_faults: bool) -> Result<Outcome, String> {
                     trace.push(format!("step {step}: {} spent elsewhere", r.payment_id()));
                 }
             }
-            if rng.chance(30) {
+            if kinds.on("fee_spike") && rng.chance(30) {
                 spike = 1 + rng.below(6) as u32;
                 *w.injected.entry("fee_spike").or_default() += 1;
                 trace.push(format!("step {step}: fee spike for {spike} blocks"));
             }
-            if rng.chance(40) {
+            if kinds.on("crash") && rng.chance(40) {
                 let at = w.calls + 1 + rng.below(25);
                 w.crash_at = Some(at);
             }
