@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use x402_batcher::clock::ManualClock;
 use x402_batcher::config::{Finality, FinalityTag, SettlementConfig};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, BatchStatus, Ledger, LedgerHandle, LedgerStore, PaymentRecord, Status,
-    Submission, books,
+    AcceptOutcome, AcceptRequest, BatchStatus, Ledger, LedgerHandle, LedgerStore, LogEntry, PaymentRecord,
+    Status, Submission, books,
 };
 use x402_batcher::settle::Engine;
 use x402_batcher::tools::testkit::PaymentBuilder;
@@ -125,6 +125,7 @@ pub async fn run(seed: u64, kinds: &FaultKinds) -> Result<Outcome, String> {
     let mut accepted: Vec<PaymentRecord> = Vec::new();
     let mut next_nonce = 0u64;
     let mut spike = 0u32;
+    let mut log_cursor = 0u64;
     world.lock().faults = Faults {
         error_per_mille: if kinds.on("rpc_error") { 30 } else { 0 },
         lag_per_mille: if kinds.on("lag") { 30 } else { 0 },
@@ -210,6 +211,8 @@ pub async fn run(seed: u64, kinds: &FaultKinds) -> Result<Outcome, String> {
         engine = round(engine, &start_engine, &mut trace, step).await?;
         check_batches(ledger.ledger().as_ref()).map_err(|e| report(seed, &e, &trace))?;
         check_exposure(ledger.ledger().as_ref()).map_err(|e| report(seed, &e, &trace))?;
+        check_settled_deep(&world.lock(), ledger.ledger().as_ref(), &mut log_cursor, config.confirmations)
+            .map_err(|e| report(seed, &e, &trace))?;
     }
 
     // The faults stop; the operators resume; everything pending becomes final.
@@ -295,6 +298,32 @@ fn check_batches(ledger: &dyn LedgerStore) -> Result<(), String> {
                     return Err(format!("payment {} in two live batches", k.payment_id()));
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Every settlement (a first outcome; a correction may move it to a newer block) written
+/// since `cursor` is of a block `confirmations` deep on the chain as it is now (nothing moves the chain during a round; a lagging read only makes
+/// the engine see less).
+fn check_settled_deep(
+    world: &World,
+    ledger: &dyn LedgerStore,
+    cursor: &mut u64,
+    confirmations: u64,
+) -> Result<(), String> {
+    let head = world.head().number;
+    for (seq, r) in ledger.settlement_log(*cursor, usize::MAX).map_err(|e| e.to_string())? {
+        *cursor = seq;
+        if r.status == Status::Settled
+            && r.log_entry == LogEntry::Outcome
+            && r.block_number + confirmations > head + 1
+        {
+            return Err(format!(
+                "payment {} settled in block {} at head {head}, not {confirmations} deep",
+                r.payment_id(),
+                r.block_number
+            ));
         }
     }
     Ok(())
