@@ -6,6 +6,7 @@
 //! Reasons come from the token's revert string. FiatTokenV2_2 (USDC) and the devnet's
 //! TestUSDC use the same strings, so one table serves both.
 
+use alloy::eips::BlockId;
 use alloy::sol_types::{Revert, SolError};
 
 use crate::chain::{self, IMulticall3, MULTICALL3, RpcEndpoint, RpcError};
@@ -69,12 +70,24 @@ pub async fn simulate(
     items: &[SignedAuthorization],
     gas_limit: u64,
 ) -> Result<Vec<Result<(), ItemFailure>>, RpcError> {
+    simulate_at(endpoint, items, gas_limit, None).await
+}
+
+/// [`simulate`] on the state of block `at` (`None`: the latest).
+pub async fn simulate_at(
+    endpoint: &RpcEndpoint,
+    items: &[SignedAuthorization],
+    gas_limit: u64,
+    at: Option<u64>,
+) -> Result<Vec<Result<(), ItemFailure>>, RpcError> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
+    let block = at.map_or(BlockId::latest(), BlockId::number);
     let results = IMulticall3::new(MULTICALL3, &endpoint.provider)
         .aggregate3(chain::batch_calls(items))
         .gas(gas_limit)
+        .block(block)
         .call()
         .await
         .map_err(|e| endpoint.error("eth_call aggregate3", e))?;

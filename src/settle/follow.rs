@@ -376,14 +376,48 @@ impl<C: Chain> Engine<C> {
             }
         }
         let now_ms = self.now_ms();
-        let transitions = moves(Status::Settled, Status::Included, &included, now_ms);
-        let mut done = batch.clone();
-        done.status = BatchStatus::Done;
-        done.updated_at_ms = now_ms;
-        let results = self.apply(ApplyRequest { transitions, batch: Some(done), atomic: false }).await?;
-        report.settled += results.iter().filter(|r| r.is_ok()).count();
-        tracing::info!(batch = %batch.id(), settled = included.len(), depth, "batch settled");
-        self.open.remove(&batch.counter);
+        let mut transitions = moves(Status::Settled, Status::Included, &included, now_ms);
+        // Items refused in the transaction are decided once its block is final (see
+        // `judge_unsettled_in`); the batch stays open for them until then.
+        let undecided: Vec<&PaymentRecord> = records
+            .iter()
+            .filter(|r| r.batch_id == batch.id() && matches!(r.status, Status::Batched | Status::Submitted))
+            .collect();
+        let mut closed = true;
+        if !undecided.is_empty() {
+            match self.receipt_of(&batch).await? {
+                Some(receipt) if receipt.block_hash == inc.block_hash => {
+                    let decided =
+                        self.judge_unsettled_in(&receipt, inc.block_time, &undecided, now_ms).await?;
+                    closed = decided.len() == undecided.len();
+                    for t in &decided {
+                        match t.to {
+                            Status::Failed => report.failed += 1,
+                            Status::Expired => report.expired += 1,
+                            Status::Accepted => report.requeued += 1,
+                            _ => {}
+                        }
+                    }
+                    transitions.extend(decided);
+                }
+                // Not served now (a lagging node): next round.
+                _ => closed = false,
+            }
+        }
+        let mut next = batch.clone();
+        if closed {
+            next.status = BatchStatus::Done;
+        }
+        next.updated_at_ms = now_ms;
+        let results =
+            self.apply(ApplyRequest { transitions, batch: Some(next.clone()), atomic: false }).await?;
+        report.settled += results.iter().zip(&included).filter(|(r, _)| r.is_ok()).count();
+        if closed {
+            tracing::info!(batch = %batch.id(), settled = included.len(), depth, "batch settled");
+            self.open.remove(&batch.counter);
+        } else {
+            self.open.insert(batch.counter, next);
+        }
         Ok(())
     }
 

@@ -166,8 +166,10 @@ pub struct Engine<C: Chain = RpcChain> {
     policy_rx: watch::Receiver<SettlementPolicy>,
     policy: SettlementPolicy,
     metrics: ChainMetrics,
-    /// When settler balances were last read for the metrics.
-    balances_read_at: Option<std::time::Instant>,
+    /// When settler balances were last read for the metrics (engine clock, ms), and how
+    /// often they are read.
+    balances_read_at_ms: Option<u64>,
+    settler_reads_every_ms: u64,
     /// Tokens whose pending value the metrics last showed.
     value_tokens: Vec<Address>,
 }

@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use alloy::primitives::{Address, U256};
 
 use super::follow::included_elsewhere;
-use super::rpc::{Chain, Receipt};
+use super::rpc::{Chain, Head, Receipt};
 use super::{Engine, RoundReport, SettleError};
 use crate::ledger::{
     ApplyRequest, BatchRecord, BatchStatus, Evidence, Inclusion, PaymentRecord, Status, TransitionRequest,
@@ -167,10 +167,8 @@ impl<C: Chain> Engine<C> {
         let now_ms = self.now_ms();
         let judged = judge_receipt(&batch, &records, &receipt, block_time, now_ms);
         let mut transitions = judged.transitions;
-        for record in &judged.unsettled {
-            transitions.push(self.judge_unsettled(record, now_ms).await?);
-        }
-        attribute_failures(&receipt, block_time, &mut transitions);
+        let unsettled: Vec<&PaymentRecord> = judged.unsettled.to_vec();
+        transitions.extend(self.judge_unsettled_in(&receipt, block_time, &unsettled, now_ms).await?);
         for t in &transitions {
             match t.to {
                 Status::Failed => report.failed += 1,
@@ -215,26 +213,64 @@ impl<C: Chain> Engine<C> {
         Ok(())
     }
 
+    /// The outcomes of the items that did not settle in `receipt`'s transaction, each
+    /// simulated again alone, failures given the transaction's hash and shares. A failure
+    /// or expiry is decided only once the receipt's block is final: until then a reorg may
+    /// mine the transaction again where the item settles (a payer's balance moved away in
+    /// a block a reorg undoes: found by the simulator, seeds 280, 428, 487, ...); such items
+    /// stay with their batch, which decides them when its block is final.
+    pub(super) async fn judge_unsettled_in(
+        &self,
+        receipt: &Receipt,
+        block_time: u64,
+        records: &[&PaymentRecord],
+        now_ms: u64,
+    ) -> Result<Vec<TransitionRequest>, SettleError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let head = self.read(self.chain.head().await)?;
+        let block_final = self.final_block(&head).await?.is_some_and(|f| receipt.block_number <= f);
+        let mut transitions = Vec::new();
+        for record in records {
+            if let Some(t) = self.judge_unsettled(record, now_ms, block_final).await? {
+                transitions.push(t);
+            }
+        }
+        attribute_failures(receipt, block_time, &mut transitions);
+        Ok(transitions)
+    }
+
     /// The outcome of an item that did not settle in its transaction: simulated again alone.
+    /// `None`: refused, but its transaction's block is not final yet (decided later).
     async fn judge_unsettled(
         &self,
         record: &PaymentRecord,
         now_ms: u64,
-    ) -> Result<TransitionRequest, SettleError> {
+        block_final: bool,
+    ) -> Result<Option<TransitionRequest>, SettleError> {
         let mut t = TransitionRequest::new(record.key(), Status::Accepted, now_ms);
         t.only_from = Some(record.status);
         // Generous: only whether the token would take it matters here.
         let gas = self.config.seed_gas_limit(1);
-        let sim = self.read(self.chain.simulate(std::slice::from_ref(&record.signed), gas).await)?;
+        let sim = self.read(self.chain.simulate(std::slice::from_ref(&record.signed), gas, None).await)?;
         match sim.into_iter().next() {
             None | Some(Ok(())) => {
                 // It would settle now (it ran short of gas, or the payer's balance came
                 // back): another batch tries again.
                 tracing::warn!(payment = %record.payment_id(), "item did not settle in its batch but would now; re-queued");
             }
-            Some(Err(failure)) => self.refusal(record, failure, &mut t).await?,
+            Some(Err(failure)) => {
+                let final_verdict =
+                    matches!(verdict(failure.clone()), Verdict::Failed(..) | Verdict::Expired(_));
+                if final_verdict && !block_final {
+                    tracing::info!(payment = %record.payment_id(), reason = failure.reason.code(), "refused in its transaction, whose block is not final yet: deciding then");
+                    return Ok(None);
+                }
+                self.refusal(record, failure, &mut t).await?;
+            }
         }
-        Ok(t)
+        Ok(Some(t))
     }
 
     /// Turns the token's refusal of an item into its transition (see [`verdict`]).
@@ -246,8 +282,21 @@ impl<C: Chain> Engine<C> {
     ) -> Result<(), SettleError> {
         match verdict(failure) {
             Verdict::Expired(message) => {
-                t.to = Status::Expired;
-                t.failure = Some((Reason::InvalidValidBefore, message));
+                // A payment once in a batch may have been paid by that batch's transaction
+                // after all (mined in a block a lagging node did not show yet, or again
+                // after a reorg): its evidence, not its expiry (found by the simulator,
+                // seed 2328).
+                let once_batched = !record.batch_id.is_empty() && record.status.can_move_to(Status::Included);
+                match if once_batched { self.find_our_use(record).await? } else { None } {
+                    Some(ev) => {
+                        t.to = Status::Included;
+                        t.evidence = Some(ev);
+                    }
+                    None => {
+                        t.to = Status::Expired;
+                        t.failure = Some((Reason::InvalidValidBefore, message));
+                    }
+                }
             }
             Verdict::NotYet => t.to = Status::Accepted,
             Verdict::NonceUsed(message) => match self.who_used(record).await? {
@@ -269,11 +318,45 @@ impl<C: Chain> Engine<C> {
                 }
             },
             Verdict::Failed(reason, message) => {
-                t.to = Status::Failed;
-                t.failure = Some((reason, message));
+                if self.refused_at_final(record).await? {
+                    t.to = Status::Failed;
+                    t.failure = Some((reason, message));
+                } else {
+                    // Refused on a state a reorg may still undo (a payer's balance moved
+                    // away in a block not yet final): nothing is final yet, so neither is
+                    // this payment; it is judged again later. (A failure decided here was
+                    // wrong when the reorg came and our own transaction, mined again,
+                    // paid it: found by the simulator, seeds 280, 428, 487, ...)
+                    tracing::info!(payment = %record.payment_id(), reason = reason.code(), "refused on a state not yet final: deciding later");
+                    t.to = Status::Accepted;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether the token refuses `record` on the state of the chain's final block as well
+    /// (no block final yet: nothing is refused for good).
+    async fn refused_at_final(&self, record: &PaymentRecord) -> Result<bool, SettleError> {
+        let head = self.read(self.chain.head().await)?;
+        let Some(final_block) = self.final_block(&head).await? else { return Ok(false) };
+        let gas = self.config.seed_gas_limit(1);
+        let sim = self
+            .read(self.chain.simulate(std::slice::from_ref(&record.signed), gas, Some(final_block)).await)?;
+        Ok(sim
+            .into_iter()
+            .next()
+            .is_some_and(|r| r.is_err_and(|f| matches!(verdict(f), Verdict::Failed(..)))))
+    }
+
+    /// The newest block final on chain by the configured finality (under `head`), if one
+    /// is known.
+    async fn final_block(&self, head: &Head) -> Result<Option<u64>, SettleError> {
+        let tagged = match self.finality {
+            crate::config::Finality::Tag(tag) => self.read(self.chain.tagged_block(tag).await)?,
+            crate::config::Finality::Depth(_) => None,
+        };
+        Ok(super::finality::final_block(self.finality, head, tagged))
     }
 
     /// The `AuthorizationUsed` log of `record`'s authorization if a transaction from one
@@ -335,11 +418,7 @@ impl<C: Chain> Engine<C> {
         if others.is_empty() {
             return Ok(UseOf::Unseen);
         }
-        let tagged = match self.finality {
-            crate::config::Finality::Tag(tag) => self.read(self.chain.tagged_block(tag).await)?,
-            crate::config::Finality::Depth(_) => None,
-        };
-        let final_block = super::finality::final_block(self.finality, &head, tagged);
+        let final_block = self.final_block(&head).await?;
         Ok(UseOf::Others { final_: others.iter().any(|b| final_block.is_some_and(|f| *b <= f)) })
     }
 

@@ -226,7 +226,7 @@ impl<C: Chain> Engine<C> {
         signed: &[SignedAuthorization],
     ) -> Result<(Vec<Result<(), ItemFailure>>, u64), SettleError> {
         let limit = self.gas_limit(token, signed.len());
-        let sim = self.read(self.chain.simulate(signed, limit).await)?;
+        let sim = self.read(self.chain.simulate(signed, limit, None).await)?;
         let seed = self.config.seed_gas_limit(signed.len());
         if limit < seed && sim.iter().any(|r| r.as_ref().is_err_and(ItemFailure::maybe_out_of_gas)) {
             tracing::warn!(
@@ -238,7 +238,7 @@ impl<C: Chain> Engine<C> {
                 "an item may run short of gas at the learnt limit; sending with the seeds' limit"
             );
             self.metrics.gas_limit_fallbacks.increment(1);
-            let sim = self.read(self.chain.simulate(signed, seed).await)?;
+            let sim = self.read(self.chain.simulate(signed, seed, None).await)?;
             return Ok((sim, seed));
         }
         Ok((sim, limit))

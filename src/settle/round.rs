@@ -37,8 +37,8 @@ const GAS_WINDOW: usize = 32;
 /// deadline in the metrics (and the alert built on it).
 const NEAR_DEADLINE_SECS: u64 = 60;
 
-/// How often settler balances are read for the metrics.
-const SETTLER_BALANCE_EVERY: Duration = Duration::from_secs(10);
+/// How often settler balances are read for the metrics, by default.
+const SETTLER_READS_EVERY_MS: u64 = 10_000;
 
 impl<C: Chain> Engine<C> {
     /// An engine over `chain`, resuming the open batches the ledger holds.
@@ -90,7 +90,8 @@ impl<C: Chain> Engine<C> {
             policy,
             policy_rx,
             metrics: ChainMetrics::new(chain_id),
-            balances_read_at: None,
+            balances_read_at_ms: None,
+            settler_reads_every_ms: SETTLER_READS_EVERY_MS,
             value_tokens: Vec::new(),
         })
     }
@@ -98,6 +99,13 @@ impl<C: Chain> Engine<C> {
     /// Follows settled payments to `finality` (the chain's `finalized` block by default).
     pub fn with_finality(mut self, finality: Finality) -> Self {
         self.finality = finality;
+        self
+    }
+
+    /// Reads settler balances and nonces for the metrics and status every `ms` of the
+    /// engine's clock (10 s by default).
+    pub fn with_settler_reads_every_ms(mut self, ms: u64) -> Self {
+        self.settler_reads_every_ms = ms;
         self
     }
 
@@ -314,10 +322,13 @@ impl<C: Chain> Engine<C> {
     /// Each settler's native balance (for the low-balance alert) and next nonce (for
     /// status), every ~10 s.
     async fn settler_balances(&mut self) {
-        if self.balances_read_at.is_some_and(|t| t.elapsed() < SETTLER_BALANCE_EVERY) {
+        // The engine's clock, not the machine's: a simulated world decides when (its seed
+        // must replay the same calls however fast the machine runs it).
+        let now_ms = self.clock.now_ms();
+        if self.balances_read_at_ms.is_some_and(|t| now_ms.saturating_sub(t) < self.settler_reads_every_ms) {
             return;
         }
-        self.balances_read_at = Some(Instant::now());
+        self.balances_read_at_ms = Some(now_ms);
         for s in &self.settlers {
             let view = self.settler_views.entry(s.address).or_default();
             if let Ok(wei) =

@@ -109,12 +109,13 @@ pub trait Chain: Send + Sync + 'static {
     /// Sends a signed transaction; the error is the node's refusal.
     fn broadcast(&self, raw: &Bytes) -> impl Future<Output = Result<(), RpcError>> + Send;
 
-    /// Simulates `items` as one batch with `gas_limit`; per item, whether the token would
-    /// accept it now.
+    /// Simulates `items` as one batch with `gas_limit` on the state of block `at` (`None`:
+    /// the latest); per item, whether the token would accept it there.
     fn simulate(
         &self,
         items: &[SignedAuthorization],
         gas_limit: u64,
+        at: Option<u64>,
     ) -> impl Future<Output = Result<Vec<Result<(), ItemFailure>>, RpcError>> + Send;
 
     /// The transactions in `[from_block, to_block]` in which `token` emitted
@@ -263,8 +264,9 @@ impl Chain for RpcChain {
         &self,
         items: &[SignedAuthorization],
         gas_limit: u64,
+        at: Option<u64>,
     ) -> Result<Vec<Result<(), ItemFailure>>, RpcError> {
-        simulate::simulate(&self.endpoint, items, gas_limit).await
+        simulate::simulate_at(&self.endpoint, items, gas_limit, at).await
     }
 
     async fn uses_of(

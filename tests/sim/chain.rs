@@ -5,7 +5,8 @@
 //! `aggregate3` with `allowFailure` and gas (an item short of gas fails, a direct call
 //! short of gas reverts), receipts with `AuthorizationUsed` logs, reorgs of any depth
 //! (their transactions dropped or back in the pool), and faults at the RPC edge: errors, a
-//! lagging node (a stale head, a receipt not served yet) and crashes (a panic at a chosen
+//! lagging node (a stale head, a receipt not served yet, a nonce not counted yet) and
+//! crashes (a panic at a chosen
 //! call, which the harness turns into a process restart).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -83,6 +84,9 @@ pub struct Faults {
     pub error_per_mille: u32,
     /// Chance (per mille) that a head or receipt read lags one block.
     pub lag_per_mille: u32,
+    /// Chance (per mille) that an account's nonce is read as of the block before (a
+    /// receipt served before the nonce counts it).
+    pub nonce_lag_per_mille: u32,
 }
 
 #[derive(Debug)]
@@ -93,6 +97,8 @@ pub struct World {
     pool: Vec<Pooled>,
     pub faults: Faults,
     rng: Rng,
+    /// The nonce lag's own stream: worlds without it replay as they did before it existed.
+    nonce_rng: Rng,
     /// Calls answered so far, and the call at which the "process" crashes (a panic).
     pub calls: u64,
     pub crash_at: Option<u64>,
@@ -127,6 +133,7 @@ impl World {
             pool: Vec::new(),
             faults: Faults::default(),
             rng: Rng::new(seed ^ 0x5eed),
+            nonce_rng: Rng::new(seed ^ 0x404ce),
             calls: 0,
             crash_at: None,
             injected: BTreeMap::new(),
@@ -240,6 +247,21 @@ impl World {
         ));
         self.foreign.insert((from, nonce));
         self.count("spent_elsewhere");
+    }
+
+    /// A payer moves `value` of its balance away outside the daemon (someone else's
+    /// transaction in the head block, a plain transfer: no authorization used).
+    pub fn drain(&mut self, from: Address, value: U256) {
+        let head = self.blocks.last_mut().expect("genesis");
+        let balance = head.token.balances.entry(from).or_default();
+        *balance = balance.saturating_sub(value);
+        *head.token.balances.entry(FOREIGN).or_default() += value;
+        let tx_hash = keccak256([from.as_slice(), &head.txs.len().to_be_bytes(), b"drain"].concat());
+        head.txs.push((
+            Bytes::new(),
+            Mined { tx_hash, from, gas_used: 21_000, price: 1, success: true, used: Vec::new() },
+        ));
+        self.count("drain");
     }
 
     /// Every canonical mined transaction by hash.
@@ -414,7 +436,16 @@ impl Chain for SimChain {
     async fn nonce(&self, account: Address) -> Result<u64, RpcError> {
         let mut w = self.0.lock();
         w.before_call("eth_getTransactionCount")?;
-        Ok(w.head().nonces.get(&account).copied().unwrap_or(0))
+        let lag = w.faults.nonce_lag_per_mille > 0
+            && w.nonce_rng.below(1000) < u64::from(w.faults.nonce_lag_per_mille)
+            && w.blocks.len() > 1;
+        let block = if lag {
+            w.count("nonce_lag");
+            &w.blocks[w.blocks.len() - 2]
+        } else {
+            w.head()
+        };
+        Ok(block.nonces.get(&account).copied().unwrap_or(0))
     }
 
     async fn receipt(&self, tx: B256, token: Address) -> Result<Option<Receipt>, RpcError> {
@@ -477,11 +508,20 @@ impl Chain for SimChain {
         &self,
         items: &[SignedAuthorization],
         gas_limit: u64,
+        at: Option<u64>,
     ) -> Result<Vec<Result<(), ItemFailure>>, RpcError> {
         let mut w = self.0.lock();
         w.before_call("eth_call aggregate3")?;
-        let mut token = w.head().token.clone();
-        let now = w.head().timestamp;
+        let block = match at {
+            Some(n) => w.blocks.get(n as usize).ok_or_else(|| RpcError {
+                chain_id: w.chain_id,
+                call: "eth_call aggregate3",
+                detail: format!("no block {n}"),
+            })?,
+            None => w.head(),
+        };
+        let mut token = block.token.clone();
+        let now = block.timestamp;
         let mut gas = FIXED_GAS;
         Ok(items
             .iter()
