@@ -67,6 +67,34 @@ pub(super) fn final_block(finality: Finality, head: &Head, tagged: Option<u64>) 
 }
 
 impl<C: Chain> Engine<C> {
+    /// Whether `tx_hash` of `record`'s batch, known to the node but without a receipt, may
+    /// still be mined: its nonce is at or below its settler's next one (mined with its
+    /// receipt not served yet, or next in line), or another open batch of ours holds a
+    /// nonce in the gap below it. Above a gap nothing of ours fills (a reorg dropped an
+    /// earlier transaction of ours) it never is: it is gone, though a node keeps it
+    /// queued (a settlement watched for ever instead: found by the simulator, seeds
+    /// 25353, 58095, 77774, 79035, 88502).
+    async fn may_still_be_mined(&self, record: &PaymentRecord, tx_hash: B256) -> Result<bool, SettleError> {
+        let counter = record.batch_id.split_once(':').and_then(|(_, c)| c.parse::<u64>().ok());
+        let batch = match counter {
+            Some(c) => self.ledger.ledger().batch(self.chain_id, c)?,
+            None => None,
+        };
+        let Some((batch, attempt)) =
+            batch.as_ref().and_then(|b| b.attempts.iter().find(|a| a.tx_hash == tx_hash).map(|a| (b, a)))
+        else {
+            // Not one of its batch's transactions: nothing known of its nonce.
+            return Ok(true);
+        };
+        let next = self.read(self.chain.nonce(batch.settler).await)?;
+        Ok(attempt.tx_nonce <= next
+            || self.open.values().any(|b| {
+                b.settler == batch.settler
+                    && b.counter != batch.counter
+                    && b.tx_nonce().is_some_and(|n| n >= next && n < attempt.tx_nonce)
+            }))
+    }
+
     /// Corrects, reverses or finalizes the settled payments not yet final (see the module).
     pub(super) async fn follow_settled(
         &mut self,
@@ -137,7 +165,10 @@ impl<C: Chain> Engine<C> {
                     // served yet; or back in its pool after the reorg): not gone, so nothing
                     // is reversed this round (a reversal that expired a payment the
                     // transaction had paid: found by the simulator, seed 352).
-                    if receipt.is_none() && self.read(self.chain.is_known(tx_hash).await)? {
+                    if receipt.is_none()
+                        && self.read(self.chain.is_known(tx_hash).await)?
+                        && self.may_still_be_mined(r, tx_hash).await?
+                    {
                         undecided = true;
                         continue;
                     }

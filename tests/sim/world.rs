@@ -416,8 +416,27 @@ fn check_end(
             world.pool_len()
         ));
     }
-    if !ledger.watched().map_err(err)?.is_empty() {
-        return Err("liveness: settled payments never became final".into());
+    let watched = ledger.watched().map_err(err)?;
+    if !watched.is_empty() {
+        let mined = world.mined();
+        let what: Vec<_> = watched
+            .iter()
+            .map(|r| {
+                let on_chain = r.tx_hash.and_then(|h| mined.get(&h)).map(|(n, hash, _)| (*n, *hash));
+                format!(
+                    "{} {:?} tx {:?} block {} {:?}; on chain {on_chain:?}",
+                    r.payment_id(),
+                    r.status,
+                    r.tx_hash,
+                    r.block_number,
+                    r.block_hash
+                )
+            })
+            .collect();
+        return Err(format!(
+            "liveness: settled payments never became final: {what:?}; head {}",
+            world.head().number
+        ));
     }
     let log: Vec<_> =
         ledger.settlement_log(0, usize::MAX).map_err(err)?.into_iter().map(|(_, r)| r).collect();
