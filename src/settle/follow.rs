@@ -390,14 +390,7 @@ impl<C: Chain> Engine<C> {
                     let decided =
                         self.judge_unsettled_in(&receipt, inc.block_time, &undecided, now_ms).await?;
                     closed = decided.len() == undecided.len();
-                    for t in &decided {
-                        match t.to {
-                            Status::Failed => report.failed += 1,
-                            Status::Expired => report.expired += 1,
-                            Status::Accepted => report.requeued += 1,
-                            _ => {}
-                        }
-                    }
+                    report.count_judged(&decided);
                     transitions.extend(decided);
                 }
                 // Not served now (a lagging node): next round.

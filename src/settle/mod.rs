@@ -124,6 +124,20 @@ pub struct RoundReport {
     pub reversed: usize,
 }
 
+impl RoundReport {
+    /// Counts the failures, expiries and requeues among `transitions` judged from a receipt.
+    fn count_judged(&mut self, transitions: &[crate::ledger::TransitionRequest]) {
+        for t in transitions {
+            match t.to {
+                crate::ledger::Status::Failed => self.failed += 1,
+                crate::ledger::Status::Expired => self.expired += 1,
+                crate::ledger::Status::Accepted => self.requeued += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// A settler account.
 #[derive(Clone)]
 struct Settler {

@@ -167,16 +167,8 @@ impl<C: Chain> Engine<C> {
         let now_ms = self.now_ms();
         let judged = judge_receipt(&batch, &records, &receipt, block_time, now_ms);
         let mut transitions = judged.transitions;
-        let unsettled: Vec<&PaymentRecord> = judged.unsettled.to_vec();
-        transitions.extend(self.judge_unsettled_in(&receipt, block_time, &unsettled, now_ms).await?);
-        for t in &transitions {
-            match t.to {
-                Status::Failed => report.failed += 1,
-                Status::Expired => report.expired += 1,
-                Status::Accepted => report.requeued += 1,
-                _ => {}
-            }
-        }
+        transitions.extend(self.judge_unsettled_in(&receipt, block_time, &judged.unsettled, now_ms).await?);
+        report.count_judged(&transitions);
         if judged.unsettled.is_empty() && receipt.success && !batch.items.is_empty() {
             self.gas.observe(batch.token, batch.items.len(), receipt.gas_used);
             self.metrics.batch_gas_per_payment.record(receipt.gas_used as f64 / batch.items.len() as f64);
