@@ -397,6 +397,10 @@ impl<C: Chain> Engine<C> {
                 _ => closed = false,
             }
         }
+        if !closed && transitions.is_empty() {
+            // Waiting for its block to be final, nothing new: no write every round.
+            return Ok(());
+        }
         let mut next = batch.clone();
         if closed {
             next.status = BatchStatus::Done;
