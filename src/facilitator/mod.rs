@@ -171,9 +171,8 @@ impl Facilitator {
         if let Some(hash) = record.tx_hash {
             return Some(hash);
         }
-        let (chain, counter) = record.batch_id.split_once(':')?;
-        let batch =
-            self.ingest.ledger().ledger().batch(chain.parse().ok()?, counter.parse().ok()?).ok()??;
+        let (chain, counter) = crate::ledger::BatchRecord::parse_id(&record.batch_id)?;
+        let batch = self.ingest.ledger().ledger().batch(chain, counter).ok()??;
         batch.attempts.last().map(|a| a.tx_hash)
     }
 }

@@ -114,6 +114,12 @@ impl BatchRecord {
         format!("{}:{}", self.chain_id, self.counter)
     }
 
+    /// The `(chain_id, counter)` of a batch id made by [`BatchRecord::id`].
+    pub fn parse_id(id: &str) -> Option<(u64, u64)> {
+        let (chain, counter) = id.split_once(':')?;
+        Some((chain.parse().ok()?, counter.parse().ok()?))
+    }
+
     /// The account nonce of the newest attempt.
     pub fn tx_nonce(&self) -> Option<u64> {
         self.attempts.last().map(|a| a.tx_nonce)

@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use super::rpc::{Chain, Head};
 use super::{Engine, RoundReport, SettleError};
 use crate::config::Finality;
-use crate::ledger::{ApplyRequest, PaymentRecord, Status, TransitionRequest};
+use crate::ledger::{ApplyRequest, BatchRecord, PaymentRecord, Status, TransitionRequest};
 
 /// Block reads in flight at once when many watched blocks must be checked.
 const CONCURRENT_BLOCK_READS: usize = 16;
@@ -75,9 +75,8 @@ impl<C: Chain> Engine<C> {
     /// queued (a settlement watched for ever instead: found by the simulator, seeds
     /// 25353, 58095, 77774, 79035, 88502).
     async fn may_still_be_mined(&self, record: &PaymentRecord, tx_hash: B256) -> Result<bool, SettleError> {
-        let counter = record.batch_id.split_once(':').and_then(|(_, c)| c.parse::<u64>().ok());
-        let batch = match counter {
-            Some(c) => self.ledger.ledger().batch(self.chain_id, c)?,
+        let batch = match BatchRecord::parse_id(&record.batch_id) {
+            Some((chain_id, counter)) => self.ledger.ledger().batch(chain_id, counter)?,
             None => None,
         };
         let Some((batch, attempt)) =
@@ -110,11 +109,7 @@ impl<C: Chain> Engine<C> {
             self.checked_head = Some((head.number, head.hash));
             return Ok(());
         }
-        let tagged = match self.finality {
-            Finality::Tag(tag) => self.read(self.chain.tagged_block(tag).await)?,
-            Finality::Depth(_) => None,
-        };
-        let final_block = final_block(self.finality, head, tagged);
+        let final_block = self.final_block(head).await?;
         // Below the head checked last round nothing changed if that block is still there.
         let unchanged_to = match self.checked_head {
             Some((number, hash)) if self.canonical_hash(number).await? == Some(hash) => Some(number),

@@ -343,7 +343,7 @@ impl<C: Chain> Engine<C> {
 
     /// The newest block final on chain by the configured finality (under `head`), if one
     /// is known.
-    async fn final_block(&self, head: &Head) -> Result<Option<u64>, SettleError> {
+    pub(super) async fn final_block(&self, head: &Head) -> Result<Option<u64>, SettleError> {
         let tagged = match self.finality {
             crate::config::Finality::Tag(tag) => self.read(self.chain.tagged_block(tag).await)?,
             crate::config::Finality::Depth(_) => None,
