@@ -385,7 +385,7 @@ async fn wait_settled(
 pub fn interop_dir() -> PathBuf {
     std::env::var_os("X402_INTEROP_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/interop")))
+        .unwrap_or_else(|| super::devnet::source_root().join("ops/interop"))
 }
 
 /// The middleware flow's settings for `ops/interop/run.mjs` (its `pay` scenario).

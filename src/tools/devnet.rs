@@ -88,13 +88,20 @@ fn rpc_err(call: &'static str) -> impl FnOnce(String) -> DevnetError {
     move |detail| DevnetError::Rpc { call, detail }
 }
 
-/// Where the anvil binary is: `$ANVIL_BIN`, else the copy `npm ci` puts under ops/devnet.
+/// The source tree: cargo's `CARGO_MANIFEST_DIR` at run time (`cargo test`, `cargo run`),
+/// else the one this was built in. Clones sharing one target directory may reuse a library
+/// built in another checkout, so the run-time one comes first.
+pub fn source_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// Where the anvil binary is: `$ANVIL_BIN`, else the copy `npm install` puts under
+/// ops/devnet of the [`source_root`].
 pub fn anvil_path() -> PathBuf {
     std::env::var_os("ANVIL_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
-        ))
+        source_root().join("ops/devnet/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
     })
 }
 

@@ -16,7 +16,8 @@ pub enum Mode {
     Down,
     /// Answers every HTTP request with 503.
     Errors,
-    /// Accepts and reads, never answers (timeouts).
+    /// Accepts and reads, never answers (timeouts); open connections stay open and go
+    /// silent too (a node that hangs does not close them, so no client sees an error).
     Blackhole,
 }
 
@@ -61,10 +62,15 @@ async fn serve(mut conn: TcpStream, target: Arc<str>, mut mode: watch::Receiver<
         Mode::Up => {
             let Ok(mut upstream) = TcpStream::connect(&*target).await else { return };
             // Forward until either side closes or the mode changes (a node that stops
-            // takes its open connections with it).
+            // takes its open connections with it; a node that hangs keeps them, silent).
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream) => {}
-                _ = mode.changed() => {}
+                _ = mode.changed() => {
+                    if *mode.borrow_and_update() == Mode::Blackhole {
+                        drop(upstream);
+                        swallow(&mut conn, &mut mode).await;
+                    }
+                }
             }
         }
         Mode::Errors => {
@@ -81,14 +87,18 @@ async fn serve(mut conn: TcpStream, target: Arc<str>, mut mode: watch::Receiver<
                 }
             }
         }
-        Mode::Blackhole => {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                tokio::select! {
-                    r = conn.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
-                    _ = mode.changed() => return,
-                }
-            }
+        Mode::Blackhole => swallow(&mut conn, &mut mode).await,
+    }
+}
+
+/// Reads and discards what the client sends, never answering, until it closes or the mode
+/// changes (then the connection is closed).
+async fn swallow(conn: &mut TcpStream, mode: &mut watch::Receiver<Mode>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            r = conn.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
+            _ = mode.changed() => return,
         }
     }
 }
