@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     single.bench_function("raw_recovery", |b| {
         b.iter(|| {
             i = (i + 1) % SAMPLES;
-            let sig = &items[i].signed.signature.0;
+            let sig = items[i].signed.signature.ecdsa().unwrap();
             let recid = RecoveryId::try_from(i32::from(sig[64]) - 27).unwrap();
             let rsig = RecoverableSignature::from_compact(&sig[..64], recid).unwrap();
             rsig.recover(Message::from_digest(digests[i].0)).unwrap()

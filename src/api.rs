@@ -135,7 +135,7 @@ pub fn typed_authorization(s: &SignedAuthorization) -> v1::TypedAuthorization {
         valid_after: a.valid_after.to_string(),
         valid_before: a.valid_before.to_string(),
         nonce: a.nonce.to_string(),
-        signature: format!("0x{}", alloy::hex::encode(s.signature.0)),
+        signature: s.signature.bytes().to_string(),
     }
 }
 
@@ -304,7 +304,7 @@ mod tests {
                 valid_before: U256::MAX,
                 nonce: B256::repeat_byte(0x44),
             },
-            signature: RawSignature([0x55; 65]),
+            signature: RawSignature::from([0x55; 65]),
         }
     }
 

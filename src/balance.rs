@@ -1,9 +1,11 @@
-//! Payers' on-chain token balances, cached with a maximum age and refreshed in bulk.
+//! Payers' on-chain token balances and code, cached with a maximum age and refreshed in
+//! bulk.
 //!
 //! The hot path never makes one RPC per request: a fresh cached balance is answered from
 //! memory, and every miss that arrives while a refresh is running joins the next refresh
-//! round, which reads all of them with one `aggregate3` `eth_call` of `balanceOf`s per
-//! chain (chains in parallel).
+//! round, which reads all of them with one deployless `eth_call` per chain (chains in
+//! parallel): `PayerProbe` answers each payer's `balanceOf` and its code, which decides how
+//! its signature is judged ([`crate::payer`]).
 //!
 //! A node that browns out (accepts and never answers, or fails) must not hold submissions
 //! until their clients give up: each read has its own short deadline
@@ -16,16 +18,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Bytes, U256};
-use alloy::sol_types::SolCall;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::chain::{IEip3009, IMulticall3, MULTICALL3, RpcEndpoint, RpcError};
+use crate::chain::{RpcEndpoint, RpcError};
 use crate::config::BalanceConfig;
 use crate::ledger::PayerKey;
+use crate::payer::{PayerState, probe_payers};
 
 /// While a chain's breaker is open, one read is let through this often to see whether the
 /// node is back: ingest recovers within this long of the node.
@@ -50,10 +51,13 @@ pub enum BalanceError {
     Stopped,
 }
 
+/// Result of reading one payer.
+pub type Read = Result<PayerState, BalanceError>;
+
 /// Where balances come from: the chain in production, a table in unit tests.
 pub trait BalanceSource: Send + Sync + 'static {
-    /// The balances of `keys`, in order; each may fail on its own.
-    fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Result<U256, BalanceError>>>;
+    /// The balances and code of `keys`' payers, in order; each may fail on its own.
+    fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Read>>;
 }
 
 /// A chain whose last balance read failed: since when, why, and when a read last went out.
@@ -113,8 +117,8 @@ impl Breakers {
     }
 }
 
-/// Reads balances with `aggregate3` of `balanceOf` calls, one `eth_call` per chain per
-/// round, each within the read deadline and behind its chain's breaker.
+/// Reads balances and code with `PayerProbe`, one `eth_call` per chain per round, each
+/// within the read deadline and behind its chain's breaker.
 pub struct ChainBalances {
     endpoints: HashMap<u64, RpcEndpoint>,
     timeout: Duration,
@@ -131,7 +135,7 @@ impl ChainBalances {
         Self { endpoints, timeout, breakers: Breakers::default() }
     }
 
-    async fn read_chain(&self, chain_id: u64, keys: &[PayerKey]) -> Vec<Result<U256, BalanceError>> {
+    async fn read_chain(&self, chain_id: u64, keys: &[PayerKey]) -> Vec<Read> {
         let all = |e: BalanceError| keys.iter().map(|_| Err(e.clone())).collect();
         let Some(endpoint) = self.endpoints.get(&chain_id) else {
             return all(BalanceError::NoChain { chain_id });
@@ -139,27 +143,16 @@ impl ChainBalances {
         if let Err(refused) = self.breakers.admit(chain_id, Instant::now()) {
             return all(refused);
         }
-        let calls = keys
-            .iter()
-            .map(|k| IMulticall3::Call3 {
-                target: k.token(),
-                allowFailure: true,
-                callData: Bytes::from(IEip3009::balanceOfCall { account: k.from() }.abi_encode()),
-            })
-            .collect();
-        let multicall = IMulticall3::new(MULTICALL3, &endpoint.provider);
-        let read = multicall.aggregate3(calls);
-        let failure = match tokio::time::timeout(self.timeout, read.call()).await {
-            Ok(Ok(results)) => {
+        let pairs: Vec<_> = keys.iter().map(|k| (k.token(), k.from())).collect();
+        let failure = match tokio::time::timeout(self.timeout, probe_payers(endpoint, &pairs)).await {
+            Ok(Ok(answers)) => {
                 self.breakers.succeeded(chain_id, Instant::now());
                 return keys
                     .iter()
-                    .zip(results.into_iter().map(Some).chain(std::iter::repeat_with(|| None)))
-                    .map(|(k, r)| match r {
-                        Some(r) if r.success && r.returnData.len() == 32 => {
-                            Ok(U256::from_be_slice(&r.returnData))
-                        }
-                        _ => Err(BalanceError::Unreadable {
+                    .zip(answers)
+                    .map(|(k, (balance, code))| match balance {
+                        Some(balance) => Ok(PayerState { balance, code }),
+                        None => Err(BalanceError::Unreadable {
                             token: k.token().to_string(),
                             from: k.from().to_string(),
                         }),
@@ -167,7 +160,7 @@ impl ChainBalances {
                     .collect();
             }
             // The detail reaches API servers in UNAVAILABLE replies: no URL, no key.
-            Ok(Err(e)) => BalanceError::Rpc(endpoint.error("eth_call aggregate3 balanceOf", e)),
+            Ok(Err(e)) => BalanceError::Rpc(e),
             Err(_) => BalanceError::Timeout { chain_id, after_ms: self.timeout.as_millis() as u64 },
         };
         self.breakers.failed(chain_id, Instant::now(), &failure);
@@ -176,7 +169,7 @@ impl ChainBalances {
 }
 
 impl BalanceSource for ChainBalances {
-    fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Result<U256, BalanceError>>> {
+    fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Read>> {
         async move {
             let mut by_chain: HashMap<u64, Vec<usize>> = HashMap::new();
             for (i, k) in keys.iter().enumerate() {
@@ -199,12 +192,13 @@ impl BalanceSource for ChainBalances {
     }
 }
 
-type Waiter = (PayerKey, oneshot::Sender<Result<U256, BalanceError>>);
+type Waiter = (PayerKey, oneshot::Sender<Read>);
+type Entries = Arc<Mutex<HashMap<PayerKey, (PayerState, Instant)>>>;
 
-/// Cached balances with bulk refresh. Cloning shares the cache.
+/// Cached balances and code with bulk refresh. Cloning shares the cache.
 #[derive(Clone)]
 pub struct BalanceCache {
-    entries: Arc<Mutex<HashMap<PayerKey, (U256, Instant)>>>,
+    entries: Entries,
     max_age: Duration,
     /// How much older than `max_age` a balance may be to answer while reads fail.
     stale_ok: Duration,
@@ -232,10 +226,10 @@ impl BalanceCache {
         }
     }
 
-    /// The payer's balance: cached if younger than the maximum age, else read in the next
-    /// refresh round. When the read fails, a balance at most `stale_ok` older than the
-    /// maximum age answers instead (never, by default).
-    pub async fn get(&self, key: PayerKey) -> Result<U256, BalanceError> {
+    /// The payer's balance and code: cached if younger than the maximum age, else read in
+    /// the next refresh round. When the read fails, a balance at most `stale_ok` older than
+    /// the maximum age answers instead (never, by default).
+    pub async fn get(&self, key: PayerKey) -> Read {
         let cached = self.entries.lock().get(&key).copied();
         if let Some((balance, at)) = cached
             && at.elapsed() <= self.max_age
@@ -275,7 +269,7 @@ impl BalanceCache {
 
 async fn refresh(
     source: Arc<dyn BalanceSource>,
-    entries: Arc<Mutex<HashMap<PayerKey, (U256, Instant)>>>,
+    entries: Entries,
     mut rx: mpsc::Receiver<Waiter>,
     max_batch: usize,
 ) {
@@ -292,7 +286,7 @@ async fn refresh(
         keys.dedup();
         let read_at = Instant::now();
         let results = source.balances(&keys).await;
-        let by_key: HashMap<PayerKey, Result<U256, BalanceError>> = keys.into_iter().zip(results).collect();
+        let by_key: HashMap<PayerKey, Read> = keys.into_iter().zip(results).collect();
         {
             let mut entries = entries.lock();
             for (k, r) in &by_key {
@@ -310,7 +304,12 @@ async fn refresh(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloy::primitives::Address;
+    use crate::payer::PayerCode;
+    use alloy::primitives::{Address, U256};
+
+    fn eoa(balance: u64) -> PayerState {
+        PayerState { balance: U256::from(balance), code: PayerCode::None }
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Counting {
@@ -319,13 +318,13 @@ mod tests {
     }
 
     impl BalanceSource for Counting {
-        fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Result<U256, BalanceError>>> {
+        fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Read>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.keys.fetch_add(keys.len(), Ordering::SeqCst);
             async move {
                 // Give concurrent misses time to queue behind this round.
                 tokio::task::yield_now().await;
-                keys.iter().map(|k| Ok(U256::from(k.from().0[19]))).collect()
+                keys.iter().map(|k| Ok(eoa(u64::from(k.from().0[19])))).collect()
             }
             .boxed()
         }
@@ -340,12 +339,12 @@ mod tests {
             (0..200u8).map(|i| PayerKey::new(1, Address::ZERO, Address::with_last_byte(i))).collect();
         let all = futures::future::join_all(keys.iter().map(|k| cache.get(*k))).await;
         for (i, b) in all.into_iter().enumerate() {
-            assert_eq!(b, Ok(U256::from(i)));
+            assert_eq!(b, Ok(eoa(i as u64)));
         }
         let calls = source.calls.load(Ordering::SeqCst);
         assert!(calls < 200, "200 concurrent misses took {calls} reads");
         assert_eq!(source.keys.load(Ordering::SeqCst), 200, "each key read once");
-        assert_eq!(cache.get(keys[5]).await, Ok(U256::from(5)));
+        assert_eq!(cache.get(keys[5]).await, Ok(eoa(5)));
         assert_eq!(source.calls.load(Ordering::SeqCst), calls, "a fresh entry is answered from memory");
     }
 
@@ -372,7 +371,7 @@ mod tests {
     }
 
     impl BalanceSource for Broken {
-        fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Result<U256, BalanceError>>> {
+        fn balances<'a>(&'a self, keys: &'a [PayerKey]) -> BoxFuture<'a, Vec<Read>> {
             async move {
                 if self.hang {
                     futures::future::pending::<()>().await;
@@ -396,11 +395,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stale_balance_answers_only_when_the_operator_allows_it() {
         let key = PayerKey::new(1, Address::ZERO, Address::with_last_byte(7));
-        for (stale_ok_ms, expected) in [(0, None), (10_000, Some(U256::from(7)))] {
+        for (stale_ok_ms, expected) in [(0, None), (10_000, Some(eoa(7)))] {
             let config = BalanceConfig { max_age_ms: 1_000, stale_ok_ms, ..BalanceConfig::default() };
             let cache = BalanceCache::start(Arc::new(Broken { hang: false }), &config);
             let read_at = Instant::now().checked_sub(Duration::from_millis(1_500)).unwrap();
-            cache.entries.lock().insert(key, (U256::from(7), read_at));
+            cache.entries.lock().insert(key, (eoa(7), read_at));
             assert_eq!(cache.get(key).await.ok(), expected, "stale_ok_ms {stale_ok_ms}");
         }
     }

@@ -56,6 +56,21 @@ mod bindings {
             ) external;
         }
 
+        /// The token's `bytes signature` overload of `transferWithAuthorization` (FiatToken
+        /// V2.2, selector 0xcf092995): any signature the payer's ERC-1271 check understands.
+        /// An interface of its own so the `v, r, s` one keeps its plain binding name.
+        interface IEip3009Bytes {
+            function transferWithAuthorization(
+                address from,
+                address to,
+                uint256 value,
+                uint256 validAfter,
+                uint256 validBefore,
+                bytes32 nonce,
+                bytes signature
+            ) external;
+        }
+
         /// Multicall3's `aggregate3`.
         #[sol(rpc)]
         interface IMulticall3 {
@@ -80,7 +95,7 @@ mod bindings {
         }
     }
 }
-pub use bindings::{IEip3009, IGasPriceOracle, IMulticall3};
+pub use bindings::{IEip3009, IEip3009Bytes, IGasPriceOracle, IMulticall3};
 
 /// An RPC call to a chain that failed: which chain, which call, and the node's or the
 /// transport's words (redacted: node URLs carry keys). The one RPC error every module that
@@ -205,9 +220,25 @@ pub async fn receipt_with_l1_fee(
     Ok(Some((receipt, l1_fee)))
 }
 
-/// The `transferWithAuthorization` calldata that settles one authorization.
+/// The `transferWithAuthorization` calldata that settles one authorization: the `v, r, s`
+/// overload for a 65-byte signature (a key's; the token still asks an EIP-7702 account's
+/// code by ERC-1271), the `bytes` overload for any other (a contract wallet's; an ERC-6492
+/// wrapper is unwrapped: its wallet is deployed by the call before it in the batch).
 pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
     let a = &s.authorization;
+    let Some(sig) = s.signature.ecdsa() else {
+        return IEip3009Bytes::transferWithAuthorizationCall {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: s.signature.for_token(),
+        }
+        .abi_encode()
+        .into();
+    };
     IEip3009::transferWithAuthorizationCall {
         from: a.from,
         to: a.to,
@@ -215,9 +246,9 @@ pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
         validAfter: a.valid_after,
         validBefore: a.valid_before,
         nonce: a.nonce,
-        v: s.signature.v(),
-        r: s.signature.r(),
-        s: s.signature.s(),
+        v: sig[64],
+        r: B256::from_slice(&sig[..32]),
+        s: B256::from_slice(&sig[32..64]),
     }
     .abi_encode()
     .into()

@@ -55,6 +55,7 @@ pub const COLUMNS: &[&str] = &[
     "fee_share_wei",
     "entry",
     "finalized_at",
+    "payer_route",
 ];
 
 /// Entries read from the ledger per step.
@@ -418,6 +419,7 @@ fn fields(seq: u64, r: &PaymentRecord, tokens: &TokenTable) -> Vec<(&'static str
         r.fee_share_wei.to_string(),
         r.log_entry.as_str().to_owned(),
         if r.finalized_at_ms > 0 { utc(r.finalized_at_ms) } else { String::new() },
+        r.submission.route.as_str().to_owned(),
     ];
     COLUMNS.iter().copied().zip(values).collect()
 }

@@ -3,9 +3,14 @@
 //! own replies (`server`, `facilitator`).
 //!
 //! ```text
-//! PaymentRequest ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance ─▶ ledger writer ─▶ decision
-//!                                                                            (accept, or hold)
+//! PaymentRequest ─▶ admission (static) ─▶ verify pool ─▶ window ─▶ balance and code ─▶ ledger writer ─▶ decision
+//!                                        (ECDSA)                   (a payer with code:     (accept, or hold)
+//!                                                                   ERC-1271 on chain)
 //! ```
+//!
+//! The payer's code decides how its signature is judged, as the token will judge it
+//! ([`crate::payer`]): no code, the verify pool's ECDSA verdict; code (a contract wallet, an
+//! EIP-7702 account), an ERC-1271 check on chain, whatever ECDSA says.
 //!
 //! Business refusals (bad signature, mismatch, expired, insufficient funds, nonce reuse)
 //! are normal decisions with the official x402 reason code. System conditions are
@@ -26,8 +31,9 @@ use crate::ledger::{
     PaymentRecord, Refusal, Repeat, Submission,
 };
 use crate::limits::Limits;
+use crate::payer::{ChainVerdict, PayerCode, Route, SignatureJudge};
 use crate::verify::{PoolError, VerifyPool};
-use crate::x402::{PaymentRequirements, Reason};
+use crate::x402::{PaymentRequirements, Reason, SignedAuthorization};
 
 /// A payment as an API server hands it in, whichever surface it came by.
 #[derive(Debug, Clone)]
@@ -92,6 +98,7 @@ pub struct Ingest {
     pool: Arc<VerifyPool>,
     ledger: LedgerHandle,
     balances: BalanceCache,
+    signatures: Arc<dyn SignatureJudge>,
     limits: Limits,
     draining: AtomicBool,
 }
@@ -102,9 +109,10 @@ impl Ingest {
         pool: Arc<VerifyPool>,
         ledger: LedgerHandle,
         balances: BalanceCache,
+        signatures: Arc<dyn SignatureJudge>,
         limits: Limits,
     ) -> Self {
-        Self { admission, pool, ledger, balances, limits, draining: AtomicBool::new(false) }
+        Self { admission, pool, ledger, balances, signatures, limits, draining: AtomicBool::new(false) }
     }
 
     pub fn ledger(&self) -> &LedgerHandle {
@@ -182,9 +190,8 @@ impl Ingest {
         let Some((admitted, outcome)) = verified.iter().next() else {
             return Err(SubmitError::Unavailable("verification returned no verdict".into()));
         };
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return rejected(Reason::InvalidSignature, e.to_string()),
+        let ecdsa = match outcome {
+            Ok(verdict) => verdict,
             Err(PoolError::QueueFull) => {
                 return Err(SubmitError::ResourceExhausted("verification queue is full".into()));
             }
@@ -192,29 +199,40 @@ impl Ingest {
                 return Err(SubmitError::Unavailable("verification pool stopped".into()));
             }
             Err(e @ PoolError::Panicked) => return rejected(e.reason(), e.to_string()),
-        }
+        };
         let signed = admitted.signed.clone();
 
         // The writer decides duplicates before it looks at the window or the balance. A
         // payment the ledger already holds is answered even when no balance can be read
         // (a retry while the RPC node is down), hence the ledger read on that path only.
+        // The payer's code comes with its balance; it is needed to judge a signature ECDSA
+        // refused (a contract wallet's) and to accept one it passed (an EIP-7702 account's
+        // is judged by its delegate), not for a payment refused by its window anyway.
         let window = self
             .admission
             .check_window(&signed.authorization)
             .map_err(|e| Refusal::new(e.reason(), e.to_string()));
         let key = AuthKey::of(&signed);
-        let balance = if window.is_err() {
-            U256::ZERO
+        let (balance, route) = if window.is_err() && ecdsa.is_ok() {
+            (U256::ZERO, Route::Eoa)
         } else {
             match self.balances.get(key.payer()).await {
-                Ok(balance) => balance,
+                Ok(state) => {
+                    let route = Route::of(state.code, signed.signature.erc6492().is_some());
+                    if let Err(refusal) =
+                        self.judge_signature(&admitted.signed, ecdsa, state.code, route).await?
+                    {
+                        return rejected(Reason::InvalidSignature, refusal);
+                    }
+                    (state.balance, route)
+                }
                 Err(e) => {
                     if self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_none() {
                         return Err(SubmitError::Unavailable(format!(
-                            "cannot read the payer's balance: {e}"
+                            "cannot read the payer's balance and code: {e}"
                         )));
                     }
-                    U256::ZERO
+                    (U256::ZERO, Route::Eoa)
                 }
             }
         };
@@ -228,6 +246,7 @@ impl Ingest {
                 idempotency_key: req.idempotency_key,
                 resource: req.resource,
                 api_server: req.api_server,
+                route,
             },
             balance,
             window,
@@ -252,5 +271,64 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Judges `signed`'s signature as the token will, given its payer's `code`: `Ok(Ok)`
+    /// valid, `Ok(Err(why))` refused (the message names the route), `Err` not judged (the
+    /// node did not answer: retryable, never an acceptance).
+    async fn judge_signature(
+        &self,
+        signed: &SignedAuthorization,
+        ecdsa: Result<(), crate::verify::SignatureError>,
+        code: PayerCode,
+        route: Route,
+    ) -> Result<Result<(), String>, SubmitError> {
+        let from = signed.authorization.from;
+        let wrapper = signed.signature.erc6492();
+        if let Some(Err(e)) = &wrapper {
+            return Ok(Err(format!(
+                "the signature ends in the ERC-6492 suffix but is not a valid wrapper: {e}"
+            )));
+        }
+        match route {
+            Route::Eoa => return Ok(ecdsa.map_err(|e| format!("{e} (payer {from} has no code: ECDSA)"))),
+            Route::Erc6492 => {
+                let factory = wrapper.and_then(Result::ok).map(|w| w.factory).unwrap_or_default();
+                return Ok(Err(format!(
+                    "payer {from} has no code and signed with an ERC-6492 wrapper (factory {factory}): \
+                     counterfactual wallets are not accepted (the factory is not allow-listed)"
+                )));
+            }
+            Route::Erc1271 | Route::Eip7702 => {}
+        }
+        let token = self.admission.tokens().get(signed.chain_id, signed.token);
+        let Some(token) = token else {
+            return Ok(Err(format!("token {} is not configured", signed.token)));
+        };
+        let digest = token.domain.signing_hash(&signed.authorization);
+        let started = std::time::Instant::now();
+        let item = [(from, digest, signed.signature.bytes().clone())];
+        let verdicts = self.signatures.judge(signed.chain_id, &item).await.map_err(|e| {
+            SubmitError::Unavailable(format!("cannot check the payer's ERC-1271 signature: {e}"))
+        })?;
+        metrics::histogram!("x402_batcher_signature_check_seconds", "route" => route.as_str())
+            .record(started.elapsed().as_secs_f64());
+        let shape = match code {
+            PayerCode::Delegated(delegate) => format!("EIP-7702 account delegated to {delegate}"),
+            _ => "contract".to_owned(),
+        };
+        Ok(match verdicts.first() {
+            Some(ChainVerdict::Valid) => Ok(()),
+            Some(verdict) => Err(format!(
+                "payer {from} has code ({shape}), so the token asks it by ERC-1271 isValidSignature, \
+                 and it refused this signature ({verdict:?}){}",
+                if ecdsa.is_ok() {
+                    "; that the signature recovers to the payer by ECDSA does not count"
+                } else {
+                    ""
+                }
+            )),
+            None => Err("the signature check returned no verdict".to_owned()),
+        })
     }
 }

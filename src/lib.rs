@@ -10,8 +10,10 @@
 //! ```text
 //! API nodes ────gRPC───▶ ingest ────▶ admission ──▶ verify pool ───▶ ledger writer ──▶ ack
 //! x402 middlewares       (one         (cheap,       (ecrecover on    (RocksDB, group
-//!   ──HTTP──▶ facilitator  decision)   static)       N OS threads)    commit, fsync;
-//!   /verify: hold                                                     holds in memory)
+//!   ──HTTP──▶ facilitator  decision)   static)       N OS threads;    commit, fsync;
+//!   /verify: hold                                    ERC-1271 on      holds in memory)
+//!                                                    chain for payers
+//!                                                    with code)
 //!   /settle: accept, then wait for the batch                                │
 //! finance ◀── export ◀── settlement log ◀── confirmer ◀── submitter ◀───────┴─ planner
 //! ```
@@ -24,9 +26,11 @@
 //!
 //! 0. [`clock`], [`planner`], [`policy`], [`telemetry`]: time, the batch planner's pure
 //!    decisions and gas model, the runtime settlement policy, Prometheus metrics.
-//! 1. [`x402`], [`chain`], [`simulate`]: the protocol core (authorizations, requirements,
-//!    header decoding, EIP-712, reason codes); the token and Multicall3 interfaces, batch
-//!    encoding and the one RPC error; pre-simulation of a batch.
+//! 1. [`x402`], [`chain`], [`simulate`], [`payer`]: the protocol core (authorizations,
+//!    requirements, header decoding, EIP-712, reason codes); the token and Multicall3
+//!    interfaces, batch encoding and the one RPC error; pre-simulation of a batch; what a
+//!    payer is on chain (its code) and how the token judges its signature (ECDSA or
+//!    ERC-1271), read by deployless probes.
 //! 2. [`config`]: the typed configuration, plain data plus validation (listeners,
 //!    credentials and their parsers, settlement, tokens); every default a named constant.
 //! 3. [`ledger`]: the nonce ledger behind one seam ([`ledger::LedgerStore`]; RocksDB is the
@@ -34,7 +38,7 @@
 //!    group-commit writer, the holds of verified payments, followers of single payments.
 //! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`]: the cheap static
 //!    checks and the validity window; the signature check and its pool of OS threads;
-//!    payers' balances, cached; who may call (credentials, roles); per-server limits; the
+//!    payers' balances and code, cached; who may call (credentials, roles); per-server limits; the
 //!    listeners' TLS.
 //! 5. [`ingest`]: the decision path for one submission, whatever surface it came by.
 //! 6. [`settle`], [`audit`], [`export`], [`reconcile`]: the settlement engine, one per chain
@@ -67,6 +71,7 @@ pub mod facilitator;
 pub mod ingest;
 pub mod ledger;
 pub mod limits;
+pub mod payer;
 pub mod planner;
 pub mod policy;
 pub mod reconcile;

@@ -44,11 +44,18 @@ pub enum SignatureError {
     Unrecoverable,
     #[error("signature was made by {recovered}, not by the payer {expected}")]
     WrongSigner { recovered: Address, expected: Address },
+    #[error(
+        "signature is {len} bytes, not a 65-byte ECDSA signature; only a payer with code (a contract wallet) can sign so"
+    )]
+    NotEcdsa { len: usize },
 }
 
 /// Checks that `signed` carries a valid signature by its payer over the token's domain.
 pub fn check(domain_separator: B256, signed: &SignedAuthorization) -> Result<(), SignatureError> {
-    let sig = &signed.signature.0;
+    let sig = signed
+        .signature
+        .ecdsa()
+        .ok_or(SignatureError::NotEcdsa { len: signed.signature.as_bytes().len() })?;
     let v = sig[64];
     if v != 27 && v != 28 {
         return Err(SignatureError::BadV { v });
@@ -315,7 +322,7 @@ mod tests {
             chain_id: 1,
             token: Address::ZERO,
             authorization,
-            signature: RawSignature(sig.as_bytes()),
+            signature: RawSignature::from(sig.as_bytes()),
         }
     }
 
@@ -327,21 +334,30 @@ mod tests {
         let good = signed_by(&signer, SEP, 1);
         assert_eq!(check(SEP, &good), Ok(()));
 
-        let mut bad_v = good.clone();
-        bad_v.signature.0[64] = 1;
+        let edited = |edit: &dyn Fn(&mut [u8; 65])| {
+            let mut sig = *good.signature.ecdsa().unwrap();
+            edit(&mut sig);
+            SignedAuthorization { signature: RawSignature::from(sig), ..good.clone() }
+        };
+        let bad_v = edited(&|s| s[64] = 1);
         assert_eq!(check(SEP, &bad_v), Err(SignatureError::BadV { v: 1 }));
 
         // The malleable twin (r, n - s, v ^ 1) recovers the same key but has a high s.
-        let mut high_s = good.clone();
         let n = U256::from_be_bytes(secp256k1::constants::CURVE_ORDER);
-        let s = U256::from_be_slice(&good.signature.0[32..64]);
-        high_s.signature.0[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
-        high_s.signature.0[64] ^= 0x07; // 27 <-> 28
+        let high_s = edited(&|sig| {
+            let s = U256::from_be_slice(&sig[32..64]);
+            sig[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
+            sig[64] ^= 0x07; // 27 <-> 28
+        });
         assert_eq!(check(SEP, &high_s), Err(SignatureError::HighS));
 
-        let mut zero_r = good.clone();
-        zero_r.signature.0[..32].fill(0);
+        let zero_r = edited(&|s| s[..32].fill(0));
         assert_eq!(check(SEP, &zero_r), Err(SignatureError::Unrecoverable));
+
+        // Any other length is not ECDSA at all (a contract wallet's; judged on chain).
+        let long =
+            SignedAuthorization { signature: RawSignature::new(vec![1u8; 192]).unwrap(), ..good.clone() };
+        assert_eq!(check(SEP, &long), Err(SignatureError::NotEcdsa { len: 192 }));
 
         let mut tampered = good.clone();
         tampered.authorization.value += U256::from(1);

@@ -78,6 +78,7 @@ impl Fixture {
                     idempotency_key: String::new(),
                     resource: RESOURCE.into(),
                     api_server: format!("api-{}", i % 2),
+                    ..Submission::default()
                 },
                 balance: U256::from(u64::MAX),
                 window: Ok(()),

@@ -98,7 +98,7 @@ async fn a_payment_becomes_final_only_when_its_block_is_finalized() {
         for id in &ids {
             assert_eq!(entries(&log, id), [LogEntry::Outcome, LogEntry::Finalized]);
         }
-        assert!(csv.lines().next().unwrap().ends_with(",entry,finalized_at"), "{csv}");
+        assert!(csv.lines().next().unwrap().contains(",entry,finalized_at"), "{csv}");
         assert_eq!(csv.lines().filter(|l| l.contains(",finalized,")).count(), 2, "{csv}");
     })
     .await

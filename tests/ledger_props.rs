@@ -71,7 +71,7 @@ fn signed(payer: u8, nonce: u8, value: u64) -> SignedAuthorization {
             valid_before: U256::from(u64::MAX),
             nonce: B256::with_last_byte(nonce),
         },
-        signature: RawSignature([0; 65]),
+        signature: RawSignature::from([0; 65]),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
 use crate::ingest::Ingest;
 use crate::ledger::{Ledger, LedgerHandle, LedgerStore};
+use crate::payer::{ChainSignatures, SignatureJudge};
 use crate::policy::PolicyHandle;
 use crate::settle::{Engine, RpcChain, StatusBoard};
 use crate::verify::VerifyPool;
@@ -112,6 +113,8 @@ pub(super) struct Core {
     pub writer_thread: std::thread::JoinHandle<()>,
     pub pool: Arc<VerifyPool>,
     pub balances: BalanceCache,
+    /// ERC-1271 checks of payers with code.
+    pub signatures: Arc<dyn SignatureJudge>,
     pub audit: Option<JoinHandle<()>>,
 }
 
@@ -137,13 +140,17 @@ impl Core {
             )),
             &config.balances,
         );
+        let signatures = Arc::new(ChainSignatures::new(
+            endpoints.clone(),
+            Duration::from_millis(config.balances.read_timeout_ms),
+        ));
         let audit = (config.audit.nonce_interval_ms > 0).then(|| {
             let audit = NonceAudit::new(writer.clone(), endpoints.clone());
             tokio::spawn(
                 audit.run_every(Duration::from_millis(config.audit.nonce_interval_ms), Arc::clone(clock)),
             )
         });
-        Ok(Core { tokens: config.token_table(), writer, writer_thread, pool, balances, audit })
+        Ok(Core { tokens: config.token_table(), writer, writer_thread, pool, balances, signatures, audit })
     }
 }
 
@@ -227,6 +234,7 @@ pub(super) fn ingest(config: &Config, core: &Core, clock: Arc<dyn Clock>) -> Arc
         Arc::clone(&core.pool),
         core.writer.clone(),
         core.balances.clone(),
+        Arc::clone(&core.signatures),
         limits,
     ))
 }

@@ -3,6 +3,7 @@
 use alloy::primitives::{Address, B256, U256, keccak256};
 use prost::Message as _;
 
+use crate::payer::Route;
 use crate::x402::{Authorization, RawSignature, SignedAuthorization};
 
 /// Generated on-disk encoding (`proto/x402/batcher/ledger/v1/ledger.proto`).
@@ -207,6 +208,8 @@ pub struct Submission {
     pub idempotency_key: String,
     pub resource: String,
     pub api_server: String,
+    /// How the payer's signature was judged (and the token will judge it).
+    pub route: Route,
 }
 
 /// Everything the ledger knows about one payment.
@@ -317,7 +320,7 @@ impl PaymentRecord {
             valid_after: a.valid_after.to_be_bytes::<32>().to_vec(),
             valid_before: a.valid_before.to_be_bytes::<32>().to_vec(),
             nonce: a.nonce.to_vec(),
-            signature: self.signed.signature.0.to_vec(),
+            signature: self.signed.signature.as_bytes().to_vec(),
             network: self.submission.network.clone(),
             max_timeout_seconds: self.submission.max_timeout_seconds,
             idempotency_key: self.submission.idempotency_key.clone(),
@@ -342,6 +345,7 @@ impl PaymentRecord {
             },
             finalized_at_ms: self.finalized_at_ms,
             log_entry: self.log_entry.to_disk(),
+            payer_route: self.submission.route.to_disk(),
         }
         .encode_to_vec()
     }
@@ -377,9 +381,7 @@ impl PaymentRecord {
                         .map(B256::from)
                         .map_err(|_| CorruptRecord { field: "nonce" })?,
                 },
-                signature: RawSignature(
-                    d.signature.as_slice().try_into().map_err(|_| CorruptRecord { field: "signature" })?,
-                ),
+                signature: RawSignature::new(d.signature).ok_or(CorruptRecord { field: "signature" })?,
             },
             submission: Submission {
                 network: d.network,
@@ -387,6 +389,7 @@ impl PaymentRecord {
                 idempotency_key: d.idempotency_key,
                 resource: d.resource,
                 api_server: d.api_server,
+                route: Route::from_disk(d.payer_route).ok_or(CorruptRecord { field: "payer_route" })?,
             },
             accepted_at_ms: d.accepted_at_ms,
             updated_at_ms: d.updated_at_ms,
@@ -429,7 +432,7 @@ mod tests {
                     valid_before: U256::MAX,
                     nonce: B256::repeat_byte(4),
                 },
-                signature: RawSignature([5; 65]),
+                signature: RawSignature::from([5; 65]),
             },
             submission: Submission {
                 network: "eip155:8453".into(),
@@ -437,6 +440,7 @@ mod tests {
                 idempotency_key: "k".into(),
                 resource: "https://api.example/x".into(),
                 api_server: "node-1".into(),
+                route: Route::Erc1271,
             },
             accepted_at_ms: 1,
             updated_at_ms: 2,

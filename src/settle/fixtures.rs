@@ -24,7 +24,7 @@ pub fn record(i: u8, status: Status, valid_before: u64) -> PaymentRecord {
                 valid_before: U256::from(valid_before),
                 nonce: B256::repeat_byte(i),
             },
-            signature: RawSignature([i; 65]),
+            signature: RawSignature::from([i; 65]),
         },
         submission: Submission {
             network: "eip155:8453".into(),
@@ -32,6 +32,7 @@ pub fn record(i: u8, status: Status, valid_before: u64) -> PaymentRecord {
             idempotency_key: String::new(),
             resource: String::new(),
             api_server: String::new(),
+            route: Default::default(),
         },
         accepted_at_ms: 1_000,
         updated_at_ms: 1_000,

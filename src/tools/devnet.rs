@@ -222,23 +222,32 @@ impl Devnet {
             provider,
         };
 
-        let (bytecode, _) = artifact("TestUSDC", TEST_USDC_ARTIFACT)?;
-        let receipt = devnet
-            .provider
-            .send_transaction(TransactionRequest::default().with_deploy_code(bytecode))
-            .await
-            .map_err(|e| DevnetError::Rpc { call: "deploy TestUSDC", detail: e.to_string() })?
-            .get_receipt()
-            .await
-            .map_err(|e| DevnetError::Rpc { call: "deploy TestUSDC receipt", detail: e.to_string() })?;
-        devnet.token = receipt.contract_address.ok_or_else(|| DevnetError::Rpc {
-            call: "deploy TestUSDC",
-            detail: "no contract address".into(),
-        })?;
+        devnet.token = devnet.deploy("TestUSDC", TEST_USDC_ARTIFACT, &[]).await?;
 
         let (_, runtime) = artifact("BatchCall", BATCH_CALL_ARTIFACT)?;
         devnet.raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime)).await?;
         Ok(devnet)
+    }
+
+    /// Deploys the contract of a committed artifact (`json`) with ABI-encoded constructor
+    /// `args`, from the deployer account; its address.
+    pub async fn deploy(&self, name: &'static str, json: &str, args: &[u8]) -> Result<Address, DevnetError> {
+        let (mut code, _) = artifact(name, json)?;
+        if !args.is_empty() {
+            code = [code.as_ref(), args].concat().into();
+        }
+        let receipt = self
+            .provider
+            .send_transaction(TransactionRequest::default().with_deploy_code(code))
+            .await
+            .map_err(|e| DevnetError::Rpc { call: "deploy", detail: format!("{name}: {e}") })?
+            .get_receipt()
+            .await
+            .map_err(|e| DevnetError::Rpc { call: "deploy receipt", detail: format!("{name}: {e}") })?;
+        receipt
+            .contract_address
+            .filter(|_| receipt.status())
+            .ok_or_else(|| DevnetError::Rpc { call: "deploy", detail: format!("{name}: not deployed") })
     }
 
     /// Makes the devnet price an L1 data fee as an OP-stack chain does: the project's

@@ -13,3 +13,4 @@ pub mod devnet;
 pub mod loadgen;
 pub mod status;
 pub mod testkit;
+pub mod wallets;

@@ -34,6 +34,8 @@ pub struct PaymentBuilder {
     domain: TokenDomain,
     sign_domain: Option<TokenDomain>,
     sign_with: Option<PrivateKeySigner>,
+    /// Turns the key's 65-byte signature into the one given (a contract wallet's form).
+    wrap: Option<fn(&[u8]) -> alloy::primitives::Bytes>,
     now: u64,
     authorization: Authorization,
 }
@@ -46,6 +48,7 @@ impl PaymentBuilder {
             domain: domain.clone(),
             sign_domain: None,
             sign_with: None,
+            wrap: None,
             now,
             authorization: Authorization {
                 from: signer.address(),
@@ -108,6 +111,19 @@ impl PaymentBuilder {
         self
     }
 
+    /// Pays from `from` (a contract wallet, or an EIP-7702 account) while the builder's key
+    /// signs. Set it before a derived nonce ([`PaymentBuilder::nonce_index`]).
+    pub fn from(mut self, from: Address) -> Self {
+        self.authorization.from = from;
+        self
+    }
+
+    /// Gives the key's signature in the form `wrap` makes of it (a contract wallet's).
+    pub fn wrap_signature(mut self, wrap: fn(&[u8]) -> alloy::primitives::Bytes) -> Self {
+        self.wrap = Some(wrap);
+        self
+    }
+
     /// Signs with another key than the payer's.
     pub fn signed_by(mut self, signer: &PrivateKeySigner) -> Self {
         self.sign_with = Some(signer.clone());
@@ -125,11 +141,15 @@ impl PaymentBuilder {
         let sig = signer
             .sign_hash_sync(&domain.signing_hash(&self.authorization))
             .expect("local signing of a 32-byte hash does not fail");
+        let signature = match self.wrap {
+            None => RawSignature::from(sig.as_bytes()),
+            Some(wrap) => RawSignature::new(wrap(&sig.as_bytes())).expect("a wrapped signature is not empty"),
+        };
         SignedAuthorization {
             chain_id: self.domain.chain_id,
             token: self.domain.verifying_contract,
             authorization: self.authorization.clone(),
-            signature: RawSignature(sig.as_bytes()),
+            signature,
         }
     }
 
@@ -154,7 +174,7 @@ pub fn requirements_for(signed: &SignedAuthorization) -> PaymentRequirements {
 fn payload_json(signed: &SignedAuthorization) -> serde_json::Value {
     let a = &signed.authorization;
     json!({
-        "signature": format!("0x{}", alloy::hex::encode(signed.signature.0)),
+        "signature": signed.signature.bytes().to_string(),
         "authorization": {
             "from": a.from.to_checksum(None),
             "to": a.to.to_checksum(None),

@@ -32,6 +32,11 @@ pub enum FieldProblem {
         expected: usize,
         found: usize,
     },
+    LengthOutOfRange {
+        min: usize,
+        max: usize,
+        found: usize,
+    },
 }
 
 impl std::fmt::Display for FieldProblem {
@@ -45,6 +50,9 @@ impl std::fmt::Display for FieldProblem {
             FieldProblem::NotHex => f.write_str("must be 0x-prefixed hex"),
             FieldProblem::WrongLength { expected, found } => {
                 write!(f, "must be {expected} bytes, found {found}")
+            }
+            FieldProblem::LengthOutOfRange { min, max, found } => {
+                write!(f, "must be {min} to {max} bytes, found {found}")
             }
         }
     }
@@ -281,10 +289,24 @@ pub fn parse_b256(field: &'static str, s: &str) -> Result<B256, DecodeError> {
     parse_hex_fixed::<32>(field, s).map(B256::from)
 }
 
-/// A 65-byte `r ‖ s ‖ v` signature, 0x-hex. Longer signatures (EIP-6492 smart-wallet
-/// wrappers, EIP-1271) are refused here: the daemon settles EOA authorizations only.
+/// A signature, 0x-hex: 65 bytes `r ‖ s ‖ v` from a key, or up to
+/// [`RawSignature::MAX_LEN`] bytes for a smart-contract wallet (ERC-1271, ERC-6492).
 pub fn parse_signature(field: &'static str, s: &str) -> Result<RawSignature, DecodeError> {
-    parse_hex_fixed::<65>(field, s).map(RawSignature)
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .ok_or(DecodeError::field(field, FieldProblem::NotHex))?;
+    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(DecodeError::field(field, FieldProblem::NotHex));
+    }
+    if hex.is_empty() || hex.len() > 2 * RawSignature::MAX_LEN {
+        return Err(DecodeError::field(
+            field,
+            FieldProblem::LengthOutOfRange { min: 1, max: RawSignature::MAX_LEN, found: hex.len() / 2 },
+        ));
+    }
+    let bytes = alloy::hex::decode(hex).map_err(|_| DecodeError::field(field, FieldProblem::NotHex))?;
+    RawSignature::new(bytes).ok_or(DecodeError::field(field, FieldProblem::NotHex))
 }
 
 /// A uint256 written as a plain decimal string, as x402 writes amounts and times.
@@ -312,7 +334,7 @@ mod tests {
         assert_eq!(p.x402_version, 1);
         assert_eq!(p.network, "base-sepolia");
         assert_eq!(p.authorization.value, U256::from(10_000));
-        assert_eq!(p.signature.v(), 0x1c);
+        assert_eq!(p.signature.ecdsa().map(|s| s[64]), Some(0x1c));
         assert!(p.accepted.is_none());
     }
 
@@ -352,7 +374,15 @@ mod tests {
                 "hex",
             ),
             (b64(&V1.replace("0xf3746613", "0xg3746613")), Reason::InvalidPayload, "hex"),
-            (b64(&V1.replace("571c\"", "571c00\"")), Reason::InvalidPayload, "65 bytes"),
+            (
+                b64(&V1.replace(
+                    "0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c",
+                    "0x",
+                )),
+                Reason::InvalidPayload,
+                "must be 1 to 8192 bytes, found 0",
+            ),
+            (b64(&V1.replace("571c\"", "571c0\"")), Reason::InvalidPayload, "hex"),
             (
                 b64(&V1.replace(r#","network":"base-sepolia""#, "")),
                 Reason::InvalidPayload,

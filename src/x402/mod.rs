@@ -11,7 +11,7 @@ pub mod decode;
 pub mod eip712;
 pub mod network;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 
 /// The x402 "exact" scheme: pay exactly the required amount with an EIP-3009 authorization.
 pub const SCHEME_EXACT: &str = "exact";
@@ -118,28 +118,82 @@ pub struct Authorization {
     pub nonce: B256,
 }
 
-/// A 65-byte ECDSA signature `r ‖ s ‖ v` as tokens accept it. Only the length is checked on
-/// construction; [`crate::verify`] judges the content.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RawSignature(pub [u8; 65]);
+/// A payer's signature as given: 65 bytes `r ‖ s ‖ v` from a key (an EOA, or an EIP-7702
+/// account), or any other length a smart-contract wallet's ERC-1271 check understands,
+/// possibly wrapped for a wallet not yet deployed (ERC-6492). Only the length is bounded on
+/// construction; [`crate::verify`] and [`crate::payer`] judge the content.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RawSignature(Bytes);
+
+/// ERC-6492's magic suffix: a signature ending in it is `abi.encode(factory, factoryCalldata,
+/// innerSignature)` followed by these 32 bytes.
+pub const ERC6492_SUFFIX: [u8; 32] = [
+    0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64,
+    0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92, 0x64, 0x92,
+];
+
+/// An ERC-6492 wrapper, unwrapped: the call that deploys the wallet, and its own signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erc6492 {
+    pub factory: Address,
+    pub factory_calldata: Bytes,
+    pub inner: Bytes,
+}
 
 impl RawSignature {
-    pub fn r(&self) -> B256 {
-        B256::from_slice(&self.0[..32])
+    /// The longest signature taken (an ERC-6492 wrapper of a passkey wallet's WebAuthn
+    /// signature with its factory call is ~1.5 KB).
+    pub const MAX_LEN: usize = 8192;
+
+    /// `bytes` as a signature, if not empty and at most [`RawSignature::MAX_LEN`] long.
+    pub fn new(bytes: impl Into<Bytes>) -> Option<RawSignature> {
+        let bytes = bytes.into();
+        (!bytes.is_empty() && bytes.len() <= Self::MAX_LEN).then_some(RawSignature(bytes))
     }
 
-    pub fn s(&self) -> B256 {
-        B256::from_slice(&self.0[32..64])
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 
-    pub fn v(&self) -> u8 {
-        self.0[64]
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// The 65 bytes of an ECDSA signature, if this has that length and is not an ERC-6492
+    /// wrapper.
+    pub fn ecdsa(&self) -> Option<&[u8; 65]> {
+        self.0.as_ref().try_into().ok()
+    }
+
+    /// The ERC-6492 wrapper, if the signature ends in its suffix and decodes as one; `Err`
+    /// if it ends in the suffix but does not decode.
+    pub fn erc6492(&self) -> Option<Result<Erc6492, alloy::sol_types::Error>> {
+        use alloy::sol_types::SolValue;
+        let body = self.0.strip_suffix(&ERC6492_SUFFIX[..])?;
+        Some(
+            <(Address, Bytes, Bytes)>::abi_decode_params(body)
+                .map(|(factory, factory_calldata, inner)| Erc6492 { factory, factory_calldata, inner }),
+        )
+    }
+
+    /// The signature the token is given: a 6492 wrapper's inner one, else this.
+    pub fn for_token(&self) -> Bytes {
+        match self.erc6492() {
+            Some(Ok(w)) => w.inner,
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl From<[u8; 65]> for RawSignature {
+    fn from(sig: [u8; 65]) -> Self {
+        RawSignature(Bytes::copy_from_slice(&sig))
     }
 }
 
 impl std::fmt::Debug for RawSignature {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RawSignature(0x{})", alloy::hex::encode(self.0))
+        write!(f, "RawSignature({})", self.0)
     }
 }
 

@@ -7,7 +7,10 @@ pragma solidity 0.8.30;
 ///         difference: name "USD Coin", version "2", 6 decimals, the same events, the same
 ///         `authorizationState` view, both `transferWithAuthorization` overloads, pause and
 ///         blacklist checks, and the same revert strings, so the daemon's reason decoding
-///         is exercised against the messages real USDC produces.
+///         is exercised against the messages real USDC produces. Signatures are checked as
+///         FiatTokenV2_2's SignatureChecker does: ECDSA recovery when the payer has no code,
+///         ERC-1271 `isValidSignature` when it has (a contract wallet, or an EIP-7702 account
+///         whose code is a delegation).
 /// @dev Not for production: anyone holding the owner key can mint, pause and blacklist.
 contract TestUSDC {
     string public constant name = "USD Coin";
@@ -28,6 +31,8 @@ contract TestUSDC {
         keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
     // secp256k1n / 2: signatures with a larger s are malleable and refused, as USDC does.
     uint256 private constant HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
+    // bytes4(keccak256("isValidSignature(bytes32,bytes)")): ERC-1271's selector and magic value.
+    bytes4 private constant ERC1271_MAGIC_VALUE = 0x1626ba7e;
 
     address public owner;
     bool public paused;
@@ -229,7 +234,7 @@ contract TestUSDC {
         require(block.timestamp < validBefore, "FiatTokenV2: authorization is expired");
         _requireUnusedAuthorization(from, nonce);
         bytes32 structHash = keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce));
-        require(_recover(_digest(structHash), signature) == from, "FiatTokenV2: invalid signature");
+        require(_isValidSignatureNow(from, _digest(structHash), signature), "FiatTokenV2: invalid signature");
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
         _transfer(from, to, value);
@@ -241,6 +246,20 @@ contract TestUSDC {
 
     function _digest(bytes32 structHash) private view returns (bytes32) {
         return keccak256(abi.encodePacked("\x19\x01", DOMAIN_SEPARATOR(), structHash));
+    }
+
+    /// @dev ECDSA for a signer without code; ERC-1271 (magic value 0x1626ba7e) for one with code.
+    function _isValidSignatureNow(address signer, bytes32 digest, bytes memory signature)
+        private
+        view
+        returns (bool)
+    {
+        if (signer.code.length == 0) {
+            return _recover(digest, signature) == signer;
+        }
+        (bool ok, bytes memory result) =
+            signer.staticcall(abi.encodeWithSelector(ERC1271_MAGIC_VALUE, digest, signature));
+        return ok && result.length >= 32 && abi.decode(result, (bytes32)) == bytes32(ERC1271_MAGIC_VALUE);
     }
 
     function _recover(bytes32 digest, bytes memory signature) private pure returns (address) {

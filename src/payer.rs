@@ -1,0 +1,309 @@
+//! What a payer is on chain, and how its signatures are judged there.
+//!
+//! An EIP-3009 token with ERC-1271 support (FiatToken V2.2: USDC) recovers an ECDSA signer
+//! only when the payer has **no code**; a payer with code (a contract wallet, or an
+//! EIP-7702 account whose code is `0xef0100 ‖ delegate`) is asked by ERC-1271
+//! `isValidSignature`. The daemon decides the same way: the payer's code is read with its
+//! balance (one deployless `eth_call` of [`PayerProbe`] per chain for every payer waiting,
+//! cached as long as the balance), and a payer with code has its signature judged by
+//! [`check_signatures`] (one deployless `eth_call` of `SignatureProbe` for a call's items),
+//! never by ECDSA recovery alone.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::Provider;
+use alloy::rpc::types::TransactionRequest;
+use alloy::sol;
+use alloy::sol_types::{SolType, SolValue, sol_data};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+
+use crate::chain::{RpcEndpoint, RpcError};
+
+sol! {
+    /// One answer of the `PayerProbe` contract (ops/devnet/contracts/Probes.sol).
+    struct ProbeAnswer {
+        bool balanceRead;
+        uint256 balance;
+        uint256 codeSize;
+        bytes32 codeHead;
+    }
+}
+
+/// The creation code of a contract from its committed artifact (ops/devnet/artifacts).
+fn creation_code(artifact: &str) -> Bytes {
+    let json: serde_json::Value = serde_json::from_str(artifact).expect("a committed artifact is JSON");
+    json["bytecode"].as_str().and_then(|h| h.parse().ok()).expect("a committed artifact has bytecode")
+}
+
+static PAYER_PROBE: LazyLock<Bytes> =
+    LazyLock::new(|| creation_code(include_str!("../ops/devnet/artifacts/PayerProbe.json")));
+static SIGNATURE_PROBE: LazyLock<Bytes> =
+    LazyLock::new(|| creation_code(include_str!("../ops/devnet/artifacts/SignatureProbe.json")));
+
+/// A payer's code, as the token's signature check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayerCode {
+    /// No code: ECDSA recovery.
+    None,
+    /// An EIP-7702 account delegated to this contract: ERC-1271 through the delegate.
+    Delegated(Address),
+    /// A contract (a smart wallet): ERC-1271.
+    Contract,
+}
+
+impl PayerCode {
+    /// From the code's size and its first 32 bytes (zero-padded).
+    pub fn from_probe(size: U256, head: B256) -> PayerCode {
+        if size.is_zero() {
+            PayerCode::None
+        } else if size == U256::from(23) && head[..3] == [0xef, 0x01, 0x00] {
+            PayerCode::Delegated(Address::from_slice(&head[3..23]))
+        } else {
+            PayerCode::Contract
+        }
+    }
+
+    pub fn has_code(self) -> bool {
+        self != PayerCode::None
+    }
+}
+
+/// What a payer's balance read also tells: the balance and the payer's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayerState {
+    pub balance: U256,
+    pub code: PayerCode,
+}
+
+/// How a payment's signature was judged: the token will judge it the same way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    /// A payer without code: ECDSA recovery.
+    #[default]
+    Eoa,
+    /// A contract wallet: ERC-1271.
+    Erc1271,
+    /// An EIP-7702 account: ERC-1271 through its delegate.
+    Eip7702,
+    /// A contract wallet not deployed yet: ERC-6492, deployed in the settlement batch.
+    Erc6492,
+}
+
+impl Route {
+    pub const ALL: [Route; 4] = [Route::Eoa, Route::Erc1271, Route::Eip7702, Route::Erc6492];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Eoa => "eoa",
+            Route::Erc1271 => "erc1271",
+            Route::Eip7702 => "eip7702",
+            Route::Erc6492 => "erc6492",
+        }
+    }
+
+    /// The route a payer's code and signature take.
+    pub fn of(code: PayerCode, wrapped_6492: bool) -> Route {
+        match code {
+            PayerCode::None if wrapped_6492 => Route::Erc6492,
+            PayerCode::None => Route::Eoa,
+            PayerCode::Delegated(_) => Route::Eip7702,
+            PayerCode::Contract => Route::Erc1271,
+        }
+    }
+
+    /// The ledger's number for it (0, the default, for records written before routes).
+    pub fn to_disk(self) -> u32 {
+        match self {
+            Route::Eoa => 0,
+            Route::Erc1271 => 1,
+            Route::Eip7702 => 2,
+            Route::Erc6492 => 3,
+        }
+    }
+
+    pub fn from_disk(n: u32) -> Option<Route> {
+        Route::ALL.into_iter().find(|r| r.to_disk() == n)
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Runs a deployless contract: `creation ‖ args` as an `eth_call` without a target.
+async fn deployless(
+    endpoint: &RpcEndpoint,
+    call: &'static str,
+    creation: &Bytes,
+    args: Vec<u8>,
+) -> Result<Bytes, RpcError> {
+    let mut data = creation.to_vec();
+    data.extend_from_slice(&args);
+    let tx = TransactionRequest::default().into_create().with_input(data);
+    endpoint.provider.call(tx).await.map_err(|e| endpoint.error(call, e))
+}
+
+/// For each `(token, account)`: the token balance (`None` if the token did not return one)
+/// and the account's code. One `eth_call`.
+pub async fn probe_payers(
+    endpoint: &RpcEndpoint,
+    pairs: &[(Address, Address)],
+) -> Result<Vec<(Option<U256>, PayerCode)>, RpcError> {
+    const CALL: &str = "eth_call PayerProbe (balances and code)";
+    let (tokens, accounts): (Vec<Address>, Vec<Address>) = pairs.iter().copied().unzip();
+    let raw = deployless(endpoint, CALL, &PAYER_PROBE, (tokens, accounts).abi_encode_params()).await?;
+    let answers = <Vec<ProbeAnswer>>::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
+    if answers.len() != pairs.len() {
+        return Err(endpoint.error(CALL, format!("{} answers for {} payers", answers.len(), pairs.len())));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| (a.balanceRead.then_some(a.balance), PayerCode::from_probe(a.codeSize, a.codeHead)))
+        .collect())
+}
+
+/// The chain's verdict on one signature (`SignatureProbe`'s numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainVerdict {
+    Valid,
+    /// The signer has no code and the signature does not recover to it.
+    EcdsaMismatch,
+    /// The signer's `isValidSignature` reverted or did not return the magic value.
+    Erc1271Refused,
+    /// ERC-6492: the factory call left the signer without code.
+    NotDeployed,
+}
+
+impl ChainVerdict {
+    fn from_probe(n: u8) -> Option<ChainVerdict> {
+        Some(match n {
+            0 => ChainVerdict::Valid,
+            1 => ChainVerdict::EcdsaMismatch,
+            2 => ChainVerdict::Erc1271Refused,
+            3 => ChainVerdict::NotDeployed,
+            _ => return None,
+        })
+    }
+}
+
+/// Judges each `(signer, digest, signature)` as a token with ERC-1271 support will, on the
+/// latest block; ERC-6492 wrappers are deployed inside the call (nothing persists). The
+/// caller has checked their factories. One `eth_call`.
+pub async fn check_signatures(
+    endpoint: &RpcEndpoint,
+    items: &[(Address, B256, Bytes)],
+) -> Result<Vec<ChainVerdict>, RpcError> {
+    const CALL: &str = "eth_call SignatureProbe (ERC-1271)";
+    let signers: Vec<Address> = items.iter().map(|i| i.0).collect();
+    let digests: Vec<B256> = items.iter().map(|i| i.1).collect();
+    let signatures: Vec<Bytes> = items.iter().map(|i| i.2.clone()).collect();
+    let raw =
+        deployless(endpoint, CALL, &SIGNATURE_PROBE, (signers, digests, signatures).abi_encode_params())
+            .await?;
+    // `uint8[]`, not `bytes` (which a `Vec<u8>` would decode as, reading the first verdict's
+    // high byte: always "valid").
+    type Verdicts = sol_data::Array<sol_data::Uint<8>>;
+    let verdicts = Verdicts::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
+    if verdicts.len() != items.len() {
+        return Err(
+            endpoint.error(CALL, format!("{} verdicts for {} signatures", verdicts.len(), items.len()))
+        );
+    }
+    verdicts
+        .into_iter()
+        .map(|v| {
+            ChainVerdict::from_probe(v).ok_or_else(|| endpoint.error(CALL, format!("unknown verdict {v}")))
+        })
+        .collect()
+}
+
+/// Why a signature could not be judged on chain. Says nothing about the signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JudgeError {
+    #[error("no RPC endpoint is configured for chain {chain_id}")]
+    NoChain { chain_id: u64 },
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("chain {chain_id}: the RPC node did not answer a signature check within {after_ms} ms")]
+    Timeout { chain_id: u64, after_ms: u64 },
+}
+
+/// Where signatures of payers with code are judged: the chain in production, a table in
+/// unit tests.
+pub trait SignatureJudge: Send + Sync + 'static {
+    /// [`check_signatures`] on `chain_id`.
+    fn judge<'a>(
+        &'a self,
+        chain_id: u64,
+        items: &'a [(Address, B256, Bytes)],
+    ) -> BoxFuture<'a, Result<Vec<ChainVerdict>, JudgeError>>;
+}
+
+/// [`check_signatures`] on each chain's endpoint, within a deadline.
+pub struct ChainSignatures {
+    endpoints: HashMap<u64, RpcEndpoint>,
+    timeout: Duration,
+}
+
+impl ChainSignatures {
+    pub fn new(endpoints: HashMap<u64, RpcEndpoint>, timeout: Duration) -> Self {
+        Self { endpoints, timeout }
+    }
+}
+
+impl SignatureJudge for ChainSignatures {
+    fn judge<'a>(
+        &'a self,
+        chain_id: u64,
+        items: &'a [(Address, B256, Bytes)],
+    ) -> BoxFuture<'a, Result<Vec<ChainVerdict>, JudgeError>> {
+        async move {
+            let endpoint = self.endpoints.get(&chain_id).ok_or(JudgeError::NoChain { chain_id })?;
+            match tokio::time::timeout(self.timeout, check_signatures(endpoint, items)).await {
+                Ok(verdicts) => Ok(verdicts?),
+                Err(_) => Err(JudgeError::Timeout { chain_id, after_ms: self.timeout.as_millis() as u64 }),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_is_read_as_the_token_reads_it() {
+        assert_eq!(PayerCode::from_probe(U256::ZERO, B256::ZERO), PayerCode::None);
+        let delegate = Address::repeat_byte(0xd1);
+        let mut head = [0u8; 32];
+        head[..3].copy_from_slice(&[0xef, 0x01, 0x00]);
+        head[3..23].copy_from_slice(delegate.as_slice());
+        assert_eq!(PayerCode::from_probe(U256::from(23), B256::from(head)), PayerCode::Delegated(delegate));
+        // Any other code, or a 23-byte contract that merely starts the same way, is a contract.
+        assert_eq!(PayerCode::from_probe(U256::from(1160), B256::from(head)), PayerCode::Contract);
+        assert_eq!(PayerCode::from_probe(U256::from(23), B256::repeat_byte(0x60)), PayerCode::Contract);
+    }
+
+    #[test]
+    fn routes_round_trip_through_the_ledger_numbers() {
+        for r in Route::ALL {
+            assert_eq!(Route::from_disk(r.to_disk()), Some(r));
+        }
+        assert_eq!(Route::from_disk(0), Some(Route::Eoa), "records from before routes are EOA payments");
+        assert_eq!(Route::from_disk(9), None);
+    }
+
+    #[test]
+    fn the_probes_are_built_from_their_artifacts() {
+        assert!(PAYER_PROBE.len() > 100);
+        assert!(SIGNATURE_PROBE.len() > 100);
+    }
+}
