@@ -261,6 +261,11 @@ impl BalanceCache {
         }
     }
 
+    /// Whether `key`'s balance and code would be answered from memory now.
+    pub fn is_fresh(&self, key: &PayerKey) -> bool {
+        self.entries.lock().get(key).is_some_and(|(_, at)| at.elapsed() <= self.max_age)
+    }
+
     /// Forgets a cached balance (after the payer's balance is known to have changed).
     pub fn invalidate(&self, key: &PayerKey) {
         self.entries.lock().remove(key);

@@ -256,12 +256,28 @@ pub fn transfer_calldata(s: &SignedAuthorization) -> Bytes {
 
 /// Where a settlement of `items` (one token's) is sent and its calldata: one item is the
 /// token's own `transferWithAuthorization`, sent to the token (cheaper than through
-/// Multicall3, same `AuthorizationUsed` evidence); more are one `aggregate3`.
+/// Multicall3, same `AuthorizationUsed` evidence); more, or one that deploys its wallet
+/// first, are one `aggregate3`.
 pub fn settlement_call(items: &[SignedAuthorization]) -> (Address, Bytes) {
     match items {
-        [one] => (one.token, transfer_calldata(one)),
+        [one] if deployment(one).is_none() => (one.token, transfer_calldata(one)),
         _ => (MULTICALL3, aggregate3_calldata(items)),
     }
+}
+
+/// The call that deploys an ERC-6492 payer's wallet, run before its transfer in the same
+/// batch. The ledger holds a 6492 wrapper only for a wallet that was not deployed when it
+/// was accepted, from a factory on the chain's allow-list (ingest unwraps the others).
+pub fn deployment(item: &SignedAuthorization) -> Option<IMulticall3::Call3> {
+    let w = item.signature.erc6492()?.ok()?;
+    // Allowed to fail: the wallet may have been deployed meanwhile (by anyone); the transfer
+    // after it is judged on its own.
+    Some(IMulticall3::Call3 { target: w.factory, allowFailure: true, callData: w.factory_calldata })
+}
+
+/// How many wallets a settlement of `items` deploys.
+pub fn deployments(items: &[SignedAuthorization]) -> usize {
+    items.iter().filter(|i| deployment(i).is_some()).count()
 }
 
 /// The `aggregate3` calldata of a batch of `items`.
@@ -269,11 +285,32 @@ pub fn aggregate3_calldata(items: &[SignedAuthorization]) -> Bytes {
     IMulticall3::aggregate3Call { calls: batch_calls(items) }.abi_encode().into()
 }
 
-/// The `aggregate3` calls of a batch, each allowed to fail on its own.
+/// The `aggregate3` calls of a batch, each allowed to fail on its own: per item, its
+/// wallet's deployment if it has one ([`deployment`]), then its transfer.
 pub fn batch_calls(items: &[SignedAuthorization]) -> Vec<IMulticall3::Call3> {
+    let mut calls = Vec::with_capacity(items.len() + deployments(items));
+    for s in items {
+        calls.extend(deployment(s));
+        calls.push(IMulticall3::Call3 {
+            target: s.token,
+            allowFailure: true,
+            callData: transfer_calldata(s),
+        });
+    }
+    calls
+}
+
+/// Where each item's transfer is among [`batch_calls`]`(items)`.
+pub fn transfer_positions(items: &[SignedAuthorization]) -> Vec<usize> {
+    let mut at = 0;
     items
         .iter()
-        .map(|s| IMulticall3::Call3 { target: s.token, allowFailure: true, callData: transfer_calldata(s) })
+        .map(|s| {
+            at += usize::from(deployment(s).is_some());
+            let here = at;
+            at += 1;
+            here
+        })
         .collect()
 }
 
@@ -322,6 +359,49 @@ pub async fn check_domain<P: Provider>(provider: &P, domain: &TokenDomain) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::x402::{Authorization, ERC6492_SUFFIX, RawSignature};
+    use alloy::primitives::U256;
+    use alloy::sol_types::SolValue;
+
+    fn item(signature: Vec<u8>) -> SignedAuthorization {
+        SignedAuthorization {
+            chain_id: 1,
+            token: Address::repeat_byte(0x70),
+            authorization: Authorization {
+                from: Address::repeat_byte(1),
+                to: Address::repeat_byte(2),
+                value: U256::from(5),
+                valid_after: U256::ZERO,
+                valid_before: U256::MAX,
+                nonce: B256::repeat_byte(3),
+            },
+            signature: RawSignature::new(signature).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_wallet_to_deploy_is_deployed_before_its_transfer_in_the_same_batch() {
+        let factory = Address::repeat_byte(0xfa);
+        let inner = vec![7u8; 192];
+        let mut wrapped =
+            (factory, Bytes::from(vec![0xc0, 0xde]), Bytes::from(inner.clone())).abi_encode_params();
+        wrapped.extend_from_slice(&ERC6492_SUFFIX);
+        let items = [item(vec![1; 65]), item(wrapped), item(vec![9; 192])];
+        let calls = batch_calls(&items);
+        assert_eq!(calls.len(), 4);
+        assert_eq!(transfer_positions(&items), [0, 2, 3]);
+        assert_eq!((calls[1].target, calls[1].callData.as_ref()), (factory, &[0xc0, 0xde][..]));
+        assert!(calls.iter().all(|c| c.allowFailure));
+        // The token is given the inner signature, through the `bytes` overload.
+        let transfer = IEip3009Bytes::transferWithAuthorizationCall::abi_decode(&calls[2].callData).unwrap();
+        assert_eq!(transfer.signature.as_ref(), inner.as_slice());
+        // A 65-byte signature keeps the cheaper (v, r, s) overload.
+        assert!(IEip3009::transferWithAuthorizationCall::abi_decode(&calls[0].callData).is_ok());
+        // Alone, a payment that deploys its wallet still goes through aggregate3.
+        assert_eq!(settlement_call(&items[1..2]).0, MULTICALL3);
+        assert_eq!(settlement_call(&items[2..3]).0, items[2].token);
+        assert_eq!(deployments(&items), 1);
+    }
 
     #[tokio::test]
     async fn rpc_errors_do_not_quote_the_url() {

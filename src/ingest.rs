@@ -18,10 +18,11 @@
 //! bounded queue is full, UNAVAILABLE while draining or when a balance or the ledger cannot
 //! be read or written. Nothing is recorded unless the decision is an acceptance.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use alloy::primitives::U256;
+use alloy::primitives::{Address, U256};
 
 use crate::admission::{Admission, PaymentInput};
 use crate::balance::BalanceCache;
@@ -33,7 +34,7 @@ use crate::ledger::{
 use crate::limits::Limits;
 use crate::payer::{ChainVerdict, PayerCode, Route, SignatureJudge};
 use crate::verify::{PoolError, VerifyPool};
-use crate::x402::{PaymentRequirements, Reason, SignedAuthorization};
+use crate::x402::{PaymentRequirements, RawSignature, Reason, SignedAuthorization};
 
 /// A payment as an API server hands it in, whichever surface it came by.
 #[derive(Debug, Clone)]
@@ -99,6 +100,8 @@ pub struct Ingest {
     ledger: LedgerHandle,
     balances: BalanceCache,
     signatures: Arc<dyn SignatureJudge>,
+    /// Per chain, the ERC-6492 factories a wallet not deployed yet may name.
+    factories: HashMap<u64, HashSet<Address>>,
     limits: Limits,
     draining: AtomicBool,
 }
@@ -112,7 +115,22 @@ impl Ingest {
         signatures: Arc<dyn SignatureJudge>,
         limits: Limits,
     ) -> Self {
-        Self { admission, pool, ledger, balances, signatures, limits, draining: AtomicBool::new(false) }
+        Self {
+            admission,
+            pool,
+            ledger,
+            balances,
+            signatures,
+            factories: HashMap::new(),
+            limits,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Trusts these ERC-6492 factories on these chains (none by default).
+    pub fn with_erc6492_factories(mut self, factories: HashMap<u64, HashSet<Address>>) -> Self {
+        self.factories = factories;
+        self
     }
 
     pub fn ledger(&self) -> &LedgerHandle {
@@ -200,7 +218,7 @@ impl Ingest {
             }
             Err(e @ PoolError::Panicked) => return rejected(e.reason(), e.to_string()),
         };
-        let signed = admitted.signed.clone();
+        let mut signed = admitted.signed.clone();
 
         // The writer decides duplicates before it looks at the window or the balance. A
         // payment the ledger already holds is answered even when no balance can be read
@@ -216,6 +234,8 @@ impl Ingest {
         let (balance, route) = if window.is_err() && ecdsa.is_ok() {
             (U256::ZERO, Route::Eoa)
         } else {
+            let started = std::time::Instant::now();
+            let cached = self.balances.is_fresh(&key.payer());
             match self.balances.get(key.payer()).await {
                 Ok(state) => {
                     let route = Route::of(state.code, signed.signature.erc6492().is_some());
@@ -224,6 +244,21 @@ impl Ingest {
                     {
                         return rejected(Reason::InvalidSignature, refusal);
                     }
+                    // A deployed wallet's 6492 wrapper is kept unwrapped: the ledger holds a
+                    // wrapper only for a wallet its settlement deploys (allow-listed).
+                    if route != Route::Erc6492
+                        && signed.signature.erc6492().is_some()
+                        && let Some(inner) = RawSignature::new(signed.signature.for_token())
+                    {
+                        signed.signature = inner;
+                    }
+                    let how = match route {
+                        Route::Eoa if cached => "eoa_cached",
+                        Route::Eoa => "eoa_read",
+                        other => other.as_str(),
+                    };
+                    metrics::histogram!("x402_batcher_payer_check_seconds", "route" => how)
+                        .record(started.elapsed().as_secs_f64());
                     (state.balance, route)
                 }
                 Err(e) => {
@@ -294,10 +329,13 @@ impl Ingest {
             Route::Eoa => return Ok(ecdsa.map_err(|e| format!("{e} (payer {from} has no code: ECDSA)"))),
             Route::Erc6492 => {
                 let factory = wrapper.and_then(Result::ok).map(|w| w.factory).unwrap_or_default();
-                return Ok(Err(format!(
-                    "payer {from} has no code and signed with an ERC-6492 wrapper (factory {factory}): \
-                     counterfactual wallets are not accepted (the factory is not allow-listed)"
-                )));
+                if !self.factories.get(&signed.chain_id).is_some_and(|f| f.contains(&factory)) {
+                    return Ok(Err(format!(
+                        "payer {from} has no code and signed with an ERC-6492 wrapper naming factory \
+                         {factory}, which is not on chain {}'s allow-list (erc6492_factories)",
+                        signed.chain_id
+                    )));
+                }
             }
             Route::Erc1271 | Route::Eip7702 => {}
         }
@@ -306,21 +344,22 @@ impl Ingest {
             return Ok(Err(format!("token {} is not configured", signed.token)));
         };
         let digest = token.domain.signing_hash(&signed.authorization);
-        let started = std::time::Instant::now();
         let item = [(from, digest, signed.signature.bytes().clone())];
         let verdicts = self.signatures.judge(signed.chain_id, &item).await.map_err(|e| {
             SubmitError::Unavailable(format!("cannot check the payer's ERC-1271 signature: {e}"))
         })?;
-        metrics::histogram!("x402_batcher_signature_check_seconds", "route" => route.as_str())
-            .record(started.elapsed().as_secs_f64());
         let shape = match code {
-            PayerCode::Delegated(delegate) => format!("EIP-7702 account delegated to {delegate}"),
-            _ => "contract".to_owned(),
+            PayerCode::Delegated(delegate) => format!("has code (EIP-7702 account delegated to {delegate})"),
+            PayerCode::Contract => "has code (contract)".to_owned(),
+            PayerCode::None => "is deployed by its ERC-6492 factory call".to_owned(),
         };
         Ok(match verdicts.first() {
             Some(ChainVerdict::Valid) => Ok(()),
+            Some(ChainVerdict::NotDeployed) => {
+                Err(format!("payer {from} has no code and its ERC-6492 factory call does not deploy it"))
+            }
             Some(verdict) => Err(format!(
-                "payer {from} has code ({shape}), so the token asks it by ERC-1271 isValidSignature, \
+                "payer {from} {shape}, so the token asks it by ERC-1271 isValidSignature, \
                  and it refused this signature ({verdict:?}){}",
                 if ecdsa.is_ok() {
                     "; that the signature recovers to the payer by ECDSA does not count"

@@ -84,18 +84,28 @@ pub async fn simulate_at(
         return Ok(Vec::new());
     }
     let block = at.map_or(BlockId::latest(), BlockId::number);
+    let calls = chain::batch_calls(items);
+    let expected = calls.len();
     let results = IMulticall3::new(MULTICALL3, &endpoint.provider)
-        .aggregate3(chain::batch_calls(items))
+        .aggregate3(calls)
         .gas(gas_limit)
         .block(block)
         .call()
         .await
         .map_err(|e| endpoint.error("eth_call aggregate3", e))?;
-    if results.len() != items.len() {
-        let shape = format!("returned {} results for {} items", results.len(), items.len());
+    if results.len() != expected {
+        let shape = format!("returned {} results for {expected} calls", results.len());
         return Err(endpoint.error("eth_call aggregate3", shape));
     }
-    Ok(results.into_iter().map(|r| if r.success { Ok(()) } else { Err(classify(&r.returnData)) }).collect())
+    // A wallet deployment's own result does not matter (it may exist already): its
+    // transfer's does.
+    Ok(chain::transfer_positions(items)
+        .into_iter()
+        .map(|at| {
+            let r = &results[at];
+            if r.success { Ok(()) } else { Err(classify(&r.returnData)) }
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_refusals_total",
     "x402_batcher_verify_queue_depth",
     "x402_batcher_verify_seconds",
+    "x402_batcher_payer_check_seconds",
     "x402_batcher_ledger_commit_seconds",
     "x402_batcher_ledger_commit_group_size",
     "x402_batcher_pending_payments",

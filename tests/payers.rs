@@ -147,6 +147,111 @@ async fn wallets_and_7702_accounts_pay_and_settle_in_one_batch_with_keys() {
     .expect("within the time limit");
 }
 
+/// A payment from `owner`'s wallet number `salt` of `factory`, not deployed yet: its
+/// signature wrapped in ERC-6492 with the factory call that deploys it.
+fn counterfactual_payment(
+    d: &TestDaemon,
+    owner: &PrivateKeySigner,
+    factory: Address,
+    wallet: Address,
+    salt: u64,
+    i: u64,
+) -> SignedAuthorization {
+    let mut p = wallet_payment(d, owner, wallet, 1_000 + i, i);
+    let wrapped = erc6492_signature(
+        factory,
+        Wallets::create_calldata(owner.address(), salt),
+        p.signature.bytes().clone(),
+    );
+    p.signature = RawSignature::new(wrapped).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counterfactual_wallet_of_an_allow_listed_factory_is_deployed_and_settled_in_the_batch() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        let listed = Wallets::deploy(&net).await.unwrap();
+        let unlisted = Wallets::deploy(&net).await.unwrap();
+        let d =
+            settling_daemon(&net, "6492", 1, |c| c.chains[0].erc6492_factories = vec![listed.factory]).await;
+        let keys = devnet::payer_keys("6492", 3);
+        let (owner, eoas) = (&keys[0], &keys[1..]);
+        let wallet = listed.wallet_address(&net, owner.address(), 1).await.unwrap();
+        let elsewhere = unlisted.wallet_address(&net, owner.address(), 1).await.unwrap();
+        let mut funded: Vec<_> = eoas.iter().map(|k| k.address()).collect();
+        funded.extend([wallet, elsewhere]);
+        net.fund(&funded, U256::from(1_000_000u64)).await.unwrap();
+        let provider = net.provider().clone();
+        let code = move |at| {
+            let provider = provider.clone();
+            async move { alloy::providers::Provider::get_code_at(&provider, at).await.unwrap() }
+        };
+        assert!(code(wallet).await.is_empty(), "not deployed yet");
+
+        // The same owner's wallet of a factory not on the list: refused, nothing recorded.
+        let refused = counterfactual_payment(&d, owner, unlisted.factory, elsewhere, 1, 9);
+        let (reason, message) = refusal(&d, &refused).await.expect("refused");
+        assert_eq!(reason, "invalid_exact_evm_payload_signature");
+        assert!(message.contains("allow-list"), "{message}");
+
+        let now = SystemClock.now_unix();
+        let mut items = vec![counterfactual_payment(&d, owner, listed.factory, wallet, 1, 1)];
+        for (i, k) in eoas.iter().enumerate() {
+            items.push(
+                PaymentBuilder::new(k, &d.domain(), now)
+                    .to(PAYEE)
+                    .value(2_000 + i as u64)
+                    .nonce_index(2)
+                    .build(),
+            );
+        }
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(200), None);
+        let ids = paused(&d, async {
+            let mut ids = Vec::new();
+            for s in &items {
+                ids.push(submit(&d, s).await);
+            }
+            ids
+        })
+        .await;
+        let done = wait_for(&d, &ids, WAIT, is_final).await;
+        for p in &done {
+            assert_eq!(status(p), v1::PaymentStatus::Settled, "{p:?}");
+        }
+        assert!(!code(wallet).await.is_empty(), "deployed by the batch");
+        let token = IEip3009::new(net.token(), net.provider());
+        assert!(token.authorizationState(wallet, items[0].authorization.nonce).call().await.unwrap());
+        assert_eq!(net.balance_of(wallet).await.unwrap(), U256::from(1_000_000u64 - 1_001));
+        let dir = Arc::clone(&d.dir);
+        d.stop().await;
+
+        let (log, _) = ledger_after(dir.path(), net.chain_id());
+        assert_eq!(log.len(), 3);
+        assert!(log.iter().all(|r| r.tx_hash == log[0].tx_hash), "one transaction for the batch: {log:?}");
+        let receipt =
+            alloy::providers::Provider::get_transaction_receipt(net.provider(), log[0].tx_hash.unwrap())
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(receipt.to, Some(x402_batcher::chain::MULTICALL3), "one aggregate3 transaction");
+        let used = x402_batcher::chain::authorizations_used(&receipt, net.token());
+        assert!(
+            used.contains(&(wallet, items[0].authorization.nonce)),
+            "its AuthorizationUsed log: {used:?}"
+        );
+        let first = log.iter().find(|r| r.signed.authorization.from == wallet).unwrap();
+        assert_eq!(first.submission.route, Route::Erc6492);
+        let ledger = Ledger::open(&dir.path().join("ledger")).unwrap();
+        assert!(
+            ledger.get(&AuthKey::of(&refused)).unwrap().is_none(),
+            "nothing recorded for the refused one"
+        );
+    })
+    .await
+    .expect("within the time limit");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_the_token_would_refuse_are_refused_at_submission_and_nothing_is_recorded() {
     tokio::time::timeout(LIMIT, async {
@@ -195,6 +300,15 @@ async fn signatures_the_token_would_refuse_are_refused_at_submission_and_nothing
         assert_eq!(reason, "invalid_exact_evm_payload_signature");
         assert!(message.contains("no code"), "{message}");
         refused.push(long);
+
+        // Something ending in the 6492 suffix that is not a wrapper.
+        let mut garbled = PaymentBuilder::new(plain, &d.domain(), now).to(PAYEE).nonce_index(5).build();
+        garbled.signature =
+            RawSignature::new([&[0u8; 40][..], &x402_batcher::x402::ERC6492_SUFFIX[..]].concat()).unwrap();
+        let (reason, message) = refusal(&d, &garbled).await.expect("refused");
+        assert_eq!(reason, "invalid_exact_evm_payload_signature");
+        assert!(message.contains("not a valid wrapper"), "{message}");
+        refused.push(garbled);
 
         // A wallet's signature by someone who is not its owner.
         let wallet = funded_wallet(&net, &w, owner, 8, 1_000_000).await;

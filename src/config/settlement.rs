@@ -64,6 +64,12 @@ pub const DEFAULT_ITEM_GAS: u64 = 60_000;
 /// and one whose items would run short is sent with the seed limit instead.
 pub const DEFAULT_GAS_LIMIT_MARGIN_PERCENT: u64 = 20;
 
+/// Gas added to a batch's limit for each wallet it deploys (an ERC-6492 payer's factory
+/// call, before its transfer). Measured: deploying the devnet's `OwnedWallet` through its
+/// factory, 315k as a transaction of its own (with the 21k base). Real wallets' factories
+/// differ; unused gas is not paid for.
+pub const DEFAULT_ERC6492_DEPLOY_GAS: u64 = 500_000;
+
 /// Headroom over the seeds, before the first receipt of a token (and the fallback limit):
 /// 78k per item covers the dearest item measured (USDC to a fresh payee, 71.3k used, plus
 /// the 4.8k a drained payer's refund hides), and 200 items still fit the 2^24 cap
@@ -117,6 +123,8 @@ pub struct SettlementConfig {
     pub gas_limit_margin_percent: u64,
     /// See [`DEFAULT_SEED_GAS_MARGIN_PERCENT`].
     pub seed_gas_margin_percent: u64,
+    /// See [`DEFAULT_ERC6492_DEPLOY_GAS`].
+    pub erc6492_deploy_gas: u64,
 }
 
 impl std::fmt::Debug for SettlementConfig {
@@ -153,6 +161,7 @@ impl Default for SettlementConfig {
             item_gas: DEFAULT_ITEM_GAS,
             gas_limit_margin_percent: DEFAULT_GAS_LIMIT_MARGIN_PERCENT,
             seed_gas_margin_percent: DEFAULT_SEED_GAS_MARGIN_PERCENT,
+            erc6492_deploy_gas: DEFAULT_ERC6492_DEPLOY_GAS,
         }
     }
 }
@@ -208,6 +217,11 @@ impl SettlementConfig {
     /// devnet's batches and tests send with it too).
     pub fn seed_gas_limit(&self, items: usize) -> u64 {
         with_margin(self.seed_gas().batch_gas(items), self.seed_gas_margin_percent).min(self.tx_gas_cap)
+    }
+
+    /// `limit` with room for `deploys` wallet deployments, within the per-transaction cap.
+    pub fn with_deployments(&self, limit: u64, deploys: usize) -> u64 {
+        limit.saturating_add(self.erc6492_deploy_gas.saturating_mul(deploys as u64)).min(self.tx_gas_cap)
     }
 
     /// Whether settler keys are configured (without them the daemon accepts and holds).

@@ -43,6 +43,12 @@ pub struct ChainConfig {
     /// payment is watched, and a reorg corrects or reverses it.
     #[serde(default)]
     pub finality: Finality,
+    /// ERC-6492 wallet factories trusted on this chain (empty by default): a payer whose
+    /// wallet is not deployed yet may pay with a 6492-wrapped signature naming one of these;
+    /// its settlement batch calls the factory first (same transaction). Only factories whose
+    /// deployment call is bounded and harmless belong here (e.g. Coinbase Smart Wallet's).
+    #[serde(default)]
+    pub erc6492_factories: Vec<Address>,
 }
 
 /// See [`ChainConfig::finality`].

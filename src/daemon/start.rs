@@ -229,12 +229,17 @@ pub(super) fn ingest(config: &Config, core: &Core, clock: Arc<dyn Clock>) -> Arc
     let admission =
         Admission::new(core.tokens.clone(), config.network_aliases.clone(), config.admission.clone(), clock);
     let limits = crate::limits::Limits::new(&config.limits);
-    Arc::new(Ingest::new(
-        admission,
-        Arc::clone(&core.pool),
-        core.writer.clone(),
-        core.balances.clone(),
-        Arc::clone(&core.signatures),
-        limits,
-    ))
+    let factories =
+        config.chains.iter().map(|c| (c.chain_id, c.erc6492_factories.iter().copied().collect())).collect();
+    Arc::new(
+        Ingest::new(
+            admission,
+            Arc::clone(&core.pool),
+            core.writer.clone(),
+            core.balances.clone(),
+            Arc::clone(&core.signatures),
+            limits,
+        )
+        .with_erc6492_factories(factories),
+    )
 }

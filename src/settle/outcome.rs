@@ -244,7 +244,7 @@ impl<C: Chain> Engine<C> {
         let mut t = TransitionRequest::new(record.key(), Status::Accepted, now_ms);
         t.only_from = Some(record.status);
         // Generous: only whether the token would take it matters here.
-        let gas = self.config.seed_gas_limit(1);
+        let gas = self.alone_gas(record);
         let sim = self.read(self.chain.simulate(std::slice::from_ref(&record.signed), gas, None).await)?;
         match sim.into_iter().next() {
             None | Some(Ok(())) => {
@@ -327,12 +327,18 @@ impl<C: Chain> Engine<C> {
         Ok(())
     }
 
+    /// A generous gas limit for simulating `record` alone (its wallet's deployment too).
+    fn alone_gas(&self, record: &PaymentRecord) -> u64 {
+        let deploys = crate::chain::deployments(std::slice::from_ref(&record.signed));
+        self.config.with_deployments(self.config.seed_gas_limit(1), deploys)
+    }
+
     /// Whether the token refuses `record` on the state of the chain's final block as well
     /// (no block final yet: nothing is refused for good).
     async fn refused_at_final(&self, record: &PaymentRecord) -> Result<bool, SettleError> {
         let head = self.read(self.chain.head().await)?;
         let Some(final_block) = self.final_block(&head).await? else { return Ok(false) };
-        let gas = self.config.seed_gas_limit(1);
+        let gas = self.alone_gas(record);
         let sim = self
             .read(self.chain.simulate(std::slice::from_ref(&record.signed), gas, Some(final_block)).await)?;
         Ok(sim

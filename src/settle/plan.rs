@@ -225,9 +225,10 @@ impl<C: Chain> Engine<C> {
         token: Address,
         signed: &[SignedAuthorization],
     ) -> Result<(Vec<Result<(), ItemFailure>>, u64), SettleError> {
-        let limit = self.gas_limit(token, signed.len());
+        let deploys = crate::chain::deployments(signed);
+        let limit = self.config.with_deployments(self.gas_limit(token, signed.len()), deploys);
         let sim = self.read(self.chain.simulate(signed, limit, None).await)?;
-        let seed = self.config.seed_gas_limit(signed.len());
+        let seed = self.config.with_deployments(self.config.seed_gas_limit(signed.len()), deploys);
         if limit < seed && sim.iter().any(|r| r.as_ref().is_err_and(ItemFailure::maybe_out_of_gas)) {
             tracing::warn!(
                 chain_id = self.chain_id,

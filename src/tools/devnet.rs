@@ -302,6 +302,7 @@ impl Devnet {
             rpc_url: self.rpc_url.clone(),
             op_stack: false,
             finality: Default::default(),
+            erc6492_factories: Vec::new(),
         }
     }
 
@@ -376,7 +377,10 @@ impl Devnet {
         let tx = IMulticall3::new(MULTICALL3, &settler)
             .aggregate3(crate::chain::batch_calls(items))
             .into_transaction_request()
-            .with_gas_limit(crate::config::SettlementConfig::default().seed_gas_limit(items.len()));
+            .with_gas_limit({
+                let config = crate::config::SettlementConfig::default();
+                config.with_deployments(config.seed_gas_limit(items.len()), crate::chain::deployments(items))
+            });
         settler
             .send_transaction(tx)
             .await
