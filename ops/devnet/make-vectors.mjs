@@ -2,7 +2,11 @@
 // authorizations (valid ones and every kind of defect), and the official x402 client
 // packages (@x402/core + @x402/evm) build real v1 X-PAYMENT and v2 PAYMENT-SIGNATURE headers.
 // Each vector is labelled with the verdict the daemon must reach: "valid" or the x402
-// reason code. Output: tests/vectors/viem.json and tests/vectors/x402.json.
+// reason code. Output: tests/vectors/viem.json and tests/vectors/x402.json; and
+// tests/vectors/smart.json: payers with code (the project's ERC-1271 wallet, deployed or
+// counterfactual through ERC-6492, and EIP-7702 accounts) paying through the official
+// client's smart-account path (any signer with an address and signTypedData), judged on a
+// devnet whose set-up the file describes (tests/vectors.rs).
 //
 // Run from ops/devnet: `npm run vectors`. The viem vectors are deterministic (fixed keys,
 // fixed clock, RFC 6979 signatures); the x402 ones use the packages' own clock and random
@@ -10,7 +14,10 @@
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { keccak256, toHex, toBytes, getAddress, hexToBytes, bytesToHex } from "viem";
+import {
+  keccak256, toHex, toBytes, getAddress, hexToBytes, bytesToHex,
+  encodeAbiParameters, encodeFunctionData, getContractAddress, serializeErc6492Signature, concat,
+} from "viem";
 import { privateKeyToAccount } from "viem/accounts";
 import { x402Client } from "@x402/core/client";
 import { encodePaymentSignatureHeader } from "@x402/core/http";
@@ -242,8 +249,68 @@ async function x402Vectors() {
   return { generator: "@x402/core 2.27.0 + @x402/evm 2.27.0 (viem 2.57.1 accounts)", now, tokens: TOKENS.map(tokenConfig), vectors };
 }
 
+// Smart-account payers on the devnet. Its first dev account deploys TestUSDC (nonce 0), then
+// `Wallets::deploy` the OwnedWalletFactory, SelfSignedDelegate and StrictDelegate (nonces
+// 1-3), so their addresses are known here.
+async function smartVectors() {
+  const now = Math.floor(Date.now() / 1000);
+  const t = TOKENS[0];
+  const deployer = getAddress("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+  const at = (nonce) => getContractAddress({ from: deployer, nonce: BigInt(nonce) });
+  const contracts = { token: at(0), factory: at(1), self_signed: at(2), strict: at(3) };
+  if (contracts.token !== getAddress(t.address)) throw new Error("the devnet token's address moved");
+  const walletCode = JSON.parse(fs.readFileSync(path.join(here, "artifacts", "OwnedWallet.json"), "utf8")).bytecode;
+  const walletAt = (owner, salt) => getContractAddress({
+    opcode: "CREATE2",
+    from: contracts.factory,
+    salt: toHex(salt, { size: 32 }),
+    bytecode: concat([walletCode, encodeAbiParameters([{ type: "address" }], [owner])]),
+  });
+  const createWallet = (owner, salt) => encodeFunctionData({
+    abi: [{ type: "function", name: "createWallet", inputs: [{ name: "owner", type: "address" }, { name: "salt", type: "uint256" }], outputs: [{ type: "address" }], stateMutability: "nonpayable" }],
+    args: [owner, BigInt(salt)],
+  });
+  // OwnedWallet's signature: abi.encode(uint256 ownerIndex, bytes ownerSignature).
+  const walletSig = (sig) => encodeAbiParameters([{ type: "uint256" }, { type: "bytes" }], [0n, sig]);
+  // A smart account as the x402 client sees one: an address and signTypedData.
+  const smartSigner = (address, key, wrap) => ({ address, signTypedData: async (td) => wrap(await key.signTypedData(td)) });
+
+  const setup = { contracts, wallets: [], delegations: [], allow_listed_factories: [contracts.factory] };
+  const vectors = [];
+  for (let p = 0; p < 4; p++) {
+    const owner = account(`smart owner ${p}`);
+    const deployed = walletAt(owner.address, 1);
+    const counterfactual = walletAt(owner.address, 2);
+    setup.wallets.push({ owner: owner.address, salt: 1, address: deployed });
+    const cases = [
+      ["wallet", smartSigner(deployed, owner, walletSig), "valid", "deployed OwnedWallet (ERC-1271)"],
+      ["wallet-impostor", smartSigner(deployed, account("impostor"), walletSig), SIG, "deployed OwnedWallet, signed by a key that is not its owner"],
+      ["counterfactual", smartSigner(counterfactual, owner, (s) => serializeErc6492Signature({ address: contracts.factory, data: createWallet(owner.address, 2), signature: walletSig(s) })), "valid", "OwnedWallet not deployed yet, ERC-6492 with the allow-listed factory"],
+      ["counterfactual-unlisted", smartSigner(counterfactual, owner, (s) => serializeErc6492Signature({ address: OTHER, data: createWallet(owner.address, 2), signature: walletSig(s) })), SIG, "ERC-6492 naming a factory not on the allow-list"],
+    ];
+    for (const [label, delegate, expect, note] of [["7702", "self_signed", "valid", "EIP-7702 account delegated to an ERC-1271 delegate"], ["7702-strict", "strict", SIG, "EIP-7702 account delegated to a contract without ERC-1271 (its ECDSA signature recovers)"]]) {
+      const key = `smart ${label} ${p}`;
+      setup.delegations.push({ key_label: key, address: account(key).address, delegate });
+      cases.push([label, account(key), expect, note]);
+    }
+    for (const [label, signer, expect, note] of cases) {
+      const client = new x402Client().register("eip155:*", new ExactEvmScheme(signer)).setSpendControls({ allowedAssets: true, maxAmountPerPayment: false });
+      const amount = String(1_000 * (p + 1));
+      const v2req = { scheme: "exact", network: `eip155:${t.chain_id}`, amount, asset: t.address, payTo: PAYEE, maxTimeoutSeconds: 300, extra: { name: t.eip712_name, version: t.eip712_version } };
+      const payload = await client.createPaymentPayload({
+        x402Version: 2,
+        resource: { url: "https://api.example/weather", description: "weather", mimeType: "application/json" },
+        accepts: [v2req],
+      });
+      const req = { scheme: "exact", network: v2req.network, asset: t.address, payTo: PAYEE, amount, maxTimeoutSeconds: 300 };
+      vectors.push({ id: `smart-${label}-${p}`, form: "header", header: encodePaymentSignatureHeader(payload), requirements: req, expect, note: `@x402/evm ExactEvmScheme (v2), ${note}` });
+    }
+  }
+  return { generator: "@x402/core 2.27.0 + @x402/evm 2.27.0 (smart-account signers over viem 2.57.1 accounts)", now, tokens: [tokenConfig(t)], setup, vectors };
+}
+
 fs.mkdirSync(outDir, { recursive: true });
-for (const [name, make] of [["viem", viemVectors], ["x402", x402Vectors]]) {
+for (const [name, make] of [["viem", viemVectors], ["x402", x402Vectors], ["smart", smartVectors]]) {
   const file = await make();
   fs.writeFileSync(path.join(outDir, `${name}.json`), JSON.stringify(file, null, 1) + "\n");
   const counts = {};
