@@ -4,13 +4,14 @@
 //! only when the payer has **no code**; a payer with code (a contract wallet, or an
 //! EIP-7702 account whose code is `0xef0100 ‖ delegate`) is asked by ERC-1271
 //! `isValidSignature`. The daemon decides the same way: the payer's code is read with its
-//! balance (one deployless `eth_call` of [`PayerProbe`] per chain for every payer waiting,
+//! balance (one deployless `eth_call` of `PayerProbe` per chain for every payer waiting,
 //! cached as long as the balance), and a payer with code has its signature judged by
-//! [`check_signatures`] (one deployless `eth_call` of `SignatureProbe` for a call's items),
-//! never by ECDSA recovery alone.
+//! [`check_signatures`] (one deployless `eth_call` of `SignatureProbe` per chain for every
+//! check waiting, [`BatchedSignatures`]), never by ECDSA recovery alone.
+//! Contracts: ops/devnet/contracts/Probes.sol.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use alloy::network::TransactionBuilder;
@@ -21,6 +22,7 @@ use alloy::sol;
 use alloy::sol_types::{SolType, SolValue, sol_data};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::chain::{RpcEndpoint, RpcError};
 
@@ -233,6 +235,8 @@ pub enum JudgeError {
     Rpc(#[from] RpcError),
     #[error("chain {chain_id}: the RPC node did not answer a signature check within {after_ms} ms")]
     Timeout { chain_id: u64, after_ms: u64 },
+    #[error("the signature checker has stopped")]
+    Stopped,
 }
 
 /// Where signatures of payers with code are judged: the chain in production, a table in
@@ -275,6 +279,78 @@ impl SignatureJudge for ChainSignatures {
     }
 }
 
+type Pending = (u64, (Address, B256, Bytes), oneshot::Sender<Result<ChainVerdict, JudgeError>>);
+
+/// Judges signatures that arrive together in one call per chain: a check asked for while
+/// another runs joins the next round (up to `max_batch`), as balance reads do. Cloning
+/// shares the rounds.
+#[derive(Clone)]
+pub struct BatchedSignatures {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl BatchedSignatures {
+    /// Starts the rounds over `inner`.
+    pub fn start(inner: Arc<dyn SignatureJudge>, max_batch: usize) -> Self {
+        let max_batch = max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch * 4);
+        tokio::spawn(rounds(inner, rx, max_batch));
+        Self { tx }
+    }
+}
+
+async fn rounds(inner: Arc<dyn SignatureJudge>, mut rx: mpsc::Receiver<Pending>, max_batch: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while waiting.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => waiting.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut by_chain: HashMap<u64, Vec<Pending>> = HashMap::new();
+        for p in waiting {
+            by_chain.entry(p.0).or_default().push(p);
+        }
+        // Chains in parallel: one failing node does not hold another chain's payers.
+        let inner = &inner;
+        futures::future::join_all(by_chain.into_iter().map(|(chain_id, pending)| async move {
+            let items: Vec<_> = pending.iter().map(|p| p.1.clone()).collect();
+            let verdicts = inner.judge(chain_id, &items).await;
+            for (i, (_, _, reply)) in pending.into_iter().enumerate() {
+                let _ = reply.send(match &verdicts {
+                    Ok(v) => v.get(i).copied().ok_or(JudgeError::Stopped),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }))
+        .await;
+    }
+}
+
+impl SignatureJudge for BatchedSignatures {
+    fn judge<'a>(
+        &'a self,
+        chain_id: u64,
+        items: &'a [(Address, B256, Bytes)],
+    ) -> BoxFuture<'a, Result<Vec<ChainVerdict>, JudgeError>> {
+        async move {
+            let mut replies = Vec::with_capacity(items.len());
+            for item in items {
+                let (tx, rx) = oneshot::channel();
+                self.tx.send((chain_id, item.clone(), tx)).await.map_err(|_| JudgeError::Stopped)?;
+                replies.push(rx);
+            }
+            let mut verdicts = Vec::with_capacity(items.len());
+            for rx in replies {
+                verdicts.push(rx.await.map_err(|_| JudgeError::Stopped)??);
+            }
+            Ok(verdicts)
+        }
+        .boxed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +375,44 @@ mod tests {
         }
         assert_eq!(Route::from_disk(0), Some(Route::Eoa), "records from before routes are EOA payments");
         assert_eq!(Route::from_disk(9), None);
+    }
+
+    /// Answers `Valid` for signers ending in an even byte, counts its calls.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl SignatureJudge for Counting {
+        fn judge<'a>(
+            &'a self,
+            _chain_id: u64,
+            items: &'a [(Address, B256, Bytes)],
+        ) -> BoxFuture<'a, Result<Vec<ChainVerdict>, JudgeError>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                tokio::task::yield_now().await;
+                Ok(items
+                    .iter()
+                    .map(
+                        |i| if i.0[19] % 2 == 0 { ChainVerdict::Valid } else { ChainVerdict::Erc1271Refused },
+                    )
+                    .collect())
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_share_calls_and_each_gets_its_own_verdict() {
+        let inner = Arc::new(Counting(std::sync::atomic::AtomicUsize::new(0)));
+        let batched = BatchedSignatures::start(inner.clone(), 256);
+        let items: Vec<_> =
+            (0..100u8).map(|i| [(Address::with_last_byte(i), B256::ZERO, Bytes::new())]).collect();
+        let all = futures::future::join_all(items.iter().map(|i| batched.judge(1, i))).await;
+        for (i, v) in all.into_iter().enumerate() {
+            let want = if i % 2 == 0 { ChainVerdict::Valid } else { ChainVerdict::Erc1271Refused };
+            assert_eq!(v, Ok(vec![want]));
+        }
+        let calls = inner.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(calls < 100, "100 concurrent checks took {calls} calls");
     }
 
     #[test]

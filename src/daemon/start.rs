@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
 use crate::ingest::Ingest;
 use crate::ledger::{Ledger, LedgerHandle, LedgerStore};
-use crate::payer::{ChainSignatures, SignatureJudge};
+use crate::payer::{BatchedSignatures, ChainSignatures, SignatureJudge};
 use crate::policy::PolicyHandle;
 use crate::settle::{Engine, RpcChain, StatusBoard};
 use crate::verify::VerifyPool;
@@ -140,9 +140,13 @@ impl Core {
             )),
             &config.balances,
         );
-        let signatures = Arc::new(ChainSignatures::new(
-            endpoints.clone(),
-            Duration::from_millis(config.balances.read_timeout_ms),
+        // ERC-1271 checks of concurrent submissions share one eth_call per chain.
+        let signatures = Arc::new(BatchedSignatures::start(
+            Arc::new(ChainSignatures::new(
+                endpoints.clone(),
+                Duration::from_millis(config.balances.read_timeout_ms),
+            )),
+            config.balances.max_batch,
         ));
         let audit = (config.audit.nonce_interval_ms > 0).then(|| {
             let audit = NonceAudit::new(writer.clone(), endpoints.clone());
