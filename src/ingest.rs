@@ -238,7 +238,17 @@ impl Ingest {
             let cached = self.balances.is_fresh(&key.payer());
             match self.balances.get(key.payer()).await {
                 Ok(state) => {
-                    let route = Route::of(state.code, signed.signature.erc6492().is_some());
+                    // A token that checks ECDSA only judges every payer so, code or not.
+                    let contract_signatures = self
+                        .admission
+                        .tokens()
+                        .get(signed.chain_id, signed.token)
+                        .is_some_and(|t| t.contract_signatures);
+                    let route = if contract_signatures {
+                        Route::of(state.code, signed.signature.erc6492().is_some())
+                    } else {
+                        Route::Eoa
+                    };
                     if let Err(refusal) =
                         self.judge_signature(&admitted.signed, ecdsa, state.code, route).await?
                     {
@@ -320,12 +330,20 @@ impl Ingest {
     ) -> Result<Result<(), String>, SubmitError> {
         let from = signed.authorization.from;
         let wrapper = signed.signature.erc6492();
-        if let Some(Err(e)) = &wrapper {
+        if let (Some(Err(e)), true) = (&wrapper, route != Route::Eoa) {
             return Ok(Err(format!(
                 "the signature ends in the ERC-6492 suffix but is not a valid wrapper: {e}"
             )));
         }
         match route {
+            Route::Eoa if code.has_code() => {
+                return Ok(ecdsa.map_err(|e| {
+                    format!(
+                        "{e} (token {} checks signatures by ECDSA only: contract_signatures = false)",
+                        signed.token
+                    )
+                }));
+            }
             Route::Eoa => return Ok(ecdsa.map_err(|e| format!("{e} (payer {from} has no code: ECDSA)"))),
             Route::Erc6492 => {
                 let factory = wrapper.and_then(Result::ok).map(|w| w.factory).unwrap_or_default();

@@ -23,6 +23,7 @@ fn token() -> TokenConfig {
         eip712_version: "2".into(),
         decimals: 6,
         symbol: "USDC".into(),
+        contract_signatures: true,
     }
 }
 

@@ -428,3 +428,32 @@ async fn the_probes_read_code_and_judge_signatures_as_the_token_does() {
     .await
     .expect("within the time limit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_checks_ecdsa_only_has_every_payer_judged_by_ecdsa() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        let w = Wallets::deploy(&net).await.unwrap();
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let d =
+            TestDaemon::start_on(Arc::clone(&net), dir, |c| c.tokens[0].contract_signatures = false).await;
+        let keys = devnet::payer_keys("ecdsa only", 2);
+        let (strict, owner) = (&keys[0], &keys[1]);
+        w.delegate(&net, strict, w.strict).await.unwrap();
+        let wallet = funded_wallet(&net, &w, owner, 1, 1_000_000).await;
+        net.fund(&[strict.address()], U256::from(1_000_000u64)).await.unwrap();
+
+        // Such a token recovers the signer whatever the payer's code: the 7702 account pays.
+        let delegated =
+            PaymentBuilder::new(strict, &d.domain(), SystemClock.now_unix()).to(PAYEE).nonce_index(1).build();
+        assert_eq!(refusal(&d, &delegated).await, None);
+        // A contract wallet cannot sign for it at all.
+        let (reason, message) =
+            refusal(&d, &wallet_payment(&d, owner, wallet, 1_000, 2)).await.expect("refused");
+        assert_eq!(reason, "invalid_exact_evm_payload_signature");
+        assert!(message.contains("ECDSA only"), "{message}");
+        d.stop().await;
+    })
+    .await
+    .expect("within the time limit");
+}

@@ -397,6 +397,7 @@ impl Config {
                     eip712_version: "2".into(),
                     decimals: 6,
                     symbol: "USDC".into(),
+                    contract_signatures: true,
                 },
                 TokenConfig {
                     chain_id: 84532,
@@ -405,6 +406,7 @@ impl Config {
                     eip712_version: "2".into(),
                     decimals: 6,
                     symbol: "USDC".into(),
+                    contract_signatures: true,
                 },
             ],
             network_aliases: BTreeMap::new(),

@@ -22,6 +22,18 @@ pub struct TokenConfig {
     pub decimals: u8,
     #[serde(default)]
     pub symbol: String,
+    /// How the token checks a payer's signature. `true` (the default; FiatToken V2.2 and
+    /// later: USDC): by ECDSA for a payer without code, by ERC-1271 for a payer with code,
+    /// and it has the `bytes` overload of `transferWithAuthorization` for signatures other
+    /// than 65 bytes: smart wallets and EIP-7702 accounts are judged on chain. `false`
+    /// (FiatToken V2.1 and other ECDSA-only tokens): every payer by ECDSA whatever its code,
+    /// and a signature that is not 65 bytes is refused.
+    #[serde(default = "yes")]
+    pub contract_signatures: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One chain's RPC endpoint.
@@ -79,6 +91,8 @@ pub struct TokenEntry {
     pub domain: TokenDomain,
     pub decimals: u8,
     pub symbol: String,
+    /// See [`TokenConfig::contract_signatures`].
+    pub contract_signatures: bool,
 }
 
 /// Lookup of configured tokens by `(chain id, address)`.
@@ -96,6 +110,7 @@ impl TokenTable {
                     domain: TokenDomain::new(&t.eip712_name, &t.eip712_version, t.chain_id, t.address),
                     decimals: t.decimals,
                     symbol: t.symbol.clone(),
+                    contract_signatures: t.contract_signatures,
                 };
                 ((t.chain_id, t.address), entry)
             })

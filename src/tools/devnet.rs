@@ -314,6 +314,7 @@ impl Devnet {
             eip712_version: "2".into(),
             decimals: 6,
             symbol: "USDC".into(),
+            contract_signatures: true,
         }
     }
 
