@@ -35,6 +35,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_batch_size",
     "x402_batcher_batch_gas_per_payment",
     "x402_batcher_gas_limit_fallbacks_total",
+    "x402_batcher_presimulation_refusals_total",
     "x402_batcher_head_block",
     "x402_batcher_base_fee_wei",
     "x402_batcher_settler_balance_wei",
@@ -277,6 +278,19 @@ impl ChainMetrics {
     /// Payments that reached a final state; `reason` is empty for settled ones.
     pub fn finals(&self, status: &'static str, reason: &str, n: usize) {
         finals(&self.chain, status, reason, n);
+    }
+
+    /// A payment the token would refuse, found by pre-simulating its batch: by the route its
+    /// payer's signature took (a smart wallet whose owner changed, a 7702 account that
+    /// re-delegated) and the reason.
+    pub fn presimulation_refused(&self, route: &'static str, reason: &'static str) {
+        metrics::counter!(
+            "x402_batcher_presimulation_refusals_total",
+            "chain_id" => self.chain.clone(),
+            "route" => route,
+            "reason" => reason
+        )
+        .increment(1);
     }
 
     pub fn rpc_error(&self, call: &'static str) {

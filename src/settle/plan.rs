@@ -262,6 +262,7 @@ impl<C: Chain> Engine<C> {
         let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
         let (sim, gas_limit) = self.simulate_at_limit(token, &signed).await?;
         let mut refusals = Vec::new();
+        let mut routes = Vec::new();
         let mut items = Vec::new();
         for (record, outcome) in records.into_iter().zip(sim) {
             match outcome {
@@ -272,6 +273,7 @@ impl<C: Chain> Engine<C> {
                     self.refusal(&record, failure, &mut t).await?;
                     if t.to != Status::Accepted {
                         refusals.push(t);
+                        routes.push(record.submission.route);
                     }
                 }
             }
@@ -280,7 +282,7 @@ impl<C: Chain> Engine<C> {
             let results = self
                 .apply(ApplyRequest { transitions: refusals.clone(), batch: None, atomic: false })
                 .await?;
-            for (t, r) in refusals.iter().zip(&results) {
+            for ((t, r), route) in refusals.iter().zip(&results).zip(&routes) {
                 if r.is_ok() {
                     match t.to {
                         Status::Failed => report.failed += 1,
@@ -288,7 +290,8 @@ impl<C: Chain> Engine<C> {
                         _ => {}
                     }
                     if let Some((reason, msg)) = &t.failure {
-                        tracing::info!(payment = %t.key.payment_id(), reason = reason.code(), "refused before sending: {msg}");
+                        self.metrics.presimulation_refused(route.as_str(), reason.code());
+                        tracing::info!(payment = %t.key.payment_id(), route = route.as_str(), reason = reason.code(), "refused before sending: {msg}");
                     }
                 }
             }
