@@ -139,6 +139,36 @@ impl std::fmt::Display for Route {
     }
 }
 
+/// A deployless call's answer is returned as if it were the code of a new contract, so it is
+/// bound by the contract size limit (EIP-170: 24,576 bytes), and its input by the initcode
+/// limit (EIP-3860: 49,152 bytes): nodes refuse anything larger. Rounds are split into
+/// calls within both, run at once.
+const MAX_ANSWER_BYTES: usize = 24_576;
+const MAX_INITCODE_BYTES: usize = 49_152;
+
+/// Payers per `PayerProbe` call: 128 bytes of answer each.
+pub const PAYERS_PER_PROBE: usize = (MAX_ANSWER_BYTES - 64) / 128;
+
+/// Splits `items` into runs whose encoded input (`size` bytes each, plus `fixed`) and
+/// answer (`answer` bytes each) fit one deployless call.
+fn chunks<T>(items: &[T], fixed: usize, size: impl Fn(&T) -> usize, answer: usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut input) = (0, fixed);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        let answer_full = (i - start + 1) * answer + 64 > MAX_ANSWER_BYTES;
+        if i > start && (input + n > MAX_INITCODE_BYTES || answer_full) {
+            out.push(&items[start..i]);
+            (start, input) = (i, fixed);
+        }
+        input += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
 /// Runs a deployless contract: `creation ‖ args` as an `eth_call` without a target.
 async fn deployless(
     endpoint: &RpcEndpoint,
@@ -159,16 +189,23 @@ pub async fn probe_payers(
     pairs: &[(Address, Address)],
 ) -> Result<Vec<(Option<U256>, PayerCode)>, RpcError> {
     const CALL: &str = "eth_call PayerProbe (balances and code)";
-    let (tokens, accounts): (Vec<Address>, Vec<Address>) = pairs.iter().copied().unzip();
-    let raw = deployless(endpoint, CALL, &PAYER_PROBE, (tokens, accounts).abi_encode_params()).await?;
-    let answers = <Vec<ProbeAnswer>>::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
-    if answers.len() != pairs.len() {
-        return Err(endpoint.error(CALL, format!("{} answers for {} payers", answers.len(), pairs.len())));
+    let calls = chunks(pairs, PAYER_PROBE.len() + 128, |_| 64, 128).into_iter().map(|chunk| async move {
+        let (tokens, accounts): (Vec<Address>, Vec<Address>) = chunk.iter().copied().unzip();
+        let raw = deployless(endpoint, CALL, &PAYER_PROBE, (tokens, accounts).abi_encode_params()).await?;
+        let answers = <Vec<ProbeAnswer>>::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
+        if answers.len() != chunk.len() {
+            return Err(endpoint.error(CALL, format!("{} answers for {} payers", answers.len(), chunk.len())));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| (a.balanceRead.then_some(a.balance), PayerCode::from_probe(a.codeSize, a.codeHead)))
+            .collect::<Vec<_>>())
+    });
+    let mut out = Vec::with_capacity(pairs.len());
+    for answers in futures::future::join_all(calls).await {
+        out.extend(answers?);
     }
-    Ok(answers
-        .into_iter()
-        .map(|a| (a.balanceRead.then_some(a.balance), PayerCode::from_probe(a.codeSize, a.codeHead)))
-        .collect())
+    Ok(out)
 }
 
 /// The chain's verdict on one signature (`SignatureProbe`'s numbers).
@@ -203,27 +240,35 @@ pub async fn check_signatures(
     items: &[(Address, B256, Bytes)],
 ) -> Result<Vec<ChainVerdict>, RpcError> {
     const CALL: &str = "eth_call SignatureProbe (ERC-1271)";
-    let signers: Vec<Address> = items.iter().map(|i| i.0).collect();
-    let digests: Vec<B256> = items.iter().map(|i| i.1).collect();
-    let signatures: Vec<Bytes> = items.iter().map(|i| i.2.clone()).collect();
-    let raw =
-        deployless(endpoint, CALL, &SIGNATURE_PROBE, (signers, digests, signatures).abi_encode_params())
-            .await?;
-    // `uint8[]`, not `bytes` (which a `Vec<u8>` would decode as, reading the first verdict's
-    // high byte: always "valid").
-    type Verdicts = sol_data::Array<sol_data::Uint<8>>;
-    let verdicts = Verdicts::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
-    if verdicts.len() != items.len() {
-        return Err(
-            endpoint.error(CALL, format!("{} verdicts for {} signatures", verdicts.len(), items.len()))
-        );
+    // Per item: signer, digest, offset, length and the signature padded to words.
+    let size = |i: &(Address, B256, Bytes)| 128 + i.2.len().div_ceil(32) * 32;
+    let calls = chunks(items, SIGNATURE_PROBE.len() + 192, size, 32).into_iter().map(|chunk| async move {
+        let signers: Vec<Address> = chunk.iter().map(|i| i.0).collect();
+        let digests: Vec<B256> = chunk.iter().map(|i| i.1).collect();
+        let signatures: Vec<Bytes> = chunk.iter().map(|i| i.2.clone()).collect();
+        let args = (signers, digests, signatures).abi_encode_params();
+        let raw = deployless(endpoint, CALL, &SIGNATURE_PROBE, args).await?;
+        // `uint8[]`, not `bytes` (which a `Vec<u8>` would decode as, reading the first
+        // verdict's high byte: always "valid").
+        type Verdicts = sol_data::Array<sol_data::Uint<8>>;
+        let verdicts = Verdicts::abi_decode(&raw).map_err(|e| endpoint.error(CALL, e))?;
+        if verdicts.len() != chunk.len() {
+            let shape = format!("{} verdicts for {} signatures", verdicts.len(), chunk.len());
+            return Err(endpoint.error(CALL, shape));
+        }
+        verdicts
+            .into_iter()
+            .map(|v| {
+                ChainVerdict::from_probe(v)
+                    .ok_or_else(|| endpoint.error(CALL, format!("unknown verdict {v}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for verdicts in futures::future::join_all(calls).await {
+        out.extend(verdicts?);
     }
-    verdicts
-        .into_iter()
-        .map(|v| {
-            ChainVerdict::from_probe(v).ok_or_else(|| endpoint.error(CALL, format!("unknown verdict {v}")))
-        })
-        .collect()
+    Ok(out)
 }
 
 /// Why a signature could not be judged on chain. Says nothing about the signature.
@@ -413,6 +458,20 @@ mod tests {
         }
         let calls = inner.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(calls < 100, "100 concurrent checks took {calls} calls");
+    }
+
+    #[test]
+    fn rounds_split_into_calls_within_the_size_limits() {
+        let payers = vec![0u8; 500];
+        let split = chunks(&payers, 2_000, |_| 64, 128);
+        assert_eq!(split.iter().map(|c| c.len()).sum::<usize>(), 500);
+        assert!(split.iter().all(|c| c.len() * 128 + 64 <= MAX_ANSWER_BYTES));
+        assert_eq!(split[0].len(), PAYERS_PER_PROBE);
+        // Long signatures split by input size; one that alone fills a call still goes.
+        let sizes = [8_300usize, 8_300, 8_300, 8_300, 8_300, 8_300, 60_000, 100];
+        let split = chunks(&sizes, 2_000, |s| *s, 32);
+        assert_eq!(split.iter().map(|c| c.len()).collect::<Vec<_>>(), [5, 1, 1, 1]);
+        assert!(chunks::<u8>(&[], 0, |_| 1, 1).is_empty());
     }
 
     #[test]

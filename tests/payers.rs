@@ -396,6 +396,12 @@ async fn the_probes_read_code_and_judge_signatures_as_the_token_does() {
                 (Some(U256::from(5)), PayerCode::Contract),
             ]
         );
+        // A round of 500 payers: more than one call's answer may hold (EIP-170), split.
+        let many: Vec<_> =
+            (0..500u16).map(|i| (net.token(), Address::left_padding_from(&i.to_be_bytes()))).collect();
+        let read = probe_payers(&ep, &many).await.unwrap();
+        assert_eq!(read.len(), 500);
+        assert!(read.iter().all(|r| *r == (Some(U256::ZERO), PayerCode::None)));
         // A "token" without balanceOf answers no balance.
         assert_eq!(probe_payers(&ep, &[(w.factory, key.address())]).await.unwrap()[0].0, None);
 
@@ -420,6 +426,11 @@ async fn the_probes_read_code_and_judge_signatures_as_the_token_does() {
         let verdicts = check_signatures(&ep, &items).await.unwrap();
         let expected: Vec<_> = cases.iter().map(|(_, v)| *v).collect();
         assert_eq!(verdicts, expected);
+        // 1,000 checks of wallet signatures at once: split within the size limits.
+        let many: Vec<_> = (0..1_000).map(|i| items[3 + i % 2].clone()).collect();
+        let verdicts = check_signatures(&ep, &many).await.unwrap();
+        assert_eq!(verdicts.len(), 1_000);
+        assert!(verdicts.iter().enumerate().all(|(i, v)| *v == expected[3 + i % 2]));
         for at in [counterfactual, elsewhere] {
             let code = alloy::providers::Provider::get_code_at(net.provider(), at).await.unwrap();
             assert!(code.is_empty(), "nothing the probe deployed persists");
