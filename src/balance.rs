@@ -230,11 +230,16 @@ impl BalanceCache {
     /// the next refresh round. When the read fails, a balance at most `stale_ok` older than
     /// the maximum age answers instead (never, by default).
     pub async fn get(&self, key: PayerKey) -> Read {
+        self.get_noting_cache(key).await.0
+    }
+
+    /// [`BalanceCache::get`], and whether the answer came from memory.
+    pub async fn get_noting_cache(&self, key: PayerKey) -> (Read, bool) {
         let cached = self.entries.lock().get(&key).copied();
         if let Some((balance, at)) = cached
             && at.elapsed() <= self.max_age
         {
-            return Ok(balance);
+            return (Ok(balance), true);
         }
         let read = async {
             let (tx, rx) = oneshot::channel();
@@ -248,7 +253,7 @@ impl BalanceCache {
                 after_ms: self.wait.as_millis() as u64,
             }),
         };
-        match (result, cached) {
+        let read = match (result, cached) {
             (Err(e), Some((balance, at)))
                 if !self.stale_ok.is_zero() && at.elapsed() <= self.max_age + self.stale_ok =>
             {
@@ -258,12 +263,8 @@ impl BalanceCache {
                 Ok(balance)
             }
             (result, _) => result,
-        }
-    }
-
-    /// Whether `key`'s balance and code would be answered from memory now.
-    pub fn is_fresh(&self, key: &PayerKey) -> bool {
-        self.entries.lock().get(key).is_some_and(|(_, at)| at.elapsed() <= self.max_age)
+        };
+        (read, false)
     }
 
     /// Forgets a cached balance (after the payer's balance is known to have changed).

@@ -235,8 +235,8 @@ impl Ingest {
             (U256::ZERO, Route::Eoa)
         } else {
             let started = std::time::Instant::now();
-            let cached = self.balances.is_fresh(&key.payer());
-            match self.balances.get(key.payer()).await {
+            let (read, cached) = self.balances.get_noting_cache(key.payer()).await;
+            match read {
                 Ok(state) => {
                     // A token that checks ECDSA only judges every payer so, code or not.
                     let contract_signatures = self
@@ -262,13 +262,15 @@ impl Ingest {
                     {
                         signed.signature = inner;
                     }
+                    // Same order as telemetry::PAYER_CHECK_ROUTES.
                     let how = match route {
-                        Route::Eoa if cached => "eoa_cached",
-                        Route::Eoa => "eoa_read",
-                        other => other.as_str(),
+                        Route::Eoa if cached => 0,
+                        Route::Eoa => 1,
+                        Route::Erc1271 => 2,
+                        Route::Eip7702 => 3,
+                        Route::Erc6492 => 4,
                     };
-                    metrics::histogram!("x402_batcher_payer_check_seconds", "route" => how)
-                        .record(started.elapsed().as_secs_f64());
+                    m.payer_check_seconds[how].record(started.elapsed().as_secs_f64());
                     (state.balance, route)
                 }
                 Err(e) => {

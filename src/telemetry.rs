@@ -178,8 +178,15 @@ pub struct Hot {
     pub pending_payments: Gauge,
     /// Verified payments held for their settlement (the HTTP facilitator's `/verify`).
     pub holds: Gauge,
+    /// How long reading a payer and judging its signature took, by route
+    /// ([`PAYER_CHECK_ROUTES`], same order).
+    pub payer_check_seconds: [Histogram; 5],
     refusals: Mutex<HashMap<&'static str, Counter>>,
 }
+
+/// The `route` labels of `x402_batcher_payer_check_seconds`: a key whose balance and code
+/// were cached, a key read now, then the payers with code.
+pub const PAYER_CHECK_ROUTES: [&str; 5] = ["eoa_cached", "eoa_read", "erc1271", "eip7702", "erc6492"];
 
 static HOT: OnceLock<Hot> = OnceLock::new();
 
@@ -199,6 +206,8 @@ pub fn hot() -> &'static Hot {
             commit_group_size: metrics::histogram!("x402_batcher_ledger_commit_group_size"),
             pending_payments: metrics::gauge!("x402_batcher_pending_payments"),
             holds: metrics::gauge!("x402_batcher_holds"),
+            payer_check_seconds: PAYER_CHECK_ROUTES
+                .map(|route| metrics::histogram!("x402_batcher_payer_check_seconds", "route" => route)),
             refusals: Mutex::new(HashMap::new()),
         }
     })
