@@ -42,14 +42,18 @@ async fn refusal(d: &TestDaemon, signed: &SignedAuthorization) -> Option<(String
     }
 }
 
-/// Pauses settlement, runs `f`, resumes: what `f` submits goes out in one batch.
-async fn paused<T>(d: &TestDaemon, f: impl std::future::Future<Output = T>) -> T {
+/// Submits `items` while settlement is paused, then resumes it: they go out in one batch.
+/// Their payment ids.
+async fn submit_as_one_batch(d: &TestDaemon, items: &[SignedAuthorization]) -> Vec<String> {
     let mut admin = d.admin().await;
     let pause = |on| v1::UpdatePolicyRequest { paused: Some(on), ..Default::default() };
     admin.update_policy(pause(true)).await.unwrap();
-    let out = f.await;
+    let mut ids = Vec::new();
+    for s in items {
+        ids.push(submit(d, s).await);
+    }
     admin.update_policy(pause(false)).await.unwrap();
-    out
+    ids
 }
 
 /// A wallet of `owner` (created, funded with `balance`) and a payment builder for it.
@@ -110,14 +114,7 @@ async fn wallets_and_7702_accounts_pay_and_settle_in_one_batch_with_keys() {
         }
         assert_eq!(items[0].signature.as_bytes().len(), 192, "the wallet's signature is not ECDSA-shaped");
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(200), None);
-        let ids = paused(&d, async {
-            let mut ids = Vec::new();
-            for s in &items {
-                ids.push(submit(&d, s).await);
-            }
-            ids
-        })
-        .await;
+        let ids = submit_as_one_batch(&d, &items).await;
 
         let done = wait_for(&d, &ids, WAIT, is_final).await;
         for p in &done {
@@ -207,14 +204,7 @@ async fn a_counterfactual_wallet_of_an_allow_listed_factory_is_deployed_and_sett
             );
         }
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(200), None);
-        let ids = paused(&d, async {
-            let mut ids = Vec::new();
-            for s in &items {
-                ids.push(submit(&d, s).await);
-            }
-            ids
-        })
-        .await;
+        let ids = submit_as_one_batch(&d, &items).await;
         let done = wait_for(&d, &ids, WAIT, is_final).await;
         for p in &done {
             assert_eq!(status(p), v1::PaymentStatus::Settled, "{p:?}");
@@ -360,6 +350,11 @@ async fn a_wallet_whose_owner_changes_after_acceptance_fails_at_pre_simulation_a
         let done = wait_for(&d, std::slice::from_ref(&id), WAIT, is_final).await;
         assert_eq!(status(&done[0]), v1::PaymentStatus::Failed, "{:?}", done[0]);
         assert_eq!(done[0].failure_reason, "invalid_exact_evm_payload_signature", "{:?}", done[0]);
+        assert!(
+            done[0].tx_hash.is_empty() && done[0].batch_id.is_empty(),
+            "refused before any batch: {:?}",
+            done[0]
+        );
 
         // Its exposure is released: the new owner's payment of the same value is taken.
         let token = IEip3009::new(net.token(), net.provider());

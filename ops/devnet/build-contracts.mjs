@@ -7,7 +7,7 @@ import solc from "solc";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const sources = {};
-for (const file of ["TestUSDC.sol", "BatchCall.sol", "GasPriceOracleStub.sol", "Wallets.sol", "Probes.sol"]) {
+for (const file of ["TestUSDC.sol", "BatchCall.sol", "GasPriceOracleStub.sol", "Ecdsa.sol", "Wallets.sol", "Probes.sol"]) {
   sources[file] = { content: fs.readFileSync(path.join(here, "contracts", file), "utf8") };
 }
 

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.30;
 
+import {Ecdsa} from "Ecdsa.sol";
+
 /// Both contracts here are run "deployless": an `eth_call` without a target whose data is
 /// the creation code followed by the ABI-encoded constructor arguments. The constructor
 /// does the reads and returns its answer as if it were runtime code; nothing is deployed,
@@ -61,7 +63,6 @@ contract SignatureProbe {
     uint8 internal constant NOT_DEPLOYED = 3; // ERC-6492: the factory call left the signer without code
 
     bytes32 internal constant ERC6492_SUFFIX = 0x6492649264926492649264926492649264926492649264926492649264926492;
-    uint256 internal constant HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     constructor(address[] memory signers, bytes32[] memory digests, bytes[] memory signatures) {
         require(signers.length == digests.length && digests.length == signatures.length, "SignatureProbe: lengths differ");
@@ -88,7 +89,7 @@ contract SignatureProbe {
             signature = inner;
         }
         if (signer.code.length == 0) {
-            return _recover(digest, signature) == signer && signer != address(0) ? VALID : ECDSA_MISMATCH;
+            return Ecdsa.recover(digest, signature) == signer && signer != address(0) ? VALID : ECDSA_MISMATCH;
         }
         (bool ok, bytes memory result) =
             signer.staticcall(abi.encodeWithSelector(0x1626ba7e, digest, signature));
@@ -105,19 +106,5 @@ contract SignatureProbe {
             tail := mload(add(signature, mload(signature)))
         }
         return tail == ERC6492_SUFFIX;
-    }
-
-    function _recover(bytes32 digest, bytes memory signature) private pure returns (address) {
-        if (signature.length != 65) return address(0);
-        bytes32 r;
-        bytes32 s;
-        uint8 v;
-        assembly {
-            r := mload(add(signature, 0x20))
-            s := mload(add(signature, 0x40))
-            v := byte(0, mload(add(signature, 0x60)))
-        }
-        if (uint256(s) > HALF_ORDER || (v != 27 && v != 28)) return address(0);
-        return ecrecover(digest, v, r, s);
     }
 }
