@@ -45,8 +45,9 @@ pub const DEFAULT_LEDGER_QUEUE_CAPACITY: usize = 8192;
 /// daemon itself has accepted.
 pub const DEFAULT_BALANCE_MAX_AGE_MS: u64 = 2_000;
 
-/// Balances read in one `aggregate3` call: ~30k gas of `eth_call` each, far below node
-/// limits, and one round trip for a burst of new payers.
+/// Payers read in one refresh round (their balances and code, by the deployless
+/// `PayerProbe`: up to 191 per `eth_call`, a larger round's calls at once): one round trip
+/// for a burst of new payers.
 pub const DEFAULT_BALANCE_MAX_BATCH: usize = 500;
 
 /// Longest one balance read may take before the submissions waiting on it are refused
