@@ -32,7 +32,7 @@ fn samples() -> Vec<Admitted> {
         .map(|i| {
             let payer = PrivateKeySigner::random();
             let signed = PaymentBuilder::new(&payer, &domain, 1_800_000_000).nonce_index(i as u64).build();
-            Admitted { signed, domain_separator: domain.separator() }
+            Admitted { signed, domain_separator: domain.separator(), contract_signatures: true }
         })
         .collect()
 }

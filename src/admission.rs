@@ -29,6 +29,9 @@ pub struct Admitted {
     pub signed: SignedAuthorization,
     /// The token's EIP-712 domain separator, so the verifier needs no table lookup.
     pub domain_separator: B256,
+    /// Whether the token judges payers with code by ERC-1271
+    /// ([`crate::config::TokenConfig::contract_signatures`]).
+    pub contract_signatures: bool,
 }
 
 /// Why admission refused a payment.
@@ -203,7 +206,11 @@ impl Admission {
             return Err(AdmissionError::ValueMismatch { required: req.amount, paid: auth.value });
         }
 
-        Ok(Admitted { domain_separator: token.domain.separator(), signed })
+        Ok(Admitted {
+            domain_separator: token.domain.separator(),
+            contract_signatures: token.contract_signatures,
+            signed,
+        })
     }
 
     /// The validity window against the clock: valid already, and for long enough to settle.

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use alloy::primitives::{Address, U256};
 
-use crate::admission::{Admission, PaymentInput};
+use crate::admission::{Admission, Admitted, PaymentInput};
 use crate::balance::BalanceCache;
 use crate::config::DEFAULT_MAX_TIMEOUT_SECS;
 use crate::ledger::{
@@ -34,7 +34,8 @@ use crate::ledger::{
 use crate::limits::Limits;
 use crate::payer::{ChainVerdict, PayerCode, Route, SignatureJudge};
 use crate::verify::{PoolError, VerifyPool};
-use crate::x402::{PaymentRequirements, RawSignature, Reason, SignedAuthorization};
+use crate::x402::eip712::signing_hash;
+use crate::x402::{PaymentRequirements, RawSignature, Reason};
 
 /// A payment as an API server hands it in, whichever surface it came by.
 #[derive(Debug, Clone)]
@@ -239,19 +240,12 @@ impl Ingest {
             match read {
                 Ok(state) => {
                     // A token that checks ECDSA only judges every payer so, code or not.
-                    let contract_signatures = self
-                        .admission
-                        .tokens()
-                        .get(signed.chain_id, signed.token)
-                        .is_some_and(|t| t.contract_signatures);
-                    let route = if contract_signatures {
+                    let route = if admitted.contract_signatures {
                         Route::of(state.code, signed.signature.erc6492().is_some())
                     } else {
                         Route::Eoa
                     };
-                    if let Err(refusal) =
-                        self.judge_signature(&admitted.signed, ecdsa, state.code, route).await?
-                    {
+                    if let Err(refusal) = self.judge_signature(admitted, ecdsa, state.code, route).await? {
                         return rejected(Reason::InvalidSignature, refusal);
                     }
                     // A deployed wallet's 6492 wrapper is kept unwrapped: the ledger holds a
@@ -320,16 +314,17 @@ impl Ingest {
         }
     }
 
-    /// Judges `signed`'s signature as the token will, given its payer's `code`: `Ok(Ok)`
+    /// Judges `admitted`'s signature as the token will, given its payer's `code`: `Ok(Ok)`
     /// valid, `Ok(Err(why))` refused (the message names the route), `Err` not judged (the
     /// node did not answer: retryable, never an acceptance).
     async fn judge_signature(
         &self,
-        signed: &SignedAuthorization,
+        admitted: &Admitted,
         ecdsa: Result<(), crate::verify::SignatureError>,
         code: PayerCode,
         route: Route,
     ) -> Result<Result<(), String>, SubmitError> {
+        let signed = &admitted.signed;
         let from = signed.authorization.from;
         let wrapper = signed.signature.erc6492();
         if let (Some(Err(e)), true) = (&wrapper, route != Route::Eoa) {
@@ -359,11 +354,7 @@ impl Ingest {
             }
             Route::Erc1271 | Route::Eip7702 => {}
         }
-        let token = self.admission.tokens().get(signed.chain_id, signed.token);
-        let Some(token) = token else {
-            return Ok(Err(format!("token {} is not configured", signed.token)));
-        };
-        let digest = token.domain.signing_hash(&signed.authorization);
+        let digest = signing_hash(admitted.domain_separator, &signed.authorization);
         let item = [(from, digest, signed.signature.bytes().clone())];
         let verdicts = self.signatures.judge(signed.chain_id, &item).await.map_err(|e| {
             SubmitError::Unavailable(format!("cannot check the payer's ERC-1271 signature: {e}"))

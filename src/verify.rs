@@ -368,8 +368,13 @@ mod tests {
     async fn pool_checks_many_per_call_and_refuses_overflow() {
         let signer = PrivateKeySigner::random();
         let pool = VerifyPool::new(2, 1024).unwrap();
-        let mut items: Vec<Admitted> =
-            (0..50).map(|i| Admitted { signed: signed_by(&signer, SEP, i), domain_separator: SEP }).collect();
+        let mut items: Vec<Admitted> = (0..50)
+            .map(|i| Admitted {
+                signed: signed_by(&signer, SEP, i),
+                domain_separator: SEP,
+                contract_signatures: true,
+            })
+            .collect();
         items[7].signed.authorization.to = Address::ZERO;
         let verified = pool.verify(items).await;
         let outcomes = verified.outcomes();
@@ -387,7 +392,11 @@ mod tests {
         // A queue of one behind one busy thread cannot take 200 items at once.
         let small = VerifyPool::new(1, 1).unwrap();
         let many: Vec<Admitted> = (0..200)
-            .map(|i| Admitted { signed: signed_by(&signer, SEP, i as u8), domain_separator: SEP })
+            .map(|i| Admitted {
+                signed: signed_by(&signer, SEP, i as u8),
+                domain_separator: SEP,
+                contract_signatures: true,
+            })
             .collect();
         let outcomes = small.verify(many).await.outcomes();
         let full = outcomes.iter().filter(|o| **o == Err(PoolError::QueueFull)).count();
@@ -407,7 +416,13 @@ mod tests {
         let signer = PrivateKeySigner::random();
         let pool = VerifyPool::with_checker(1, 64, panics_on_nonce_3).unwrap();
         let items = |range: std::ops::Range<u8>| {
-            range.map(|i| Admitted { signed: signed_by(&signer, SEP, i), domain_separator: SEP }).collect()
+            range
+                .map(|i| Admitted {
+                    signed: signed_by(&signer, SEP, i),
+                    domain_separator: SEP,
+                    contract_signatures: true,
+                })
+                .collect()
         };
         let outcomes = pool.verify(items(0..6)).await.outcomes();
         assert_eq!(outcomes[3], Err(PoolError::Panicked));
@@ -424,7 +439,11 @@ mod tests {
         let mut pool = VerifyPool::new(1, 8).unwrap();
         pool.stop();
         let outcomes = pool
-            .verify(vec![Admitted { signed: signed_by(&signer, SEP, 1), domain_separator: SEP }])
+            .verify(vec![Admitted {
+                signed: signed_by(&signer, SEP, 1),
+                domain_separator: SEP,
+                contract_signatures: true,
+            }])
             .await
             .outcomes();
         assert_eq!(outcomes, vec![Err(PoolError::ShutDown)]);
