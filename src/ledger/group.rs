@@ -1,34 +1,66 @@
-//! One group of commands applied against the RocksDB ledger: every rule of the ledger
-//! (the double-spend guard, idempotency keys, the payer's cover with its holds, the
-//! lifecycle's edges, the settlement log) decided in the writer's order, written into one
-//! `WriteBatch` that commits with one fsync.
+//! One group of commands applied against a ledger backend: every rule of the ledger (the
+//! double-spend guard, idempotency keys, the payer's cover with its holds, the lifecycle's
+//! edges, the settlement log) decided in the writer's order, its writes staged in the
+//! backend's [`Stage`] (a RocksDB `WriteBatch` committed with one fsync, or one PostgreSQL
+//! transaction). The rules live here once, so every backend decides them the same way.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use alloy::primitives::U256;
-use rocksdb::WriteBatch;
 
+use super::batch::BatchRecord;
 use super::command::{
     AcceptOutcome, AcceptRequest, Applied, ApplyRequest, Command, HoldOutcome, HoldRequest, Repeat,
     TransitionRequest,
 };
-use super::error::{LedgerError, db_err};
+use super::error::LedgerError;
 use super::holds::{Hold, Holds};
-use super::record::{AuthKey, CorruptRecord, LogEntry, PayerKey, PaymentRecord, Status};
-use super::rocks::{
-    CF_AUTH, CF_BATCH, CF_EXPOSURE, CF_ID, CF_IDEM, CF_PENDING, CF_SEQ, CF_SETTLEMENT, CF_WATCH, Ledger,
-    synced_write_options,
-};
+use super::record::{AuthKey, LogEntry, PayerKey, PaymentRecord, Status};
 use crate::x402::Reason;
+
+/// What a group needs from its backend: reads of the committed state, and somewhere to
+/// stage its writes until the backend commits them all at once.
+pub(super) trait Stage {
+    /// The committed record under `key`.
+    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError>;
+    /// The payer's committed exposure.
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError>;
+    /// The payment a committed idempotency key names.
+    fn idem(&self, idem: &str) -> Result<Option<AuthKey>, LedgerError>;
+    /// `record` under its key and under its sequence number (the change feed).
+    fn put_record(&mut self, record: &PaymentRecord);
+    /// The payment-id index of a new record.
+    fn put_id(&mut self, key: &AuthKey);
+    fn put_idem(&mut self, idem: &str, key: &AuthKey);
+    /// The payer's exposure (zero: none).
+    fn put_exposure(&mut self, payer: &PayerKey, value: U256);
+    /// Whether the payment is not yet final.
+    fn set_pending(&mut self, key: &AuthKey, pending: bool);
+    /// Whether the settled payment is watched until its block is final.
+    fn set_watched(&mut self, key: &AuthKey, watched: bool);
+    /// A settlement log entry under `seq`.
+    fn put_settlement(&mut self, seq: u64, record: &PaymentRecord);
+    fn put_batch(&mut self, batch: &BatchRecord);
+}
+
+/// What a group decided, for its backend to commit.
+pub(super) struct Decided<S> {
+    pub stage: S,
+    /// Every record the group wrote, as it stands after the group.
+    pub records: Vec<PaymentRecord>,
+    /// The newest sequence number and settlement log number once committed.
+    pub last_seq: u64,
+    pub last_settlement: u64,
+    /// Change of the pending count.
+    pub pending_delta: i64,
+}
 
 /// One group of commands: the store plus this group's uncommitted writes, so later
 /// commands in the group see earlier ones (two submissions of one nonce in one group
 /// conflict exactly as in two groups).
-pub(super) struct Group<'a> {
-    ledger: &'a Ledger,
+pub(super) struct Group<'a, S: Stage> {
+    stage: S,
     holds: &'a mut Holds,
-    batch: WriteBatch,
     records: HashMap<AuthKey, PaymentRecord>,
     exposures: HashMap<PayerKey, U256>,
     idem: HashMap<String, AuthKey>,
@@ -38,50 +70,41 @@ pub(super) struct Group<'a> {
     next_settlement: u64,
 }
 
-impl<'a> Group<'a> {
-    pub(super) fn new(ledger: &'a Ledger, holds: &'a mut Holds) -> Self {
+impl<'a, S: Stage> Group<'a, S> {
+    /// A group over `stage` whose first change gets sequence number `last_seq + 1` and
+    /// whose first settlement log entry `last_settlement + 1`.
+    pub(super) fn new(stage: S, holds: &'a mut Holds, last_seq: u64, last_settlement: u64) -> Self {
         Self {
-            ledger,
+            stage,
             holds,
-            batch: WriteBatch::default(),
             records: HashMap::new(),
             exposures: HashMap::new(),
             idem: HashMap::new(),
-            next_seq: ledger.last_seq() + 1,
+            next_seq: last_seq + 1,
             pending_delta: 0,
-            next_settlement: ledger.last_settlement() + 1,
+            next_settlement: last_settlement + 1,
         }
     }
 
     fn record(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
         match self.records.get(key) {
             Some(r) => Ok(Some(r.clone())),
-            None => self.ledger.get(key),
+            None => self.stage.get(key),
         }
     }
 
     fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
         match self.exposures.get(payer) {
             Some(e) => Ok(*e),
-            None => self.ledger.exposure(payer),
+            None => self.stage.exposure(payer),
         }
     }
 
     fn idem_key(&self, k: &str) -> Result<Option<AuthKey>, LedgerError> {
-        if let Some(key) = self.idem.get(k) {
-            return Ok(Some(*key));
+        match self.idem.get(k) {
+            Some(key) => Ok(Some(*key)),
+            None => self.stage.idem(k),
         }
-        let stored = self
-            .ledger
-            .db
-            .get_pinned_cf(self.ledger.cf(CF_IDEM), k.as_bytes())
-            .map_err(db_err("get", CF_IDEM))?;
-        stored
-            .map(|v| {
-                AuthKey::from_bytes(&v)
-                    .ok_or(LedgerError::Corrupt { cf: CF_IDEM, source: CorruptRecord { field: "auth key" } })
-            })
-            .transpose()
     }
 
     pub(super) fn apply(&mut self, command: &Command) -> Result<Applied, LedgerError> {
@@ -115,7 +138,7 @@ impl<'a> Group<'a> {
         }
         let results = req.transitions.iter().map(|t| self.transition(t)).collect();
         if let Some(batch) = &req.batch {
-            self.batch.put_cf(self.ledger.cf(CF_BATCH), batch.key(), batch.encode());
+            self.stage.put_batch(batch);
         }
         Ok(results)
     }
@@ -301,17 +324,13 @@ impl<'a> Group<'a> {
             log_entry: LogEntry::Outcome,
         };
         let record = self.write(record);
-        self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
+        self.stage.put_id(&key);
         if !req.submission.idempotency_key.is_empty() {
-            self.batch.put_cf(
-                self.ledger.cf(CF_IDEM),
-                req.submission.idempotency_key.as_bytes(),
-                key.as_bytes(),
-            );
+            self.stage.put_idem(&req.submission.idempotency_key, &key);
             self.idem.insert(req.submission.idempotency_key.clone(), key);
         }
         self.set_exposure(payer, needed);
-        self.batch.put_cf(self.ledger.cf(CF_PENDING), key.as_bytes(), []);
+        self.stage.set_pending(&key, true);
         self.pending_delta += 1;
         Ok(AcceptOutcome::Accepted(record))
     }
@@ -323,7 +342,7 @@ impl<'a> Group<'a> {
         if from_settled {
             // A settled payment moves on only after a reorg, or when its block is final:
             // either way it is watched no more; a reversal logs the settlement it undoes.
-            self.batch.delete_cf(self.ledger.cf(CF_WATCH), req.key.as_bytes());
+            self.stage.set_watched(&req.key, false);
             if req.to != Status::Settled {
                 let mut reversed = record.clone();
                 reversed.log_entry = LogEntry::Reversed;
@@ -333,14 +352,14 @@ impl<'a> Group<'a> {
                 // Pending again: the payer owes it until it settles anew.
                 let exposure = self.exposure(&payer)?;
                 self.set_exposure(payer, exposure.saturating_add(record.value()));
-                self.batch.put_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes(), []);
+                self.stage.set_pending(&req.key, true);
                 self.pending_delta += 1;
             }
         }
         if req.to.is_final() && !(from_settled && req.to == Status::Settled) {
             let exposure = self.exposure(&payer)?;
             self.set_exposure(payer, exposure.saturating_sub(record.value()));
-            self.batch.delete_cf(self.ledger.cf(CF_PENDING), req.key.as_bytes());
+            self.stage.set_pending(&req.key, false);
             self.pending_delta -= 1;
         }
         record.status = req.to;
@@ -387,7 +406,7 @@ impl<'a> Group<'a> {
             self.log(&record);
             if record.status == Status::Settled && entry != LogEntry::Finalized {
                 // Watched until its block is final on chain (a reorg may still move it).
-                self.batch.put_cf(self.ledger.cf(CF_WATCH), req.key.as_bytes(), []);
+                self.stage.set_watched(&req.key, true);
             }
         }
         Ok(record)
@@ -395,7 +414,7 @@ impl<'a> Group<'a> {
 
     /// Appends `record` to the settlement log.
     fn log(&mut self, record: &PaymentRecord) {
-        self.batch.put_cf(self.ledger.cf(CF_SETTLEMENT), self.next_settlement.to_be_bytes(), record.encode());
+        self.stage.put_settlement(self.next_settlement, record);
         self.next_settlement += 1;
     }
 
@@ -403,35 +422,25 @@ impl<'a> Group<'a> {
     fn write(&mut self, mut record: PaymentRecord) -> PaymentRecord {
         record.seq = self.next_seq;
         self.next_seq += 1;
-        let key = record.key();
-        let bytes = record.encode();
-        self.batch.put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
-        self.batch.put_cf(self.ledger.cf(CF_AUTH), key.as_bytes(), bytes);
-        self.records.insert(key, record.clone());
+        self.stage.put_record(&record);
+        self.records.insert(record.key(), record.clone());
         record
     }
 
     fn set_exposure(&mut self, payer: PayerKey, value: U256) {
-        if value.is_zero() {
-            self.batch.delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
-        } else {
-            self.batch.put_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes(), value.to_be_bytes::<32>());
-        }
+        self.stage.put_exposure(&payer, value);
         self.exposures.insert(payer, value);
     }
 
-    /// Commits the group; returns the records it wrote.
-    pub(super) fn commit(self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        if self.batch.is_empty() {
-            return Ok(Vec::new());
+    /// What the group decided, for the backend to commit.
+    pub(super) fn decided(self) -> Decided<S> {
+        Decided {
+            stage: self.stage,
+            records: self.records.into_values().collect(),
+            last_seq: self.next_seq - 1,
+            last_settlement: self.next_settlement - 1,
+            pending_delta: self.pending_delta,
         }
-        self.ledger.db.write_opt(self.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
-        self.ledger.last_seq.store(self.next_seq - 1, Ordering::SeqCst);
-        self.ledger.last_settlement.store(self.next_settlement - 1, Ordering::SeqCst);
-        // Only the writer commits, so this read-modify-write does not race.
-        let pending = self.ledger.pending().saturating_add_signed(self.pending_delta);
-        self.ledger.pending.store(pending, Ordering::SeqCst);
-        Ok(self.records.into_values().collect())
     }
 }
 
