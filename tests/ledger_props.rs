@@ -3,16 +3,20 @@
 //! lifecycle, strictly increasing sequence numbers, and all of it survives a reopen. Holds
 //! (verified payments reserved for their settlement) reserve their nonce and count in their
 //! payer's cover until an acceptance claims them or they lapse, and record nothing.
+//!
+//! The same cases, with the same assertions, run against both backends: RocksDB in a temp
+//! dir, and PostgreSQL (a throw-away server this test starts; one schema per case).
 
 use std::collections::HashMap;
 
 use alloy::primitives::{Address, B256, U256};
 use proptest::prelude::*;
-use x402_batcher::ledger::LedgerStore as _;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, Applied, AuthKey, Command, HoldOutcome, HoldRequest, Ledger, Refusal,
-    Repeat, Status, Submission, TransitionRequest,
+    AcceptOutcome, AcceptRequest, Applied, AuthKey, Command, HoldOutcome, HoldRequest, Ledger, LedgerStore,
+    PgConnect, PgLedger, Refusal, Repeat, Status, Submission, TransitionRequest,
 };
+use x402_batcher::tools::postgres::TestPostgres;
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
 
 #[derive(Debug, Clone)]
@@ -87,7 +91,7 @@ struct Model {
     authorization: Authorization,
 }
 
-fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
+fn check_invariants(ledger: &dyn LedgerStore, model: &HashMap<AuthKey, Model>) {
     let records = ledger.records().unwrap();
     assert_eq!(records.len(), model.len(), "one record per key, and only accepted ones");
     let mut pending: HashMap<_, U256> = HashMap::new();
@@ -121,172 +125,244 @@ fn check_invariants(ledger: &Ledger, model: &HashMap<AuthKey, Model>) {
     }
 }
 
+/// Cases per backend.
+const CASES: u32 = 48;
+
+fn strategy() -> impl Strategy<Value = (Vec<Op>, Vec<usize>)> {
+    (prop::collection::vec(arb_op(), 1..60), prop::collection::vec(1usize..5, 60))
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
 
     #[test]
-    fn invariants_hold(ops in prop::collection::vec(arb_op(), 1..60), group_sizes in prop::collection::vec(1usize..5, 60)) {
+    fn invariants_hold_on_rocksdb((ops, group_sizes) in strategy()) {
         let dir = tempfile::tempdir().unwrap();
-        let mut ledger = Ledger::open(dir.path()).unwrap();
-        let mut model: HashMap<AuthKey, Model> = HashMap::new();
-        let mut keys: Vec<AuthKey> = Vec::new();
-        // Live holds: key -> (authorization, idempotency key, expiry). Lost on a reopen (they
-        // live in memory), like the ledger's.
-        let mut holds: HashMap<AuthKey, (Authorization, String, u64)> = HashMap::new();
-        let mut now = 1u64;
+        let open = || -> Box<dyn LedgerStore> { Box::new(Ledger::open(dir.path()).unwrap()) };
+        run_case(&open, ops, group_sizes)?;
+    }
+}
 
-        let mut ops = ops.into_iter().peekable();
-        let mut sizes = group_sizes.into_iter().cycle();
-        while ops.peek().is_some() {
-            if let Some(Op::Reopen) = ops.peek() {
-                ops.next();
-                drop(ledger);
-                ledger = Ledger::open(dir.path()).unwrap();
-                holds.clear();
-                check_invariants(&ledger, &model);
-                continue;
+#[test]
+fn invariants_hold_on_postgres() {
+    let pg = TestPostgres::start().unwrap();
+    let case = std::sync::atomic::AtomicU64::new(0);
+    let mut runner = TestRunner::new(proptest::test_runner::Config {
+        cases: CASES,
+        failure_persistence: None,
+        ..Default::default()
+    });
+    runner
+        .run(&strategy(), |(ops, group_sizes)| {
+            let schema = format!("case{}", case.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+            let url = pg.schema_url(&schema).unwrap();
+            let open = || -> Box<dyn LedgerStore> {
+                Box::new(PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap())
+            };
+            run_case(&open, ops, group_sizes)
+        })
+        .unwrap();
+}
+
+/// Applies `ops` in groups (sizes from `group_sizes`) to a ledger from `open` and to a
+/// model, and checks every answer and the invariants after each group.
+fn run_case(
+    open: &dyn Fn() -> Box<dyn LedgerStore>,
+    ops: Vec<Op>,
+    group_sizes: Vec<usize>,
+) -> Result<(), TestCaseError> {
+    let mut ledger = open();
+    let mut model: HashMap<AuthKey, Model> = HashMap::new();
+    let mut keys: Vec<AuthKey> = Vec::new();
+    // Live holds: key -> (authorization, idempotency key, expiry). Lost on a reopen (they
+    // live in memory), like the ledger's.
+    let mut holds: HashMap<AuthKey, (Authorization, String, u64)> = HashMap::new();
+    let mut now = 1u64;
+
+    let mut ops = ops.into_iter().peekable();
+    let mut sizes = group_sizes.into_iter().cycle();
+    while ops.peek().is_some() {
+        if let Some(Op::Reopen) = ops.peek() {
+            ops.next();
+            drop(ledger);
+            ledger = open();
+            holds.clear();
+            check_invariants(&*ledger, &model);
+            continue;
+        }
+        if let Some(Op::Tick(ms)) = ops.peek() {
+            now += ms;
+            ops.next();
+            continue;
+        }
+        // A group of commands, applied against the model in the same order.
+        let mut commands = Vec::new();
+        let mut expect = Vec::new();
+        let mut overlay = model.clone();
+        let mut held = holds.clone();
+        let mut exposure: HashMap<_, U256> = HashMap::new();
+        for m in overlay.values() {
+            if !m.status.is_final() {
+                *exposure.entry(m.authorization.from).or_default() += m.value;
             }
-            if let Some(Op::Tick(ms)) = ops.peek() {
-                now += ms;
-                ops.next();
-                continue;
-            }
-            // A group of commands, applied against the model in the same order.
-            let mut commands = Vec::new();
-            let mut expect = Vec::new();
-            let mut overlay = model.clone();
-            let mut held = holds.clone();
-            let mut exposure: HashMap<_, U256> = HashMap::new();
-            for m in overlay.values() {
-                if !m.status.is_final() {
-                    *exposure.entry(m.authorization.from).or_default() += m.value;
-                }
-            }
-            for _ in 0..sizes.next().unwrap() {
-                let Some(op) = ops.next_if(|o| !matches!(o, Op::Reopen | Op::Tick(_))) else { break };
-                match op {
-                    Op::Accept { payer, nonce, value, balance, in_window } => {
-                        let s = signed(payer, nonce, value);
-                        let key = AuthKey::of(&s);
-                        let window = if in_window { Ok(()) } else { Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window")) };
-                        held.retain(|_, h| h.2 > now);
-                        let outcome = match (overlay.get(&key), held.get(&key)) {
-                            (Some(m), _) if m.authorization == s.authorization => "duplicate",
-                            (Some(_), _) => "nonce_used",
-                            (None, Some(h)) if h.0 != s.authorization => "nonce_used",
-                            (None, live) => {
-                                // Claimed, whatever follows.
-                                if live.is_some() {
-                                    held.remove(&key);
-                                }
-                                let on_hold = held_by(&held, s.authorization.from);
-                                let e = exposure.entry(s.authorization.from).or_default();
-                                if !in_window {
-                                    "window"
-                                } else if *e + on_hold + U256::from(value) > U256::from(balance) {
-                                    "insufficient"
-                                } else {
-                                    *e += U256::from(value);
-                                    overlay.insert(key, Model { status: Status::Accepted, value: U256::from(value), authorization: s.authorization.clone() });
-                                    keys.push(key);
-                                    "accepted"
-                                }
+        }
+        for _ in 0..sizes.next().unwrap() {
+            let Some(op) = ops.next_if(|o| !matches!(o, Op::Reopen | Op::Tick(_))) else { break };
+            match op {
+                Op::Accept { payer, nonce, value, balance, in_window } => {
+                    let s = signed(payer, nonce, value);
+                    let key = AuthKey::of(&s);
+                    let window = if in_window {
+                        Ok(())
+                    } else {
+                        Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window"))
+                    };
+                    held.retain(|_, h| h.2 > now);
+                    let outcome = match (overlay.get(&key), held.get(&key)) {
+                        (Some(m), _) if m.authorization == s.authorization => "duplicate",
+                        (Some(_), _) => "nonce_used",
+                        (None, Some(h)) if h.0 != s.authorization => "nonce_used",
+                        (None, live) => {
+                            // Claimed, whatever follows.
+                            if live.is_some() {
+                                held.remove(&key);
                             }
-                        };
-                        expect.push(outcome);
-                        commands.push(Command::accept(AcceptRequest {
+                            let on_hold = held_by(&held, s.authorization.from);
+                            let e = exposure.entry(s.authorization.from).or_default();
+                            if !in_window {
+                                "window"
+                            } else if *e + on_hold + U256::from(value) > U256::from(balance) {
+                                "insufficient"
+                            } else {
+                                *e += U256::from(value);
+                                overlay.insert(
+                                    key,
+                                    Model {
+                                        status: Status::Accepted,
+                                        value: U256::from(value),
+                                        authorization: s.authorization.clone(),
+                                    },
+                                );
+                                keys.push(key);
+                                "accepted"
+                            }
+                        }
+                    };
+                    expect.push(outcome);
+                    commands.push(
+                        Command::accept(AcceptRequest {
                             signed: s,
                             submission: Submission { network: "eip155:8453".into(), ..Submission::default() },
                             balance: U256::from(balance),
                             window,
                             now_ms: now,
-                        }).0);
-                    }
-                    Op::Hold { payer, nonce, value, balance, in_window, keyed } => {
-                        let s = signed(payer, nonce, value);
-                        let key = AuthKey::of(&s);
-                        let idem = if keyed { format!("pay-{payer}-{nonce}-{value}") } else { String::new() };
-                        let window = if in_window { Ok(()) } else { Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window")) };
-                        held.retain(|_, h| h.2 > now);
-                        let outcome = match (overlay.get(&key), held.get(&key)) {
-                            // Accepted without a key: a verification of it is a replay.
-                            (Some(m), _) if m.authorization == s.authorization => "recorded_replay",
-                            (Some(_), _) => "nonce_used",
-                            (None, Some(h)) if h.0 == s.authorization && keyed && h.1 == idem => "held",
-                            (None, Some(_)) => "nonce_used",
-                            (None, None) => {
-                                let on_hold = held_by(&held, s.authorization.from);
-                                let e = exposure.get(&s.authorization.from).copied().unwrap_or_default();
-                                if !in_window {
-                                    "window"
-                                } else if e + on_hold + U256::from(value) > U256::from(balance) {
-                                    "insufficient"
-                                } else {
-                                    held.insert(key, (s.authorization.clone(), idem.clone(), now + HOLD_MS));
-                                    "held"
-                                }
-                            }
-                        };
-                        expect.push(outcome);
-                        let accept = AcceptRequest {
-                            signed: s,
-                            submission: Submission {
-                                network: "eip155:8453".into(),
-                                idempotency_key: idem,
-                                ..Submission::default()
-                            },
-                            balance: U256::from(balance),
-                            window,
-                            now_ms: now,
-                        };
-                        commands.push(Command::hold(HoldRequest { accept, hold_ms: HOLD_MS }).0);
-                    }
-                    Op::Transition { pick, to } => {
-                        let key = if keys.is_empty() { AuthKey::of(&signed(9, 9, 1)) } else { *pick.get(&keys) };
-                        let to = Status::ALL[to];
-                        let outcome = match overlay.get_mut(&key) {
-                            None => "not_found",
-                            Some(m) if !m.status.can_move_to(to) => "illegal",
-                            Some(m) => {
-                                if to.is_final() {
-                                    *exposure.get_mut(&m.authorization.from).unwrap() -= m.value;
-                                }
-                                m.status = to;
-                                "moved"
-                            }
-                        };
-                        expect.push(outcome);
-                        commands.push(Command::transition(TransitionRequest::new(key, to, 2)).0);
-                    }
-                    Op::Reopen | Op::Tick(_) => unreachable!(),
+                        })
+                        .0,
+                    );
                 }
+                Op::Hold { payer, nonce, value, balance, in_window, keyed } => {
+                    let s = signed(payer, nonce, value);
+                    let key = AuthKey::of(&s);
+                    let idem = if keyed { format!("pay-{payer}-{nonce}-{value}") } else { String::new() };
+                    let window = if in_window {
+                        Ok(())
+                    } else {
+                        Err(Refusal::new(Reason::InvalidPaymentRequirements, "outside the window"))
+                    };
+                    held.retain(|_, h| h.2 > now);
+                    let outcome = match (overlay.get(&key), held.get(&key)) {
+                        // Accepted without a key: a verification of it is a replay.
+                        (Some(m), _) if m.authorization == s.authorization => "recorded_replay",
+                        (Some(_), _) => "nonce_used",
+                        (None, Some(h)) if h.0 == s.authorization && keyed && h.1 == idem => "held",
+                        (None, Some(_)) => "nonce_used",
+                        (None, None) => {
+                            let on_hold = held_by(&held, s.authorization.from);
+                            let e = exposure.get(&s.authorization.from).copied().unwrap_or_default();
+                            if !in_window {
+                                "window"
+                            } else if e + on_hold + U256::from(value) > U256::from(balance) {
+                                "insufficient"
+                            } else {
+                                held.insert(key, (s.authorization.clone(), idem.clone(), now + HOLD_MS));
+                                "held"
+                            }
+                        }
+                    };
+                    expect.push(outcome);
+                    let accept = AcceptRequest {
+                        signed: s,
+                        submission: Submission {
+                            network: "eip155:8453".into(),
+                            idempotency_key: idem,
+                            ..Submission::default()
+                        },
+                        balance: U256::from(balance),
+                        window,
+                        now_ms: now,
+                    };
+                    commands.push(Command::hold(HoldRequest { accept, hold_ms: HOLD_MS }).0);
+                }
+                Op::Transition { pick, to } => {
+                    let key = if keys.is_empty() { AuthKey::of(&signed(9, 9, 1)) } else { *pick.get(&keys) };
+                    let to = Status::ALL[to];
+                    let outcome = match overlay.get_mut(&key) {
+                        None => "not_found",
+                        Some(m) if !m.status.can_move_to(to) => "illegal",
+                        Some(m) => {
+                            if to.is_final() {
+                                *exposure.get_mut(&m.authorization.from).unwrap() -= m.value;
+                            }
+                            m.status = to;
+                            "moved"
+                        }
+                    };
+                    expect.push(outcome);
+                    commands.push(Command::transition(TransitionRequest::new(key, to, 2)).0);
+                }
+                Op::Reopen | Op::Tick(_) => unreachable!(),
             }
-            let results = ledger.apply_group(&commands).results;
-            for (result, expected) in results.iter().zip(&expect) {
-                let got = match result {
-                    Ok(Applied::Accept(AcceptOutcome::Accepted(_))) => "accepted",
-                    Ok(Applied::Accept(AcceptOutcome::Duplicate(..))) => "duplicate",
-                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => "nonce_used",
-                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => "insufficient",
-                    Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InvalidPaymentRequirements, .. })) => "window",
-                    Ok(Applied::Hold(HoldOutcome::Held { .. })) => "held",
-                    Ok(Applied::Hold(HoldOutcome::Recorded(_, Repeat::Replay))) => "recorded_replay",
-                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => "nonce_used",
-                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => "insufficient",
-                    Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::InvalidPaymentRequirements, .. })) => "window",
-                    Ok(Applied::Transition(_)) => "moved",
-                    Err(x402_batcher::ledger::LedgerError::NotFound(_)) => "not_found",
-                    Err(x402_batcher::ledger::LedgerError::IllegalTransition { .. }) => "illegal",
-                    other => panic!("unexpected result {other:?}"),
-                };
-                prop_assert_eq!(got, *expected);
-            }
-            model = overlay;
-            holds = held;
-            check_invariants(&ledger, &model);
-            prop_assert_eq!(ledger.holds(), holds.len(), "the live holds are the model's");
         }
+        let results = ledger.apply_group(&commands).results;
+        for (result, expected) in results.iter().zip(&expect) {
+            let got = match result {
+                Ok(Applied::Accept(AcceptOutcome::Accepted(_))) => "accepted",
+                Ok(Applied::Accept(AcceptOutcome::Duplicate(..))) => "duplicate",
+                Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => {
+                    "nonce_used"
+                }
+                Ok(Applied::Accept(AcceptOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => {
+                    "insufficient"
+                }
+                Ok(Applied::Accept(AcceptOutcome::Refused {
+                    reason: Reason::InvalidPaymentRequirements,
+                    ..
+                })) => "window",
+                Ok(Applied::Hold(HoldOutcome::Held { .. })) => "held",
+                Ok(Applied::Hold(HoldOutcome::Recorded(_, Repeat::Replay))) => "recorded_replay",
+                Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::NonceAlreadyUsed, .. })) => {
+                    "nonce_used"
+                }
+                Ok(Applied::Hold(HoldOutcome::Refused { reason: Reason::InsufficientFunds, .. })) => {
+                    "insufficient"
+                }
+                Ok(Applied::Hold(HoldOutcome::Refused {
+                    reason: Reason::InvalidPaymentRequirements,
+                    ..
+                })) => "window",
+                Ok(Applied::Transition(_)) => "moved",
+                Err(x402_batcher::ledger::LedgerError::NotFound(_)) => "not_found",
+                Err(x402_batcher::ledger::LedgerError::IllegalTransition { .. }) => "illegal",
+                other => panic!("unexpected result {other:?}"),
+            };
+            prop_assert_eq!(got, *expected);
+        }
+        model = overlay;
+        holds = held;
+        check_invariants(&*ledger, &model);
+        prop_assert_eq!(ledger.holds(), holds.len(), "the live holds are the model's");
     }
+    Ok(())
 }
 
 #[test]
@@ -301,6 +377,20 @@ fn a_newer_schema_is_refused_with_a_clear_message() {
     }
     let err = Ledger::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("schema version 99") && err.contains("newer"), "{err}");
+}
+
+#[test]
+fn a_newer_postgres_schema_is_refused_with_a_clear_message_and_nothing_changes() {
+    let pg = TestPostgres::start().unwrap();
+    let connect = PgConnect::new(&pg.url(), None).unwrap();
+    drop(PgLedger::open(connect.clone()).unwrap());
+    pg.sql("UPDATE ledger_meta SET value = 99 WHERE name = 'schema_version'").unwrap();
+    let err = PgLedger::open(connect.clone()).unwrap_err().to_string();
+    assert!(err.contains("schema version 99") && err.contains("newer"), "{err}");
+    assert!(!err.contains("password"), "{err}");
+    let err = PgLedger::open_read_only(connect).unwrap_err().to_string();
+    assert!(err.contains("schema version 99"), "{err}");
+    assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "99");
 }
 
 #[test]
@@ -328,9 +418,18 @@ fn a_schema_1_ledger_is_upgraded_in_place() {
 /// finalized nothing moves it. The books fold the log to one settlement.
 #[test]
 fn a_settled_payment_is_corrected_reversed_settled_again_and_finalized_every_step_logged() {
-    use x402_batcher::ledger::{Evidence, LogEntry, books};
     let dir = tempfile::tempdir().unwrap();
-    let mut ledger = Ledger::open(dir.path()).unwrap();
+    corrected_reversed_settled_again_and_finalized(&|| Box::new(Ledger::open(dir.path()).unwrap()));
+    let pg = TestPostgres::start().unwrap();
+    let url = pg.url();
+    corrected_reversed_settled_again_and_finalized(&|| {
+        Box::new(PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap())
+    });
+}
+
+fn corrected_reversed_settled_again_and_finalized(open: &dyn Fn() -> Box<dyn LedgerStore>) {
+    use x402_batcher::ledger::{Evidence, LogEntry, books};
+    let mut ledger = open();
     let s = signed(1, 1, 500);
     let key = AuthKey::of(&s);
     let accept = AcceptRequest {
@@ -340,7 +439,7 @@ fn a_settled_payment_is_corrected_reversed_settled_again_and_finalized_every_ste
         window: Ok(()),
         now_ms: 1,
     };
-    let run = |ledger: &mut Ledger, t: TransitionRequest| match &ledger
+    let run = |ledger: &mut Box<dyn LedgerStore>, t: TransitionRequest| match &ledger
         .apply_group(&[Command::transition(t).0])
         .results[0]
     {
@@ -414,7 +513,7 @@ fn a_settled_payment_is_corrected_reversed_settled_again_and_finalized_every_ste
     // The log, append-only: settled, corrected, reversed (the settlement undone), settled,
     // finalized; the books hold one settlement, the final one.
     drop(ledger);
-    let ledger = Ledger::open(dir.path()).unwrap();
+    let ledger = open();
     let log: Vec<_> = ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r).collect();
     let entries: Vec<_> = log.iter().map(|r| (r.log_entry, r.status, r.block_number)).collect();
     assert_eq!(

@@ -31,6 +31,14 @@ pub enum LedgerError {
         "ledger at {path} has schema version {found}, older than this build's: start the daemon once to upgrade it"
     )]
     OlderSchema { path: String, found: u32 },
+    #[error("PostgreSQL {op} failed")]
+    Postgres {
+        op: &'static str,
+        #[source]
+        source: std::sync::Arc<tokio_postgres::Error>,
+    },
+    #[error("ledger configuration: {0}")]
+    Config(String),
     #[error("ledger write queue is full")]
     QueueFull,
     #[error("ledger writer has stopped")]

@@ -44,6 +44,7 @@ pub mod command;
 pub mod error;
 pub mod group;
 pub mod holds;
+pub mod postgres;
 pub mod record;
 pub mod rocks;
 pub mod store;
@@ -57,6 +58,7 @@ pub use command::{
     HoldRequest, Refusal, Repeat, TransitionRequest,
 };
 pub use error::LedgerError;
+pub use postgres::{PgConnect, PgLedger};
 pub use record::{AuthKey, LogEntry, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use rocks::Ledger;
 pub use writer::{Follow, LedgerHandle};

@@ -5,12 +5,14 @@
 //! - [`devnet`]: a local chain (anvil) with the test token and Multicall3;
 //! - [`demo`]: the whole product on a devnet, gRPC fleet and x402 middlewares;
 //! - [`loadgen`]: pre-signed load over gRPC or a facilitator's `/verify`;
+//! - [`postgres`]: a throw-away PostgreSQL server (tests, benchmarks, the fleet demo);
 //! - [`status`]: Admin `GetStatus` for a person or a script;
 //! - [`testkit`]: signed payments and requirements built to order.
 
 pub mod demo;
 pub mod devnet;
 pub mod loadgen;
+pub mod postgres;
 pub mod status;
 pub mod testkit;
 pub mod wallets;

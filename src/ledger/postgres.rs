@@ -1,0 +1,925 @@
+//! The ledger on PostgreSQL: the same records, rules and order as the RocksDB ledger, in
+//! a database that outlives one machine (replicated by the operator's PostgreSQL, e.g.
+//! Patroni with a synchronous standby).
+//!
+//! Layout (schema version [`SCHEMA_VERSION`], in the connection's `search_path`):
+//!
+//! | table | key | columns |
+//! |---|---|---|
+//! | `ledger_meta` | name | `schema_version`, `seq` and `settlement` counters |
+//! | `ledger_payments` | auth key (80 B) | payment id (unique), record, `pending`, `watched` |
+//! | `ledger_feed` | sequence number | the record as of that change |
+//! | `ledger_idem` | idempotency key | auth key |
+//! | `ledger_exposure` | payer key (48 B) | sum of values accepted, not final (32 B BE) |
+//! | `ledger_settlement` | log sequence number | a settlement log entry |
+//! | `ledger_batch` | chain id, batch counter | the batch record |
+//!
+//! Records are stored in the same encoding as in RocksDB, so both backends read each
+//! other's bytes (the migration copies them as they are).
+//!
+//! A group of commands is one transaction: it first locks the `seq` and `settlement`
+//! counters (`SELECT … FOR UPDATE`), so groups from every daemon sharing the database are
+//! decided one after another, each on the state the previous one committed; it reads what
+//! its commands name in three statements, decides with the shared rules
+//! ([`super::group`]), writes in a handful of array statements and commits. Sequence
+//! numbers are taken under that lock and committed with it, so the change feed and the
+//! settlement log are gap-free in commit order: a reader never sees number n + 1 before n.
+//! An acknowledgement follows `COMMIT`.
+//!
+//! The client is async (tokio-postgres); the seam is synchronous, so the store runs its own
+//! small runtime and waits on it from the caller's thread (the writer thread, or a reader).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use alloy::primitives::U256;
+use tokio_postgres::{Client, NoTls};
+
+use super::batch::BatchRecord;
+use super::command::Command;
+use super::error::LedgerError;
+use super::group::{Decided, Group, Stage};
+use super::holds::Holds;
+use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord};
+use super::{GroupOutcome, LedgerStore};
+
+/// The layout this code reads and writes. Bumped by any change older code cannot read.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long connecting may take when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serialises schema creation and upgrades between daemons starting together.
+const SCHEMA_LOCK: i64 = 0x7834_3032_6c65_6467; // "x402ledg"
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_payments (
+    key bytea PRIMARY KEY,
+    id bytea NOT NULL UNIQUE,
+    record bytea NOT NULL,
+    pending boolean NOT NULL,
+    watched boolean NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_payments_pending ON ledger_payments (key) WHERE pending;
+CREATE INDEX IF NOT EXISTS ledger_payments_watched ON ledger_payments (key) WHERE watched;
+CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_idem (idem text PRIMARY KEY, key bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_exposure (payer bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_settlement (seq bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_batch (
+    chain_id bigint NOT NULL,
+    counter bigint NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (chain_id, counter)
+);
+INSERT INTO ledger_meta (name, value) VALUES ('seq', 0), ('settlement', 0) ON CONFLICT DO NOTHING;
+";
+
+/// Where the PostgreSQL ledger is and how to log in.
+#[derive(Clone)]
+pub struct PgConnect {
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for PgConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.location())
+    }
+}
+
+impl PgConnect {
+    /// From a connection string (`postgresql://user@host:port/db?…` or `host=… user=…`,
+    /// several hosts allowed); `password`, when given, replaces any in the string.
+    pub fn new(url: &str, password: Option<&str>) -> Result<PgConnect, LedgerError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| LedgerError::Config(format!("ledger.url: {e}")))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        Ok(PgConnect { config })
+    }
+
+    /// Hosts, ports, database and user: never the password.
+    pub fn location(&self) -> String {
+        let c = &self.config;
+        let hosts: Vec<String> = c
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                match c.get_ports().get(i).or(c.get_ports().first()) {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                }
+            })
+            .collect();
+        format!(
+            "postgresql://{}@{}/{}",
+            c.get_user().unwrap_or(""),
+            hosts.join(","),
+            c.get_dbname().unwrap_or("")
+        )
+    }
+
+    async fn connect(self) -> Result<Client, LedgerError> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(pg_err("connect"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!("ledger database connection closed: {e}");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// The open PostgreSQL ledger.
+pub struct PgLedger {
+    connect: PgConnect,
+    /// The store's own runtime (its connections run on it); `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    /// The connection reads use (pipelined: concurrent readers share it).
+    reads: parking_lot::Mutex<Option<Arc<Client>>>,
+    /// The writer's connection (transactions need it to themselves).
+    writes: parking_lot::Mutex<Option<Arc<Client>>>,
+    last_seq: AtomicU64,
+    pending: AtomicU64,
+    last_settlement: AtomicU64,
+    holds: parking_lot::Mutex<Holds>,
+}
+
+impl std::fmt::Debug for PgLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLedger").field("at", &self.connect.location()).finish()
+    }
+}
+
+impl Drop for PgLedger {
+    fn drop(&mut self) {
+        // Dropped from anywhere, an async task included: never block on the runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl PgLedger {
+    /// Connects, creates or checks the schema (refusing one written by a newer version),
+    /// and reads the counters.
+    pub fn open(connect: PgConnect) -> Result<PgLedger, LedgerError> {
+        let ledger = PgLedger::over(connect)?;
+        let client = ledger.client(&ledger.writes)?;
+        let location = ledger.connect.location();
+        ledger.block(async move {
+            client.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
+            let created = async {
+                client
+                    .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                    .await
+                    .map_err(pg_err("lock schema"))?;
+                client
+                    .batch_execute(
+                        "CREATE TABLE IF NOT EXISTS ledger_meta (name text PRIMARY KEY, value bigint NOT NULL)",
+                    )
+                    .await
+                    .map_err(pg_err("create schema"))?;
+                let found = stored_schema(&client).await?;
+                if let Some(found) = found.filter(|f| *f > SCHEMA_VERSION) {
+                    return Err(LedgerError::NewerSchema {
+                        path: location,
+                        found: found as u32,
+                        supported: SCHEMA_VERSION as u32,
+                    });
+                }
+                client.batch_execute(SCHEMA).await.map_err(pg_err("create schema"))?;
+                client
+                    .execute(
+                        "INSERT INTO ledger_meta (name, value) VALUES ('schema_version', $1) \
+                         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                        &[&SCHEMA_VERSION],
+                    )
+                    .await
+                    .map_err(pg_err("create schema"))?;
+                Ok(())
+            }
+            .await;
+            finish(&client, created).await
+        })??;
+        ledger.count()?;
+        Ok(ledger)
+    }
+
+    /// Opens an existing ledger for reading only (finance exports, reconciliation beside
+    /// running daemons). A ledger of another schema, or none, is refused.
+    pub fn open_read_only(connect: PgConnect) -> Result<PgLedger, LedgerError> {
+        let ledger = PgLedger::over(connect)?;
+        let client = ledger.client(&ledger.reads)?;
+        let location = ledger.connect.location();
+        let found = ledger.block(async move {
+            let exists: bool = client
+                .query_one("SELECT to_regclass('ledger_meta') IS NOT NULL", &[])
+                .await
+                .map_err(pg_err("read schema"))?
+                .get(0);
+            if exists { stored_schema(&client).await } else { Ok(None) }
+        })??;
+        match found {
+            Some(SCHEMA_VERSION) => {}
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(LedgerError::NewerSchema {
+                    path: location,
+                    found: found as u32,
+                    supported: SCHEMA_VERSION as u32,
+                });
+            }
+            found => {
+                return Err(LedgerError::OlderSchema { path: location, found: found.unwrap_or(0) as u32 });
+            }
+        }
+        ledger.count()?;
+        Ok(ledger)
+    }
+
+    fn over(connect: PgConnect) -> Result<PgLedger, LedgerError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ledger-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| LedgerError::Config(format!("ledger runtime: {e}")))?;
+        Ok(PgLedger {
+            connect,
+            rt: Some(rt),
+            reads: parking_lot::Mutex::new(None),
+            writes: parking_lot::Mutex::new(None),
+            last_seq: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            last_settlement: AtomicU64::new(0),
+            holds: parking_lot::Mutex::new(Holds::default()),
+        })
+    }
+
+    /// Runs `f` on the store's runtime and waits for it, from any thread (async tasks
+    /// included: they block as on any storage read).
+    fn block<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let rt = self.rt.as_ref().ok_or(LedgerError::WriterStopped)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().map_err(|_| LedgerError::WriterStopped)
+    }
+
+    /// The connection in `slot`, connecting (again) if there is none or it closed.
+    fn client(&self, slot: &parking_lot::Mutex<Option<Arc<Client>>>) -> Result<Arc<Client>, LedgerError> {
+        let mut slot = slot.lock();
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(c));
+        }
+        let client = Arc::new(self.block(self.connect.clone().connect())??);
+        *slot = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// Runs a read with the read connection.
+    fn read<T: Send + 'static, F>(&self, f: impl FnOnce(Arc<Client>) -> F) -> Result<T, LedgerError>
+    where
+        F: Future<Output = Result<T, LedgerError>> + Send + 'static,
+    {
+        let client = self.client(&self.reads)?;
+        self.block(f(client))?
+    }
+
+    /// Reads the counters kept in memory: last sequence numbers and pending payments.
+    fn count(&self) -> Result<(), LedgerError> {
+        let (seq, settlement, pending) = self.read(|c| async move {
+            let (seq, settlement) = counters(&c, false).await?;
+            let pending: i64 = c
+                .query_one("SELECT count(*) FROM ledger_payments WHERE pending", &[])
+                .await
+                .map_err(pg_err("count pending"))?
+                .get(0);
+            Ok((seq, settlement, pending as u64))
+        })?;
+        self.last_seq.store(seq, Ordering::SeqCst);
+        self.last_settlement.store(settlement, Ordering::SeqCst);
+        self.pending.store(pending, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn records_where(&self, query: &'static str) -> Result<Vec<PaymentRecord>, LedgerError> {
+        self.read(move |c| async move {
+            let rows = c.query(query, &[]).await.map_err(pg_err("read payments"))?;
+            rows.iter().map(|r| decode_record("ledger_payments", r.get(0))).collect()
+        })
+    }
+
+    /// One group: lock the counters, read what the commands name, decide, write, commit.
+    fn group(
+        &self,
+        commands: &[Command],
+    ) -> Result<(Vec<Result<super::Applied, LedgerError>>, Vec<PaymentRecord>), LedgerError> {
+        let client = self.client(&self.writes)?;
+        let named = Named::of(commands);
+        let read = {
+            let client = Arc::clone(&client);
+            self.block(async move {
+                client.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
+                let read = prefetch(&client, named).await;
+                if read.is_err() {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+                read
+            })??
+        };
+        let (last_seq, last_settlement) = (read.seq, read.settlement);
+        let mut holds = self.holds.lock();
+        let mut group = Group::new(PgStage::new(read), &mut holds, last_seq, last_settlement);
+        let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
+        let Decided { stage, records, last_seq, last_settlement, pending_delta } = group.decided();
+        let writes = stage.into_writes(&records, last_seq, last_settlement);
+        self.block(async move {
+            if writes.is_empty() {
+                // Nothing changed (every command refused or repeated): release the lock.
+                return client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"));
+            }
+            let written = writes.run(&client).await;
+            finish(&client, written).await
+        })??;
+        self.last_seq.store(last_seq, Ordering::SeqCst);
+        self.last_settlement.store(last_settlement, Ordering::SeqCst);
+        let pending = self.pending.load(Ordering::SeqCst).saturating_add_signed(pending_delta);
+        self.pending.store(pending, Ordering::SeqCst);
+        Ok((results, records))
+    }
+}
+
+/// Commits when `result` is Ok, rolls back otherwise; the result either way.
+async fn finish(client: &Client, result: Result<(), LedgerError>) -> Result<(), LedgerError> {
+    match result {
+        Ok(()) => client.batch_execute("COMMIT").await.map_err(pg_err("commit")),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn stored_schema(client: &Client) -> Result<Option<i64>, LedgerError> {
+    let row = client
+        .query_opt("SELECT value FROM ledger_meta WHERE name = 'schema_version'", &[])
+        .await
+        .map_err(pg_err("read schema"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The `seq` and `settlement` counters; `lock`: for this transaction.
+async fn counters(client: &Client, lock: bool) -> Result<(u64, u64), LedgerError> {
+    let query = if lock {
+        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement') ORDER BY name FOR UPDATE"
+    } else {
+        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement') ORDER BY name"
+    };
+    let rows = client.query(query, &[]).await.map_err(pg_err("read counters"))?;
+    let get = |name: &str| {
+        rows.iter()
+            .find(|r| r.get::<_, &str>(0) == name)
+            .map(|r| r.get::<_, i64>(1) as u64)
+            .ok_or(LedgerError::Corrupt { cf: "ledger_meta", source: CorruptRecord { field: "counter" } })
+    };
+    Ok((get("seq")?, get("settlement")?))
+}
+
+/// The keys, payers and idempotency keys a group's commands name.
+struct Named {
+    keys: Vec<Vec<u8>>,
+    payers: Vec<Vec<u8>>,
+    idem: Vec<String>,
+}
+
+impl Named {
+    fn of(commands: &[Command]) -> Named {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut idem = std::collections::BTreeSet::new();
+        let mut add = |key: AuthKey| {
+            keys.insert(key);
+        };
+        for c in commands {
+            match c {
+                Command::Accept(req, _) => {
+                    add(AuthKey::of(&req.signed));
+                    idem.insert(req.submission.idempotency_key.clone());
+                }
+                Command::Hold(req, _) => {
+                    add(AuthKey::of(&req.accept.signed));
+                    idem.insert(req.accept.submission.idempotency_key.clone());
+                }
+                Command::Transition(req, _) => add(req.key),
+                Command::Apply(req, _) => req.transitions.iter().for_each(|t| add(t.key)),
+            }
+        }
+        idem.remove("");
+        let payers: std::collections::BTreeSet<PayerKey> = keys.iter().map(AuthKey::payer).collect();
+        Named {
+            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            payers: payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            idem: idem.into_iter().collect(),
+        }
+    }
+}
+
+/// The committed state a group's commands name, read under the counters' lock.
+struct Prefetched {
+    seq: u64,
+    settlement: u64,
+    /// Records and their (pending, watched) flags.
+    records: HashMap<AuthKey, (PaymentRecord, bool, bool)>,
+    exposures: HashMap<PayerKey, U256>,
+    idem: HashMap<String, AuthKey>,
+}
+
+async fn prefetch(client: &Client, named: Named) -> Result<Prefetched, LedgerError> {
+    let (seq, settlement) = counters(client, true).await?;
+    let (records, exposures, idem) = futures::try_join!(
+        async {
+            client
+                .query(
+                    "SELECT record, pending, watched FROM ledger_payments WHERE key = ANY($1)",
+                    &[&named.keys],
+                )
+                .await
+                .map_err(pg_err("read payments"))
+        },
+        async {
+            client
+                .query("SELECT payer, value FROM ledger_exposure WHERE payer = ANY($1)", &[&named.payers])
+                .await
+                .map_err(pg_err("read exposure"))
+        },
+        async {
+            client
+                .query("SELECT idem, key FROM ledger_idem WHERE idem = ANY($1)", &[&named.idem])
+                .await
+                .map_err(pg_err("read idempotency keys"))
+        },
+    )?;
+    let mut out = Prefetched {
+        seq,
+        settlement,
+        records: HashMap::new(),
+        exposures: HashMap::new(),
+        idem: HashMap::new(),
+    };
+    for r in records {
+        let record = decode_record("ledger_payments", r.get(0))?;
+        out.records.insert(record.key(), (record, r.get(1), r.get(2)));
+    }
+    for r in exposures {
+        out.exposures.insert(decode_payer(r.get(0))?, decode_u256(r.get(1))?);
+    }
+    for r in idem {
+        let key = AuthKey::from_bytes(r.get(1))
+            .ok_or(LedgerError::Corrupt { cf: "ledger_idem", source: CorruptRecord { field: "auth key" } })?;
+        out.idem.insert(r.get(0), key);
+    }
+    Ok(out)
+}
+
+/// A group's reads (served from what was prefetched: everything its commands can ask for)
+/// and its staged writes.
+struct PgStage {
+    read: Prefetched,
+    /// Change feed entries, in order.
+    feed: Vec<(i64, Vec<u8>)>,
+    /// Final (pending, watched) of each key whose flags the group set.
+    flags: HashMap<AuthKey, (bool, bool)>,
+    idem: Vec<(String, Vec<u8>)>,
+    exposures: HashMap<PayerKey, U256>,
+    settlement: Vec<(i64, Vec<u8>)>,
+    batches: Vec<BatchRecord>,
+}
+
+impl PgStage {
+    fn new(read: Prefetched) -> PgStage {
+        PgStage {
+            read,
+            feed: Vec::new(),
+            flags: HashMap::new(),
+            idem: Vec::new(),
+            exposures: HashMap::new(),
+            settlement: Vec::new(),
+            batches: Vec::new(),
+        }
+    }
+
+    fn flags(&mut self, key: &AuthKey) -> &mut (bool, bool) {
+        let committed = self.read.records.get(key).map(|(_, p, w)| (*p, *w)).unwrap_or_default();
+        self.flags.entry(*key).or_insert(committed)
+    }
+
+    /// The statements that write what the group decided; `records`: every record it wrote.
+    fn into_writes(self, records: &[PaymentRecord], last_seq: u64, last_settlement: u64) -> Writes {
+        let mut payments = PaymentRows::default();
+        for r in records {
+            let key = r.key();
+            let (pending, watched) = match self.flags.get(&key) {
+                Some(f) => *f,
+                None => self.read.records.get(&key).map(|(_, p, w)| (*p, *w)).unwrap_or_default(),
+            };
+            payments.key.push(key.as_bytes().to_vec());
+            payments.id.push(key.payment_id().0.to_vec());
+            payments.record.push(r.encode());
+            payments.pending.push(pending);
+            payments.watched.push(watched);
+        }
+        let (zero, nonzero): (Vec<_>, Vec<_>) = self.exposures.into_iter().partition(|(_, v)| v.is_zero());
+        Writes {
+            payments,
+            feed: self.feed.into_iter().unzip(),
+            idem: self.idem.into_iter().unzip(),
+            exposure: nonzero
+                .iter()
+                .map(|(p, v)| (p.as_bytes().to_vec(), v.to_be_bytes::<32>().to_vec()))
+                .unzip(),
+            exposure_cleared: zero.iter().map(|(p, _)| p.as_bytes().to_vec()).collect(),
+            settlement: self.settlement.into_iter().unzip(),
+            batches: (
+                self.batches.iter().map(|b| b.chain_id as i64).collect(),
+                self.batches.iter().map(|b| b.counter as i64).collect(),
+                self.batches.iter().map(BatchRecord::encode).collect(),
+            ),
+            counters: (last_seq as i64, last_settlement as i64),
+        }
+    }
+}
+
+impl Stage for PgStage {
+    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
+        Ok(self.read.records.get(key).map(|(r, _, _)| r.clone()))
+    }
+
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
+        Ok(self.read.exposures.get(payer).copied().unwrap_or_default())
+    }
+
+    fn idem(&self, idem: &str) -> Result<Option<AuthKey>, LedgerError> {
+        Ok(self.read.idem.get(idem).copied())
+    }
+
+    fn put_record(&mut self, record: &PaymentRecord) {
+        self.feed.push((record.seq as i64, record.encode()));
+    }
+
+    fn put_id(&mut self, _key: &AuthKey) {
+        // The id is a column of the payment's row.
+    }
+
+    fn put_idem(&mut self, idem: &str, key: &AuthKey) {
+        self.idem.push((idem.to_owned(), key.as_bytes().to_vec()));
+    }
+
+    fn put_exposure(&mut self, payer: &PayerKey, value: U256) {
+        self.exposures.insert(*payer, value);
+    }
+
+    fn set_pending(&mut self, key: &AuthKey, pending: bool) {
+        self.flags(key).0 = pending;
+    }
+
+    fn set_watched(&mut self, key: &AuthKey, watched: bool) {
+        self.flags(key).1 = watched;
+    }
+
+    fn put_settlement(&mut self, seq: u64, record: &PaymentRecord) {
+        self.settlement.push((seq as i64, record.encode()));
+    }
+
+    fn put_batch(&mut self, batch: &BatchRecord) {
+        self.batches.push(batch.clone());
+    }
+}
+
+#[derive(Default)]
+struct PaymentRows {
+    key: Vec<Vec<u8>>,
+    id: Vec<Vec<u8>>,
+    record: Vec<Vec<u8>>,
+    pending: Vec<bool>,
+    watched: Vec<bool>,
+}
+
+/// A group's writes as array statements.
+struct Writes {
+    payments: PaymentRows,
+    feed: (Vec<i64>, Vec<Vec<u8>>),
+    idem: (Vec<String>, Vec<Vec<u8>>),
+    exposure: (Vec<Vec<u8>>, Vec<Vec<u8>>),
+    exposure_cleared: Vec<Vec<u8>>,
+    settlement: (Vec<i64>, Vec<Vec<u8>>),
+    batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>),
+    counters: (i64, i64),
+}
+
+impl Writes {
+    fn is_empty(&self) -> bool {
+        self.payments.key.is_empty() && self.batches.0.is_empty()
+    }
+
+    /// Sends every statement (pipelined on the one connection) and waits for them all.
+    async fn run(&self, client: &Client) -> Result<(), LedgerError> {
+        let p = &self.payments;
+        let payments = async {
+            if p.key.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_payments (key, id, record, pending, watched) \
+                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bool[], $5::bool[]) \
+                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, pending = EXCLUDED.pending, \
+                     watched = EXCLUDED.watched",
+                    &[&p.key, &p.id, &p.record, &p.pending, &p.watched],
+                )
+                .await
+        };
+        let feed = async {
+            if self.feed.0.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                    &[&self.feed.0, &self.feed.1],
+                )
+                .await
+        };
+        let idem = async {
+            if self.idem.0.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_idem (idem, key) SELECT * FROM unnest($1::text[], $2::bytea[])",
+                    &[&self.idem.0, &self.idem.1],
+                )
+                .await
+        };
+        let exposure = async {
+            if self.exposure.0.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_exposure (payer, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                     ON CONFLICT (payer) DO UPDATE SET value = EXCLUDED.value",
+                    &[&self.exposure.0, &self.exposure.1],
+                )
+                .await
+        };
+        let cleared = async {
+            if self.exposure_cleared.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute("DELETE FROM ledger_exposure WHERE payer = ANY($1)", &[&self.exposure_cleared])
+                .await
+        };
+        let settlement = async {
+            if self.settlement.0.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_settlement (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                    &[&self.settlement.0, &self.settlement.1],
+                )
+                .await
+        };
+        let batches = async {
+            if self.batches.0.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(
+                    "INSERT INTO ledger_batch (chain_id, counter, record) \
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
+                     ON CONFLICT (chain_id, counter) DO UPDATE SET record = EXCLUDED.record",
+                    &[&self.batches.0, &self.batches.1, &self.batches.2],
+                )
+                .await
+        };
+        let counters = async {
+            client
+                .execute(
+                    "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint ELSE $2::bigint END \
+                     WHERE name IN ('seq', 'settlement')",
+                    &[&self.counters.0, &self.counters.1],
+                )
+                .await
+        };
+        futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
+            .map_err(pg_err("write"))?;
+        Ok(())
+    }
+}
+
+impl LedgerStore for PgLedger {
+    fn location(&self) -> String {
+        self.connect.location()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::SeqCst)
+    }
+
+    fn pending(&self) -> u64 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    fn holds(&self) -> usize {
+        self.holds.lock().len()
+    }
+
+    fn last_settlement(&self) -> u64 {
+        self.last_settlement.load(Ordering::SeqCst)
+    }
+
+    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
+        let key = key.as_bytes().to_vec();
+        self.read(move |c| async move {
+            let row = c
+                .query_opt("SELECT record FROM ledger_payments WHERE key = $1", &[&key])
+                .await
+                .map_err(pg_err("read payment"))?;
+            row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
+        })
+    }
+
+    fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError> {
+        let id = id.0.to_vec();
+        self.read(move |c| async move {
+            let row = c
+                .query_opt("SELECT record FROM ledger_payments WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_err("read payment"))?;
+            row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
+        })
+    }
+
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
+        let payer = payer.as_bytes().to_vec();
+        self.read(move |c| async move {
+            let row = c
+                .query_opt("SELECT value FROM ledger_exposure WHERE payer = $1", &[&payer])
+                .await
+                .map_err(pg_err("read exposure"))?;
+            row.map(|r| decode_u256(r.get(0))).transpose().map(Option::unwrap_or_default)
+        })
+    }
+
+    fn exposures(&self) -> Result<Vec<(PayerKey, U256)>, LedgerError> {
+        self.read(|c| async move {
+            let rows = c
+                .query("SELECT payer, value FROM ledger_exposure ORDER BY payer", &[])
+                .await
+                .map_err(pg_err("read exposure"))?;
+            rows.iter().map(|r| Ok((decode_payer(r.get(0))?, decode_u256(r.get(1))?))).collect()
+        })
+    }
+
+    fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        self.records_where("SELECT record FROM ledger_payments WHERE pending ORDER BY key")
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError> {
+        let (after, limit) = (clamp(after), clamp(limit as u64));
+        self.read(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT record FROM ledger_feed WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(pg_err("read feed"))?;
+            rows.iter().map(|r| decode_record("ledger_feed", r.get(0))).collect()
+        })
+    }
+
+    fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        self.records_where("SELECT record FROM ledger_payments WHERE watched ORDER BY key")
+    }
+
+    fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError> {
+        let (after, limit) = (clamp(after), clamp(limit as u64));
+        self.read(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT seq, record FROM ledger_settlement WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await
+                .map_err(pg_err("read settlement log"))?;
+            rows.iter()
+                .map(|r| Ok((r.get::<_, i64>(0) as u64, decode_record("ledger_settlement", r.get(1))?)))
+                .collect()
+        })
+    }
+
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
+        let (chain_id, counter) = (clamp(chain_id), clamp(counter));
+        self.read(move |c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT record FROM ledger_batch WHERE chain_id = $1 AND counter = $2",
+                    &[&chain_id, &counter],
+                )
+                .await
+                .map_err(pg_err("read batch"))?;
+            row.map(|r| decode_batch(r.get(0))).transpose()
+        })
+    }
+
+    fn batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
+        let chain_id = clamp(chain_id);
+        self.read(move |c| async move {
+            let rows = c
+                .query("SELECT record FROM ledger_batch WHERE chain_id = $1 ORDER BY counter", &[&chain_id])
+                .await
+                .map_err(pg_err("read batches"))?;
+            rows.iter().map(|r| decode_batch(r.get(0))).collect()
+        })
+    }
+
+    fn last_batch_counter(&self, chain_id: u64) -> Result<u64, LedgerError> {
+        let chain_id = clamp(chain_id);
+        self.read(move |c| async move {
+            let row = c
+                .query_one("SELECT max(counter) FROM ledger_batch WHERE chain_id = $1", &[&chain_id])
+                .await
+                .map_err(pg_err("read batches"))?;
+            Ok(row.get::<_, Option<i64>>(0).unwrap_or(0) as u64)
+        })
+    }
+
+    fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
+        self.records_where("SELECT record FROM ledger_payments ORDER BY key")
+    }
+
+    fn apply_group(&self, commands: &[Command]) -> GroupOutcome {
+        match self.group(commands) {
+            Ok((results, changed)) => GroupOutcome { results, changed },
+            Err(e) => {
+                // Nothing of the group is committed. The in-memory holds it placed stay
+                // until they lapse (refusing a little more than needed meanwhile); the
+                // next group reconnects if the connection is gone.
+                tracing::warn!("ledger group failed: {e}");
+                GroupOutcome {
+                    results: commands.iter().map(|_| Err(e.clone())).collect(),
+                    changed: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+/// Numbers past i64 (PostgreSQL's bigint) ask for nothing that exists.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn decode_record(table: &'static str, bytes: &[u8]) -> Result<PaymentRecord, LedgerError> {
+    PaymentRecord::decode(bytes).map_err(|source| LedgerError::Corrupt { cf: table, source })
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, LedgerError> {
+    BatchRecord::decode(bytes).map_err(|source| LedgerError::Corrupt { cf: "ledger_batch", source })
+}
+
+fn decode_payer(bytes: &[u8]) -> Result<PayerKey, LedgerError> {
+    AuthKey::from_bytes(&[bytes, &[0u8; 32]].concat())
+        .map(|k| k.payer())
+        .ok_or(LedgerError::Corrupt { cf: "ledger_exposure", source: CorruptRecord { field: "payer" } })
+}
+
+fn decode_u256(bytes: &[u8]) -> Result<U256, LedgerError> {
+    <[u8; 32]>::try_from(bytes).map(U256::from_be_bytes).map_err(|_| LedgerError::Corrupt {
+        cf: "ledger_exposure",
+        source: CorruptRecord { field: "exposure" },
+    })
+}
+
+fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> LedgerError {
+    move |source| LedgerError::Postgres { op, source: Arc::new(source) }
+}

@@ -1,0 +1,203 @@
+//! A throw-away PostgreSQL server for tests, benchmarks and the demo: Debian's binaries
+//! (`initdb`, `pg_ctl`), a cluster in a new temporary directory, listening on 127.0.0.1
+//! and a free port, stopped and removed when dropped. As root, the server runs as the
+//! `postgres` user (PostgreSQL refuses root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Where Debian installs the server: the newest `/usr/lib/postgresql/<major>/bin`, unless
+/// `PG_BIN` names another directory.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut majors: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((major, bin))
+        })
+        .collect();
+    majors.sort();
+    majors.pop().map(|(_, bin)| bin)
+}
+
+/// A running throw-away cluster.
+#[derive(Debug)]
+pub struct TestPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// `Some` when running as root: the server's user.
+    run_as: Option<&'static str>,
+    stopped: bool,
+}
+
+impl TestPostgres {
+    /// Creates and starts a cluster (trust authentication on 127.0.0.1 only, fsync on).
+    pub fn start() -> anyhow::Result<TestPostgres> {
+        Self::start_with(&[])
+    }
+
+    /// As [`Self::start`], with extra `postgresql.conf` lines.
+    pub fn start_with(settings: &[&str]) -> anyhow::Result<TestPostgres> {
+        let bin = bin_dir().ok_or_else(|| {
+            anyhow::anyhow!("PostgreSQL server not found under /usr/lib/postgresql (run ops/setup.sh)")
+        })?;
+        let dir = unique_dir()?;
+        let run_as = is_root().then_some("postgres");
+        if let Some(user) = run_as {
+            chown(&dir, user)?;
+        }
+        let mut pg = TestPostgres { bin, dir, port: 0, run_as, stopped: true };
+        pg.run("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])?;
+        let mut conf = String::from("listen_addresses = '127.0.0.1'\nfsync = on\n");
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        let conf_path = Path::new(&pg.data()).join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing)?;
+        pg.port = free_port()?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// A cluster made from `primary` by `pg_basebackup -R` (a streaming standby named
+    /// `application_name`), started on its own port.
+    pub fn standby_of(primary: &TestPostgres, application_name: &str) -> anyhow::Result<TestPostgres> {
+        let dir = unique_dir()?;
+        if let Some(user) = primary.run_as {
+            chown(&dir, user)?;
+        }
+        let mut pg =
+            TestPostgres { bin: primary.bin.clone(), dir, port: 0, run_as: primary.run_as, stopped: true };
+        let conninfo =
+            format!("host=127.0.0.1 port={} user=postgres application_name={application_name}", primary.port);
+        pg.run("pg_basebackup", &["-D", &pg.data(), "-d", &conninfo, "-R", "-X", "stream", "--no-sync"])?;
+        pg.port = free_port()?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    fn start_server(&mut self) -> anyhow::Result<()> {
+        let opts = format!("-p {} -k {}", self.port, self.dir.display());
+        let log = self.dir.join("log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "-t", "60", "start"])
+            .map_err(|e| anyhow::anyhow!("{e}; server log:\n{}", self.log()))?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// A connection string to database `postgres` as user `postgres`.
+    pub fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    /// A connection string whose tables live in a new schema `name` (one server, many
+    /// independent ledgers).
+    pub fn schema_url(&self, name: &str) -> anyhow::Result<String> {
+        self.sql(&format!("CREATE SCHEMA IF NOT EXISTS {name}"))?;
+        Ok(format!("{} options='-c search_path={name}'", self.url()))
+    }
+
+    /// Runs SQL with `psql`; returns what it printed (unaligned, tuples only).
+    pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url(), "-c", sql])
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Stops the server: `fast` (a clean shutdown) or `immediate` (a crash: no checkpoint,
+    /// recovery at the next start).
+    pub fn stop(&mut self, mode: &str) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.run("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "-t", "60", "stop"])?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        self.run("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"])
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let program = self.bin.join(tool);
+        let mut cmd = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        let out = cmd.args(args).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let _ = self.stop("immediate");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique_dir() -> anyhow::Result<PathBuf> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "x402-pg-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        nanos % 1_000_000_000
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn chown(dir: &Path, user: &str) -> anyhow::Result<()> {
+    let status = Command::new("chown").arg(format!("{user}:")).arg(dir).status()?;
+    anyhow::ensure!(status.success(), "chown {user} {} failed", dir.display());
+    Ok(())
+}
