@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use x402_batcher::config::Config;
-use x402_batcher::ledger::Ledger;
+use x402_batcher::ledger::LedgerStore;
 use x402_batcher::tools::{self, loadgen};
 use x402_batcher::{export, x402};
 
@@ -277,10 +277,13 @@ pub fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("config {}", path.display()))
 }
 
-/// The config's ledger (or `over`), opened read-only: export and reconcile run beside the daemon.
-pub fn read_only_ledger(config: &Config, over: Option<PathBuf>) -> anyhow::Result<Ledger> {
-    let path = over.or(config.ledger.path.clone()).context("no ledger: pass --ledger or set ledger.path")?;
-    Ledger::open_read_only(&path).with_context(|| format!("ledger {}", path.display()))
+/// The config's ledger (or the RocksDB directory `over`), opened read-only: export and
+/// reconcile run beside the daemon, on either backend.
+pub fn read_only_ledger(
+    config: &Config,
+    over: Option<PathBuf>,
+) -> anyhow::Result<std::sync::Arc<dyn LedgerStore>> {
+    Ok(x402_batcher::ledger::open_read_only(&config.ledger, over.as_deref())?)
 }
 
 pub fn export_job(a: ExportArgs) -> anyhow::Result<export::Job> {

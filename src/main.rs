@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
             let config = load(&args.config)?;
             let over = args.ledger.clone();
             let job = cli::export_job(args)?; // bad flags refused before the ledger is opened
-            let s = export::run(&read_only_ledger(&config, over)?, &config.token_table(), &job)?;
+            let s = export::run(&*read_only_ledger(&config, over)?, &config.token_table(), &job)?;
             eprintln!("exported {} rows; log position {}", s.rows, s.cursor);
         }
         Command::Devnet { dir, settlers, payers, block_time } => {
@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
             let config = load(&config)?;
             let ledger = read_only_ledger(&config, ledger)?;
             let mut out = std::io::stdout().lock();
-            if !reconcile::run(&ledger, &config, from_block, to_block, chain_id, &mut out).await? {
+            if !reconcile::run(&*ledger, &config, from_block, to_block, chain_id, &mut out).await? {
                 std::process::exit(1);
             }
         }

@@ -1,5 +1,6 @@
-//! The ingest path end to end: real gRPC on 127.0.0.1:0, a real RocksDB ledger in a temp
-//! dir, balances read from a real anvil.
+//! The ingest path end to end: real gRPC on 127.0.0.1:0, balances read from a real anvil,
+//! and the ledger on each backend in turn (RocksDB in a temp dir, a throw-away PostgreSQL):
+//! the same assertions on both.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
+use common::store::Backend;
 use futures::StreamExt;
 use x402_batcher::api::v1;
 use x402_batcher::client;
@@ -48,10 +50,9 @@ async fn submit(d: &TestDaemon, req: v1::SubmitRequest) -> Result<(String, bool)
     outcome(&client.submit(req).await.expect("no transport error").into_inner())
 }
 
-#[tokio::test]
-async fn accepts_and_refuses_each_kind_with_its_code() {
+async fn accepts_and_refuses_each_kind_with_its_code(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("kinds", 1, 1_000_000).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now());
 
@@ -100,10 +101,9 @@ async fn accepts_and_refuses_each_kind_with_its_code() {
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn retries_are_idempotent_even_when_concurrent_and_nonce_reuse_is_refused() {
+async fn retries_are_idempotent_even_when_concurrent_and_nonce_reuse_is_refused(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("idem", 1, 1_000_000).await.remove(0);
         let payment = PaymentBuilder::new(&payer, &d.domain(), now()).value(1000);
         let req = request(&payment);
@@ -148,10 +148,9 @@ async fn retries_are_idempotent_even_when_concurrent_and_nonce_reuse_is_refused(
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn concurrent_overspend_is_refused_exactly_at_the_balance() {
+async fn concurrent_overspend_is_refused_exactly_at_the_balance(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("overspend", 1, 10).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now()).value(1);
         let replies =
@@ -167,10 +166,9 @@ async fn concurrent_overspend_is_refused_exactly_at_the_balance() {
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_resource_exhausted_and_writes_nothing() {
+async fn a_full_queue_answers_resource_exhausted_and_writes_nothing(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|c| {
+        let d = TestDaemon::start_with(backend, |c| {
             c.verify.threads = 1;
             c.verify.queue_capacity = 1;
         })
@@ -209,10 +207,9 @@ async fn a_full_queue_answers_resource_exhausted_and_writes_nothing() {
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn submit_stream_correlates_replies_by_request_id() {
+async fn submit_stream_correlates_replies_by_request_id(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("stream", 1, 1_000_000).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now());
         let mut requests: Vec<_> = (0..100).map(|i| request(&base.clone().nonce_index(i))).collect();
@@ -239,10 +236,9 @@ async fn submit_stream_correlates_replies_by_request_id() {
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn watch_resumes_from_a_cursor_without_gaps_or_duplicates() {
+async fn watch_resumes_from_a_cursor_without_gaps_or_duplicates(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("watch", 1, 1_000_000).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now());
         for i in 0..30 {
@@ -282,20 +278,19 @@ async fn watch_resumes_from_a_cursor_without_gaps_or_duplicates() {
     .expect("bounded");
 }
 
-#[tokio::test]
-async fn a_restart_recovers_every_acknowledged_payment() {
+async fn a_restart_recovers_every_acknowledged_payment(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("restart", 1, 1_000_000).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now());
         let mut ids = Vec::new();
         for i in 0..20 {
             ids.push(submit(&d, request(&base.clone().nonce_index(i))).await.unwrap().0);
         }
-        let (devnet, dir) = (d.devnet.clone(), d.dir.clone());
+        let (devnet, ledger) = (d.devnet.clone(), d.ledger.clone());
         d.stop().await;
 
-        let d = TestDaemon::start_on(devnet, dir, |_| {}).await;
+        let d = TestDaemon::start_on_ledger(devnet, ledger, |_| {}).await;
         for (i, id) in ids.iter().enumerate() {
             let (again, duplicate) = submit(&d, request(&base.clone().nonce_index(i as u64))).await.unwrap();
             assert_eq!((&again, duplicate), (id, true), "payment {i} survived the restart");
@@ -356,10 +351,9 @@ async fn health_and_reflection_are_served() {
 
 /// Shutdown answers what it read and then says UNAVAILABLE, on the open stream; a request
 /// is never left without either an answer or that explicit status.
-#[tokio::test]
-async fn draining_answers_in_flight_then_says_unavailable() {
+async fn draining_answers_in_flight_then_says_unavailable(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let d = TestDaemon::start(|_| {}).await;
+        let d = TestDaemon::start_with(backend, |_| {}).await;
         let payer = d.payers("drain", 1, 1_000_000).await.remove(0);
         let base = PaymentBuilder::new(&payer, &d.domain(), now());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -406,3 +400,22 @@ async fn draining_answers_in_flight_then_says_unavailable() {
     .await
     .expect("bounded");
 }
+
+both_backends!(
+    #[tokio::test]
+    accepts_and_refuses_each_kind_with_its_code,
+    #[tokio::test]
+    retries_are_idempotent_even_when_concurrent_and_nonce_reuse_is_refused,
+    #[tokio::test]
+    concurrent_overspend_is_refused_exactly_at_the_balance,
+    #[tokio::test]
+    a_full_queue_answers_resource_exhausted_and_writes_nothing,
+    #[tokio::test]
+    submit_stream_correlates_replies_by_request_id,
+    #[tokio::test]
+    watch_resumes_from_a_cursor_without_gaps_or_duplicates,
+    #[tokio::test]
+    a_restart_recovers_every_acknowledged_payment,
+    #[tokio::test]
+    draining_answers_in_flight_then_says_unavailable,
+);

@@ -141,15 +141,79 @@ impl Default for AuditConfig {
     }
 }
 
-/// The RocksDB ledger.
+/// The ledger: RocksDB in a directory (the default), or PostgreSQL.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
-    /// Directory of the RocksDB ledger. Required to run the daemon: where the record of
-    /// money owed lives is the operator's decision, never a silent default.
+    /// Where the ledger lives: `"rocksdb"` (embedded, one machine; the default) or
+    /// `"postgres"` (a database several daemons can share).
+    pub backend: LedgerBackend,
+    /// Directory of the RocksDB ledger. Required to run the daemon on RocksDB: where the
+    /// record of money owed lives is the operator's decision, never a silent default.
     pub path: Option<std::path::PathBuf>,
+    /// PostgreSQL connection string (URL `postgresql://user@host:port/db` or key=value;
+    /// several hosts with `target_session_attrs=read-write` to follow a failover). Required
+    /// with `backend = "postgres"`; it may not carry the password.
+    pub url: Option<String>,
+    /// A file holding the database password (readable by its owner only).
+    pub password_file: Option<std::path::PathBuf>,
+    /// An environment variable holding the database password.
+    pub password_env: Option<String>,
     /// See [`DEFAULT_LEDGER_QUEUE_CAPACITY`]; 0 means the default.
     pub queue_capacity: usize,
+}
+
+/// Which store holds the ledger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerBackend {
+    #[default]
+    Rocksdb,
+    Postgres,
+}
+
+impl LedgerConfig {
+    /// Checks the backend's settings: a postgres backend needs a URL without a password,
+    /// at most one password source, and no RocksDB path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.backend {
+            LedgerBackend::Rocksdb => {
+                for (set, field) in [
+                    (self.url.is_some(), "ledger.url"),
+                    (self.password_file.is_some(), "ledger.password_file"),
+                    (self.password_env.is_some(), "ledger.password_env"),
+                ] {
+                    if set {
+                        return Err(invalid(field, "is for backend = \"postgres\""));
+                    }
+                }
+            }
+            LedgerBackend::Postgres => {
+                if self.path.is_some() {
+                    return Err(invalid(
+                        "ledger.path",
+                        "is for backend = \"rocksdb\" (postgres uses ledger.url)",
+                    ));
+                }
+                if let Some(url) = &self.url {
+                    // Parse errors may echo the string: say only that it is not one.
+                    let parsed: tokio_postgres::Config = url.parse().map_err(|_| {
+                        invalid("ledger.url", "is not a PostgreSQL connection string (URL or key=value)")
+                    })?;
+                    if parsed.get_password().is_some() {
+                        return Err(invalid(
+                            "ledger.url",
+                            "carries a password: put it in ledger.password_file or ledger.password_env",
+                        ));
+                    }
+                }
+                if self.password_file.is_some() && self.password_env.is_some() {
+                    return Err(invalid("ledger.password_env", "give one of password_file and password_env"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The payer balance cache.
@@ -263,6 +327,7 @@ impl Config {
 
     /// Checks everything serde cannot: relations between fields and value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.ledger.validate()?;
         let mut seen = HashMap::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let field = |f: &str| format!("tokens[{i}].{f}");
@@ -347,8 +412,17 @@ impl Config {
     /// Checks what running the daemon needs beyond a valid file: a ledger path, and an RPC
     /// endpoint for every chain a token is configured on.
     pub fn validate_for_run(&self) -> Result<(), ConfigError> {
-        if self.ledger.path.is_none() {
-            return Err(invalid("ledger.path", "is required to run the daemon"));
+        match self.ledger.backend {
+            LedgerBackend::Rocksdb if self.ledger.path.is_none() => {
+                return Err(invalid("ledger.path", "is required to run the daemon"));
+            }
+            LedgerBackend::Postgres if self.ledger.url.is_none() => {
+                return Err(invalid(
+                    "ledger.url",
+                    "is required to run the daemon with backend = \"postgres\"",
+                ));
+            }
+            _ => {}
         }
         if self.tokens.is_empty() {
             return Err(invalid("tokens", "at least one token is required to run the daemon"));

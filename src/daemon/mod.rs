@@ -139,13 +139,13 @@ pub async fn serve(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let path = start::check(&config, &listeners)?;
+    start::check(&config, &listeners)?;
     // Installed first: a SIGHUP during start-up must not kill the daemon (the default action).
     let hangup = reload::hangup_signal(&config);
     let metrics = start::metrics(&config).await?;
     let access = start::Access::new(&config)?;
     let endpoints = start::chains(&config).await?;
-    let core = start::Core::open(&config, &path, &endpoints, &clock)?;
+    let core = start::Core::open(&config, &endpoints, &clock)?;
     let engines = start::engines(&config, &endpoints, &core, &clock, &access)?;
     let supported = crate::facilitator::supported(&core.tokens, &config.network_aliases, &engines.settlers);
     let ingest = start::ingest(&config, &core, clock);

@@ -3,7 +3,6 @@
 //! pool and balance cache, the settlement engines, and the ingest path over them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use crate::chain::{self, RpcEndpoint};
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
 use crate::ingest::Ingest;
-use crate::ledger::{Ledger, LedgerHandle, LedgerStore};
+use crate::ledger::LedgerHandle;
 use crate::payer::{BatchedSignatures, ChainSignatures, SignatureJudge};
 use crate::policy::PolicyHandle;
 use crate::settle::{Engine, RpcChain, StatusBoard};
@@ -30,14 +29,14 @@ use crate::verify::VerifyPool;
 /// How long shutdown waits for a settlement round in progress.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Checks the config for running with these listeners; returns the ledger's path.
-pub(super) fn check(config: &Config, listeners: &Listeners) -> Result<PathBuf, DaemonError> {
+/// Checks the config for running with these listeners.
+pub(super) fn check(config: &Config, listeners: &Listeners) -> Result<(), DaemonError> {
     config.validate()?;
     config.validate_for_run()?;
     if listeners.facilitator.is_some() {
         config.validate_facilitator_settles()?;
     }
-    Ok(config.ledger.path.clone().expect("validate_for_run requires ledger.path"))
+    Ok(())
 }
 
 /// Serves `/metrics` when `metrics.listen` is set (and this process has no recorder yet).
@@ -121,12 +120,11 @@ pub(super) struct Core {
 impl Core {
     pub fn open(
         config: &Config,
-        path: &std::path::Path,
         endpoints: &HashMap<u64, RpcEndpoint>,
         clock: &Arc<dyn Clock>,
     ) -> Result<Core, DaemonError> {
-        let ledger: Arc<dyn LedgerStore> = Arc::new(Ledger::open(path)?);
-        tracing::info!(path = %path.display(), last_seq = ledger.last_seq(), pending = ledger.pending(), "ledger open");
+        let ledger = crate::ledger::open(&config.ledger)?;
+        tracing::info!(at = %ledger.location(), last_seq = ledger.last_seq(), pending = ledger.pending(), "ledger open");
         let queue = match config.ledger.queue_capacity {
             0 => DEFAULT_LEDGER_QUEUE_CAPACITY,
             n => n,

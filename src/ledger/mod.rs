@@ -5,7 +5,8 @@
 //! The rest of the daemon reaches it through one seam, [`LedgerStore`] (its reads, and one
 //! way to write: a group of [`Command`]s applied by the single [`writer`]), so a second
 //! backend can be added without touching ingest, settlement, export or the services.
-//! RocksDB ([`rocks`]) is the implementation.
+//! RocksDB ([`rocks`]) is the embedded default; PostgreSQL ([`postgres`]) the shared one,
+//! for a fleet. [`open`] opens the configured one.
 //!
 //! - [`command`]: what the ledger is asked (accept, hold, transition, a settlement step)
 //!   and what it answers;
@@ -18,12 +19,15 @@
 //!   `WriteBatch`;
 //! - [`store`]: the RocksDB ledger as a [`LedgerStore`] (reads from `rocks`, writes
 //!   through `group`);
+//! - [`postgres`]: the ledger on PostgreSQL (the same rules through `group`, one
+//!   transaction per group);
+//! - [`open`]: the configured backend, opened;
 //! - [`writer`]: the single writer thread that drains its queue into group commits and
 //!   answers each command only after its group is on disk; followers of single payments;
 //! - [`error`]: why an operation failed.
 //!
-//! Layers, bottom up: `record`, `batch`, `holds`, `error` → `command` → `rocks` → `group`
-//! → `store` → `writer`.
+//! Layers, bottom up: `record`, `batch`, `holds`, `error` → `command` → `group` → `rocks`
+//! and `store`, `postgres` → `open` → `writer`.
 //!
 //! Column families:
 //!
@@ -44,6 +48,7 @@ pub mod command;
 pub mod error;
 pub mod group;
 pub mod holds;
+pub mod open;
 pub mod postgres;
 pub mod record;
 pub mod rocks;
@@ -58,6 +63,7 @@ pub use command::{
     HoldRequest, Refusal, Repeat, TransitionRequest,
 };
 pub use error::LedgerError;
+pub use open::{open, open_read_only};
 pub use postgres::{PgConnect, PgLedger};
 pub use record::{AuthKey, LogEntry, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use rocks::Ledger;

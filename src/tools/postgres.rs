@@ -38,6 +38,26 @@ pub struct TestPostgres {
 }
 
 impl TestPostgres {
+    /// A server shared by every caller in this process while any holds it: started by the
+    /// first, stopped when the last lets go. Callers keep apart with [`Self::new_schema_url`].
+    pub fn shared() -> anyhow::Result<std::sync::Arc<TestPostgres>> {
+        static SHARED: std::sync::Mutex<std::sync::Weak<TestPostgres>> =
+            std::sync::Mutex::new(std::sync::Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pg) = slot.upgrade() {
+            return Ok(pg);
+        }
+        let pg = std::sync::Arc::new(TestPostgres::start()?);
+        *slot = std::sync::Arc::downgrade(&pg);
+        Ok(pg)
+    }
+
+    /// A connection string to a new, empty schema of its own.
+    pub fn new_schema_url(&self) -> anyhow::Result<String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        self.schema_url(&format!("ledger{}", N.fetch_add(1, Ordering::SeqCst)))
+    }
+
     /// Creates and starts a cluster (trust authentication on 127.0.0.1 only, fsync on).
     pub fn start() -> anyhow::Result<TestPostgres> {
         Self::start_with(&[])

@@ -1,4 +1,5 @@
-//! A daemon in-process on 127.0.0.1:0, over a real devnet and a temp-dir ledger.
+//! A daemon in-process on 127.0.0.1:0, over a real devnet and a ledger in a temp dir
+//! (RocksDB) or on a throw-away PostgreSQL.
 
 use std::sync::Arc;
 
@@ -12,14 +13,18 @@ use x402_batcher::config::Config;
 use x402_batcher::tools::devnet::{self, Devnet};
 use x402_batcher::x402::eip712::TokenDomain;
 
+use super::store::{Backend, TestLedger};
+
 pub struct TestDaemon {
     pub devnet: Arc<Devnet>,
     pub addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     /// The facilitator HTTP API, when the config asked for it (`facilitator.listen` set).
     pub facilitator_addr: Option<std::net::SocketAddr>,
-    /// Holds the ledger; shared with a restarted daemon.
+    /// The test's files (the RocksDB ledger among them); shared with a restarted daemon.
     pub dir: Arc<tempfile::TempDir>,
+    /// The ledger; shared with a restarted daemon.
+    pub ledger: Arc<TestLedger>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), x402_batcher::daemon::DaemonError>>>,
 }
@@ -32,16 +37,32 @@ impl TestDaemon {
         Self::start_on(devnet, dir, tune).await
     }
 
-    /// A daemon on an existing devnet and ledger directory (a restart).
+    /// Starts a devnet and a daemon on it over a new ledger on `backend`.
+    pub async fn start_with(backend: Backend, tune: impl FnOnce(&mut Config)) -> TestDaemon {
+        let devnet = Arc::new(Devnet::start().await.unwrap());
+        Self::start_on_ledger(devnet, TestLedger::new(backend), tune).await
+    }
+
+    /// A daemon on an existing devnet and RocksDB ledger directory (a restart).
     pub async fn start_on(
         devnet: Arc<Devnet>,
         dir: Arc<tempfile::TempDir>,
         tune: impl FnOnce(&mut Config),
     ) -> TestDaemon {
+        Self::start_on_ledger(devnet, TestLedger::in_dir(Backend::Rocksdb, dir), tune).await
+    }
+
+    /// A daemon on an existing devnet and ledger (a restart).
+    pub async fn start_on_ledger(
+        devnet: Arc<Devnet>,
+        ledger: Arc<TestLedger>,
+        tune: impl FnOnce(&mut Config),
+    ) -> TestDaemon {
+        let dir = Arc::clone(&ledger.dir);
         let mut config = Config::parse("").unwrap();
         config.tokens.push(devnet.token_config());
         config.chains.push(devnet.chain_config());
-        config.ledger.path = Some(dir.path().join("ledger"));
+        ledger.configure(&mut config);
         tune(&mut config);
         let listeners = if config.facilitator.listen.is_some() {
             x402_batcher::daemon::Listeners::loopback_with_facilitator().await.unwrap()
@@ -61,6 +82,7 @@ impl TestDaemon {
             admin_addr,
             facilitator_addr,
             dir,
+            ledger,
             stop: Some(stop),
             task: Some(task),
         };

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod settle;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -13,7 +13,6 @@ use x402_batcher::tools::testkit;
 use x402_batcher::x402::SignedAuthorization;
 
 use super::daemon::TestDaemon;
-use x402_batcher::ledger::LedgerStore as _;
 
 /// Writes `settlers`' keys to a file in `dir` and points the config at it, with settings
 /// that keep tests quick: 50 ms rounds, 3 confirmations, batches cut at once when cheap.
@@ -140,12 +139,7 @@ pub async fn wait_for(
 
 /// The ledger's settlement log and batches, read after the daemon stopped.
 pub fn ledger_after(d_dir: &std::path::Path, chain_id: u64) -> (Vec<PaymentRecord>, Vec<BatchRecord>) {
-    let ledger = Ledger::open(&d_dir.join("ledger")).unwrap();
-    // Each payment's standing outcome (reversals undone, corrections and finality applied).
-    let log = x402_batcher::ledger::books(
-        ledger.settlement_log(0, usize::MAX).unwrap().into_iter().map(|(_, r)| r),
-    );
-    (log, ledger.batches(chain_id).unwrap())
+    super::store::books_and_batches(&Ledger::open(&d_dir.join("ledger")).unwrap(), chain_id)
 }
 
 pub fn status(p: &v1::Payment) -> v1::PaymentStatus {
