@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what x402-batcher needs to build, test and run its demo on a fresh Debian machine
-# that has Rust and Node: libclang (RocksDB's bindgen) and prometheus (its promtool checks
-# the alert rules in ops/prometheus) through apt-get, anvil and the x402 packages through
+# that has Rust and Node: libclang (RocksDB's bindgen), prometheus (its promtool checks
+# the alert rules in ops/prometheus) and postgresql (the tests start throw-away servers
+# from its binaries for the PostgreSQL ledger) through apt-get, anvil and the x402 packages through
 # npm. protoc needs nothing: the build uses a vendored copy. Safe to run again: it installs
 # only what is missing.
 #
@@ -14,7 +15,7 @@ X402_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/x402-batcher-target}"
 
 missing=()
-for pkg in libclang-dev g++ make prometheus; do
+for pkg in libclang-dev g++ make prometheus postgresql; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -1,6 +1,6 @@
 //! The settlement engine on a real anvil: payments go from accepted to settled at depth in
 //! aggregate3 batches, with exactly one outcome each, through failures, reorgs, dropped
-//! transactions and fee spikes.
+//! transactions and fee spikes; on each ledger backend in turn (same assertions).
 
 mod common;
 
@@ -12,7 +12,8 @@ use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
-use common::settle::{Miner, is_final, ledger_after, payments, settle_with, status, submit, wait_for};
+use common::settle::{Miner, is_final, payments, settle_with, status, submit, wait_for};
+use common::store::{Backend, TestLedger};
 use x402_batcher::api::v1;
 use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::config::Config;
@@ -29,19 +30,19 @@ const PAYEE: Address = Address::repeat_byte(0xbe);
 
 struct Setup {
     devnet: Arc<Devnet>,
-    dir: Arc<tempfile::TempDir>,
+    ledger: Arc<TestLedger>,
     settlers: Vec<PrivateKeySigner>,
 }
 
-async fn setup(settlers: usize) -> Setup {
+async fn setup(backend: Backend, settlers: usize) -> Setup {
     let devnet = Arc::new(Devnet::start().await.unwrap());
     let settlers = devnet.new_settlers("t", settlers).await.unwrap();
-    Setup { devnet, dir: Arc::new(tempfile::tempdir().unwrap()), settlers }
+    Setup { devnet, ledger: TestLedger::new(backend), settlers }
 }
 
 async fn daemon(s: &Setup, tune: impl FnOnce(&mut Config)) -> TestDaemon {
-    let (dir, settlers) = (s.dir.path().to_owned(), s.settlers.clone());
-    TestDaemon::start_on(Arc::clone(&s.devnet), Arc::clone(&s.dir), move |c| {
+    let (dir, settlers) = (s.ledger.dir.path().to_owned(), s.settlers.clone());
+    TestDaemon::start_on_ledger(Arc::clone(&s.devnet), Arc::clone(&s.ledger), move |c| {
         settle_with(c, &dir, &settlers);
         tune(c);
     })
@@ -76,7 +77,7 @@ fn settled(p: &v1::Payment) -> bool {
 /// Every payment settled once: one settlement log entry each, an `AuthorizationUsed` on
 /// chain for each, and the payee richer by exactly their sum.
 async fn assert_settled_once(s: &Setup, items: &[SignedAuthorization], payee_before: U256) {
-    let (log, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+    let (log, batches) = s.ledger.books(s.devnet.chain_id());
     let ids: HashSet<_> = log.iter().map(|r| r.payment_id()).collect();
     assert_eq!(log.len(), items.len(), "one settlement log entry per payment");
     assert_eq!(ids.len(), items.len(), "no payment twice in the log");
@@ -93,10 +94,9 @@ async fn assert_settled_once(s: &Setup, items: &[SignedAuthorization], payee_bef
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_settles_every_payment_at_depth_in_batches() {
+async fn happy_path_settles_every_payment_at_depth_in_batches(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(2).await;
+        let s = setup(backend, 2).await;
         let d = daemon(&s, |c| c.settlement.max_batch_size = 25).await;
         let payers = d.payers("happy", 10, 10_000_000).await;
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
@@ -109,7 +109,7 @@ async fn happy_path_settles_every_payment_at_depth_in_batches() {
         }
         d.stop().await;
         assert_settled_once(&s, &items, before).await;
-        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let (_, batches) = s.ledger.books(s.devnet.chain_id());
         assert!(batches.len() >= 3, "60 payments at most 25 per batch: {} batches", batches.len());
         assert!(batches.iter().all(|b| b.items.len() <= 25));
         let settlers: HashSet<_> = batches.iter().map(|b| b.settler).collect();
@@ -119,10 +119,9 @@ async fn happy_path_settles_every_payment_at_depth_in_batches() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_one_really_settles() {
+async fn a_batch_of_one_really_settles(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         let d = daemon(&s, |_| {}).await;
         let payers = d.payers("one", 1, 1_000_000).await;
         let _miner = Miner::start(Arc::clone(&s.devnet), Duration::from_millis(100), None);
@@ -132,7 +131,7 @@ async fn a_batch_of_one_really_settles() {
         let done = wait_for(&d, &ids, WAIT, settled).await;
         d.stop().await;
         assert_settled_once(&s, &items, before).await;
-        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let (_, batches) = s.ledger.books(s.devnet.chain_id());
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].items.len(), 1);
         let inc = batches[0].inclusion.unwrap();
@@ -145,10 +144,9 @@ async fn a_batch_of_one_really_settles() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
+async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         // Wait long enough for the test to spoil three payments before any batch is cut.
         let d = daemon(&s, |c| {
             c.settlement.max_wait_ms = Some(4_000);
@@ -197,7 +195,7 @@ async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
             (v1::PaymentStatus::Expired, "invalid_exact_evm_payload_authorization_valid_before".to_owned())
         );
         d.stop().await;
-        let (log, _) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let (log, _) = s.ledger.books(s.devnet.chain_id());
         assert_eq!(log.len(), 4, "one outcome each");
         let token = x402_batcher::chain::IEip3009::new(s.devnet.token(), s.devnet.provider());
         for a in [&drained, &expiring] {
@@ -210,10 +208,9 @@ async fn mixed_batch_fails_exactly_the_bad_items_with_their_reasons() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reorg_after_inclusion_resettles_everything_once() {
+async fn a_reorg_after_inclusion_resettles_everything_once(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         // Deep enough that no batch settles before the test reorganises the chain.
         let d = daemon(&s, |c| c.settlement.confirmations = 30).await;
         let payers = d.payers("reorg", 5, 1_000_000).await;
@@ -238,7 +235,7 @@ async fn a_reorg_after_inclusion_resettles_everything_once() {
         }
         d.stop().await;
         assert_settled_once(&s, &items, before).await;
-        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let (_, batches) = s.ledger.books(s.devnet.chain_id());
         assert!(
             batches.iter().any(|b| b.status == BatchStatus::Abandoned),
             "the reorged batch was abandoned"
@@ -248,10 +245,9 @@ async fn a_reorg_after_inclusion_resettles_everything_once() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_transaction_is_resubmitted() {
+async fn a_dropped_transaction_is_resubmitted(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         let d = daemon(&s, |_| {}).await;
         let payers = d.payers("drop", 3, 1_000_000).await;
         s.devnet.set_automine(false).await.unwrap();
@@ -276,10 +272,9 @@ async fn a_dropped_transaction_is_resubmitted() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
+async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         let d = daemon(&s, |c| {
             c.settlement.max_wait_ms = Some(3_000);
             c.settlement.max_fee_per_gas_wei = 1_000_000_000_000;
@@ -317,7 +312,7 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
         d.stop().await;
         let all: Vec<_> = wave1.iter().chain(&wave2).cloned().collect();
         assert_settled_once(&s, &all, before).await;
-        let (_, batches) = ledger_after(s.dir.path(), s.devnet.chain_id());
+        let (_, batches) = s.ledger.books(s.devnet.chain_id());
         let first = batches.iter().find(|b| b.items.len() == 4 && b.attempts.len() >= 2);
         assert!(first.is_some(), "the first batch was re-signed with a higher fee: {batches:#?}");
         let grown: Vec<_> = batches.iter().filter(|b| b.cut_reason == "max_wait").collect();
@@ -332,12 +327,11 @@ async fn a_fee_spike_grows_batches_and_replaces_the_stuck_transaction() {
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() {
+async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         // First without settler keys: the payments are accepted and wait.
-        let d = TestDaemon::start_on(Arc::clone(&s.devnet), Arc::clone(&s.dir), |c| {
+        let d = TestDaemon::start_on_ledger(Arc::clone(&s.devnet), Arc::clone(&s.ledger), |c| {
             c.audit.nonce_interval_ms = 0
         })
         .await;
@@ -383,10 +377,9 @@ async fn payments_a_settler_of_ours_already_settled_follow_their_own_evidence() 
     .expect("within the time limit");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
+async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee(backend: Backend) {
     tokio::time::timeout(LIMIT, async {
-        let s = setup(1).await;
+        let s = setup(backend, 1).await;
         let d = daemon(&s, |_| {}).await;
         let payers = d.payers("fees", 5, 1_000_000).await;
         s.devnet.set_automine(false).await.unwrap();
@@ -429,12 +422,12 @@ async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
         assert!(outcomes[1..].iter().all(failed), "{outcomes:?}");
         d.stop().await;
 
-        let ledger = x402_batcher::ledger::Ledger::open(&s.dir.path().join("ledger")).unwrap();
+        let ledger = s.ledger.open();
         let mut csv = Vec::new();
         let (tokens, filter) =
             (Config::parse("").unwrap().token_table(), x402_batcher::export::Filter::default());
         x402_batcher::export::export(
-            &ledger,
+            &*ledger,
             &tokens,
             0,
             &filter,
@@ -478,7 +471,7 @@ async fn the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee() {
             x402_batcher::chain::RpcEndpoint::connect_http(s.devnet.chain_id(), s.devnet.rpc_url()).unwrap();
         let head = s.devnet.block_number().await.unwrap();
         let report =
-            x402_batcher::reconcile::reconcile(&ledger, &endpoint, &[s.devnet.token()], false, 0, head)
+            x402_batcher::reconcile::reconcile(&*ledger, &endpoint, &[s.devnet.token()], false, 0, head)
                 .await
                 .unwrap();
         assert_eq!((report.fees_checked, report.discrepancies), (2, vec![]));
@@ -503,3 +496,22 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    happy_path_settles_every_payment_at_depth_in_batches,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_batch_of_one_really_settles,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    mixed_batch_fails_exactly_the_bad_items_with_their_reasons,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_reorg_after_inclusion_resettles_everything_once,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_dropped_transaction_is_resubmitted,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_fee_spike_grows_batches_and_replaces_the_stuck_transaction,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    payments_a_settler_of_ours_already_settled_follow_their_own_evidence,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_exported_fee_shares_of_each_transaction_sum_to_its_receipts_fee,
+);

@@ -553,4 +553,34 @@ mod tests {
         let err = Config::parse("[admission]\nmax_value = \"-3\"").unwrap_err();
         assert!(format!("{err:?}").contains("max_value"), "{err:?}");
     }
+
+    #[test]
+    fn a_postgres_ledger_needs_a_url_without_its_password() {
+        let pg = |rest: &str| Config::parse(&format!("[ledger]\nbackend = \"postgres\"\n{rest}"));
+        let ok =
+            pg("url = \"postgresql://batcher@db1:5432,db2:5432/x402?target_session_attrs=read-write\"\n\
+                     password_env = \"X402_DB_PASSWORD\"")
+            .unwrap();
+        assert_eq!(ok.ledger.backend, LedgerBackend::Postgres);
+        let err = pg("url = \"postgresql://batcher:hunter2@db1/x402\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.url") && err.contains("password_file"), "{err}");
+        assert!(!err.contains("hunter2"), "the secret is not echoed: {err}");
+        let err = pg("url = \"host=db1 password=hunter2\"").unwrap_err().to_string();
+        assert!(err.contains("carries a password") && !err.contains("hunter2"), "{err}");
+        let err = pg("url = \"postgresql://[::1\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.url"), "{err}");
+        let err = pg("url = \"host=db1\"\npath = \"/var/lib/x402\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.path"), "{err}");
+        let err =
+            pg("url = \"host=db1\"\npassword_file = \"p\"\npassword_env = \"P\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.password_env"), "{err}");
+        let err = Config::parse("[ledger]\nurl = \"host=db1\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.url") && err.contains("postgres"), "{err}");
+        let err = Config::parse("[ledger]\nbackend = \"mysql\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)), "{err:?}");
+        let mut run = pg("").unwrap();
+        run.tokens = ok.tokens.clone();
+        let err = run.validate_for_run().unwrap_err().to_string();
+        assert!(err.contains("ledger.url"), "{err}");
+    }
 }

@@ -327,10 +327,7 @@ impl PgLedger {
     }
 
     /// One group: lock the counters, read what the commands name, decide, write, commit.
-    fn group(
-        &self,
-        commands: &[Command],
-    ) -> Result<(Vec<Result<super::Applied, LedgerError>>, Vec<PaymentRecord>), LedgerError> {
+    fn group(&self, commands: &[Command]) -> Result<GroupOutcome, LedgerError> {
         let client = self.client(&self.writes)?;
         let named = Named::of(commands);
         let read = {
@@ -362,7 +359,7 @@ impl PgLedger {
         self.last_settlement.store(last_settlement, Ordering::SeqCst);
         let pending = self.pending.load(Ordering::SeqCst).saturating_add_signed(pending_delta);
         self.pending.store(pending, Ordering::SeqCst);
-        Ok((results, records))
+        Ok(GroupOutcome { results, changed: records })
     }
 }
 
@@ -879,7 +876,7 @@ impl LedgerStore for PgLedger {
 
     fn apply_group(&self, commands: &[Command]) -> GroupOutcome {
         match self.group(commands) {
-            Ok((results, changed)) => GroupOutcome { results, changed },
+            Ok(outcome) => outcome,
             Err(e) => {
                 // Nothing of the group is committed. The in-memory holds it placed stay
                 // until they lapse (refusing a little more than needed meanwhile); the
