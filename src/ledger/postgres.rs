@@ -6,7 +6,7 @@
 //!
 //! | table | key | columns |
 //! |---|---|---|
-//! | `ledger_meta` | name | `schema_version`, `seq` and `settlement` counters |
+//! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending` |
 //! | `ledger_payments` | auth key (80 B) | payment id (unique), record, `pending`, `watched` |
 //! | `ledger_feed` | sequence number | the record as of that change |
 //! | `ledger_idem` | idempotency key | auth key |
@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS ledger_batch (
     PRIMARY KEY (chain_id, counter)
 );
 INSERT INTO ledger_meta (name, value) VALUES ('seq', 0), ('settlement', 0) ON CONFLICT DO NOTHING;
+INSERT INTO ledger_meta (name, value)
+    SELECT 'pending', count(*) FROM ledger_payments WHERE pending ON CONFLICT DO NOTHING;
 ";
 
 /// Where the PostgreSQL ledger is and how to log in.
@@ -304,19 +306,15 @@ impl PgLedger {
 
     /// Reads the counters kept in memory: last sequence numbers and pending payments.
     fn count(&self) -> Result<(), LedgerError> {
-        let (seq, settlement, pending) = self.read(|c| async move {
-            let (seq, settlement) = counters(&c, false).await?;
-            let pending: i64 = c
-                .query_one("SELECT count(*) FROM ledger_payments WHERE pending", &[])
-                .await
-                .map_err(pg_err("count pending"))?
-                .get(0);
-            Ok((seq, settlement, pending as u64))
-        })?;
-        self.last_seq.store(seq, Ordering::SeqCst);
-        self.last_settlement.store(settlement, Ordering::SeqCst);
-        self.pending.store(pending, Ordering::SeqCst);
+        let counters = self.read(|c| async move { counters(&c, false).await })?;
+        self.store_counters(counters);
         Ok(())
+    }
+
+    fn store_counters(&self, c: Counters) {
+        self.last_seq.store(c.seq, Ordering::SeqCst);
+        self.last_settlement.store(c.settlement, Ordering::SeqCst);
+        self.pending.store(c.pending, Ordering::SeqCst);
     }
 
     fn records_where(&self, query: &'static str) -> Result<Vec<PaymentRecord>, LedgerError> {
@@ -341,12 +339,17 @@ impl PgLedger {
                 read
             })??
         };
-        let (last_seq, last_settlement) = (read.seq, read.settlement);
+        let before = read.counters;
         let mut holds = self.holds.lock();
-        let mut group = Group::new(PgStage::new(read), &mut holds, last_seq, last_settlement);
+        let mut group = Group::new(PgStage::new(read), &mut holds, before.seq, before.settlement);
         let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
         let Decided { stage, records, last_seq, last_settlement, pending_delta } = group.decided();
-        let writes = stage.into_writes(&records, last_seq, last_settlement);
+        let after = Counters {
+            seq: last_seq,
+            settlement: last_settlement,
+            pending: before.pending.saturating_add_signed(pending_delta),
+        };
+        let writes = stage.into_writes(&records, after);
         self.block(async move {
             if writes.is_empty() {
                 // Nothing changed (every command refused or repeated): release the lock.
@@ -355,10 +358,8 @@ impl PgLedger {
             let written = writes.run(&client).await;
             finish(&client, written).await
         })??;
-        self.last_seq.store(last_seq, Ordering::SeqCst);
-        self.last_settlement.store(last_settlement, Ordering::SeqCst);
-        let pending = self.pending.load(Ordering::SeqCst).saturating_add_signed(pending_delta);
-        self.pending.store(pending, Ordering::SeqCst);
+        // As of this commit, every daemon's groups included (they take turns on the lock).
+        self.store_counters(after);
         Ok(GroupOutcome { results, changed: records })
     }
 }
@@ -382,12 +383,22 @@ async fn stored_schema(client: &Client) -> Result<Option<i64>, LedgerError> {
     Ok(row.map(|r| r.get(0)))
 }
 
-/// The `seq` and `settlement` counters; `lock`: for this transaction.
-async fn counters(client: &Client, lock: bool) -> Result<(u64, u64), LedgerError> {
+/// The counters every group updates: the newest sequence number and settlement log number,
+/// and how many payments are pending.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    seq: u64,
+    settlement: u64,
+    pending: u64,
+}
+
+/// The counters; `lock`: for this transaction (groups of every daemon take turns on it).
+async fn counters(client: &Client, lock: bool) -> Result<Counters, LedgerError> {
     let query = if lock {
-        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement') ORDER BY name FOR UPDATE"
+        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name \
+         FOR UPDATE"
     } else {
-        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement') ORDER BY name"
+        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name"
     };
     let rows = client.query(query, &[]).await.map_err(pg_err("read counters"))?;
     let get = |name: &str| {
@@ -396,7 +407,7 @@ async fn counters(client: &Client, lock: bool) -> Result<(u64, u64), LedgerError
             .map(|r| r.get::<_, i64>(1) as u64)
             .ok_or(LedgerError::Corrupt { cf: "ledger_meta", source: CorruptRecord { field: "counter" } })
     };
-    Ok((get("seq")?, get("settlement")?))
+    Ok(Counters { seq: get("seq")?, settlement: get("settlement")?, pending: get("pending")? })
 }
 
 /// The keys, payers and idempotency keys a group's commands name.
@@ -439,8 +450,7 @@ impl Named {
 
 /// The committed state a group's commands name, read under the counters' lock.
 struct Prefetched {
-    seq: u64,
-    settlement: u64,
+    counters: Counters,
     /// Records and their (pending, watched) flags.
     records: HashMap<AuthKey, (PaymentRecord, bool, bool)>,
     exposures: HashMap<PayerKey, U256>,
@@ -448,7 +458,7 @@ struct Prefetched {
 }
 
 async fn prefetch(client: &Client, named: Named) -> Result<Prefetched, LedgerError> {
-    let (seq, settlement) = counters(client, true).await?;
+    let counters = counters(client, true).await?;
     let (records, exposures, idem) = futures::try_join!(
         async {
             client
@@ -472,13 +482,8 @@ async fn prefetch(client: &Client, named: Named) -> Result<Prefetched, LedgerErr
                 .map_err(pg_err("read idempotency keys"))
         },
     )?;
-    let mut out = Prefetched {
-        seq,
-        settlement,
-        records: HashMap::new(),
-        exposures: HashMap::new(),
-        idem: HashMap::new(),
-    };
+    let mut out =
+        Prefetched { counters, records: HashMap::new(), exposures: HashMap::new(), idem: HashMap::new() };
     for r in records {
         let record = decode_record("ledger_payments", r.get(0))?;
         out.records.insert(record.key(), (record, r.get(1), r.get(2)));
@@ -527,7 +532,7 @@ impl PgStage {
     }
 
     /// The statements that write what the group decided; `records`: every record it wrote.
-    fn into_writes(self, records: &[PaymentRecord], last_seq: u64, last_settlement: u64) -> Writes {
+    fn into_writes(self, records: &[PaymentRecord], counters: Counters) -> Writes {
         let mut payments = PaymentRows::default();
         for r in records {
             let key = r.key();
@@ -557,7 +562,7 @@ impl PgStage {
                 self.batches.iter().map(|b| b.counter as i64).collect(),
                 self.batches.iter().map(BatchRecord::encode).collect(),
             ),
-            counters: (last_seq as i64, last_settlement as i64),
+            counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
         }
     }
 }
@@ -626,7 +631,8 @@ struct Writes {
     exposure_cleared: Vec<Vec<u8>>,
     settlement: (Vec<i64>, Vec<Vec<u8>>),
     batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>),
-    counters: (i64, i64),
+    /// seq, settlement, pending.
+    counters: [i64; 3],
 }
 
 impl Writes {
@@ -720,9 +726,10 @@ impl Writes {
         let counters = async {
             client
                 .execute(
-                    "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint ELSE $2::bigint END \
-                     WHERE name IN ('seq', 'settlement')",
-                    &[&self.counters.0, &self.counters.1],
+                    "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint \
+                     WHEN 'settlement' THEN $2::bigint ELSE $3::bigint END \
+                     WHERE name IN ('seq', 'settlement', 'pending')",
+                    &[&self.counters[0], &self.counters[1], &self.counters[2]],
                 )
                 .await
         };
