@@ -257,6 +257,17 @@ pub struct LoadgenArgs {
     /// load (0: skip).
     #[arg(long, default_value_t = 3.0)]
     pub ceiling_seconds: f64,
+    /// With --devnet: the daemons' ledger, `rocksdb` (a temp dir) or `postgres` (a
+    /// throw-away server started from Debian's binaries).
+    #[arg(long, default_value = "rocksdb", requires = "devnet", value_parser = ["rocksdb", "postgres"])]
+    pub ledger: String,
+    /// With --ledger postgres: a synchronous standby on this machine.
+    #[arg(long)]
+    pub sync_standby: bool,
+    /// With --devnet: daemons sharing the ledger (more than one: --ledger postgres); the
+    /// streams are spread over them.
+    #[arg(long, default_value_t = 1)]
+    pub daemons: usize,
     #[command(flatten)]
     pub client: ClientFlags,
     /// Load an x402 facilitator's `POST /verify` at this URL (this daemon's, or any other
@@ -313,7 +324,20 @@ pub fn loadgen_command(a: LoadgenArgs) -> anyhow::Result<loadgen::Command> {
         x402::eip712::TokenDomain::new(&a.eip712_name, &a.eip712_version, chain_id.unwrap_or_default(), token)
     };
     let target = match (a.devnet, a.facilitator, a.target, a.token) {
-        (true, ..) => loadgen::Target::Devnet,
+        (true, ..) => {
+            let backend = match a.ledger.as_str() {
+                "postgres" => x402_batcher::config::LedgerBackend::Postgres,
+                _ => x402_batcher::config::LedgerBackend::Rocksdb,
+            };
+            let rocks = backend == x402_batcher::config::LedgerBackend::Rocksdb;
+            anyhow::ensure!(!(rocks && a.sync_standby), "--sync-standby needs --ledger postgres");
+            anyhow::ensure!(!(rocks && a.daemons > 1), "several --daemons need --ledger postgres");
+            loadgen::Target::Devnet(loadgen::OwnLedger {
+                backend,
+                sync_standby: a.sync_standby,
+                daemons: a.daemons,
+            })
+        }
         (false, Some(url), _, Some(token)) => loadgen::Target::Facilitator {
             url,
             domain: domain(a.chain_id, token),

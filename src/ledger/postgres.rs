@@ -7,8 +7,8 @@
 //! | table | key | columns |
 //! |---|---|---|
 //! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending` |
-//! | `ledger_payments` | auth key (80 B) | payment id (unique), record, `pending`, `watched` |
-//! | `ledger_feed` | sequence number | the record as of that change |
+//! | `ledger_payments` | payment id (16 B) | auth key, `seq` of its latest change, `pending`, `watched` |
+//! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest) |
 //! | `ledger_idem` | idempotency key | auth key |
 //! | `ledger_exposure` | payer key (48 B) | sum of values accepted, not final (32 B BE) |
 //! | `ledger_settlement` | log sequence number | a settlement log entry |
@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use alloy::primitives::U256;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::BatchRecord;
 use super::command::Command;
@@ -57,9 +57,9 @@ const SCHEMA_LOCK: i64 = 0x7834_3032_6c65_6467; // "x402ledg"
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_payments (
-    key bytea PRIMARY KEY,
-    id bytea NOT NULL UNIQUE,
-    record bytea NOT NULL,
+    id bytea PRIMARY KEY,
+    key bytea NOT NULL,
+    seq bigint NOT NULL,
     pending boolean NOT NULL,
     watched boolean NOT NULL
 );
@@ -151,8 +151,9 @@ pub struct PgLedger {
     rt: Option<tokio::runtime::Runtime>,
     /// The connection reads use (pipelined: concurrent readers share it).
     reads: parking_lot::Mutex<Option<Arc<Client>>>,
-    /// The writer's connection (transactions need it to themselves).
-    writes: parking_lot::Mutex<Option<Arc<Client>>>,
+    /// The writer's connection (transactions need it to themselves), its statements
+    /// prepared once.
+    writes: parking_lot::Mutex<Option<Arc<WriterConn>>>,
     last_seq: AtomicU64,
     pending: AtomicU64,
     last_settlement: AtomicU64,
@@ -179,7 +180,7 @@ impl PgLedger {
     /// and reads the counters.
     pub fn open(connect: PgConnect) -> Result<PgLedger, LedgerError> {
         let ledger = PgLedger::over(connect)?;
-        let client = ledger.client(&ledger.writes)?;
+        let client = ledger.client(&ledger.reads)?;
         let location = ledger.connect.location();
         ledger.block(async move {
             client.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
@@ -295,6 +296,23 @@ impl PgLedger {
         Ok(client)
     }
 
+    /// The writer's connection, connecting (again, statements prepared) if there is none or
+    /// it closed.
+    fn writer(&self) -> Result<Arc<WriterConn>, LedgerError> {
+        let mut slot = self.writes.lock();
+        if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
+            return Ok(Arc::clone(c));
+        }
+        let connect = self.connect.clone();
+        let conn = Arc::new(self.block(async move {
+            let client = connect.connect().await?;
+            let st = Statements::prepare(&client).await.map_err(pg_err("prepare"))?;
+            Ok::<_, LedgerError>(WriterConn { client, st })
+        })??);
+        *slot = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
     /// Runs a read with the read connection.
     fn read<T: Send + 'static, F>(&self, f: impl FnOnce(Arc<Client>) -> F) -> Result<T, LedgerError>
     where
@@ -324,17 +342,18 @@ impl PgLedger {
         })
     }
 
-    /// One group: lock the counters, read what the commands name, decide, write, commit.
+    /// One group, in two round trips to the database: (1) `BEGIN`, lock the counters, read
+    /// what the commands name; decide; (2) write and `COMMIT`. Each trip's statements are
+    /// pipelined (sent together, answered in order).
     fn group(&self, commands: &[Command]) -> Result<GroupOutcome, LedgerError> {
-        let client = self.client(&self.writes)?;
+        let conn = self.writer()?;
         let named = Named::of(commands);
         let read = {
-            let client = Arc::clone(&client);
+            let conn = Arc::clone(&conn);
             self.block(async move {
-                client.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
-                let read = prefetch(&client, named).await;
+                let read = prefetch(&conn, named).await;
                 if read.is_err() {
-                    let _ = client.batch_execute("ROLLBACK").await;
+                    let _ = conn.client.batch_execute("ROLLBACK").await;
                 }
                 read
             })??
@@ -353,10 +372,15 @@ impl PgLedger {
         self.block(async move {
             if writes.is_empty() {
                 // Nothing changed (every command refused or repeated): release the lock.
-                return client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"));
+                return conn.client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"));
             }
-            let written = writes.run(&client).await;
-            finish(&client, written).await
+            let written = writes.run(&conn).await;
+            if written.is_err() {
+                // A failed statement aborted the transaction (its COMMIT answered ROLLBACK);
+                // this ends it if the COMMIT was never reached.
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+            }
+            written
         })??;
         // As of this commit, every daemon's groups included (they take turns on the lock).
         self.store_counters(after);
@@ -372,6 +396,91 @@ async fn finish(client: &Client, result: Result<(), LedgerError>) -> Result<(), 
             let _ = client.batch_execute("ROLLBACK").await;
             Err(e)
         }
+    }
+}
+
+/// The writer's connection and its prepared statements.
+struct WriterConn {
+    client: Client,
+    st: Statements,
+}
+
+const LOCK_COUNTERS: &str = "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name FOR UPDATE";
+const READ_COUNTERS: &str =
+    "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name";
+
+/// The statements of a group, prepared once per connection (a statement sent as text is
+/// parsed and planned each time, in a round trip of its own).
+struct Statements {
+    lock_counters: Statement,
+    read_payments: Statement,
+    read_exposure: Statement,
+    read_idem: Statement,
+    payments: Statement,
+    feed: Statement,
+    idem: Statement,
+    exposure: Statement,
+    cleared: Statement,
+    settlement: Statement,
+    batches: Statement,
+    counters: Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let (lock_counters, read_payments, read_exposure, read_idem, payments, feed) = futures::try_join!(
+            c.prepare(LOCK_COUNTERS),
+            c.prepare(
+                "SELECT f.record, p.pending, p.watched FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq \
+                 WHERE p.id = ANY($1::bytea[])"
+            ),
+            c.prepare("SELECT payer, value FROM ledger_exposure WHERE payer = ANY($1::bytea[])"),
+            c.prepare("SELECT idem, key FROM ledger_idem WHERE idem = ANY($1::text[])"),
+            c.prepare(
+                "INSERT INTO ledger_payments (id, key, seq, pending, watched) \
+                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bool[], $5::bool[]) \
+                 ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, pending = EXCLUDED.pending, \
+                 watched = EXCLUDED.watched"
+            ),
+            c.prepare(
+                "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
+            ),
+        )?;
+        let (idem, exposure, cleared, settlement, batches, counters) = futures::try_join!(
+            c.prepare("INSERT INTO ledger_idem (idem, key) SELECT * FROM unnest($1::text[], $2::bytea[])"),
+            c.prepare(
+                "INSERT INTO ledger_exposure (payer, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                 ON CONFLICT (payer) DO UPDATE SET value = EXCLUDED.value"
+            ),
+            c.prepare("DELETE FROM ledger_exposure WHERE payer = ANY($1::bytea[])"),
+            c.prepare(
+                "INSERT INTO ledger_settlement (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
+            ),
+            c.prepare(
+                "INSERT INTO ledger_batch (chain_id, counter, record) \
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
+                 ON CONFLICT (chain_id, counter) DO UPDATE SET record = EXCLUDED.record"
+            ),
+            c.prepare(
+                "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint \
+                 WHEN 'settlement' THEN $2::bigint ELSE $3::bigint END \
+                 WHERE name IN ('seq', 'settlement', 'pending')"
+            ),
+        )?;
+        Ok(Statements {
+            lock_counters,
+            read_payments,
+            read_exposure,
+            read_idem,
+            payments,
+            feed,
+            idem,
+            exposure,
+            cleared,
+            settlement,
+            batches,
+            counters,
+        })
     }
 }
 
@@ -394,13 +503,11 @@ struct Counters {
 
 /// The counters; `lock`: for this transaction (groups of every daemon take turns on it).
 async fn counters(client: &Client, lock: bool) -> Result<Counters, LedgerError> {
-    let query = if lock {
-        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name \
-         FOR UPDATE"
-    } else {
-        "SELECT name, value FROM ledger_meta WHERE name IN ('seq', 'settlement', 'pending') ORDER BY name"
-    };
-    let rows = client.query(query, &[]).await.map_err(pg_err("read counters"))?;
+    let query = if lock { LOCK_COUNTERS } else { READ_COUNTERS };
+    counters_from(&client.query(query, &[]).await.map_err(pg_err("read counters"))?)
+}
+
+fn counters_from(rows: &[tokio_postgres::Row]) -> Result<Counters, LedgerError> {
     let get = |name: &str| {
         rows.iter()
             .find(|r| r.get::<_, &str>(0) == name)
@@ -412,7 +519,8 @@ async fn counters(client: &Client, lock: bool) -> Result<Counters, LedgerError> 
 
 /// The keys, payers and idempotency keys a group's commands name.
 struct Named {
-    keys: Vec<Vec<u8>>,
+    /// Payment ids (a function of the key: the table's primary key).
+    ids: Vec<Vec<u8>>,
     payers: Vec<Vec<u8>>,
     idem: Vec<String>,
 }
@@ -441,7 +549,7 @@ impl Named {
         idem.remove("");
         let payers: std::collections::BTreeSet<PayerKey> = keys.iter().map(AuthKey::payer).collect();
         Named {
-            keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            ids: keys.iter().map(|k| k.payment_id().0.to_vec()).collect(),
             payers: payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
             idem: idem.into_iter().collect(),
         }
@@ -457,31 +565,17 @@ struct Prefetched {
     idem: HashMap<String, AuthKey>,
 }
 
-async fn prefetch(client: &Client, named: Named) -> Result<Prefetched, LedgerError> {
-    let counters = counters(client, true).await?;
-    let (records, exposures, idem) = futures::try_join!(
-        async {
-            client
-                .query(
-                    "SELECT record, pending, watched FROM ledger_payments WHERE key = ANY($1)",
-                    &[&named.keys],
-                )
-                .await
-                .map_err(pg_err("read payments"))
-        },
-        async {
-            client
-                .query("SELECT payer, value FROM ledger_exposure WHERE payer = ANY($1)", &[&named.payers])
-                .await
-                .map_err(pg_err("read exposure"))
-        },
-        async {
-            client
-                .query("SELECT idem, key FROM ledger_idem WHERE idem = ANY($1)", &[&named.idem])
-                .await
-                .map_err(pg_err("read idempotency keys"))
-        },
+async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerError> {
+    let (c, st) = (&conn.client, &conn.st);
+    // Pipelined: the reads run after the lock, in this order, in one round trip.
+    let (_, counters, records, exposures, idem) = futures::try_join!(
+        async { c.batch_execute("BEGIN").await.map_err(pg_err("begin")) },
+        async { c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters")) },
+        async { c.query(&st.read_payments, &[&named.ids]).await.map_err(pg_err("read payments")) },
+        async { c.query(&st.read_exposure, &[&named.payers]).await.map_err(pg_err("read exposure")) },
+        async { c.query(&st.read_idem, &[&named.idem]).await.map_err(pg_err("read idempotency keys")) },
     )?;
+    let counters = counters_from(&counters)?;
     let mut out =
         Prefetched { counters, records: HashMap::new(), exposures: HashMap::new(), idem: HashMap::new() };
     for r in records {
@@ -540,9 +634,9 @@ impl PgStage {
                 Some(f) => *f,
                 None => self.read.records.get(&key).map(|(_, p, w)| (*p, *w)).unwrap_or_default(),
             };
-            payments.key.push(key.as_bytes().to_vec());
             payments.id.push(key.payment_id().0.to_vec());
-            payments.record.push(r.encode());
+            payments.key.push(key.as_bytes().to_vec());
+            payments.seq.push(clamp(r.seq));
             payments.pending.push(pending);
             payments.watched.push(watched);
         }
@@ -615,9 +709,10 @@ impl Stage for PgStage {
 
 #[derive(Default)]
 struct PaymentRows {
-    key: Vec<Vec<u8>>,
     id: Vec<Vec<u8>>,
-    record: Vec<Vec<u8>>,
+    key: Vec<Vec<u8>>,
+    /// The sequence number of the record's latest change (its row in the feed).
+    seq: Vec<i64>,
     pending: Vec<bool>,
     watched: Vec<bool>,
 }
@@ -640,101 +735,63 @@ impl Writes {
         self.payments.key.is_empty() && self.batches.0.is_empty()
     }
 
-    /// Sends every statement (pipelined on the one connection) and waits for them all.
-    async fn run(&self, client: &Client) -> Result<(), LedgerError> {
+    /// Sends every statement and the `COMMIT` (pipelined on the one connection) and waits
+    /// for them all: `Ok` once the commit returned.
+    async fn run(&self, conn: &WriterConn) -> Result<(), LedgerError> {
+        let (c, st) = (&conn.client, &conn.st);
         let p = &self.payments;
+        // Each statement only if it has rows (an empty one would still cost the server).
         let payments = async {
             if p.key.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_payments (key, id, record, pending, watched) \
-                     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bool[], $5::bool[]) \
-                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, pending = EXCLUDED.pending, \
-                     watched = EXCLUDED.watched",
-                    &[&p.key, &p.id, &p.record, &p.pending, &p.watched],
-                )
-                .await
+            c.execute(&st.payments, &[&p.id, &p.key, &p.seq, &p.pending, &p.watched]).await
         };
         let feed = async {
             if self.feed.0.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-                    &[&self.feed.0, &self.feed.1],
-                )
-                .await
+            c.execute(&st.feed, &[&self.feed.0, &self.feed.1]).await
         };
         let idem = async {
             if self.idem.0.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_idem (idem, key) SELECT * FROM unnest($1::text[], $2::bytea[])",
-                    &[&self.idem.0, &self.idem.1],
-                )
-                .await
+            c.execute(&st.idem, &[&self.idem.0, &self.idem.1]).await
         };
         let exposure = async {
             if self.exposure.0.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_exposure (payer, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
-                     ON CONFLICT (payer) DO UPDATE SET value = EXCLUDED.value",
-                    &[&self.exposure.0, &self.exposure.1],
-                )
-                .await
+            c.execute(&st.exposure, &[&self.exposure.0, &self.exposure.1]).await
         };
         let cleared = async {
             if self.exposure_cleared.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute("DELETE FROM ledger_exposure WHERE payer = ANY($1)", &[&self.exposure_cleared])
-                .await
+            c.execute(&st.cleared, &[&self.exposure_cleared]).await
         };
         let settlement = async {
             if self.settlement.0.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_settlement (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-                    &[&self.settlement.0, &self.settlement.1],
-                )
-                .await
+            c.execute(&st.settlement, &[&self.settlement.0, &self.settlement.1]).await
         };
         let batches = async {
             if self.batches.0.is_empty() {
                 return Ok(0);
             }
-            client
-                .execute(
-                    "INSERT INTO ledger_batch (chain_id, counter, record) \
-                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
-                     ON CONFLICT (chain_id, counter) DO UPDATE SET record = EXCLUDED.record",
-                    &[&self.batches.0, &self.batches.1, &self.batches.2],
-                )
-                .await
+            c.execute(&st.batches, &[&self.batches.0, &self.batches.1, &self.batches.2]).await
         };
         let counters = async {
-            client
-                .execute(
-                    "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint \
-                     WHEN 'settlement' THEN $2::bigint ELSE $3::bigint END \
-                     WHERE name IN ('seq', 'settlement', 'pending')",
-                    &[&self.counters[0], &self.counters[1], &self.counters[2]],
-                )
-                .await
+            c.execute(&st.counters, &[&self.counters[0], &self.counters[1], &self.counters[2]]).await
         };
-        futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
-            .map_err(pg_err("write"))?;
+        let written = async {
+            futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
+                .map_err(pg_err("write"))
+        };
+        let commit = async { c.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
+        futures::try_join!(written, commit)?;
         Ok(())
     }
 }
@@ -761,10 +818,13 @@ impl LedgerStore for PgLedger {
     }
 
     fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
-        let key = key.as_bytes().to_vec();
+        let id = key.payment_id().0.to_vec();
         self.read(move |c| async move {
             let row = c
-                .query_opt("SELECT record FROM ledger_payments WHERE key = $1", &[&key])
+                .query_opt(
+                    "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.id = $1",
+                    &[&id],
+                )
                 .await
                 .map_err(pg_err("read payment"))?;
             row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
@@ -775,7 +835,10 @@ impl LedgerStore for PgLedger {
         let id = id.0.to_vec();
         self.read(move |c| async move {
             let row = c
-                .query_opt("SELECT record FROM ledger_payments WHERE id = $1", &[&id])
+                .query_opt(
+                    "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.id = $1",
+                    &[&id],
+                )
                 .await
                 .map_err(pg_err("read payment"))?;
             row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
@@ -804,7 +867,9 @@ impl LedgerStore for PgLedger {
     }
 
     fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        self.records_where("SELECT record FROM ledger_payments WHERE pending ORDER BY key")
+        self.records_where(
+            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.pending ORDER BY p.key",
+        )
     }
 
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError> {
@@ -822,7 +887,9 @@ impl LedgerStore for PgLedger {
     }
 
     fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        self.records_where("SELECT record FROM ledger_payments WHERE watched ORDER BY key")
+        self.records_where(
+            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.watched ORDER BY p.key",
+        )
     }
 
     fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError> {
@@ -878,7 +945,9 @@ impl LedgerStore for PgLedger {
     }
 
     fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        self.records_where("SELECT record FROM ledger_payments ORDER BY key")
+        self.records_where(
+            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq ORDER BY p.key",
+        )
     }
 
     fn apply_group(&self, commands: &[Command]) -> GroupOutcome {

@@ -137,6 +137,16 @@ pub async fn run(
     rate: Option<f64>,
     streams: usize,
 ) -> LoadReport {
+    run_spread(std::slice::from_ref(client), requests, rate, streams).await
+}
+
+/// As [`run`], with the streams spread over `clients` in turn (several daemons).
+pub async fn run_spread(
+    clients: &[Client],
+    requests: Vec<v1::SubmitRequest>,
+    rate: Option<f64>,
+    streams: usize,
+) -> LoadReport {
     let streams = streams.max(1);
     let n = requests.len();
     let started = Instant::now();
@@ -148,8 +158,8 @@ pub async fn run(
     let interval = rate.map(|r| Duration::from_secs_f64(streams as f64 / r.max(1e-3)));
 
     let mut tasks = tokio::task::JoinSet::new();
-    for shard in shards {
-        let mut ingest = client.ingest.clone();
+    for (i, shard) in shards.into_iter().enumerate() {
+        let mut ingest = clients[i % clients.len().max(1)].ingest.clone();
         let sent_at = Arc::clone(&sent_at);
         tasks.spawn(async move {
             let (tx, rx) = mpsc::channel(1024);
@@ -368,6 +378,8 @@ pub enum LoadgenError {
     Client(#[from] crate::client::ClientError),
     #[error("cannot bind the in-process daemon's listeners")]
     Bind(#[source] std::io::Error),
+    #[error("the benchmark's PostgreSQL: {0}")]
+    Postgres(#[source] anyhow::Error),
     #[error("the in-process daemon's task failed")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -375,12 +387,23 @@ pub enum LoadgenError {
 /// Where `x402-batcher loadgen` sends its load.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// A devnet and an in-process daemon of its own, its payers funded.
-    Devnet,
+    /// A devnet and in-process daemons of its own, its payers funded.
+    Devnet(OwnLedger),
     /// A daemon's gRPC API at this URL, for this token.
     Grpc { url: String, domain: TokenDomain, auth: crate::client::ClientAuth },
     /// A facilitator's `POST /verify` (and `/settle` if `settle`) at this URL.
     Facilitator { url: String, domain: TokenDomain, token: Option<String>, concurrency: usize, settle: bool },
+}
+
+/// The ledger of the in-process daemons of [`Target::Devnet`].
+#[derive(Debug, Clone, Copy)]
+pub struct OwnLedger {
+    pub backend: crate::config::LedgerBackend,
+    /// PostgreSQL only: a synchronous standby on this machine.
+    pub sync_standby: bool,
+    /// Daemons sharing the ledger (more than one: PostgreSQL only); the streams are spread
+    /// over them.
+    pub daemons: usize,
 }
 
 /// What `x402-batcher loadgen` runs.
@@ -448,10 +471,10 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
             print_over_ceiling("answers/s", report.throughput(), before, ceiling(), cores);
             return Ok(());
         }
-        Target::Grpc { url, domain, auth } => (url, domain, auth, None),
-        Target::Devnet => {
-            let own = OwnDaemon::start(&opts).await?;
-            (own.url.clone(), own.domain.clone(), crate::client::ClientAuth::default(), Some(own))
+        Target::Grpc { url, domain, auth } => (vec![url], domain, auth, None),
+        Target::Devnet(ledger) => {
+            let own = OwnDaemon::start(&opts, ledger).await?;
+            (own.urls.clone(), own.domain.clone(), crate::client::ClientAuth::default(), Some(own))
         }
     };
     let requests = presign(&domain, &opts, now);
@@ -461,8 +484,11 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
         opts.payers.len(),
         signing.elapsed().as_secs_f64()
     );
-    let client = Client::connect_with(url, &auth).await?;
-    let report = run(&client, requests, opts.rate, opts.streams).await;
+    let mut clients = Vec::new();
+    for url in url {
+        clients.push(Client::connect_with(url, &auth).await?);
+    }
+    let report = run_spread(&clients, requests, opts.rate, opts.streams).await;
     println!("{}", report.summary());
     print_over_ceiling("acks/s", report.throughput(), before, ceiling(), cores);
     if let Some(own) = own {
@@ -471,19 +497,23 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
     Ok(())
 }
 
-/// A devnet and an in-process daemon over it (the benchmark set-up), its payers funded.
+/// A devnet and in-process daemons over it (the benchmark set-up), its payers funded.
 struct OwnDaemon {
-    url: String,
+    urls: Vec<String>,
     domain: TokenDomain,
     _net: crate::tools::devnet::Devnet,
     dir: std::path::PathBuf,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
+    servers: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
+    )>,
+    /// The PostgreSQL server (and standby), stopped after the daemons.
+    pg: Vec<crate::tools::postgres::TestPostgres>,
 }
 
 impl OwnDaemon {
-    async fn start(opts: &LoadOptions) -> Result<OwnDaemon, LoadgenError> {
-        use crate::config::Config;
+    async fn start(opts: &LoadOptions, ledger: OwnLedger) -> Result<OwnDaemon, LoadgenError> {
+        use crate::config::{Config, LedgerBackend};
         let net = crate::tools::devnet::Devnet::start().await?;
         let per_payer = opts.value * (opts.payments / opts.payers.len() + 1) as u64;
         let addrs: Vec<Address> = opts.payers.iter().map(|p| p.address()).collect();
@@ -492,20 +522,44 @@ impl OwnDaemon {
         let mut config = Config::parse("")?;
         config.tokens.push(net.token_config());
         config.chains.push(net.chain_config());
-        config.ledger.path = Some(dir.join("ledger"));
-        let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
-        let url = format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let clock = Arc::new(crate::clock::SystemClock);
-        let server = tokio::spawn(crate::daemon::serve(config, listeners, clock, async {
-            let _ = stopped.await;
-        }));
-        Ok(OwnDaemon { url, domain: net.token_domain(), _net: net, dir, stop, server })
+        let mut pg = Vec::new();
+        match ledger.backend {
+            LedgerBackend::Rocksdb => config.ledger.path = Some(dir.join("ledger")),
+            LedgerBackend::Postgres => {
+                let primary =
+                    crate::tools::postgres::TestPostgres::start().map_err(LoadgenError::Postgres)?;
+                config.ledger.backend = LedgerBackend::Postgres;
+                config.ledger.url = Some(primary.url());
+                println!("ledger on PostgreSQL at 127.0.0.1:{}", primary.port());
+                if ledger.sync_standby {
+                    let standby = primary.add_sync_standby("replica1").map_err(LoadgenError::Postgres)?;
+                    println!("with a synchronous standby at 127.0.0.1:{}", standby.port());
+                    pg.push(standby);
+                }
+                pg.insert(0, primary);
+            }
+        }
+        let mut urls = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..ledger.daemons.max(1) {
+            let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
+            urls.push(format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let clock = Arc::new(crate::clock::SystemClock);
+            let server = tokio::spawn(crate::daemon::serve(config.clone(), listeners, clock, async {
+                let _ = stopped.await;
+            }));
+            servers.push((stop, server));
+        }
+        Ok(OwnDaemon { urls, domain: net.token_domain(), _net: net, dir, servers, pg })
     }
 
     async fn stop(self) -> Result<(), LoadgenError> {
-        let _ = self.stop.send(());
-        self.server.await??;
+        for (stop, server) in self.servers {
+            let _ = stop.send(());
+            server.await??;
+        }
+        drop(self.pg);
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }

@@ -89,21 +89,39 @@ impl TestPostgres {
         Ok(pg)
     }
 
-    /// A cluster made from `primary` by `pg_basebackup -R` (a streaming standby named
-    /// `application_name`), started on its own port.
-    pub fn standby_of(primary: &TestPostgres, application_name: &str) -> anyhow::Result<TestPostgres> {
+    /// A streaming standby of this server named `name`, made by `pg_basebackup -R`, started
+    /// on its own port, and made synchronous (`synchronous_standby_names = 'ANY 1 (name)'`):
+    /// from when this returns, a commit on this server returns only once the standby has
+    /// it on disk.
+    pub fn add_sync_standby(&self, name: &str) -> anyhow::Result<TestPostgres> {
         let dir = unique_dir()?;
-        if let Some(user) = primary.run_as {
+        if let Some(user) = self.run_as {
             chown(&dir, user)?;
         }
-        let mut pg =
-            TestPostgres { bin: primary.bin.clone(), dir, port: 0, run_as: primary.run_as, stopped: true };
-        let conninfo =
-            format!("host=127.0.0.1 port={} user=postgres application_name={application_name}", primary.port);
+        let mut pg = TestPostgres { bin: self.bin.clone(), dir, port: 0, run_as: self.run_as, stopped: true };
+        let conninfo = format!("host=127.0.0.1 port={} user=postgres application_name={name}", self.port);
         pg.run("pg_basebackup", &["-D", &pg.data(), "-d", &conninfo, "-R", "-X", "stream", "--no-sync"])?;
+        let auto = Path::new(&pg.data()).join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto)?;
+        conf.push_str(&format!("primary_conninfo = '{conninfo}'\n"));
+        std::fs::write(&auto, conf)?;
         pg.port = free_port()?;
         pg.start_server()?;
-        Ok(pg)
+        self.sql(&format!("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 ({name})'"))?;
+        self.sql("SELECT pg_reload_conf()")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let query = format!("SELECT sync_state FROM pg_stat_replication WHERE application_name = '{name}'");
+        loop {
+            let state = self.sql(&query)?;
+            if state == "quorum" || state == "sync" {
+                return Ok(pg);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "standby {name} not synchronous: {state:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn start_server(&mut self) -> anyhow::Result<()> {
