@@ -497,16 +497,16 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
     Ok(())
 }
 
+/// An in-process daemon's task.
+type DaemonTask = tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>;
+
 /// A devnet and in-process daemons over it (the benchmark set-up), its payers funded.
 struct OwnDaemon {
     urls: Vec<String>,
     domain: TokenDomain,
     _net: crate::tools::devnet::Devnet,
     dir: std::path::PathBuf,
-    servers: Vec<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
-    )>,
+    servers: Vec<(tokio::sync::oneshot::Sender<()>, DaemonTask)>,
     /// The PostgreSQL server (and standby), stopped after the daemons.
     pg: Vec<crate::tools::postgres::TestPostgres>,
 }
