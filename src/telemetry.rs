@@ -307,6 +307,17 @@ impl ChainMetrics {
             .increment(1);
     }
 
+    /// Fleet mode: whether this daemon holds the lease on `account` (a settler, or the
+    /// zero address for the chain's leader: sweeping, expiry, finality).
+    pub fn lease_held(&self, account: alloy::primitives::Address, held: bool) {
+        metrics::gauge!(
+            "x402_batcher_lease_held",
+            "chain_id" => self.chain.clone(),
+            "account" => account.to_string()
+        )
+        .set(if held { 1.0 } else { 0.0 });
+    }
+
     pub fn settler_balance(&self, settler: alloy::primitives::Address, wei: f64) {
         metrics::gauge!(
             "x402_batcher_settler_balance_wei",

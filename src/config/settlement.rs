@@ -16,6 +16,11 @@ pub const DEFAULT_CONFIRMATIONS: u64 = 3;
 /// About one L2 block; each round is a handful of RPC calls.
 pub const DEFAULT_SETTLE_POLL_MS: u64 = 1_000;
 
+/// Fleet mode (a PostgreSQL ledger several daemons share): how long a daemon's lease on a
+/// settler account lasts without renewal (renewed every round). A daemon that dies is
+/// replaced on its accounts this long after its last round at most.
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
+
 /// Largest batch. A batch of 50 already costs within ~2% of the asymptotic gas per
 /// payment (BENCHMARKS.md); 200 keeps one receipt's work and one failure's blast radius
 /// small while staying far below the 2^24 gas cap.
@@ -90,6 +95,8 @@ pub struct SettlementConfig {
     pub confirmations: u64,
     /// See [`DEFAULT_SETTLE_POLL_MS`].
     pub poll_interval_ms: u64,
+    /// See [`DEFAULT_LEASE_MS`]; more than `poll_interval_ms`.
+    pub lease_ms: u64,
     /// See [`DEFAULT_MAX_BATCH_SIZE`].
     pub max_batch_size: usize,
     /// See [`DEFAULT_MAX_WAIT_MS`].
@@ -146,6 +153,7 @@ impl Default for SettlementConfig {
             settler_keys_env: None,
             confirmations: DEFAULT_CONFIRMATIONS,
             poll_interval_ms: DEFAULT_SETTLE_POLL_MS,
+            lease_ms: DEFAULT_LEASE_MS,
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
             max_wait_ms: None,
             max_wait_secs: None,
@@ -238,6 +246,12 @@ impl SettlementConfig {
         }
         if self.poll_interval_ms == 0 {
             return Err(invalid(f("poll_interval_ms"), "must be at least 1"));
+        }
+        if self.lease_ms <= self.poll_interval_ms {
+            return Err(invalid(
+                f("lease_ms"),
+                "must be longer than settlement.poll_interval_ms (renewed every round)",
+            ));
         }
         if self.fee_bump_percent < 13 {
             return Err(invalid(f("fee_bump_percent"), "must be at least 13 (nodes demand +12.5 %)"));

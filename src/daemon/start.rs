@@ -198,6 +198,9 @@ pub(super) fn engines(
     let settlers: Vec<Address> = signers.iter().map(|s| s.address()).collect();
     let chains: BTreeSet<u64> = core.tokens.iter().map(|t| t.domain.chain_id).collect();
     let mut tasks = Vec::new();
+    // A ledger other daemons share: settler accounts are divided by leases, held under a
+    // name unique to this process.
+    let owner = core.writer.ledger().shared().then(fleet_member_name);
     for chain_id in chains {
         let op_stack = config.chains.iter().any(|c| c.chain_id == chain_id && c.op_stack);
         let engine = Engine::new(
@@ -214,6 +217,10 @@ pub(super) fn engines(
         .with_finality(
             config.chains.iter().find(|c| c.chain_id == chain_id).map(|c| c.finality).unwrap_or_default(),
         );
+        let engine = match &owner {
+            Some(owner) => engine.with_leases(owner, config.settlement.lease_ms),
+            None => engine,
+        };
         tracing::info!(
             chain_id,
             ?settlers,
@@ -224,6 +231,14 @@ pub(super) fn engines(
         tasks.push(tokio::spawn(engine.run(stopped.clone())));
     }
     Ok(Engines { settlers, stop, tasks })
+}
+
+/// This process's name in a fleet: host, process id and start time (a restarted daemon is
+/// a new member, so it takes its accounts back under a new epoch).
+fn fleet_member_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{}-{}-{}", host.trim(), std::process::id(), started.as_millis())
 }
 
 /// The ingest path: admission, the verify pool, the ledger writer, balances and limits.

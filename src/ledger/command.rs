@@ -147,6 +147,19 @@ pub struct ApplyRequest {
     pub batch: Option<BatchRecord>,
     /// All transitions or none (the batch is written only with them).
     pub atomic: bool,
+    /// Written only while this lease on the batch's settler account is held (fleet mode:
+    /// a daemon that lost the account to another cannot write for it).
+    pub fence: Option<Fence>,
+}
+
+/// A lease on a settler account, as held by one daemon: its owner and the epoch of its
+/// holding (incremented whenever the account changes hands).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub chain_id: u64,
+    pub settler: alloy::primitives::Address,
+    pub owner: String,
+    pub epoch: u64,
 }
 
 /// Each transition's result, in order.

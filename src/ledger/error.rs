@@ -39,6 +39,13 @@ pub enum LedgerError {
     },
     #[error("ledger configuration: {0}")]
     Config(String),
+    #[error(
+        "the lease of {owner} (epoch {epoch}) on settler {settler} of chain {chain_id} is no longer held: \
+         another daemon took the account over"
+    )]
+    LeaseLost { chain_id: u64, settler: alloy::primitives::Address, owner: String, epoch: u64 },
+    #[error("batch {chain_id}-{counter} is already recorded with other items (another daemon cut it)")]
+    BatchTaken { chain_id: u64, counter: u64 },
     #[error("ledger write queue is full")]
     QueueFull,
     #[error("ledger writer has stopped")]

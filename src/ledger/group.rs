@@ -10,7 +10,7 @@ use alloy::primitives::U256;
 
 use super::batch::BatchRecord;
 use super::command::{
-    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, Command, HoldOutcome, HoldRequest, Repeat,
+    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, Command, Fence, HoldOutcome, HoldRequest, Repeat,
     TransitionRequest,
 };
 use super::error::LedgerError;
@@ -27,6 +27,10 @@ pub(super) trait Stage {
     fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError>;
     /// The payment a committed idempotency key names.
     fn idem(&self, idem: &str) -> Result<Option<AuthKey>, LedgerError>;
+    /// The committed batch `counter` of `chain_id`.
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError>;
+    /// Whether the lease `fence` names is still held by its owner at its epoch.
+    fn holds_lease(&self, fence: &Fence) -> Result<bool, LedgerError>;
     /// `record` under its key and under its sequence number (the change feed).
     fn put_record(&mut self, record: &PaymentRecord);
     /// The payment-id index of a new record.
@@ -62,6 +66,8 @@ pub(super) struct Group<'a, S: Stage> {
     stage: S,
     holds: &'a mut Holds,
     records: HashMap<AuthKey, PaymentRecord>,
+    /// Batches this group wrote, by chain id and counter.
+    batches: HashMap<(u64, u64), BatchRecord>,
     exposures: HashMap<PayerKey, U256>,
     idem: HashMap<String, AuthKey>,
     next_seq: u64,
@@ -78,6 +84,7 @@ impl<'a, S: Stage> Group<'a, S> {
             stage,
             holds,
             records: HashMap::new(),
+            batches: HashMap::new(),
             exposures: HashMap::new(),
             idem: HashMap::new(),
             next_seq: last_seq + 1,
@@ -123,6 +130,33 @@ impl<'a, S: Stage> Group<'a, S> {
         &mut self,
         req: &ApplyRequest,
     ) -> Result<Vec<Result<PaymentRecord, LedgerError>>, LedgerError> {
+        // For a settler account: only by the daemon holding its lease, at its epoch.
+        if let Some(f) = &req.fence
+            && !self.stage.holds_lease(f)?
+        {
+            return Err(LedgerError::LeaseLost {
+                chain_id: f.chain_id,
+                settler: f.settler,
+                owner: f.owner.clone(),
+                epoch: f.epoch,
+            });
+        }
+        // A batch is one batch: its number, once taken, names the same settler and items
+        // (two daemons cutting batches at once may pick the same next number).
+        if let Some(batch) = &req.batch {
+            let key = (batch.chain_id, batch.counter);
+            let stored = match self.batches.get(&key) {
+                Some(b) => Some(b.clone()),
+                None => self.stage.batch(batch.chain_id, batch.counter)?,
+            };
+            if let Some(stored) = stored
+                && (stored.settler != batch.settler
+                    || stored.items != batch.items
+                    || stored.created_at_ms != batch.created_at_ms)
+            {
+                return Err(LedgerError::BatchTaken { chain_id: batch.chain_id, counter: batch.counter });
+            }
+        }
         if req.atomic {
             let mut seen = std::collections::HashSet::new();
             for t in &req.transitions {
@@ -139,6 +173,7 @@ impl<'a, S: Stage> Group<'a, S> {
         let results = req.transitions.iter().map(|t| self.transition(t)).collect();
         if let Some(batch) = &req.batch {
             self.stage.put_batch(batch);
+            self.batches.insert((batch.chain_id, batch.counter), batch.clone());
         }
         Ok(results)
     }

@@ -59,7 +59,7 @@ use alloy::primitives::U256;
 
 pub use batch::{Attempt, BatchRecord, BatchStatus, Inclusion};
 pub use command::{
-    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, ApplyResults, Command, Evidence, HoldOutcome,
+    AcceptOutcome, AcceptRequest, Applied, ApplyRequest, ApplyResults, Command, Evidence, Fence, HoldOutcome,
     HoldRequest, Refusal, Repeat, TransitionRequest,
 };
 pub use error::LedgerError;
@@ -159,6 +159,38 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
 
     /// Every payment record, in key order (for recovery, tests and checks).
     fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Whether other daemons may share this ledger: settler accounts are then divided by
+    /// leases ([`Self::acquire_leases`]) and changes may come from elsewhere.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes, or renews, a lease of `ttl_ms` on each of `settlers` of `chain_id` for
+    /// `owner` where it is free, expired or already `owner`'s; returns the ones `owner`
+    /// holds, with their epochs. A ledger nobody shares grants every one (epoch 1).
+    fn acquire_leases(
+        &self,
+        owner: &str,
+        chain_id: u64,
+        settlers: &[alloy::primitives::Address],
+        ttl_ms: u64,
+    ) -> Result<Vec<(alloy::primitives::Address, u64)>, LedgerError> {
+        let _ = (owner, chain_id, ttl_ms);
+        Ok(settlers.iter().map(|s| (*s, 1)).collect())
+    }
+
+    /// Gives up `owner`'s leases at once (a clean stop), so other daemons take over without
+    /// waiting for them to expire.
+    fn release_leases(&self, owner: &str) -> Result<(), LedgerError> {
+        let _ = owner;
+        Ok(())
+    }
+
+    /// Every batch of `chain_id` not yet done or abandoned, oldest first.
+    fn open_batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
+        Ok(self.batches(chain_id)?.into_iter().filter(|b| !b.status.is_final()).collect())
+    }
 
     /// Applies `commands` in order as one group and commits them atomically and durably
     /// before returning. If the commit fails, every command fails with its error and

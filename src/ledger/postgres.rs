@@ -12,7 +12,8 @@
 //! | `ledger_idem` | idempotency key | auth key |
 //! | `ledger_exposure` | payer key (48 B) | sum of values accepted, not final (32 B BE) |
 //! | `ledger_settlement` | log sequence number | a settlement log entry |
-//! | `ledger_batch` | chain id, batch counter | the batch record |
+//! | `ledger_batch` | chain id, batch counter | the batch record, `open` (not yet done) |
+//! | `ledger_leases` | chain id, settler | owner, epoch, expiry (the database's clock) |
 //!
 //! Records are stored in the same encoding as in RocksDB, so both backends read each
 //! other's bytes (the migration copies them as they are).
@@ -35,11 +36,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::U256;
+use alloy::primitives::{Address, U256};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::BatchRecord;
-use super::command::Command;
+use super::command::{Command, Fence};
 use super::error::LedgerError;
 use super::group::{Decided, Group, Stage};
 use super::holds::Holds;
@@ -73,7 +74,17 @@ CREATE TABLE IF NOT EXISTS ledger_batch (
     chain_id bigint NOT NULL,
     counter bigint NOT NULL,
     record bytea NOT NULL,
+    open boolean NOT NULL,
     PRIMARY KEY (chain_id, counter)
+);
+CREATE INDEX IF NOT EXISTS ledger_batch_open ON ledger_batch (chain_id, counter) WHERE open;
+CREATE TABLE IF NOT EXISTS ledger_leases (
+    chain_id bigint NOT NULL,
+    settler bytea NOT NULL,
+    owner text NOT NULL,
+    epoch bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (chain_id, settler)
 );
 INSERT INTO ledger_meta (name, value) VALUES ('seq', 0), ('settlement', 0) ON CONFLICT DO NOTHING;
 INSERT INTO ledger_meta (name, value)
@@ -416,6 +427,8 @@ struct Statements {
     read_payments: Statement,
     read_exposure: Statement,
     read_idem: Statement,
+    read_batches: Statement,
+    read_leases: Statement,
     payments: Statement,
     feed: Statement,
     idem: Statement,
@@ -446,6 +459,16 @@ impl Statements {
                 "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
             ),
         )?;
+        let (read_batches, read_leases) = futures::try_join!(
+            c.prepare(
+                "SELECT record FROM ledger_batch WHERE (chain_id, counter) IN \
+                 (SELECT * FROM unnest($1::bigint[], $2::bigint[]))"
+            ),
+            c.prepare(
+                "SELECT chain_id, settler, owner, epoch FROM ledger_leases WHERE (chain_id, settler) IN \
+                 (SELECT * FROM unnest($1::bigint[], $2::bytea[])) FOR SHARE"
+            ),
+        )?;
         let (idem, exposure, cleared, settlement, batches, counters) = futures::try_join!(
             c.prepare("INSERT INTO ledger_idem (idem, key) SELECT * FROM unnest($1::text[], $2::bytea[])"),
             c.prepare(
@@ -457,9 +480,9 @@ impl Statements {
                 "INSERT INTO ledger_settlement (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
             ),
             c.prepare(
-                "INSERT INTO ledger_batch (chain_id, counter, record) \
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
-                 ON CONFLICT (chain_id, counter) DO UPDATE SET record = EXCLUDED.record"
+                "INSERT INTO ledger_batch (chain_id, counter, record, open) \
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bool[]) \
+                 ON CONFLICT (chain_id, counter) DO UPDATE SET record = EXCLUDED.record, open = EXCLUDED.open"
             ),
             c.prepare(
                 "UPDATE ledger_meta SET value = CASE name WHEN 'seq' THEN $1::bigint \
@@ -472,6 +495,8 @@ impl Statements {
             read_payments,
             read_exposure,
             read_idem,
+            read_batches,
+            read_leases,
             payments,
             feed,
             idem,
@@ -523,12 +548,18 @@ struct Named {
     ids: Vec<Vec<u8>>,
     payers: Vec<Vec<u8>>,
     idem: Vec<String>,
+    /// Batches written: chain ids and counters.
+    batches: (Vec<i64>, Vec<i64>),
+    /// Leases fencing the writes: chain ids and settlers.
+    leases: (Vec<i64>, Vec<Vec<u8>>),
 }
 
 impl Named {
     fn of(commands: &[Command]) -> Named {
         let mut keys = std::collections::BTreeSet::new();
         let mut idem = std::collections::BTreeSet::new();
+        let mut batches = std::collections::BTreeSet::new();
+        let mut leases = std::collections::BTreeSet::new();
         let mut add = |key: AuthKey| {
             keys.insert(key);
         };
@@ -543,7 +574,15 @@ impl Named {
                     idem.insert(req.accept.submission.idempotency_key.clone());
                 }
                 Command::Transition(req, _) => add(req.key),
-                Command::Apply(req, _) => req.transitions.iter().for_each(|t| add(t.key)),
+                Command::Apply(req, _) => {
+                    req.transitions.iter().for_each(|t| add(t.key));
+                    if let Some(b) = &req.batch {
+                        batches.insert((clamp(b.chain_id), clamp(b.counter)));
+                    }
+                    if let Some(f) = &req.fence {
+                        leases.insert((clamp(f.chain_id), f.settler.to_vec()));
+                    }
+                }
             }
         }
         idem.remove("");
@@ -552,6 +591,8 @@ impl Named {
             ids: keys.iter().map(|k| k.payment_id().0.to_vec()).collect(),
             payers: payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
             idem: idem.into_iter().collect(),
+            batches: batches.into_iter().unzip(),
+            leases: leases.into_iter().unzip(),
         }
     }
 }
@@ -563,21 +604,53 @@ struct Prefetched {
     records: HashMap<AuthKey, (PaymentRecord, bool, bool)>,
     exposures: HashMap<PayerKey, U256>,
     idem: HashMap<String, AuthKey>,
+    batches: HashMap<(u64, u64), BatchRecord>,
+    /// Owner and epoch of each lease named, locked (`FOR SHARE`) until the commit, so no
+    /// other daemon takes the account over between the check and the write.
+    leases: HashMap<(u64, Address), (String, u64)>,
 }
 
 async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerError> {
     let (c, st) = (&conn.client, &conn.st);
     // Pipelined: the reads run after the lock, in this order, in one round trip.
-    let (_, counters, records, exposures, idem) = futures::try_join!(
+    let (_, counters, records, exposures, idem, batches, leases) = futures::try_join!(
         async { c.batch_execute("BEGIN").await.map_err(pg_err("begin")) },
         async { c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters")) },
         async { c.query(&st.read_payments, &[&named.ids]).await.map_err(pg_err("read payments")) },
         async { c.query(&st.read_exposure, &[&named.payers]).await.map_err(pg_err("read exposure")) },
         async { c.query(&st.read_idem, &[&named.idem]).await.map_err(pg_err("read idempotency keys")) },
+        async {
+            if named.batches.0.is_empty() {
+                return Ok(Vec::new());
+            }
+            c.query(&st.read_batches, &[&named.batches.0, &named.batches.1])
+                .await
+                .map_err(pg_err("read batches"))
+        },
+        async {
+            if named.leases.0.is_empty() {
+                return Ok(Vec::new());
+            }
+            c.query(&st.read_leases, &[&named.leases.0, &named.leases.1]).await.map_err(pg_err("read leases"))
+        },
     )?;
     let counters = counters_from(&counters)?;
-    let mut out =
-        Prefetched { counters, records: HashMap::new(), exposures: HashMap::new(), idem: HashMap::new() };
+    let mut out = Prefetched {
+        counters,
+        records: HashMap::new(),
+        exposures: HashMap::new(),
+        idem: HashMap::new(),
+        batches: HashMap::new(),
+        leases: HashMap::new(),
+    };
+    for r in batches {
+        let batch = decode_batch(r.get(0))?;
+        out.batches.insert((batch.chain_id, batch.counter), batch);
+    }
+    for r in leases {
+        let settler = decode_address(r.get(1))?;
+        out.leases.insert((r.get::<_, i64>(0) as u64, settler), (r.get(2), r.get::<_, i64>(3) as u64));
+    }
     for r in records {
         let record = decode_record("ledger_payments", r.get(0))?;
         out.records.insert(record.key(), (record, r.get(1), r.get(2)));
@@ -651,11 +724,7 @@ impl PgStage {
                 .unzip(),
             exposure_cleared: zero.iter().map(|(p, _)| p.as_bytes().to_vec()).collect(),
             settlement: self.settlement.into_iter().unzip(),
-            batches: (
-                self.batches.iter().map(|b| b.chain_id as i64).collect(),
-                self.batches.iter().map(|b| b.counter as i64).collect(),
-                self.batches.iter().map(BatchRecord::encode).collect(),
-            ),
+            batches: latest_batches(self.batches),
             counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
         }
     }
@@ -668,6 +737,15 @@ impl Stage for PgStage {
 
     fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
         Ok(self.read.exposures.get(payer).copied().unwrap_or_default())
+    }
+
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
+        Ok(self.read.batches.get(&(chain_id, counter)).cloned())
+    }
+
+    fn holds_lease(&self, fence: &Fence) -> Result<bool, LedgerError> {
+        let held = self.read.leases.get(&(fence.chain_id, fence.settler));
+        Ok(held.is_some_and(|(owner, epoch)| *owner == fence.owner && *epoch == fence.epoch))
     }
 
     fn idem(&self, idem: &str) -> Result<Option<AuthKey>, LedgerError> {
@@ -725,7 +803,8 @@ struct Writes {
     exposure: (Vec<Vec<u8>>, Vec<Vec<u8>>),
     exposure_cleared: Vec<Vec<u8>>,
     settlement: (Vec<i64>, Vec<Vec<u8>>),
-    batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>),
+    /// Chain ids, counters, records, open.
+    batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>, Vec<bool>),
     /// seq, settlement, pending.
     counters: [i64; 3],
 }
@@ -781,7 +860,8 @@ impl Writes {
             if self.batches.0.is_empty() {
                 return Ok(0);
             }
-            c.execute(&st.batches, &[&self.batches.0, &self.batches.1, &self.batches.2]).await
+            c.execute(&st.batches, &[&self.batches.0, &self.batches.1, &self.batches.2, &self.batches.3])
+                .await
         };
         let counters = async {
             c.execute(&st.counters, &[&self.counters[0], &self.counters[1], &self.counters[2]]).await
@@ -799,6 +879,66 @@ impl Writes {
 impl LedgerStore for PgLedger {
     fn location(&self) -> String {
         self.connect.location()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn acquire_leases(
+        &self,
+        owner: &str,
+        chain_id: u64,
+        settlers: &[Address],
+        ttl_ms: u64,
+    ) -> Result<Vec<(Address, u64)>, LedgerError> {
+        let (owner, chain_id, ttl_ms) = (owner.to_owned(), clamp(chain_id), clamp(ttl_ms));
+        let settlers: Vec<Vec<u8>> = settlers.iter().map(|s| s.to_vec()).collect();
+        self.read(move |c| async move {
+            // Taken where free, expired or already ours, on the database's clock; a new
+            // holder starts a new epoch, so writes fenced with the old one are refused.
+            let rows = c
+                .query(
+                    "INSERT INTO ledger_leases AS l (chain_id, settler, owner, epoch, expires_at) \
+                     SELECT $1, s, $2, 1, now() + $3 * interval '1 millisecond' FROM unnest($4::bytea[]) s \
+                     ON CONFLICT (chain_id, settler) DO UPDATE SET owner = EXCLUDED.owner, \
+                     epoch = CASE WHEN l.owner = EXCLUDED.owner THEN l.epoch ELSE l.epoch + 1 END, \
+                     expires_at = EXCLUDED.expires_at \
+                     WHERE l.owner = EXCLUDED.owner OR l.expires_at < now() \
+                     RETURNING settler, epoch",
+                    &[&chain_id, &owner, &(ttl_ms as f64), &settlers],
+                )
+                .await
+                .map_err(pg_err("take leases"))?;
+            rows.iter().map(|r| Ok((decode_address(r.get(0))?, r.get::<_, i64>(1) as u64))).collect()
+        })
+    }
+
+    fn release_leases(&self, owner: &str) -> Result<(), LedgerError> {
+        let owner = owner.to_owned();
+        self.read(move |c| async move {
+            c.execute(
+                "UPDATE ledger_leases SET expires_at = now() - interval '1 second' WHERE owner = $1",
+                &[&owner],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg_err("release leases"))
+        })
+    }
+
+    fn open_batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
+        let chain_id = clamp(chain_id);
+        self.read(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT record FROM ledger_batch WHERE chain_id = $1 AND open ORDER BY counter",
+                    &[&chain_id],
+                )
+                .await
+                .map_err(pg_err("read batches"))?;
+            rows.iter().map(|r| decode_batch(r.get(0))).collect()
+        })
     }
 
     fn last_seq(&self) -> u64 {
@@ -965,6 +1105,29 @@ impl LedgerStore for PgLedger {
             }
         }
     }
+}
+
+/// The last version of each batch a group wrote (one row per batch in the statement),
+/// as array columns.
+fn latest_batches(batches: Vec<BatchRecord>) -> (Vec<i64>, Vec<i64>, Vec<Vec<u8>>, Vec<bool>) {
+    let mut latest: std::collections::BTreeMap<(u64, u64), BatchRecord> = std::collections::BTreeMap::new();
+    for b in batches {
+        latest.insert((b.chain_id, b.counter), b);
+    }
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for b in latest.into_values() {
+        out.0.push(clamp(b.chain_id));
+        out.1.push(clamp(b.counter));
+        out.2.push(b.encode());
+        out.3.push(!b.status.is_final());
+    }
+    out
+}
+
+fn decode_address(bytes: &[u8]) -> Result<Address, LedgerError> {
+    <[u8; 20]>::try_from(bytes)
+        .map(Address::from)
+        .map_err(|_| LedgerError::Corrupt { cf: "ledger_leases", source: CorruptRecord { field: "settler" } })
 }
 
 /// Numbers past i64 (PostgreSQL's bigint) ask for nothing that exists.

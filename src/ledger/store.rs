@@ -8,7 +8,7 @@ use alloy::primitives::U256;
 use rocksdb::WriteBatch;
 
 use super::batch::BatchRecord;
-use super::command::Command;
+use super::command::{Command, Fence};
 use super::error::{LedgerError, db_err};
 use super::group::{Decided, Group, Stage};
 use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord};
@@ -148,6 +148,15 @@ impl Stage for RocksStage<'_> {
                     .ok_or(LedgerError::Corrupt { cf: CF_IDEM, source: CorruptRecord { field: "auth key" } })
             })
             .transpose()
+    }
+
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
+        self.ledger.batch(chain_id, counter)
+    }
+
+    fn holds_lease(&self, _fence: &Fence) -> Result<bool, LedgerError> {
+        // One daemon has a RocksDB ledger: every lease is its own.
+        Ok(true)
     }
 
     fn put_record(&mut self, record: &PaymentRecord) {

@@ -28,6 +28,13 @@ pub const MAX_GROUP: usize = 512;
 /// further behind re-reads the `seq` column family, so nothing is lost.
 const CHANGE_CAPACITY: usize = 1024;
 
+/// How often a daemon sharing its ledger looks for changes other daemons committed (for
+/// `WatchPayments` and followers of single payments).
+const SHARED_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Changes read per look.
+const SHARED_PAGE: usize = 1024;
+
 /// What travels on the writer's queue.
 enum Msg {
     Command(Command),
@@ -70,14 +77,24 @@ impl LedgerHandle {
         let commit_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let epoch = std::time::Instant::now();
         let watchers = Arc::new(Watchers::default());
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = {
             let ledger = Arc::clone(&ledger);
             let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers) };
             let timer = CommitTimer { started: Arc::clone(&commit_started), epoch };
-            std::thread::Builder::new()
-                .name("ledger-writer".into())
-                .spawn(move || run(&*ledger, &rx, &notify, &failed_tx, &timer))?
+            let ended = Arc::clone(&ended);
+            std::thread::Builder::new().name("ledger-writer".into()).spawn(move || {
+                run(&*ledger, &rx, &notify, &failed_tx, &timer);
+                ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            })?
         };
+        if ledger.shared() {
+            let ledger = Arc::clone(&ledger);
+            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers) };
+            std::thread::Builder::new()
+                .name("ledger-follower".into())
+                .spawn(move || follow_shared(&*ledger, &notify, &ended))?;
+        }
         Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch, watchers }, thread))
     }
 
@@ -248,6 +265,32 @@ struct Notify {
 struct CommitTimer {
     started: Arc<std::sync::atomic::AtomicU64>,
     epoch: std::time::Instant,
+}
+
+/// A ledger other daemons write too: their changes, read in sequence order every
+/// [`SHARED_POLL`], are announced as this writer's own are (to `WatchPayments` and the
+/// followers of single payments), until the writer ends.
+fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::atomic::AtomicBool) {
+    let mut seen = ledger.last_seq();
+    while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+        match ledger.events_after(seen, SHARED_PAGE) {
+            Ok(changes) if !changes.is_empty() => {
+                if !notify.watchers.is_empty() {
+                    for record in &changes {
+                        notify.watchers.offer(record);
+                    }
+                }
+                seen = changes.last().map_or(seen, |r| r.seq);
+                let _ = notify.changes.send(seen);
+                if changes.len() == SHARED_PAGE {
+                    continue;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reading the shared ledger's changes: {e}"),
+        }
+        std::thread::sleep(SHARED_POLL);
+    }
 }
 
 fn run(

@@ -199,7 +199,12 @@ impl<C: Chain> Engine<C> {
         }
         if !transitions.is_empty() {
             let results = self
-                .apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false })
+                .apply(ApplyRequest {
+                    transitions: transitions.clone(),
+                    batch: None,
+                    atomic: false,
+                    fence: None,
+                })
                 .await?;
             for (t, r) in transitions.iter().zip(&results) {
                 if r.is_err() {

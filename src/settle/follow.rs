@@ -207,7 +207,8 @@ impl<C: Chain> Engine<C> {
         batch.status = BatchStatus::Submitted;
         batch.updated_at_ms = now_ms;
         // Not atomic: an item already moved on (a restart after a partial round) keeps its state.
-        self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
+        self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false, fence: None })
+            .await?;
         self.open.insert(batch.counter, batch);
         Ok(())
     }
@@ -327,7 +328,12 @@ impl<C: Chain> Engine<C> {
         batch.attempts.push(attempt);
         batch.updated_at_ms = self.now_ms();
         self.ledger
-            .apply(ApplyRequest { transitions: Vec::new(), batch: Some(batch.clone()), atomic: false })
+            .apply(ApplyRequest {
+                transitions: Vec::new(),
+                batch: Some(batch.clone()),
+                atomic: false,
+                fence: None,
+            })
             .await?;
         self.open.insert(batch.counter, batch.clone());
         if let Err(e) = self.chain.broadcast(&raw).await {
@@ -406,8 +412,9 @@ impl<C: Chain> Engine<C> {
             next.status = BatchStatus::Done;
         }
         next.updated_at_ms = now_ms;
-        let results =
-            self.apply(ApplyRequest { transitions, batch: Some(next.clone()), atomic: false }).await?;
+        let results = self
+            .apply(ApplyRequest { transitions, batch: Some(next.clone()), atomic: false, fence: None })
+            .await?;
         report.settled += results.iter().zip(&included).filter(|(r, _)| r.is_ok()).count();
         if closed {
             tracing::info!(batch = %batch.id(), settled = included.len(), depth, "batch settled");
@@ -480,7 +487,7 @@ impl<C: Chain> Engine<C> {
         let mut gone = batch.clone();
         gone.status = BatchStatus::Abandoned;
         gone.updated_at_ms = now_ms;
-        self.apply(ApplyRequest { transitions, batch: Some(gone), atomic: false }).await?;
+        self.apply(ApplyRequest { transitions, batch: Some(gone), atomic: false, fence: None }).await?;
         tracing::warn!(batch = %batch.id(), items = batch.items.len(), "batch abandoned: {why}");
         self.open.remove(&batch.counter);
         Ok(())

@@ -186,6 +186,22 @@ pub struct Engine<C: Chain = RpcChain> {
     settler_reads_every_ms: u64,
     /// Tokens whose pending value the metrics last showed.
     value_tokens: Vec<Address>,
+    /// Fleet mode (a ledger shared with other daemons): the leases this engine holds.
+    fleet: Option<Leases>,
+}
+
+/// The chain-wide work of a fleet (sweeping, expiring, following settled payments to
+/// finality) is done by the holder of this pseudo-settler's lease alone.
+pub const LEADER: Address = Address::ZERO;
+
+/// What an engine in a fleet holds: a lease per settler account it may act for (and
+/// [`LEADER`] when it does the chain-wide work), renewed every round.
+#[derive(Debug, Clone)]
+struct Leases {
+    owner: String,
+    ttl_ms: u64,
+    /// Held accounts and the epoch of each holding.
+    held: BTreeMap<Address, u64>,
 }
 
 impl<C: Chain> std::fmt::Debug for Engine<C> {

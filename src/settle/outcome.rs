@@ -186,8 +186,9 @@ impl<C: Chain> Engine<C> {
             settled_items: judged.settled_items,
         });
         let finals = transitions.iter().filter(|t| t.to.is_final()).count();
-        let results =
-            self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false }).await?;
+        let results = self
+            .apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: false, fence: None })
+            .await?;
         let moved = results.iter().filter(|r| r.is_ok()).count();
         tracing::info!(
             batch = %batch.id(),

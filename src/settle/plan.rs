@@ -119,6 +119,10 @@ impl<C: Chain> Engine<C> {
         // Chain time ahead of the clock (a devnet's, or a skewed node's) decides windows.
         let plan_ms = now_ms.max(head.timestamp.saturating_mul(1000));
         let (mut expired, live) = expire(accepted, head, now_ms);
+        if !self.acts_for(super::LEADER) {
+            // Expiry is the fleet leader's work.
+            expired.clear();
+        }
         // A payment that was in a batch before may have been paid by that batch's
         // transaction after all (back in a node's pool after a reorg, mined later): its
         // evidence, not its expiry (found by the simulator, seed 38).
@@ -134,8 +138,9 @@ impl<C: Chain> Engine<C> {
             }
         }
         if !expired.is_empty() {
-            let results =
-                self.apply(ApplyRequest { transitions: expired.clone(), batch: None, atomic: false }).await?;
+            let results = self
+                .apply(ApplyRequest { transitions: expired.clone(), batch: None, atomic: false, fence: None })
+                .await?;
             for (t, r) in expired.iter().zip(&results) {
                 if r.is_ok() && t.to == Status::Expired {
                     report.expired += 1;
@@ -144,6 +149,7 @@ impl<C: Chain> Engine<C> {
         }
 
         let mut idle = idle_settlers(&self.settlers, &self.open, self.next_settler);
+        idle.retain(|s| self.acts_for(s.address));
         if idle.is_empty() {
             return Ok(());
         }
@@ -280,7 +286,12 @@ impl<C: Chain> Engine<C> {
         }
         if !refusals.is_empty() {
             let results = self
-                .apply(ApplyRequest { transitions: refusals.clone(), batch: None, atomic: false })
+                .apply(ApplyRequest {
+                    transitions: refusals.clone(),
+                    batch: None,
+                    atomic: false,
+                    fence: None,
+                })
                 .await?;
             for ((t, r), route) in refusals.iter().zip(&results).zip(&routes) {
                 if r.is_ok() {
@@ -333,10 +344,18 @@ impl<C: Chain> Engine<C> {
             .collect();
         // Atomic: the signed transaction carries exactly these items, so either all of
         // them join the batch or the batch is not recorded (and never sent).
-        match self.apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: true }).await {
+        match self
+            .apply(ApplyRequest { transitions, batch: Some(batch.clone()), atomic: true, fence: None })
+            .await
+        {
             Ok(_) => {}
             Err(LedgerError::IllegalTransition { id, .. }) => {
                 tracing::info!(%id, "a payment changed while its batch was prepared; planning again next round");
+                return Ok(());
+            }
+            Err(e @ (LedgerError::BatchTaken { .. } | LedgerError::LeaseLost { .. })) => {
+                // Another daemon of the fleet got there first: nothing was recorded or sent.
+                tracing::info!("{e}; planning again next round");
                 return Ok(());
             }
             Err(e) => return Err(e.into()),

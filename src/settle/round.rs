@@ -14,13 +14,14 @@ use tokio::sync::watch;
 
 use super::rpc::{Chain, Head};
 use super::{ChainView, Engine, RoundReport, SettleError, Settler, StatusBoard, TokenView};
+use super::{LEADER, Leases};
 use crate::balance::BalanceCache;
 use crate::chain::RpcError;
 use crate::clock::Clock;
 use crate::config::{Finality, SettlementConfig};
 use crate::ledger::{
-    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, LedgerError, LedgerHandle, LogEntry, PaymentRecord,
-    Status,
+    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, Fence, LedgerError, LedgerHandle, LogEntry,
+    PaymentRecord, Status,
 };
 use crate::planner::{Costs, Fees, GasBook};
 use crate::policy::SettlementPolicy;
@@ -93,7 +94,68 @@ impl<C: Chain> Engine<C> {
             balances_read_at_ms: None,
             settler_reads_every_ms: SETTLER_READS_EVERY_MS,
             value_tokens: Vec::new(),
+            fleet: None,
         })
+    }
+
+    /// Fleet mode: this engine acts only for the settler accounts whose lease (of `ttl_ms`,
+    /// renewed every round) it holds as `owner`, and does the chain-wide work only while it
+    /// holds the [`LEADER`] lease. Every write for an account is fenced with its lease.
+    pub fn with_leases(mut self, owner: &str, ttl_ms: u64) -> Self {
+        self.fleet = Some(Leases { owner: owner.to_owned(), ttl_ms, held: BTreeMap::new() });
+        self
+    }
+
+    /// Fleet mode: takes or renews the leases, then reads the open batches of every daemon
+    /// back (an account taken over is resumed from what its last holder wrote: the restart
+    /// recovery) and the next batch number.
+    async fn take_leases(&mut self) -> Result<(), SettleError> {
+        let Some(fleet) = &self.fleet else { return Ok(()) };
+        let (owner, ttl_ms) = (fleet.owner.clone(), fleet.ttl_ms);
+        let mut accounts: Vec<Address> = self.settlers.iter().map(|s| s.address).collect();
+        accounts.push(LEADER);
+        let ledger = Arc::clone(self.ledger.ledger());
+        let chain_id = self.chain_id;
+        let (held, open, last) = tokio::task::spawn_blocking(move || {
+            let held = ledger.acquire_leases(&owner, chain_id, &accounts, ttl_ms)?;
+            let open = ledger.open_batches(chain_id)?;
+            let last = ledger.last_batch_counter(chain_id)?;
+            Ok::<_, LedgerError>((held, open, last))
+        })
+        .await
+        .map_err(|_| SettleError::Scan { chain_id })??;
+        let held: BTreeMap<Address, u64> = held.into_iter().collect();
+        if let Some(fleet) = &mut self.fleet {
+            for (account, epoch) in &held {
+                if fleet.held.get(account) != Some(epoch) {
+                    tracing::info!(chain_id, %account, epoch, "lease taken: acting for this account");
+                }
+            }
+            for account in fleet.held.keys().filter(|a| !held.contains_key(*a)) {
+                tracing::warn!(chain_id, %account, "lease lost: another daemon acts for this account");
+            }
+            for account in std::iter::once(LEADER).chain(self.settlers.iter().map(|s| s.address)) {
+                self.metrics.lease_held(account, held.contains_key(&account));
+            }
+            fleet.held = held;
+        }
+        self.open = open.into_iter().map(|b| (b.counter, b)).collect();
+        self.next_counter = self.next_counter.max(last + 1);
+        Ok(())
+    }
+
+    /// Whether this engine acts for `settler` now (always, outside a fleet).
+    pub(super) fn acts_for(&self, settler: Address) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.held.contains_key(&settler))
+    }
+
+    /// Gives up this engine's leases (a clean stop) so others take over at once.
+    fn release_leases(&self) {
+        if let Some(fleet) = &self.fleet
+            && let Err(e) = self.ledger.ledger().release_leases(&fleet.owner)
+        {
+            tracing::warn!(chain_id = self.chain_id, "could not release the leases: {e}");
+        }
     }
 
     /// Follows settled payments to `finality` (the chain's `finalized` block by default).
@@ -132,6 +194,7 @@ impl<C: Chain> Engine<C> {
             if *stop.borrow() {
                 break;
             }
+            let started = self.clock.now_ms();
             // A round that hangs (an RPC without an answer) or panics is cut short; what it
             // wrote stands, and the open batches are read back from the ledger.
             let round = std::panic::AssertUnwindSafe(self.round()).catch_unwind();
@@ -156,7 +219,13 @@ impl<C: Chain> Engine<C> {
                     self.reload();
                 }
             }
+            // A round longer than the leases (a hung node) may have let them go: the next
+            // round takes them again, or learns who has them.
+            if self.fleet.as_ref().is_some_and(|f| self.clock.now_ms().saturating_sub(started) > f.ttl_ms) {
+                tracing::warn!(chain_id = self.chain_id, "a settlement round outlasted its leases");
+            }
         }
+        self.release_leases();
     }
 
     /// Reads the open batches back from the ledger (after a round was cut short between a
@@ -177,19 +246,24 @@ impl<C: Chain> Engine<C> {
         let started = Instant::now();
         self.policy = self.policy_rx.borrow_and_update().clone();
         let mut report = RoundReport::default();
+        self.take_leases().await?;
         let head = self.read(self.chain.head().await)?;
         let fees = self.fees().await?;
         self.metrics.head_block.set(head.number as f64);
         self.metrics.base_fee_wei.set(fees.base_fee as f64);
-        let counters: Vec<u64> = self.open.keys().copied().collect();
+        let counters: Vec<u64> =
+            self.open.iter().filter(|(_, b)| self.acts_for(b.settler)).map(|(c, _)| *c).collect();
         for counter in counters {
             self.advance(counter, &head, fees, &mut report).await?;
         }
         let pending = self.pending_records().await?;
         let pending_view = tally(&pending);
         self.pending_metrics(&pending, &pending_view, &head);
-        self.sweep_included(&pending, &head, &mut report).await?;
-        self.follow_settled(&head, &mut report).await?;
+        // In a fleet, the chain-wide work is the leader's alone.
+        if self.acts_for(LEADER) {
+            self.sweep_included(&pending, &head, &mut report).await?;
+            self.follow_settled(&head, &mut report).await?;
+        }
         let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
         self.plan_and_send(accepted, &head, fees, &mut report).await?;
         self.settler_balances().await;
@@ -347,7 +421,23 @@ impl<C: Chain> Engine<C> {
 
     /// Writes a settlement step, and counts the payments it made final (settled ones with
     /// their accept-to-settled time).
-    pub(super) async fn apply(&self, req: ApplyRequest) -> Result<ApplyResults, LedgerError> {
+    pub(super) async fn apply(&self, mut req: ApplyRequest) -> Result<ApplyResults, LedgerError> {
+        // In a fleet, a batch's step is written only under its settler's lease.
+        if let (Some(fleet), Some(batch)) = (&self.fleet, &req.batch) {
+            let lost = || LedgerError::LeaseLost {
+                chain_id: self.chain_id,
+                settler: batch.settler,
+                owner: fleet.owner.clone(),
+                epoch: 0,
+            };
+            let epoch = *fleet.held.get(&batch.settler).ok_or_else(lost)?;
+            req.fence = Some(Fence {
+                chain_id: self.chain_id,
+                settler: batch.settler,
+                owner: fleet.owner.clone(),
+                epoch,
+            });
+        }
         let results = self.ledger.apply(req).await?;
         let mut finals: BTreeMap<(&'static str, String), usize> = BTreeMap::new();
         // Outcomes only: a settled payment's later entries (corrected, finalized) are not

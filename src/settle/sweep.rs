@@ -122,8 +122,9 @@ impl<C: Chain> Engine<C> {
                 }
             }
         }
-        let results =
-            self.apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false }).await?;
+        let results = self
+            .apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false, fence: None })
+            .await?;
         for (t, r) in transitions.iter().zip(&results) {
             if r.is_ok() {
                 match t.to {
