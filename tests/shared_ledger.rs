@@ -2,14 +2,16 @@
 //! store and writer, as separate daemons would have. Concurrent acceptances for one payer
 //! never overspend it together, a nonce is recorded once whichever daemon sees it first,
 //! and the change feed read from any of them is the same gap-free sequence, even while
-//! they all write.
+//! they all write. Settler accounts are divided by leases whose lost holder cannot write,
+//! and a batch number is taken once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, LedgerHandle, LedgerStore, PgConnect, PgLedger, Repeat, Submission,
+    AcceptOutcome, AcceptRequest, ApplyRequest, BatchRecord, BatchStatus, Fence, LedgerError, LedgerHandle,
+    LedgerStore, PgConnect, PgLedger, Repeat, Status, Submission, TransitionRequest,
 };
 use x402_batcher::tools::postgres::TestPostgres;
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
@@ -178,6 +180,123 @@ async fn the_change_feed_is_gap_free_and_the_same_from_every_daemon_while_they_a
         for follower in followers {
             assert_eq!(follower.await.unwrap().len() as u64, total, "a follower saw every change, in order");
         }
+    })
+    .await
+    .expect("bounded");
+}
+
+fn batch(counter: u64, settler: Address, items: Vec<x402_batcher::ledger::AuthKey>) -> BatchRecord {
+    BatchRecord {
+        chain_id: 8453,
+        counter,
+        token: Address::repeat_byte(0xcc),
+        settler,
+        items,
+        cut_reason: "size".into(),
+        status: BatchStatus::Signed,
+        attempts: Vec::new(),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        gas_limit: 100_000,
+        inclusion: None,
+    }
+}
+
+fn fenced(batch: BatchRecord, owner: &str, epoch: u64) -> ApplyRequest {
+    let fence = Fence { chain_id: batch.chain_id, settler: batch.settler, owner: owner.into(), epoch };
+    ApplyRequest { transitions: Vec::new(), batch: Some(batch), atomic: true, fence: Some(fence) }
+}
+
+/// Two daemons: one holds the settler accounts; when its lease lapses the other takes them
+/// over under a new epoch, and the first one's writes for them are refused from then on
+/// (fenced in the same transaction), nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_divides_the_accounts_and_a_daemon_that_lost_one_cannot_write_for_it() {
+    tokio::time::timeout(LIMIT, async {
+        let pg = TestPostgres::shared().unwrap();
+        let daemons = fleet(&pg, 2);
+        let (a, b) = (daemons[0].clone(), daemons[1].clone());
+        let settlers = [Address::repeat_byte(1), Address::repeat_byte(2)];
+        let held = |d: &LedgerHandle, owner: &str, ttl: u64| {
+            d.ledger().acquire_leases(owner, 8453, &settlers, ttl).unwrap()
+        };
+        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1), (settlers[1], 1)]);
+        assert_eq!(held(&b, "b", 60_000), vec![], "held by a: b gets none");
+        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1), (settlers[1], 1)], "renewed, same epoch");
+        a.apply(fenced(batch(1, settlers[0], Vec::new()), "a", 1)).await.unwrap();
+
+        // a's lease lapses (a 1 ms lease, then a poll with a deadline until b has it).
+        held(&a, "a", 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let taken = loop {
+            let taken = held(&b, "b", 60_000);
+            if taken.len() == 2 {
+                break taken;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "b never took the accounts over");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(taken, vec![(settlers[0], 2), (settlers[1], 2)], "a new holder, a new epoch");
+
+        let mut late = batch(1, settlers[0], Vec::new());
+        late.status = BatchStatus::Submitted;
+        let refused = a.apply(fenced(late.clone(), "a", 1)).await.unwrap_err();
+        assert!(matches!(refused, LedgerError::LeaseLost { .. }), "{refused}");
+        assert_eq!(
+            a.ledger().batch(8453, 1).unwrap().unwrap().status,
+            BatchStatus::Signed,
+            "nothing written"
+        );
+        b.apply(fenced(late, "b", 2)).await.unwrap();
+        assert_eq!(b.ledger().batch(8453, 1).unwrap().unwrap().status, BatchStatus::Submitted);
+
+        // A clean stop gives the accounts back at once.
+        b.ledger().release_leases("b").unwrap();
+        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 3), (settlers[1], 3)]);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Two daemons cutting a batch at once may pick the same next number: the second one's
+/// batch (other items) is refused, nothing of it written, and the first stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_number_is_taken_once() {
+    tokio::time::timeout(LIMIT, async {
+        let pg = TestPostgres::shared().unwrap();
+        let daemons = fleet(&pg, 2);
+        let (a, b) = (daemons[0].clone(), daemons[1].clone());
+        let keys: Vec<_> = (0..4).map(|n| x402_batcher::ledger::AuthKey::of(&signed(3, n, 1))).collect();
+        for (n, d) in [&a, &a, &b, &b].into_iter().enumerate() {
+            d.accept(accept(signed(3, n as u64, 1), 100)).await.unwrap();
+        }
+        let cut = |items: &[x402_batcher::ledger::AuthKey], settler| {
+            let b = batch(7, settler, items.to_vec());
+            let transitions = items
+                .iter()
+                .map(|k| {
+                    let mut t = TransitionRequest::new(*k, Status::Batched, 2);
+                    t.only_from = Some(Status::Accepted);
+                    t.batch_id = Some(b.id());
+                    t
+                })
+                .collect();
+            ApplyRequest { transitions, batch: Some(b), atomic: true, fence: None }
+        };
+        a.apply(cut(&keys[..2], Address::repeat_byte(1))).await.unwrap();
+        let refused = b.apply(cut(&keys[2..], Address::repeat_byte(2))).await.unwrap_err();
+        assert!(matches!(refused, LedgerError::BatchTaken { counter: 7, .. }), "{refused}");
+        let stored = a.ledger().batch(8453, 7).unwrap().unwrap();
+        assert_eq!(stored.items, keys[..2].to_vec());
+        for k in &keys[2..] {
+            assert_eq!(b.ledger().get(k).unwrap().unwrap().status, Status::Accepted, "not batched");
+        }
+        // The batch's own steps go on.
+        let mut step = stored.clone();
+        step.status = BatchStatus::Submitted;
+        a.apply(ApplyRequest { transitions: Vec::new(), batch: Some(step), atomic: false, fence: None })
+            .await
+            .unwrap();
     })
     .await
     .expect("bounded");
