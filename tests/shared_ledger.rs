@@ -220,12 +220,14 @@ async fn a_lease_divides_the_accounts_and_a_daemon_that_lost_one_cannot_write_fo
         let held = |d: &LedgerHandle, owner: &str, ttl: u64| {
             d.ledger().acquire_leases(owner, 8453, &settlers, ttl).unwrap()
         };
-        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1), (settlers[1], 1)]);
-        assert_eq!(held(&b, "b", 60_000), vec![], "held by a: b gets none");
-        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1), (settlers[1], 1)], "renewed, same epoch");
+        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1), (settlers[1], 1)], "alone: a takes all");
+        assert_eq!(held(&b, "b", 60_000), vec![], "held by a: b gets none yet");
+        assert_eq!(held(&a, "a", 60_000), vec![(settlers[0], 1)], "two members: a keeps its share");
+        assert_eq!(held(&b, "b", 60_000), vec![(settlers[1], 2)], "b takes the other, a new epoch");
         a.apply(fenced(batch(1, settlers[0], Vec::new()), "a", 1)).await.unwrap();
 
-        // a's lease lapses (a 1 ms lease, then a poll with a deadline until b has it).
+        // a's lease (and membership) lapses: a 1 ms lease, then a poll with a deadline until
+        // b, alone now, has both accounts.
         held(&a, "a", 1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let taken = loop {

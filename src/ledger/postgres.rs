@@ -56,6 +56,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serialises schema creation and upgrades between daemons starting together.
 const SCHEMA_LOCK: i64 = 0x7834_3032_6c65_6467; // "x402ledg"
 
+/// Serialises the lease decisions of a chain (this plus the chain id).
+const LEASE_LOCK: i64 = 0x7834_3032_6c00_0000;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_payments (
     id bytea PRIMARY KEY,
@@ -78,6 +81,7 @@ CREATE TABLE IF NOT EXISTS ledger_batch (
     PRIMARY KEY (chain_id, counter)
 );
 CREATE INDEX IF NOT EXISTS ledger_batch_open ON ledger_batch (chain_id, counter) WHERE open;
+CREATE TABLE IF NOT EXISTS ledger_members (owner text PRIMARY KEY, expires_at timestamptz NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_leases (
     chain_id bigint NOT NULL,
     settler bytea NOT NULL,
@@ -162,6 +166,10 @@ pub struct PgLedger {
     rt: Option<tokio::runtime::Runtime>,
     /// The connection reads use (pipelined: concurrent readers share it).
     reads: parking_lot::Mutex<Option<Arc<Client>>>,
+    /// The connection lease decisions use (each a short transaction of its own), and the
+    /// lock that keeps them one at a time on it.
+    lease_conn: parking_lot::Mutex<Option<Arc<Client>>>,
+    lease_calls: parking_lot::Mutex<()>,
     /// The writer's connection (transactions need it to themselves), its statements
     /// prepared once.
     writes: parking_lot::Mutex<Option<Arc<WriterConn>>>,
@@ -275,6 +283,8 @@ impl PgLedger {
             rt: Some(rt),
             reads: parking_lot::Mutex::new(None),
             writes: parking_lot::Mutex::new(None),
+            lease_conn: parking_lot::Mutex::new(None),
+            lease_calls: parking_lot::Mutex::new(()),
             last_seq: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             last_settlement: AtomicU64::new(0),
@@ -397,6 +407,101 @@ impl PgLedger {
         self.store_counters(after);
         Ok(GroupOutcome { results, changed: records })
     }
+}
+
+/// One daemon's turn at the leases of a chain, in a transaction: it renews its membership
+/// (a member is alive while it renews within its lease time), then keeps or takes accounts
+/// up to its share (the accounts divided by the live members, rounded up) and gives up the
+/// rest, so a fleet spreads its settler accounts and a newcomer gets some. Taking an
+/// account starts a new epoch. Times are the database's.
+async fn take_leases(
+    c: &Client,
+    owner: &str,
+    chain_id: i64,
+    accounts: &[Vec<u8>],
+    ttl_ms: f64,
+) -> Result<Vec<(Address, u64)>, LedgerError> {
+    let err = pg_err("take leases");
+    c.execute("SELECT pg_advisory_xact_lock($1)", &[&(LEASE_LOCK + chain_id)]).await.map_err(err)?;
+    let (_, members, _) = futures::try_join!(
+        async {
+            c.execute(
+                "INSERT INTO ledger_members (owner, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond') \
+                 ON CONFLICT (owner) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+                &[&owner, &ttl_ms],
+            )
+            .await
+        },
+        c.query_one("SELECT count(*) FROM ledger_members WHERE expires_at > now()", &[]),
+        async {
+            c.execute(
+                "INSERT INTO ledger_leases (chain_id, settler, owner, epoch, expires_at) \
+                 SELECT $1, s, '', 0, '-infinity' FROM unnest($2::bytea[]) s ON CONFLICT DO NOTHING",
+                &[&chain_id, &accounts],
+            )
+            .await
+        },
+    )
+    .map_err(pg_err("take leases"))?;
+    let rows = c
+        .query(
+            "SELECT settler, owner, epoch, expires_at > now() FROM ledger_leases \
+             WHERE chain_id = $1 AND settler = ANY($2::bytea[]) ORDER BY settler FOR UPDATE",
+            &[&chain_id, &accounts],
+        )
+        .await
+        .map_err(pg_err("take leases"))?;
+    let members = usize::try_from(members.get::<_, i64>(0)).unwrap_or(1).max(1);
+    let share = rows.len().div_ceil(members);
+    let (mut keep, mut release, mut take) = (Vec::new(), Vec::new(), Vec::new());
+    for r in &rows {
+        let (settler, holder, epoch, live): (Vec<u8>, &str, i64, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if live && holder == owner {
+            if keep.len() < share { keep.push((settler, epoch)) } else { release.push(settler) }
+        } else if !live {
+            take.push(settler);
+        }
+    }
+    take.truncate(share.saturating_sub(keep.len()));
+    let kept: Vec<Vec<u8>> = keep.iter().map(|(s, _)| s.clone()).collect();
+    let (_, taken, _) = futures::try_join!(
+        async {
+            c.execute(
+                "UPDATE ledger_leases SET expires_at = now() + $3 * interval '1 millisecond' \
+                 WHERE chain_id = $1 AND settler = ANY($2::bytea[])",
+                &[&chain_id, &kept, &ttl_ms],
+            )
+            .await
+        },
+        async {
+            c.query(
+                "UPDATE ledger_leases SET owner = $3, epoch = epoch + 1, \
+                 expires_at = now() + $4 * interval '1 millisecond' \
+                 WHERE chain_id = $1 AND settler = ANY($2::bytea[]) RETURNING settler, epoch",
+                &[&chain_id, &take, &owner, &ttl_ms],
+            )
+            .await
+        },
+        async {
+            c.execute(
+                "UPDATE ledger_leases SET expires_at = now() - interval '1 second' \
+                 WHERE chain_id = $1 AND settler = ANY($2::bytea[])",
+                &[&chain_id, &release],
+            )
+            .await
+        },
+    )
+    .map_err(pg_err("take leases"))?;
+    let mut held = Vec::new();
+    for (settler, epoch) in keep {
+        held.push((decode_address(&settler)?, epoch as u64));
+    }
+    for r in taken {
+        held.push((decode_address(r.get(0))?, r.get::<_, i64>(1) as u64));
+    }
+    held.sort();
+    Ok(held)
 }
 
 /// Commits when `result` is Ok, rolls back otherwise; the result either way.
@@ -889,41 +994,32 @@ impl LedgerStore for PgLedger {
         &self,
         owner: &str,
         chain_id: u64,
-        settlers: &[Address],
+        accounts: &[Address],
         ttl_ms: u64,
     ) -> Result<Vec<(Address, u64)>, LedgerError> {
-        let (owner, chain_id, ttl_ms) = (owner.to_owned(), clamp(chain_id), clamp(ttl_ms));
-        let settlers: Vec<Vec<u8>> = settlers.iter().map(|s| s.to_vec()).collect();
-        self.read(move |c| async move {
-            // Taken where free, expired or already ours, on the database's clock; a new
-            // holder starts a new epoch, so writes fenced with the old one are refused.
-            let rows = c
-                .query(
-                    "INSERT INTO ledger_leases AS l (chain_id, settler, owner, epoch, expires_at) \
-                     SELECT $1, s, $2, 1, now() + $3 * interval '1 millisecond' FROM unnest($4::bytea[]) s \
-                     ON CONFLICT (chain_id, settler) DO UPDATE SET owner = EXCLUDED.owner, \
-                     epoch = CASE WHEN l.owner = EXCLUDED.owner THEN l.epoch ELSE l.epoch + 1 END, \
-                     expires_at = EXCLUDED.expires_at \
-                     WHERE l.owner = EXCLUDED.owner OR l.expires_at < now() \
-                     RETURNING settler, epoch",
-                    &[&chain_id, &owner, &(ttl_ms as f64), &settlers],
-                )
-                .await
-                .map_err(pg_err("take leases"))?;
-            rows.iter().map(|r| Ok((decode_address(r.get(0))?, r.get::<_, i64>(1) as u64))).collect()
-        })
+        let (owner, ttl_ms) = (owner.to_owned(), ttl_ms as f64);
+        let (chain_id, accounts): (i64, Vec<Vec<u8>>) =
+            (clamp(chain_id), accounts.iter().map(|s| s.to_vec()).collect());
+        let _one_at_a_time = self.lease_calls.lock();
+        let client = self.client(&self.lease_conn)?;
+        self.block(async move {
+            client.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
+            let held = take_leases(&client, &owner, chain_id, &accounts, ttl_ms).await;
+            finish(&client, held.as_ref().map(|_| ()).map_err(Clone::clone)).await?;
+            held
+        })?
     }
 
     fn release_leases(&self, owner: &str) -> Result<(), LedgerError> {
         let owner = owner.to_owned();
         self.read(move |c| async move {
-            c.execute(
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&owner];
+            let released = c.execute(
                 "UPDATE ledger_leases SET expires_at = now() - interval '1 second' WHERE owner = $1",
-                &[&owner],
-            )
-            .await
-            .map(|_| ())
-            .map_err(pg_err("release leases"))
+                &params,
+            );
+            let gone = c.execute("DELETE FROM ledger_members WHERE owner = $1", &params);
+            futures::try_join!(released, gone).map(|_| ()).map_err(pg_err("release leases"))
         })
     }
 

@@ -132,7 +132,7 @@ impl<C: Chain> Engine<C> {
                 }
             }
             for account in fleet.held.keys().filter(|a| !held.contains_key(*a)) {
-                tracing::warn!(chain_id, %account, "lease lost: another daemon acts for this account");
+                tracing::info!(chain_id, %account, "lease given up or lost: another daemon acts for this account");
             }
             for account in std::iter::once(LEADER).chain(self.settlers.iter().map(|s| s.address)) {
                 self.metrics.lease_held(account, held.contains_key(&account));

@@ -98,15 +98,25 @@ impl Drop for Daemon {
 
 /// A config file for the daemon binary over `net`, with `extra` TOML appended.
 pub fn write_config(dir: &std::path::Path, net: &Devnet, extra: &str) -> std::path::PathBuf {
+    let ledger = format!("path = \"{}\"", dir.join("ledger").display());
+    write_config_with_ledger(dir, net, &ledger, extra)
+}
+
+/// As [`write_config`], with `ledger` as the body of the `[ledger]` section.
+pub fn write_config_with_ledger(
+    dir: &std::path::Path,
+    net: &Devnet,
+    ledger: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let config = dir.join("config.toml");
     let t = net.token_config();
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\n{ledger}\n\
              [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\
              [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\ndecimals = 6\n{extra}",
-            dir.join("ledger").display(),
             net.chain_id(),
             net.rpc_url(),
             t.chain_id,
