@@ -105,6 +105,16 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Copy a RocksDB ledger (its daemon stopped) into the empty PostgreSQL ledger a fleet
+    /// config names, in one transaction, and check the copy.
+    MigrateLedger {
+        /// A config with `[ledger] backend = "postgres"`.
+        #[arg(long)]
+        config: PathBuf,
+        /// The RocksDB ledger directory.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Make a bearer token for a [[credentials]] entry: prints the token (give it to the
     /// caller, once) and the config lines holding only its SHA-256.
     NewToken {

@@ -80,6 +80,29 @@ async fn main() -> anyhow::Result<()> {
             println!("token (give it to {name}; it is not stored anywhere): {token}\n");
             println!("[[credentials]]\nname = {name:?}\nrole = \"{role}\"\ntoken_sha256 = \"{hash}\"");
         }
+        Command::MigrateLedger { config, from } => {
+            use x402_batcher::ledger::{Ledger, LedgerStore as _, PgLedger};
+            let config = load(&config)?;
+            anyhow::ensure!(
+                config.ledger.backend == x402_batcher::config::LedgerBackend::Postgres,
+                "--config must name a PostgreSQL ledger ([ledger] backend = \"postgres\")"
+            );
+            let source =
+                Ledger::open_read_only(&from).with_context(|| format!("ledger {}", from.display()))?;
+            let target = PgLedger::open(x402_batcher::ledger::open::connect(&config.ledger)?)?;
+            let chains: Vec<u64> = config.chains.iter().map(|c| c.chain_id).collect();
+            let done = target.import(&source, &chains)?;
+            println!(
+                "copied {} payments, {} changes, {} settlement log entries and {} batches from {} to {}; \
+                 the copy reads back the same",
+                done.records,
+                done.changes,
+                done.settlement_entries,
+                done.batches,
+                from.display(),
+                target.location()
+            );
+        }
         Command::CheckConfig { config } => {
             print!("{}", load(&config)?.describe_tokens());
             println!("config is valid");

@@ -555,6 +555,15 @@ mod tests {
     }
 
     #[test]
+    fn the_fleet_example_config_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ops/fleet/config.toml")).unwrap();
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.ledger.backend, LedgerBackend::Postgres);
+        config.validate_for_run().unwrap();
+    }
+
+    #[test]
     fn a_postgres_ledger_needs_a_url_without_its_password() {
         let pg = |rest: &str| Config::parse(&format!("[ledger]\nbackend = \"postgres\"\n{rest}"));
         let ok =

@@ -64,7 +64,7 @@ pub use command::{
 };
 pub use error::LedgerError;
 pub use open::{open, open_read_only};
-pub use postgres::{PgConnect, PgLedger};
+pub use postgres::{Imported, PgConnect, PgLedger};
 pub use record::{AuthKey, LogEntry, PayerKey, PaymentId, PaymentRecord, Status, Submission};
 pub use rocks::Ledger;
 pub use writer::{Follow, LedgerHandle};

@@ -67,8 +67,8 @@ CREATE TABLE IF NOT EXISTS ledger_payments (
     pending boolean NOT NULL,
     watched boolean NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_payments_pending ON ledger_payments (key) WHERE pending;
-CREATE INDEX IF NOT EXISTS ledger_payments_watched ON ledger_payments (key) WHERE watched;
+CREATE INDEX IF NOT EXISTS ledger_payments_pending ON ledger_payments (id) WHERE pending;
+CREATE INDEX IF NOT EXISTS ledger_payments_watched ON ledger_payments (id) WHERE watched;
 CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_idem (idem text PRIMARY KEY, key bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_exposure (payer bytea PRIMARY KEY, value bytea NOT NULL);
@@ -922,6 +922,54 @@ impl Writes {
     /// Sends every statement and the `COMMIT` (pipelined on the one connection) and waits
     /// for them all: `Ok` once the commit returned.
     async fn run(&self, conn: &WriterConn) -> Result<(), LedgerError> {
+        let commit = async { conn.client.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
+        futures::try_join!(self.statements(conn), commit)?;
+        Ok(())
+    }
+
+    /// The same in parts of at most [`IMPORT_CHUNK`] rows per statement (an import).
+    fn chunks(&self) -> Vec<Writes> {
+        fn part<T: Clone>(v: &[T], i: usize) -> Vec<T> {
+            v.iter().skip(i * IMPORT_CHUNK).take(IMPORT_CHUNK).cloned().collect()
+        }
+        let longest = [
+            self.payments.id.len(),
+            self.feed.0.len(),
+            self.idem.0.len(),
+            self.exposure.0.len(),
+            self.settlement.0.len(),
+            self.batches.0.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        (0..longest.div_ceil(IMPORT_CHUNK).max(1))
+            .map(|i| Writes {
+                payments: PaymentRows {
+                    id: part(&self.payments.id, i),
+                    key: part(&self.payments.key, i),
+                    seq: part(&self.payments.seq, i),
+                    pending: part(&self.payments.pending, i),
+                    watched: part(&self.payments.watched, i),
+                },
+                feed: (part(&self.feed.0, i), part(&self.feed.1, i)),
+                idem: (part(&self.idem.0, i), part(&self.idem.1, i)),
+                exposure: (part(&self.exposure.0, i), part(&self.exposure.1, i)),
+                exposure_cleared: part(&self.exposure_cleared, i),
+                settlement: (part(&self.settlement.0, i), part(&self.settlement.1, i)),
+                batches: (
+                    part(&self.batches.0, i),
+                    part(&self.batches.1, i),
+                    part(&self.batches.2, i),
+                    part(&self.batches.3, i),
+                ),
+                counters: self.counters,
+            })
+            .collect()
+    }
+
+    /// Sends every statement (pipelined) and waits for them all, without committing.
+    async fn statements(&self, conn: &WriterConn) -> Result<(), LedgerError> {
         let (c, st) = (&conn.client, &conn.st);
         let p = &self.payments;
         // Each statement only if it has rows (an empty one would still cost the server).
@@ -971,13 +1019,144 @@ impl Writes {
         let counters = async {
             c.execute(&st.counters, &[&self.counters[0], &self.counters[1], &self.counters[2]]).await
         };
-        let written = async {
-            futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
-                .map_err(pg_err("write"))
-        };
-        let commit = async { c.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
-        futures::try_join!(written, commit)?;
+        futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
+            .map_err(pg_err("write"))?;
         Ok(())
+    }
+}
+
+/// What [`PgLedger::import`] copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub records: usize,
+    pub changes: u64,
+    pub settlement_entries: u64,
+    pub batches: usize,
+}
+
+/// Rows per statement when importing.
+const IMPORT_CHUNK: usize = 5_000;
+
+impl PgLedger {
+    /// Copies another ledger (a RocksDB one, with its daemon stopped) into this one, which
+    /// must be empty: every record, the change feed and the settlement log under their own
+    /// sequence numbers, the batches of `chain_ids` (and of every chain a record names),
+    /// the idempotency keys and the exposure, in one transaction. Then reads the copy back
+    /// and compares it with the source.
+    pub fn import(&self, from: &dyn LedgerStore, chain_ids: &[u64]) -> Result<Imported, LedgerError> {
+        let records = from.records()?;
+        let pending: std::collections::HashSet<AuthKey> =
+            from.pending_records()?.iter().map(|r| r.key()).collect();
+        let watched: std::collections::HashSet<AuthKey> = from.watched()?.iter().map(|r| r.key()).collect();
+        let mut chains: std::collections::BTreeSet<u64> = chain_ids.iter().copied().collect();
+        chains.extend(records.iter().map(|r| r.signed.chain_id));
+        let mut batches = Vec::new();
+        for chain in &chains {
+            batches.extend(from.batches(*chain)?);
+        }
+        let mut feed = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = from.events_after(after, IMPORT_CHUNK)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            feed.extend(page.iter().map(|r| (clamp(r.seq), r.encode())));
+        }
+        let mut log = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = from.settlement_log(after, IMPORT_CHUNK)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            log.extend(page.iter().map(|(seq, r)| (clamp(*seq), r.encode())));
+        }
+        let counters = Counters {
+            seq: from.last_seq(),
+            settlement: from.last_settlement(),
+            pending: pending.len() as u64,
+        };
+        let mut writes = Writes {
+            payments: PaymentRows::default(),
+            feed: feed.into_iter().unzip(),
+            idem: records
+                .iter()
+                .filter(|r| !r.submission.idempotency_key.is_empty())
+                .map(|r| (r.submission.idempotency_key.clone(), r.key().as_bytes().to_vec()))
+                .unzip(),
+            exposure: from
+                .exposures()?
+                .into_iter()
+                .filter(|(_, v)| !v.is_zero())
+                .map(|(p, v)| (p.as_bytes().to_vec(), v.to_be_bytes::<32>().to_vec()))
+                .unzip(),
+            exposure_cleared: Vec::new(),
+            settlement: log.into_iter().unzip(),
+            batches: latest_batches(batches.clone()),
+            counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
+        };
+        for r in &records {
+            let key = r.key();
+            writes.payments.id.push(key.payment_id().0.to_vec());
+            writes.payments.key.push(key.as_bytes().to_vec());
+            writes.payments.seq.push(clamp(r.seq));
+            writes.payments.pending.push(pending.contains(&key));
+            writes.payments.watched.push(watched.contains(&key));
+        }
+        let conn = self.writer()?;
+        self.block(async move {
+            let c = &conn.client;
+            c.batch_execute("BEGIN").await.map_err(pg_err("begin"))?;
+            let copied = async {
+                let before = counters_from(&c.query(&conn.st.lock_counters, &[]).await.map_err(pg_err("lock counters"))?)?;
+                let rows: i64 = c
+                    .query_one("SELECT count(*) FROM ledger_payments", &[])
+                    .await
+                    .map_err(pg_err("count payments"))?
+                    .get(0);
+                if before.seq != 0 || before.settlement != 0 || rows != 0 {
+                    return Err(LedgerError::Config(format!(
+                        "the PostgreSQL ledger is not empty ({rows} payments, change {}): import only into a new one",
+                        before.seq
+                    )));
+                }
+                for part in writes.chunks() {
+                    part.statements(&conn).await?;
+                }
+                Ok(())
+            }
+            .await;
+            finish(c, copied).await
+        })??;
+        self.count()?;
+        // Read back and compare.
+        let copied = self.records()?;
+        let check = |what: &str, same: bool| {
+            if same {
+                Ok(())
+            } else {
+                Err(LedgerError::Config(format!("the imported {what} differ from the source's")))
+            }
+        };
+        check("records", copied == records)?;
+        check("change feed length", self.last_seq() == from.last_seq())?;
+        check("settlement log length", self.last_settlement() == from.last_settlement())?;
+        check("pending payments", self.pending() == counters.pending)?;
+        let mut copied_batches = Vec::new();
+        for chain in &chains {
+            copied_batches.extend(self.batches(*chain)?);
+        }
+        check("batches", copied_batches == batches)?;
+        check(
+            "exposure",
+            self.exposures()?
+                == from.exposures()?.into_iter().filter(|(_, v)| !v.is_zero()).collect::<Vec<_>>(),
+        )?;
+        Ok(Imported {
+            records: records.len(),
+            changes: counters.seq,
+            settlement_entries: counters.settlement,
+            batches: batches.len(),
+        })
     }
 }
 
