@@ -39,6 +39,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_head_block",
     "x402_batcher_base_fee_wei",
     "x402_batcher_settler_balance_wei",
+    "x402_batcher_lease_held",
     "x402_batcher_transactions_pending",
     "x402_batcher_transactions_replaced_total",
     "x402_batcher_transactions_dropped_total",

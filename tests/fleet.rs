@@ -83,7 +83,8 @@ async fn three_daemons_on_one_postgres_lose_nothing_when_one_is_killed_holding_l
             &format!("backend = \"postgres\"\nurl = \"{}\"", pg.url()),
             &format!(
                 "[audit]\nnonce_interval_ms = 0\n[settlement]\nsettler_keys_file = \"{}\"\n\
-                 poll_interval_ms = 50\nmax_wait_secs = 1\nconfirmations = 2\nlease_ms = 1500\n",
+                 poll_interval_ms = 50\nmax_wait_secs = 1\nconfirmations = 2\nlease_ms = 1500\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n",
                 keys.display()
             ),
         );
@@ -277,6 +278,30 @@ async fn three_daemons_on_one_postgres_lose_nothing_when_one_is_killed_holding_l
             feeds.push(feed);
         }
         assert!(feeds.iter().all(|f| *f == feeds[0]), "every daemon streams the same sequence");
+
+        // Every account (the four settlers and the leader) is held by exactly one daemon,
+        // as their metrics say (polled: a handover between two rounds shows 0 or 2).
+        let mut accounts: Vec<String> = settlers.iter().map(|s| s.address().to_string()).collect();
+        accounts.push(x402_batcher::settle::LEADER.to_string());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut held: std::collections::BTreeMap<String, f64> = Default::default();
+            for d in &mut daemons {
+                let addr = d.line_after("metrics on ");
+                let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+                d.remember(format!("metrics on {addr}"));
+                for line in text.lines().filter(|l| l.starts_with("x402_batcher_lease_held{")) {
+                    let account = line.split("account=\"").nth(1).and_then(|r| r.split('"').next()).unwrap();
+                    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+                    *held.entry(account.to_owned()).or_default() += value;
+                }
+            }
+            if accounts.iter().all(|a| held.get(a) == Some(&1.0)) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "accounts not held by exactly one daemon: {held:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
         // Reconcile finds nothing.
         let endpoint = x402_batcher::chain::RpcEndpoint::connect_http(net.chain_id(), net.rpc_url()).unwrap();

@@ -99,7 +99,9 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         // Every exported metric is there (rpc_errors_total appears with the first error,
         // auth_refused_total with the first refusal: tests/auth.rs checks it;
         // presimulation_refusals_total with the first payment the token would refuse).
+        // lease_held only in fleet mode (a shared ledger: tests/fleet.rs checks it).
         let later = [
+            "x402_batcher_lease_held",
             "x402_batcher_rpc_errors_total",
             "x402_batcher_auth_refused_total",
             "x402_batcher_presimulation_refusals_total",

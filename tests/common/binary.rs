@@ -13,8 +13,10 @@ pub struct Daemon {
     pub url: String,
     /// The Admin listener's.
     pub admin_url: String,
-    /// The lines the daemon printed on stdout after `listening on`.
+    /// The lines the daemon printed on stdout, as they come.
     lines: Receiver<String>,
+    /// Lines read while looking for another one.
+    seen: Vec<String>,
     /// Its log lines (stderr, at `warn`), also echoed to the test's stderr.
     logs: Receiver<String>,
 }
@@ -44,7 +46,8 @@ pub fn start(config: &std::path::Path) -> Daemon {
             let _ = log_tx.send(line);
         }
     });
-    let mut daemon = Daemon { child, url: String::new(), admin_url: String::new(), lines: rx, logs };
+    let mut daemon =
+        Daemon { child, url: String::new(), admin_url: String::new(), lines: rx, seen: Vec::new(), logs };
     daemon.url = format!("http://{}", daemon.line_after("listening on "));
     daemon.admin_url = format!("http://{}", daemon.line_after("admin on "));
     daemon
@@ -53,6 +56,9 @@ pub fn start(config: &std::path::Path) -> Daemon {
 impl Daemon {
     /// The rest of the first stdout line starting with `prefix` (waits up to 60 s).
     pub fn line_after(&mut self, prefix: &str) -> String {
+        if let Some(i) = self.seen.iter().position(|l| l.starts_with(prefix)) {
+            return self.seen.remove(i)[prefix.len()..].to_owned();
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -61,7 +67,13 @@ impl Daemon {
             if let Some(rest) = line.strip_prefix(prefix) {
                 return rest.to_owned();
             }
+            self.seen.push(line);
         }
+    }
+
+    /// Puts a line back for a later [`Self::line_after`].
+    pub fn remember(&mut self, line: String) {
+        self.seen.push(line);
     }
 
     /// The first log line from now on containing every one of `needles` (waits up to 30 s).
