@@ -104,6 +104,8 @@ pub fn books(log: impl IntoIterator<Item = PaymentRecord>) -> Vec<PaymentRecord>
 pub struct GroupOutcome {
     pub results: Vec<Result<Applied, LedgerError>>,
     pub changed: Vec<PaymentRecord>,
+    /// The sequence numbers the group's changes took (first, last), if it made any.
+    pub seqs: Option<(u64, u64)>,
 }
 
 /// The ledger as the rest of the daemon sees it: its reads, and the one way to write.

@@ -327,6 +327,9 @@ impl PgLedger {
         let connect = self.connect.clone();
         let conn = Arc::new(self.block(async move {
             let client = connect.connect().await?;
+            // Plan each execution for its arguments: a plan cached while the tables were
+            // small (a scan of the whole table) would stay for good as they grow.
+            client.batch_execute("SET plan_cache_mode = force_custom_plan").await.map_err(pg_err("prepare"))?;
             let st = Statements::prepare(&client).await.map_err(pg_err("prepare"))?;
             Ok::<_, LedgerError>(WriterConn { client, st })
         })??);
@@ -405,7 +408,8 @@ impl PgLedger {
         })??;
         // As of this commit, every daemon's groups included (they take turns on the lock).
         self.store_counters(after);
-        Ok(GroupOutcome { results, changed: records })
+        let seqs = (after.seq > before.seq).then_some((before.seq + 1, after.seq));
+        Ok(GroupOutcome { results, changed: records, seqs })
     }
 }
 
@@ -1376,6 +1380,7 @@ impl LedgerStore for PgLedger {
                 GroupOutcome {
                     results: commands.iter().map(|_| Err(e.clone())).collect(),
                     changed: Vec::new(),
+                    seqs: None,
                 }
             }
         }

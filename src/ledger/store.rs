@@ -92,13 +92,18 @@ impl LedgerStore for Ledger {
         // the in-memory holds this group changed need no undoing.
         let mut holds = self.holds.lock();
         let stage = RocksStage { ledger: self, batch: WriteBatch::default() };
-        let mut group = Group::new(stage, &mut holds, self.last_seq(), self.last_settlement());
+        let before = self.last_seq();
+        let mut group = Group::new(stage, &mut holds, before, self.last_settlement());
         let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
         match self.commit(group.decided()) {
-            Ok(changed) => GroupOutcome { results, changed },
+            Ok(changed) => {
+                let after = self.last_seq();
+                GroupOutcome { results, changed, seqs: (after > before).then_some((before + 1, after)) }
+            }
             Err(e) => GroupOutcome {
                 results: results.into_iter().map(|_| Err(e.clone())).collect(),
                 changed: Vec::new(),
+                seqs: None,
             },
         }
     }

@@ -78,9 +78,11 @@ impl LedgerHandle {
         let epoch = std::time::Instant::now();
         let watchers = Arc::new(Watchers::default());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let own = ledger.shared().then(|| Arc::new(Mutex::new(std::collections::BTreeMap::new())));
         let thread = {
             let ledger = Arc::clone(&ledger);
-            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers) };
+            let notify =
+                Notify { changes: changes.clone(), watchers: Arc::clone(&watchers), own: own.clone() };
             let timer = CommitTimer { started: Arc::clone(&commit_started), epoch };
             let ended = Arc::clone(&ended);
             std::thread::Builder::new().name("ledger-writer".into()).spawn(move || {
@@ -90,7 +92,7 @@ impl LedgerHandle {
         };
         if ledger.shared() {
             let ledger = Arc::clone(&ledger);
-            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers) };
+            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers), own };
             std::thread::Builder::new()
                 .name("ledger-follower".into())
                 .spawn(move || follow_shared(&*ledger, &notify, &ended))?;
@@ -259,6 +261,9 @@ impl Drop for Follow {
 struct Notify {
     changes: broadcast::Sender<u64>,
     watchers: Arc<Watchers>,
+    /// A shared ledger: the sequence numbers this writer's groups took (first → last), so
+    /// the follower of other daemons' changes skips them.
+    own: Option<Arc<Mutex<std::collections::BTreeMap<u64, u64>>>>,
 }
 
 /// Marks the commit in progress for [`LedgerHandle::commit_running_for`].
@@ -269,11 +274,25 @@ struct CommitTimer {
 
 /// A ledger other daemons write too: their changes, read in sequence order every
 /// [`SHARED_POLL`], are announced as this writer's own are (to `WatchPayments` and the
-/// followers of single payments), until the writer ends.
+/// followers of single payments), until the writer ends. The writer's own changes (it
+/// announced them at its commit) are skipped, not read back.
 fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::atomic::AtomicBool) {
     let mut seen = ledger.last_seq();
     while !ended.load(std::sync::atomic::Ordering::SeqCst) {
-        match ledger.events_after(seen, SHARED_PAGE) {
+        // Past our own ranges that start here; read at most up to the next one.
+        let mut page = SHARED_PAGE;
+        if let Some(own) = &notify.own {
+            let mut own = own.lock();
+            while let Some((&first, &last)) = own.first_key_value() {
+                if first > seen + 1 {
+                    page = page.min(usize::try_from(first - seen - 1).unwrap_or(usize::MAX));
+                    break;
+                }
+                seen = seen.max(last);
+                own.pop_first();
+            }
+        }
+        match ledger.events_after(seen, page) {
             Ok(changes) if !changes.is_empty() => {
                 if !notify.watchers.is_empty() {
                     for record in &changes {
@@ -282,7 +301,7 @@ fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::a
                 }
                 seen = changes.last().map_or(seen, |r| r.seq);
                 let _ = notify.changes.send(seen);
-                if changes.len() == SHARED_PAGE {
+                if changes.len() == page {
                     continue;
                 }
             }
@@ -321,7 +340,10 @@ fn run(
         let started = std::time::Instant::now();
         let since_epoch = started.duration_since(timer.epoch).as_millis() as u64;
         timer.started.store(since_epoch + 1, std::sync::atomic::Ordering::SeqCst);
-        let super::GroupOutcome { results, changed } = ledger.apply_group(&group);
+        let super::GroupOutcome { results, changed, seqs } = ledger.apply_group(&group);
+        if let (Some(own), Some((first, last))) = (&notify.own, seqs) {
+            own.lock().insert(first, last);
+        }
         timer.started.store(0, std::sync::atomic::Ordering::SeqCst);
         m.commit_seconds.record(started.elapsed().as_secs_f64());
         m.commit_group_size.record(group.len() as f64);
