@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use alloy::primitives::{Address, U256};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::batch::BatchRecord;
@@ -329,7 +330,10 @@ impl PgLedger {
             let client = connect.connect().await?;
             // Plan each execution for its arguments: a plan cached while the tables were
             // small (a scan of the whole table) would stay for good as they grow.
-            client.batch_execute("SET plan_cache_mode = force_custom_plan").await.map_err(pg_err("prepare"))?;
+            client
+                .batch_execute("SET plan_cache_mode = force_custom_plan")
+                .await
+                .map_err(pg_err("prepare"))?;
             let st = Statements::prepare(&client).await.map_err(pg_err("prepare"))?;
             Ok::<_, LedgerError>(WriterConn { client, st })
         })??);
@@ -976,53 +980,24 @@ impl Writes {
     async fn statements(&self, conn: &WriterConn) -> Result<(), LedgerError> {
         let (c, st) = (&conn.client, &conn.st);
         let p = &self.payments;
+        let (f, i, e, l, b) = (&self.feed, &self.idem, &self.exposure, &self.settlement, &self.batches);
+        let payments: [&(dyn ToSql + Sync); 5] = [&p.id, &p.key, &p.seq, &p.pending, &p.watched];
+        let feed: [&(dyn ToSql + Sync); 2] = [&f.0, &f.1];
+        let idem: [&(dyn ToSql + Sync); 2] = [&i.0, &i.1];
+        let exposure: [&(dyn ToSql + Sync); 2] = [&e.0, &e.1];
+        let cleared: [&(dyn ToSql + Sync); 1] = [&self.exposure_cleared];
+        let settlement: [&(dyn ToSql + Sync); 2] = [&l.0, &l.1];
+        let batches: [&(dyn ToSql + Sync); 4] = [&b.0, &b.1, &b.2, &b.3];
+        let counters: [&(dyn ToSql + Sync); 3] = [&self.counters[0], &self.counters[1], &self.counters[2]];
         // Each statement only if it has rows (an empty one would still cost the server).
-        let payments = async {
-            if p.key.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.payments, &[&p.id, &p.key, &p.seq, &p.pending, &p.watched]).await
-        };
-        let feed = async {
-            if self.feed.0.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.feed, &[&self.feed.0, &self.feed.1]).await
-        };
-        let idem = async {
-            if self.idem.0.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.idem, &[&self.idem.0, &self.idem.1]).await
-        };
-        let exposure = async {
-            if self.exposure.0.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.exposure, &[&self.exposure.0, &self.exposure.1]).await
-        };
-        let cleared = async {
-            if self.exposure_cleared.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.cleared, &[&self.exposure_cleared]).await
-        };
-        let settlement = async {
-            if self.settlement.0.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.settlement, &[&self.settlement.0, &self.settlement.1]).await
-        };
-        let batches = async {
-            if self.batches.0.is_empty() {
-                return Ok(0);
-            }
-            c.execute(&st.batches, &[&self.batches.0, &self.batches.1, &self.batches.2, &self.batches.3])
-                .await
-        };
-        let counters = async {
-            c.execute(&st.counters, &[&self.counters[0], &self.counters[1], &self.counters[2]]).await
-        };
+        let payments = execute(c, !p.id.is_empty(), &st.payments, &payments);
+        let feed = execute(c, !f.0.is_empty(), &st.feed, &feed);
+        let idem = execute(c, !i.0.is_empty(), &st.idem, &idem);
+        let exposure = execute(c, !e.0.is_empty(), &st.exposure, &exposure);
+        let cleared = execute(c, !self.exposure_cleared.is_empty(), &st.cleared, &cleared);
+        let settlement = execute(c, !l.0.is_empty(), &st.settlement, &settlement);
+        let batches = execute(c, !b.0.is_empty(), &st.batches, &batches);
+        let counters = execute(c, true, &st.counters, &counters);
         futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
             .map_err(pg_err("write"))?;
         Ok(())
@@ -1196,7 +1171,7 @@ impl LedgerStore for PgLedger {
     fn release_leases(&self, owner: &str) -> Result<(), LedgerError> {
         let owner = owner.to_owned();
         self.read(move |c| async move {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&owner];
+            let params: [&(dyn ToSql + Sync); 1] = [&owner];
             let released = c.execute(
                 "UPDATE ledger_leases SET expires_at = now() - interval '1 second' WHERE owner = $1",
                 &params,
@@ -1385,6 +1360,16 @@ impl LedgerStore for PgLedger {
             }
         }
     }
+}
+
+/// Runs `statement` if `rows` (it has any), else nothing.
+async fn execute(
+    c: &Client,
+    rows: bool,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    if rows { c.execute(statement, params).await } else { Ok(0) }
 }
 
 /// The last version of each batch a group wrote (one row per batch in the statement),
