@@ -303,3 +303,14 @@ async fn a_batch_number_is_taken_once() {
     .await
     .expect("bounded");
 }
+
+/// TLS to the database is not built: a connection string that asks for it is refused at
+/// connect, with the reason, rather than silently sent in plaintext.
+#[test]
+fn a_connection_asking_for_tls_is_refused_not_downgraded() {
+    let pg = TestPostgres::shared().unwrap();
+    let url = format!("{} sslmode=require", pg.url());
+    let err = PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap_err();
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(matches!(err, LedgerError::Postgres { op: "connect", .. }), "{text}");
+}
