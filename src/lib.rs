@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! API nodes ────gRPC───▶ ingest ────▶ admission ──▶ verify pool ───▶ ledger writer ──▶ ack
-//! x402 middlewares       (one         (cheap,       (ecrecover on    (RocksDB, group
+//! x402 middlewares       (one         (cheap,       (ecrecover on    (RocksDB or PG, group
 //!   ──HTTP──▶ facilitator  decision)   static)       N OS threads;    commit, fsync;
 //!   /verify: hold                                    ERC-1271 on      holds in memory)
 //!                                                    chain for payers
@@ -33,9 +33,10 @@
 //!    ERC-1271), read by deployless probes.
 //! 2. [`config`]: the typed configuration, plain data plus validation (listeners,
 //!    credentials and their parsers, settlement, tokens); every default a named constant.
-//! 3. [`ledger`]: the nonce ledger behind one seam ([`ledger::LedgerStore`]; RocksDB is the
-//!    implementation): commands, the rules of a group, its own on-disk records, the
-//!    group-commit writer, the holds of verified payments, followers of single payments.
+//! 3. [`ledger`]: the nonce ledger behind one seam ([`ledger::LedgerStore`]; RocksDB, the
+//!    embedded default, or PostgreSQL, shared by a fleet): commands, the rules of a group
+//!    (one code for both), its own on-disk records, the group-commit writer, the holds of
+//!    verified payments, followers of single payments, leases dividing settler accounts.
 //! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`]: the cheap static
 //!    checks and the validity window; the signature check and its pool of OS threads;
 //!    payers' balances and code, cached; who may call (credentials, roles); per-server limits; the
