@@ -1212,17 +1212,8 @@ impl LedgerStore for PgLedger {
     }
 
     fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
-        let id = key.payment_id().0.to_vec();
-        self.read(move |c| async move {
-            let row = c
-                .query_opt(
-                    "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.id = $1",
-                    &[&id],
-                )
-                .await
-                .map_err(pg_err("read payment"))?;
-            row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
-        })
+        // The row's key is its id (a function of the authorization key).
+        self.get_by_id(&key.payment_id())
     }
 
     fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError> {
