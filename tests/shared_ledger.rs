@@ -304,8 +304,8 @@ async fn a_batch_number_is_taken_once() {
     .expect("bounded");
 }
 
-/// TLS to the database is not built: a connection string that asks for it is refused at
-/// connect, with the reason, rather than silently sent in plaintext.
+/// Without a CA to check the server by (`ledger.ca_file`), a connection string that asks for
+/// TLS is refused at connect rather than sent in plaintext (tests/ledger_tls.rs: with one).
 #[test]
 fn a_connection_asking_for_tls_is_refused_not_downgraded() {
     let pg = TestPostgres::shared().unwrap();

@@ -159,6 +159,10 @@ pub struct LedgerConfig {
     pub password_file: Option<std::path::PathBuf>,
     /// An environment variable holding the database password.
     pub password_env: Option<String>,
+    /// PEM certificates of the CA(s) that sign the database servers' certificates: the
+    /// connection is then TLS (rustls), the server's certificate verified against them and
+    /// its name (`sslmode=require` is implied; a server without TLS is refused).
+    pub ca_file: Option<std::path::PathBuf>,
     /// See [`DEFAULT_LEDGER_QUEUE_CAPACITY`]; 0 means the default.
     pub queue_capacity: usize,
 }
@@ -182,6 +186,7 @@ impl LedgerConfig {
                     (self.url.is_some(), "ledger.url"),
                     (self.password_file.is_some(), "ledger.password_file"),
                     (self.password_env.is_some(), "ledger.password_env"),
+                    (self.ca_file.is_some(), "ledger.ca_file"),
                 ] {
                     if set {
                         return Err(invalid(field, "is for backend = \"postgres\""));
@@ -204,6 +209,15 @@ impl LedgerConfig {
                         return Err(invalid(
                             "ledger.url",
                             "carries a password: put it in ledger.password_file or ledger.password_env",
+                        ));
+                    }
+                    if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+                        && self.ca_file.is_none()
+                    {
+                        return Err(invalid(
+                            "ledger.url",
+                            "asks for TLS (sslmode=require): give ledger.ca_file, the CA that signs the database's \
+                             certificate",
                         ));
                     }
                 }
@@ -576,6 +590,11 @@ mod tests {
         assert!(!err.contains("hunter2"), "the secret is not echoed: {err}");
         let err = pg("url = \"host=db1 password=hunter2\"").unwrap_err().to_string();
         assert!(err.contains("carries a password") && !err.contains("hunter2"), "{err}");
+        let err = pg("url = \"host=db1 sslmode=require\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.ca_file"), "{err}");
+        pg("url = \"host=db1 sslmode=require\"\nca_file = \"ca.pem\"").unwrap();
+        let err = Config::parse("[ledger]\npath = \"l\"\nca_file = \"ca.pem\"").unwrap_err().to_string();
+        assert!(err.contains("ledger.ca_file"), "{err}");
         let err = pg("url = \"postgresql://[::1\"").unwrap_err().to_string();
         assert!(err.contains("ledger.url"), "{err}");
         let err = pg("url = \"host=db1\"\npath = \"/var/lib/x402\"").unwrap_err().to_string();

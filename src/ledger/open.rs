@@ -42,7 +42,11 @@ fn rocks_path<'a>(config: &'a LedgerConfig, over: Option<&'a Path>) -> Result<&'
 pub fn connect(config: &LedgerConfig) -> Result<PgConnect, LedgerError> {
     let url = config.url.as_deref().ok_or_else(|| LedgerError::Config("ledger.url is not set".into()))?;
     let password = password(config)?;
-    PgConnect::new(url, password.as_deref())
+    let connect = PgConnect::new(url, password.as_deref())?;
+    match &config.ca_file {
+        Some(path) => connect.with_tls(path),
+        None => Ok(connect),
+    }
 }
 
 fn password(config: &LedgerConfig) -> Result<Option<String>, LedgerError> {

@@ -100,6 +100,8 @@ INSERT INTO ledger_meta (name, value)
 #[derive(Clone)]
 pub struct PgConnect {
     config: tokio_postgres::Config,
+    /// TLS (rustls) with these roots; plaintext when `None`.
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for PgConnect {
@@ -120,7 +122,37 @@ impl PgConnect {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        Ok(PgConnect { config })
+        Ok(PgConnect { config, tls: None })
+    }
+
+    /// Connects over TLS only, verifying the server's certificate (and its name: the host
+    /// connected to) against the CA certificates in the PEM file `ca_file`.
+    pub fn with_tls(mut self, ca_file: &std::path::Path) -> Result<PgConnect, LedgerError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        let shown = ca_file.display();
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| LedgerError::Config(format!("ledger.ca_file {shown}: {e}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert
+                .map_err(|_| LedgerError::Config(format!("ledger.ca_file {shown}: not PEM certificates")))?;
+            roots.add(cert).map_err(|e| LedgerError::Config(format!("ledger.ca_file {shown}: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(LedgerError::Config(format!("ledger.ca_file {shown}: no certificate in it")));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| LedgerError::Config(format!("ledger TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Never fall back to plaintext once a CA is given.
+        self.config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        self.tls = Some(Arc::new(tls));
+        Ok(self)
     }
 
     /// Hosts, ports, database and user: never the password.
@@ -150,13 +182,20 @@ impl PgConnect {
     }
 
     async fn connect(self) -> Result<Client, LedgerError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(pg_err("connect"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!("ledger database connection closed: {e}");
+        let closed = |e: tokio_postgres::Error| tracing::warn!("ledger database connection closed: {e}");
+        match self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(pg_err("connect"))?;
+                tokio::spawn(async move { connection.await.unwrap_or_else(closed) });
+                Ok(client)
             }
-        });
-        Ok(client)
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, connection) = self.config.connect(tls).await.map_err(pg_err("connect"))?;
+                tokio::spawn(async move { connection.await.unwrap_or_else(closed) });
+                Ok(client)
+            }
+        }
     }
 }
 

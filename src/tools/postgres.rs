@@ -65,6 +65,30 @@ impl TestPostgres {
 
     /// As [`Self::start`], with extra `postgresql.conf` lines.
     pub fn start_with(settings: &[&str]) -> anyhow::Result<TestPostgres> {
+        let mut pg = Self::init(settings)?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// As [`Self::start`], serving TLS (`ssl = on`) with this certificate chain and key
+    /// (PEM); plaintext connections are still accepted.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<TestPostgres> {
+        let mut pg =
+            Self::init(&["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"])?;
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = Path::new(&pg.data()).join(name);
+            std::fs::write(&path, pem)?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if let Some(user) = pg.run_as {
+                chown(&path, user)?;
+            }
+        }
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// A cluster made by `initdb` with `settings` added to its configuration, not started.
+    fn init(settings: &[&str]) -> anyhow::Result<TestPostgres> {
         let bin = bin_dir().ok_or_else(|| {
             anyhow::anyhow!("PostgreSQL server not found under /usr/lib/postgresql (run ops/setup.sh)")
         })?;
@@ -85,7 +109,6 @@ impl TestPostgres {
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing)?;
         pg.port = free_port()?;
-        pg.start_server()?;
         Ok(pg)
     }
 
