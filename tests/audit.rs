@@ -85,7 +85,7 @@ async fn a_payment_once_batched_is_left_to_the_settlement_engine() {
         let devnet = Devnet::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(Ledger::open(&dir.path().join("ledger")).unwrap());
-        let (handle, _writer) = LedgerHandle::start(ledger, 16).unwrap();
+        let (handle, writer) = LedgerHandle::start(ledger, 16).unwrap();
         let payer = devnet::payer_keys("audit-batched", 1).remove(0);
         devnet.fund(&[payer.address()], U256::from(1_000_000u64)).await.unwrap();
         let base = PaymentBuilder::new(&payer, &devnet.token_domain(), SystemClock.now_unix());
@@ -121,6 +121,9 @@ async fn a_payment_once_batched_is_left_to_the_settlement_engine() {
         let ledger = handle.ledger();
         assert_eq!(ledger.get(&AuthKey::of(&never)).unwrap().unwrap().status, Status::Failed);
         assert_eq!(ledger.get(&key).unwrap().unwrap().status, Status::Accepted);
+        // RocksDB closed before the process exits (not by a writer thread still closing it).
+        handle.stop();
+        writer.join().unwrap();
     })
     .await
     .expect("bounded");

@@ -34,6 +34,9 @@ struct Fixture {
     dir: PathBuf,
     config: PathBuf,
     handle: LedgerHandle,
+    /// The writer thread, joined when the fixture goes: RocksDB closed before the process
+    /// exits (a database still closing while the process tears down aborts it).
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Payment id -> (payer, payee, token, value, final status once it has one).
     payments: BTreeMap<String, (Address, Address, Address, U256, Option<Status>)>,
     keys: Vec<(String, AuthKey)>,
@@ -54,8 +57,25 @@ fn fixture() -> Fixture {
     )
     .unwrap();
     let ledger = Arc::new(Ledger::open(&path.join("ledger")).unwrap());
-    let (handle, _writer) = LedgerHandle::start(ledger, 64).unwrap();
-    Fixture { _dir: dir, dir: path, config, handle, payments: BTreeMap::new(), keys: Vec::new() }
+    let (handle, writer) = LedgerHandle::start(ledger, 64).unwrap();
+    Fixture {
+        _dir: dir,
+        dir: path,
+        config,
+        handle,
+        writer: Some(writer),
+        payments: BTreeMap::new(),
+        keys: Vec::new(),
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.handle.stop();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl Fixture {
