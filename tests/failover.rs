@@ -27,8 +27,7 @@ const RATE: f64 = 1_000.0;
 const LIMIT: Duration = Duration::from_secs(180);
 
 fn key_of(req: &v1::SubmitRequest) -> AuthKey {
-    let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
-    AuthKey::new(a.chain_id, a.token.parse().unwrap(), a.from.parse().unwrap(), a.nonce.parse().unwrap())
+    AuthKey::of(&common::signed_of(req))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

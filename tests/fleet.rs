@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
@@ -26,6 +26,7 @@ use x402_batcher::tools::devnet::{self, Devnet};
 use x402_batcher::tools::loadgen::{self, LoadOptions};
 use x402_batcher::tools::postgres::TestPostgres;
 use x402_batcher::tools::testkit::{self, PaymentBuilder};
+use x402_batcher::x402::Authorization;
 
 const DAEMONS: usize = 3;
 const SETTLERS: usize = 4;
@@ -38,14 +39,7 @@ const LIMIT: Duration = Duration::from_secs(420);
 const OVERSPEND_PAYEE: Address = Address::repeat_byte(0x0f);
 
 fn key_of(req: &v1::SubmitRequest) -> AuthKey {
-    let (from, nonce) = from_and_nonce(req);
-    let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
-    AuthKey::new(a.chain_id, a.token.parse().unwrap(), from, nonce)
-}
-
-fn from_and_nonce(req: &v1::SubmitRequest) -> (Address, B256) {
-    let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else { unreachable!("typed") };
-    (a.from.parse().unwrap(), a.nonce.parse().unwrap())
+    AuthKey::of(&common::signed_of(req))
 }
 
 /// A counter of the ledger's (`seq`, `pending`), read in the database.
@@ -172,7 +166,7 @@ async fn three_daemons_on_one_postgres_lose_nothing_when_one_is_killed_holding_l
                         eprintln!("round {round}: resubmitting {i} gave {other:?}");
                     }
                 }
-                let (from, nonce) = from_and_nonce(&requests[i]);
+                let Authorization { from, nonce, .. } = common::signed_of(&requests[i]).authorization;
                 let payer = payers.iter().find(|p| p.address() == from).expect("a known payer");
                 let signed = PaymentBuilder::new(payer, &net.token_domain(), now).nonce(nonce).value(999).build();
                 let conflicting =

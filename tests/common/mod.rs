@@ -67,3 +67,11 @@ pub async fn funded_submissions(
     let now = x402_batcher::clock::SystemClock.now_unix();
     x402_batcher::tools::loadgen::presign(&net.token_domain(), &opts, now)
 }
+
+/// The signed authorization a typed submission carries (the ledger's key: `AuthKey::of`).
+pub fn signed_of(req: &v1::SubmitRequest) -> x402_batcher::x402::SignedAuthorization {
+    let Some(v1::submit_request::Payment::Authorization(a)) = &req.payment else {
+        panic!("a typed submission")
+    };
+    api::signed_authorization(a).expect("a well-formed typed authorization")
+}
