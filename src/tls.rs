@@ -49,37 +49,27 @@ pub enum TlsError {
     ClientVerifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.display().to_string(), source })
-}
-
-fn pem_err(what: &'static str, path: &std::path::Path, expected: &'static str) -> TlsError {
-    TlsError::Pem { what, path: path.display().to_string(), expected }
-}
-
-/// The certificates in the PEM file `path` (`what` names the setting in errors); at least one.
-fn certs(what: &'static str, path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&read(what, path)?)
-        .collect::<Result<_, _>>()
-        .map_err(|_| pem_err(what, path, "certificates"))?;
-    if certs.is_empty() {
-        return Err(pem_err(what, path, "certificates"));
-    }
-    Ok(certs)
-}
-
-/// The CA certificates in the PEM file `path` as trust roots (`what` names the setting in
-/// errors): the listeners' client CA, the ledger database's CA.
-pub fn roots(what: &'static str, path: &std::path::Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in certs(what, path)? {
-        roots.add(ca)?;
-    }
-    Ok(roots)
-}
-
 /// The rustls server configuration for both listeners.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let read = |what, path: &std::path::Path| {
+        let err = |source| TlsError::Read { what, path: path.display().to_string(), source };
+        std::fs::read(path).map_err(err)
+    };
+    let pem_err = |what, path: &std::path::Path, expected| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        expected,
+    };
+    let certs = |what, path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(&read(what, path)?)
+            .collect::<Result<_, _>>()
+            .map_err(|_| pem_err(what, path, "certificates"))?;
+        if certs.is_empty() {
+            return Err(pem_err(what, path, "certificates"));
+        }
+        Ok(certs)
+    };
+
     let chain = certs("tls.cert_file", &tls.cert_file)?;
     let key_path = &tls.key_file;
     let key_read =
@@ -95,7 +85,10 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
     let builder = match &tls.client_ca_file {
         Some(path) => {
-            let roots = roots("tls.client_ca_file", path)?;
+            let mut roots = RootCertStore::empty();
+            for ca in certs("tls.client_ca_file", path)? {
+                roots.add(ca)?;
+            }
             // Optional at the handshake, so token-holding clients need no certificate; a
             // certificate that is presented must chain to these roots, or the handshake fails.
             let verifier =

@@ -129,10 +129,20 @@ impl PgConnect {
     /// connected to) against the CA certificates in the PEM file `ca_file`.
     pub fn with_tls(mut self, ca_file: &std::path::Path) -> Result<PgConnect, LedgerError> {
         use tokio_rustls::rustls;
-        let roots = crate::tls::roots("ledger.ca_file", ca_file).map_err(|e| {
-            let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-            LedgerError::Config(format!("{e}{cause}"))
-        })?;
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        let shown = ca_file.display();
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| LedgerError::Config(format!("ledger.ca_file {shown}: {e}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert
+                .map_err(|_| LedgerError::Config(format!("ledger.ca_file {shown}: not PEM certificates")))?;
+            roots.add(cert).map_err(|e| LedgerError::Config(format!("ledger.ca_file {shown}: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(LedgerError::Config(format!("ledger.ca_file {shown}: no certificate in it")));
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
