@@ -118,6 +118,12 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     /// The sequence number of the newest committed change (0: none yet).
     fn last_seq(&self) -> u64;
 
+    /// The sequence number of the newest change committed by anyone sharing the ledger,
+    /// read from the storage ([`Self::last_seq`] counts this process's commits).
+    fn committed_seq(&self) -> Result<u64, LedgerError> {
+        Ok(self.last_seq())
+    }
+
     /// Payments accepted and not yet settled, failed or expired.
     fn pending(&self) -> u64;
 

@@ -1238,6 +1238,10 @@ impl LedgerStore for PgLedger {
         self.last_seq.load(Ordering::SeqCst)
     }
 
+    fn committed_seq(&self) -> Result<u64, LedgerError> {
+        self.read(|c| async move { Ok(counters(&c, false).await?.seq) })
+    }
+
     fn pending(&self) -> u64 {
         self.pending.load(Ordering::SeqCst)
     }

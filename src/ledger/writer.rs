@@ -292,6 +292,22 @@ fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::a
                 own.pop_first();
             }
         }
+        // Nobody follows a single payment: the newest number is all `WatchPayments` needs
+        // (it reads the changes itself), not the records. Read before looking, so a
+        // follower that registers meanwhile reads its record after this number.
+        let newest = ledger.committed_seq();
+        if notify.watchers.is_empty() {
+            match newest {
+                Ok(newest) if newest > seen => {
+                    seen = newest;
+                    let _ = notify.changes.send(seen);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reading the shared ledger's newest change: {e}"),
+            }
+            std::thread::sleep(SHARED_POLL);
+            continue;
+        }
         match ledger.events_after(seen, page) {
             Ok(changes) if !changes.is_empty() => {
                 if !notify.watchers.is_empty() {
