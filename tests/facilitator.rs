@@ -1,7 +1,8 @@
 //! The facilitator HTTP API's own rules, over real HTTP on 127.0.0.1, a real anvil and a
 //! real ledger (no Node: the middlewares' side is tests/interop.rs): holds and their
 //! claims, replays refused on either surface, payment-identifier retries, lapsing holds,
-//! the drain, malformed and oversized bodies, the status URL, and TLS with a bearer token.
+//! the drain, malformed and oversized bodies, the status URL, TLS with a bearer token, and
+//! a hold placed on one daemon of a fleet holding on the others.
 
 mod common;
 
@@ -13,6 +14,7 @@ use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
 use common::daemon::TestDaemon;
 use common::settle::{Miner, settle_with};
+use common::store::{Backend, TestLedger};
 use serde_json::{Value, json};
 use x402_batcher::api::v1;
 use x402_batcher::client;
@@ -130,6 +132,60 @@ async fn a_verified_payment_is_held_then_settled_once() {
         let (_, v) = post(&url, "/settle", &b2).await;
         assert_eq!(reason(&v), "invalid_exact_evm_nonce_already_used", "{v}");
         d.stop().await;
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Two daemons of a fleet on one PostgreSQL ledger, one settler key between them: a header
+/// verified on one is held on the other too (its `/verify` refused: the nonce is held), and
+/// settled through the other, which claims the hold; the payment is recorded and settled
+/// once, and neither daemon verifies or settles it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_verified_on_one_daemon_of_a_fleet_is_held_on_the_others() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Arc::new(Devnet::start().await.unwrap());
+        let settlers = net.new_settlers("fleet-hold", 1).await.unwrap();
+        let ledger = TestLedger::new(Backend::Postgres);
+        let mut fleet = Vec::new();
+        for _ in 0..2 {
+            let (path, settlers) = (ledger.dir.path().to_owned(), settlers.clone());
+            fleet.push(
+                TestDaemon::start_on_ledger(Arc::clone(&net), Arc::clone(&ledger), move |c| {
+                    settle_with(c, &path, &settlers);
+                    c.settlement.lease_ms = 1_000;
+                    c.facilitator.listen = Some("127.0.0.1:0".parse().unwrap());
+                })
+                .await,
+            );
+        }
+        let payer = fleet[0].payers("fleet-hold", 1, 10_000_000).await.remove(0);
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
+        let (one, other) = (fleet[0].facilitator_url(), fleet[1].facilitator_url());
+        let b = body(&fleet[0], &payer, 1, None);
+
+        let (_, v) = post(&one, "/verify", &b).await;
+        assert_eq!(v["isValid"], true, "{v}");
+        let (_, again) = post(&other, "/verify", &b).await;
+        assert_eq!(reason(&again), "invalid_exact_evm_nonce_already_used", "{again}");
+        assert!(again["invalidMessage"].as_str().unwrap().contains("held"), "{again}");
+
+        let (status, settled) = post(&other, "/settle", &b).await;
+        assert_eq!((status, settled["success"].clone()), (200, json!(true)), "{settled}");
+        for (url, path) in [(&one, "/verify"), (&one, "/settle"), (&other, "/verify")] {
+            let (_, v) = post(url, path, &b).await;
+            assert_eq!(reason(&v), "invalid_exact_evm_nonce_already_used", "{path} after the settle: {v}");
+        }
+        let records = ledger.open().records().unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            records[0].tx_hash.map(|h| h.to_string()).as_deref(),
+            settled["transaction"].as_str(),
+            "settled in the transaction /settle named"
+        );
+        for d in fleet {
+            d.stop().await;
+        }
     })
     .await
     .expect("bounded");

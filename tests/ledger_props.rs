@@ -2,7 +2,9 @@
 //! pending values per payer, one record per authorization key, transitions only along the
 //! lifecycle, strictly increasing sequence numbers, and all of it survives a reopen. Holds
 //! (verified payments reserved for their settlement) reserve their nonce and count in their
-//! payer's cover until an acceptance claims them or they lapse, and record nothing.
+//! payer's cover until an acceptance claims them or they lapse, and record nothing. A
+//! reopen loses them on RocksDB (they live in memory) and keeps them on PostgreSQL (rows a
+//! fleet shares); otherwise the model is the same.
 //!
 //! The same cases, with the same assertions, run against both backends: RocksDB in a temp
 //! dir, and PostgreSQL (a throw-away server this test starts; one schema per case).
@@ -139,7 +141,7 @@ proptest! {
     fn invariants_hold_on_rocksdb((ops, group_sizes) in strategy()) {
         let dir = tempfile::tempdir().unwrap();
         let open = || -> Box<dyn LedgerStore> { Box::new(Ledger::open(dir.path()).unwrap()) };
-        run_case(&open, ops, group_sizes)?;
+        run_case(&open, ops, group_sizes, Holds::InMemory)?;
     }
 }
 
@@ -159,9 +161,18 @@ fn invariants_hold_on_postgres() {
             let open = || -> Box<dyn LedgerStore> {
                 Box::new(PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap())
             };
-            run_case(&open, ops, group_sizes)
+            run_case(&open, ops, group_sizes, Holds::Stored)
         })
         .unwrap();
+}
+
+/// Where a backend keeps its holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    /// In memory (RocksDB): a reopen loses them.
+    InMemory,
+    /// In the database (PostgreSQL, shared by a fleet): a reopen keeps them.
+    Stored,
 }
 
 /// Applies `ops` in groups (sizes from `group_sizes`) to a ledger from `open` and to a
@@ -170,12 +181,13 @@ fn run_case(
     open: &dyn Fn() -> Box<dyn LedgerStore>,
     ops: Vec<Op>,
     group_sizes: Vec<usize>,
+    kept: Holds,
 ) -> Result<(), TestCaseError> {
     let mut ledger = open();
     let mut model: HashMap<AuthKey, Model> = HashMap::new();
     let mut keys: Vec<AuthKey> = Vec::new();
-    // Live holds: key -> (authorization, idempotency key, expiry). Lost on a reopen (they
-    // live in memory), like the ledger's.
+    // Live holds: key -> (authorization, idempotency key, expiry). Lost on a reopen when
+    // the backend keeps them in memory, like the ledger's.
     let mut holds: HashMap<AuthKey, (Authorization, String, u64)> = HashMap::new();
     let mut now = 1u64;
 
@@ -186,8 +198,11 @@ fn run_case(
             ops.next();
             drop(ledger);
             ledger = open();
-            holds.clear();
+            if kept == Holds::InMemory {
+                holds.clear();
+            }
             check_invariants(&*ledger, &model);
+            prop_assert_eq!(ledger.holds(), holds.len(), "the holds after the reopen are the model's");
             continue;
         }
         if let Some(Op::Tick(ms)) = ops.peek() {
@@ -391,6 +406,23 @@ fn a_newer_postgres_schema_is_refused_with_a_clear_message_and_nothing_changes()
     let err = PgLedger::open_read_only(connect).unwrap_err().to_string();
     assert!(err.contains("schema version 99"), "{err}");
     assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "99");
+}
+
+/// Schema 1 (before the holds were shared) is upgraded by the first daemon opening it; a
+/// reader (export, reconcile) does not upgrade, and says so.
+#[test]
+fn a_postgres_schema_1_ledger_is_upgraded_in_place() {
+    let pg = TestPostgres::start().unwrap();
+    let connect = PgConnect::new(&pg.url(), None).unwrap();
+    drop(PgLedger::open(connect.clone()).unwrap());
+    pg.sql("DROP TABLE ledger_holds; UPDATE ledger_meta SET value = 1 WHERE name = 'schema_version'")
+        .unwrap();
+    let err = PgLedger::open_read_only(connect.clone()).unwrap_err().to_string();
+    assert!(err.contains("schema version 1"), "{err}");
+    let ledger = PgLedger::open(connect).unwrap();
+    assert_eq!(ledger.holds(), 0);
+    assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "2");
+    assert_eq!(pg.sql("SELECT count(*) FROM ledger_holds").unwrap(), "0");
 }
 
 #[test]

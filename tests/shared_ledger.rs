@@ -2,16 +2,18 @@
 //! store and writer, as separate daemons would have. Concurrent acceptances for one payer
 //! never overspend it together, a nonce is recorded once whichever daemon sees it first,
 //! and the change feed read from any of them is the same gap-free sequence, even while
-//! they all write. Settler accounts are divided by leases whose lost holder cannot write,
-//! and a batch number is taken once.
+//! they all write. A facilitator's hold placed through one daemon holds on all of them.
+//! Settler accounts are divided by leases whose lost holder cannot write, and a batch
+//! number is taken once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, ApplyRequest, BatchRecord, BatchStatus, Fence, LedgerError, LedgerHandle,
-    LedgerStore, PgConnect, PgLedger, Repeat, Status, Submission, TransitionRequest,
+    AcceptOutcome, AcceptRequest, ApplyRequest, BatchRecord, BatchStatus, Fence, HoldOutcome, HoldRequest,
+    LedgerError, LedgerHandle, LedgerStore, PgConnect, PgLedger, Repeat, Status, Submission,
+    TransitionRequest,
 };
 use x402_batcher::tools::postgres::TestPostgres;
 use x402_batcher::x402::{Authorization, RawSignature, Reason, SignedAuthorization};
@@ -48,11 +50,15 @@ fn accept(signed: SignedAuthorization, balance: u64) -> AcceptRequest {
 
 /// `n` daemons' ledgers (store + writer) on one new schema of `pg`.
 fn fleet(pg: &TestPostgres, n: usize) -> Vec<LedgerHandle> {
-    let url = pg.new_schema_url().unwrap();
+    fleet_on(&pg.new_schema_url().unwrap(), n)
+}
+
+/// `n` daemons' ledgers on the schema `url` names.
+fn fleet_on(url: &str, n: usize) -> Vec<LedgerHandle> {
     (0..n)
         .map(|_| {
             let store: Arc<dyn LedgerStore> =
-                Arc::new(PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap());
+                Arc::new(PgLedger::open(PgConnect::new(url, None).unwrap()).unwrap());
             LedgerHandle::start(store, 4096).unwrap().0
         })
         .collect()
@@ -121,6 +127,65 @@ async fn one_nonce_sent_to_every_daemon_at_once_is_recorded_once() {
         }
         let records = daemons[0].ledger().records().unwrap();
         assert_eq!(records.len(), 20, "one record per nonce");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A verification's hold (`/verify`) placed through one daemon holds on every other: the
+/// same header verified elsewhere is refused (its nonce is held), the payer's cover counts
+/// it everywhere, any daemon's acceptance (`/settle`) claims it, and once lapsed it is gone
+/// for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_placed_through_one_daemon_holds_on_every_daemon() {
+    tokio::time::timeout(LIMIT, async {
+        let pg = TestPostgres::shared().unwrap();
+        let url = pg.new_schema_url().unwrap();
+        let d = fleet_on(&url, 3);
+        let at = |signed, now_ms| AcceptRequest { now_ms, ..accept(signed, 10) };
+        let hold = |signed, now_ms| HoldRequest { accept: at(signed, now_ms), hold_ms: 1_000 };
+        let held = |o: &HoldOutcome| matches!(o, HoldOutcome::Held { .. });
+
+        let first = d[0].hold(hold(signed(1, 1, 6), 10)).await.unwrap();
+        assert!(held(&first), "{first:?}");
+        for other in &d[1..] {
+            match other.hold(hold(signed(1, 1, 6), 20)).await.unwrap() {
+                HoldOutcome::Refused { reason: Reason::NonceAlreadyUsed, message } => {
+                    assert!(message.contains("held by a verification"), "{message}")
+                }
+                other => panic!("the same header verified on another daemon: {other:?}"),
+            }
+        }
+        // The payer's cover (balance 10) counts the 6 held on daemon 0.
+        match d[2].hold(hold(signed(1, 2, 5), 30)).await.unwrap() {
+            HoldOutcome::Refused { reason: Reason::InsufficientFunds, message } => {
+                assert!(message.contains("6 held"), "{message}")
+            }
+            other => panic!("5 more on top of 6 held: {other:?}"),
+        }
+        let second = d[2].hold(hold(signed(1, 2, 4), 40)).await.unwrap();
+        assert!(held(&second), "4 fits: {second:?}");
+        assert_eq!(d[2].ledger().holds(), 2, "both daemons' holds");
+
+        // Settled through daemon 1: claims daemon 0's hold; the other stays held.
+        let accepted = d[1].accept(at(signed(1, 1, 6), 50)).await.unwrap();
+        assert!(matches!(accepted, AcceptOutcome::Accepted(_)), "{accepted:?}");
+        assert_eq!(d[1].ledger().holds(), 1, "claimed");
+        match d[0].accept(at(signed(1, 3, 1), 60)).await.unwrap() {
+            AcceptOutcome::Refused { reason: Reason::InsufficientFunds, .. } => {}
+            other => panic!("6 pending + 4 held + 1 > 10: {other:?}"),
+        }
+
+        // Lapsed (held until 1040): gone for every daemon; its nonce is free again.
+        let again = d[0].hold(hold(signed(1, 2, 3), 2_000)).await.unwrap();
+        assert!(held(&again), "another authorization under the lapsed hold's nonce: {again:?}");
+        assert_eq!(d[0].ledger().holds(), 1, "the lapsed one deleted, the new one held");
+        for daemon in &d {
+            daemon.stop();
+        }
+        // Rows in the database: a daemon starting now sees the live one.
+        let fresh = PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap();
+        assert_eq!(fresh.holds(), 1);
     })
     .await
     .expect("bounded");

@@ -8,11 +8,13 @@
 //! overspend a payer). Nothing is owed for a hold: the acceptance that claims it is what
 //! the ledger records, and a hold nobody claims lapses and changes nothing.
 //!
-//! Holds live in memory, in the writer's single decision order. They need no durability:
-//! the ledger alone decides what is accepted (at most once per authorization, with the
-//! balance checked again at acceptance), so a hold lost in a crash costs nothing but an
-//! early refusal a replay might otherwise have met. They are not shared between daemons
-//! that share a ledger.
+//! Holds are decided in the writer's single decision order. On RocksDB they live in memory
+//! and need no durability: the ledger alone decides what is accepted (at most once per
+//! authorization, with the balance checked again at acceptance), so a hold lost in a crash
+//! costs nothing but an early refusal a replay might otherwise have met. On PostgreSQL they
+//! are rows every daemon of a fleet reads in the same transactions as the rest (a header
+//! verified on one daemon is held on all); a group works on the holds of the payers it
+//! names, read into one of these, and writes back what changed ([`Holds::changes_since`]).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -33,7 +35,7 @@ pub struct Hold {
 }
 
 /// Every live hold, with each payer's held total.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Holds {
     by_key: HashMap<AuthKey, Hold>,
     by_payer: HashMap<PayerKey, U256>,
@@ -90,6 +92,14 @@ impl Holds {
         Some(hold)
     }
 
+    /// What changed from `before` to this: the holds placed (or replaced), and the keys
+    /// whose hold was released (claimed or lapsed).
+    pub fn changes_since<'a>(&'a self, before: &Holds) -> (Vec<(&'a AuthKey, &'a Hold)>, Vec<AuthKey>) {
+        let placed = self.by_key.iter().filter(|(k, h)| before.by_key.get(*k) != Some(*h)).collect();
+        let released = before.by_key.keys().filter(|k| !self.by_key.contains_key(*k)).copied().collect();
+        (placed, released)
+    }
+
     /// Live holds.
     pub fn len(&self) -> usize {
         self.by_key.len()
@@ -138,6 +148,25 @@ mod tests {
         assert_eq!(h.held(&key(1, 0).payer()), U256::ZERO);
         assert_eq!(h.held(&key(2, 0).payer()), U256::ZERO, "lapsed with it");
         assert!(h.is_empty() && h.by_payer.is_empty() && h.expiry.is_empty());
+    }
+
+    #[test]
+    fn changes_are_the_holds_placed_replaced_and_released() {
+        let mut before = Holds::default();
+        before.insert(key(1, 1), hold(1, 10, 100));
+        before.insert(key(1, 2), hold(1, 5, 100));
+        before.insert(key(2, 1), hold(2, 7, 100));
+        let mut after = before.clone();
+        assert_eq!(after.changes_since(&before), (Vec::new(), Vec::new()), "nothing changed");
+        after.remove(&key(1, 1));
+        after.insert(key(1, 2), hold(1, 5, 300));
+        after.insert(key(3, 1), hold(3, 1, 100));
+        after.lapse(100);
+        let (mut placed, mut released) = after.changes_since(&before);
+        placed.sort_by_key(|(k, _)| **k);
+        released.sort();
+        assert_eq!(placed, vec![(&key(1, 2), &hold(1, 5, 300))], "replaced (new expiry); the new one lapsed");
+        assert_eq!(released, vec![key(1, 1), key(2, 1)], "claimed, and lapsed");
     }
 
     #[test]

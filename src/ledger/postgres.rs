@@ -14,6 +14,7 @@
 //! | `ledger_settlement` | log sequence number | a settlement log entry |
 //! | `ledger_batch` | chain id, batch counter | the batch record, `open` (not yet done) |
 //! | `ledger_leases` | chain id, settler | owner, epoch, expiry (the database's clock) |
+//! | `ledger_holds` | payment id | a `/verify` hold: payer, auth key, the authorization's other fields, idempotency key, expiry (ms, the deciding daemon's clock) |
 //!
 //! Records are stored in the same encoding as in RocksDB, so both backends read each
 //! other's bytes (the migration copies them as they are).
@@ -26,6 +27,11 @@
 //! numbers are taken under that lock and committed with it, so the change feed and the
 //! settlement log are gap-free in commit order: a reader never sees number n + 1 before n.
 //! An acknowledgement follows `COMMIT`.
+//!
+//! Holds (verified payments reserved between the facilitator's `/verify` and `/settle`) are
+//! rows too, read with the payers a group names and written back in the same transaction,
+//! so a header verified on one daemon of a fleet is held on every one. A group with
+//! acceptances or holds also deletes the holds lapsed by its clock.
 //!
 //! The client is async (tokio-postgres); the seam is synchronous, so the store runs its own
 //! small runtime and waits on it from the caller's thread (the writer thread, or a reader).
@@ -44,12 +50,13 @@ use super::batch::BatchRecord;
 use super::command::{Command, Fence};
 use super::error::LedgerError;
 use super::group::{Decided, Group, Stage};
-use super::holds::Holds;
+use super::holds::{Hold, Holds};
 use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord};
 use super::{GroupOutcome, LedgerStore};
 
 /// The layout this code reads and writes. Bumped by any change older code cannot read.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+// 1 → 2: `ledger_holds` (holds were per daemon, in memory).
 
 /// How long connecting may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +98,19 @@ CREATE TABLE IF NOT EXISTS ledger_leases (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (chain_id, settler)
 );
+CREATE TABLE IF NOT EXISTS ledger_holds (
+    id bytea PRIMARY KEY,
+    payer bytea NOT NULL,
+    key bytea NOT NULL,
+    to_address bytea NOT NULL,
+    value bytea NOT NULL,
+    valid_after bytea NOT NULL,
+    valid_before bytea NOT NULL,
+    idem text NOT NULL,
+    expires_at_ms bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_holds_payer ON ledger_holds (payer);
+CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at_ms);
 INSERT INTO ledger_meta (name, value) VALUES ('seq', 0), ('settlement', 0) ON CONFLICT DO NOTHING;
 INSERT INTO ledger_meta (name, value)
     SELECT 'pending', count(*) FROM ledger_payments WHERE pending ON CONFLICT DO NOTHING;
@@ -216,7 +236,9 @@ pub struct PgLedger {
     last_seq: AtomicU64,
     pending: AtomicU64,
     last_settlement: AtomicU64,
-    holds: parking_lot::Mutex<Holds>,
+    /// Holds (of every daemon) as of this daemon's last group with acceptances or holds,
+    /// less those lapsed by its clock then; at the start, every hold row.
+    live_holds: AtomicU64,
 }
 
 impl std::fmt::Debug for PgLedger {
@@ -328,7 +350,7 @@ impl PgLedger {
             last_seq: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             last_settlement: AtomicU64::new(0),
-            holds: parking_lot::Mutex::new(Holds::default()),
+            live_holds: AtomicU64::new(0),
         })
     }
 
@@ -391,8 +413,13 @@ impl PgLedger {
 
     /// Reads the counters kept in memory: last sequence numbers and pending payments.
     fn count(&self) -> Result<(), LedgerError> {
-        let counters = self.read(|c| async move { counters(&c, false).await })?;
+        let (counters, holds) = self.read(|c| async move {
+            let holds =
+                c.query_one("SELECT count(*) FROM ledger_holds", &[]).await.map_err(pg_err("count holds"))?;
+            Ok((counters(&c, false).await?, holds.get::<_, i64>(0)))
+        })?;
         self.store_counters(counters);
+        self.live_holds.store(u64::try_from(holds).unwrap_or(0), Ordering::SeqCst);
         Ok(())
     }
 
@@ -415,7 +442,8 @@ impl PgLedger {
     fn group(&self, commands: &[Command]) -> Result<GroupOutcome, LedgerError> {
         let conn = self.writer()?;
         let named = Named::of(commands);
-        let read = {
+        let now_ms = named.now_ms;
+        let mut read = {
             let conn = Arc::clone(&conn);
             self.block(async move {
                 let read = prefetch(&conn, named).await;
@@ -426,7 +454,9 @@ impl PgLedger {
             })??
         };
         let before = read.counters;
-        let mut holds = self.holds.lock();
+        // The holds of the payers named, as committed; the group decides on a copy.
+        let committed_holds = std::mem::take(&mut read.holds);
+        let mut holds = committed_holds.clone();
         let mut group = Group::new(PgStage::new(read), &mut holds, before.seq, before.settlement);
         let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
         let Decided { stage, records, last_seq, last_settlement, pending_delta } = group.decided();
@@ -435,11 +465,13 @@ impl PgLedger {
             settlement: last_settlement,
             pending: before.pending.saturating_add_signed(pending_delta),
         };
-        let writes = stage.into_writes(&records, after);
-        self.block(async move {
+        let mut writes = stage.into_writes(&records, after);
+        writes.holds = HoldWrites::of(&holds, &committed_holds, now_ms);
+        let live_holds = self.block(async move {
             if writes.is_empty() {
                 // Nothing changed (every command refused or repeated): release the lock.
-                return conn.client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"));
+                conn.client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"))?;
+                return Ok(None);
             }
             let written = writes.run(&conn).await;
             if written.is_err() {
@@ -451,6 +483,9 @@ impl PgLedger {
         })??;
         // As of this commit, every daemon's groups included (they take turns on the lock).
         self.store_counters(after);
+        if let Some(live) = live_holds {
+            self.live_holds.store(live, Ordering::SeqCst);
+        }
         let seqs = (after.seq > before.seq).then_some((before.seq + 1, after.seq));
         Ok(GroupOutcome { results, changed: records, seqs })
     }
@@ -581,6 +616,7 @@ struct Statements {
     read_idem: Statement,
     read_batches: Statement,
     read_leases: Statement,
+    read_holds: Statement,
     payments: Statement,
     feed: Statement,
     idem: Statement,
@@ -589,6 +625,10 @@ struct Statements {
     settlement: Statement,
     batches: Statement,
     counters: Statement,
+    holds_placed: Statement,
+    holds_released: Statement,
+    holds_lapsed: Statement,
+    holds_count: Statement,
 }
 
 impl Statements {
@@ -610,6 +650,24 @@ impl Statements {
             c.prepare(
                 "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
             ),
+        )?;
+        let (read_holds, holds_placed, holds_released, holds_lapsed, holds_count) = futures::try_join!(
+            c.prepare(
+                "SELECT key, to_address, value, valid_after, valid_before, idem, expires_at_ms \
+                 FROM ledger_holds WHERE payer = ANY($1::bytea[])"
+            ),
+            c.prepare(
+                "INSERT INTO ledger_holds \
+                 (id, payer, key, to_address, value, valid_after, valid_before, idem, expires_at_ms) \
+                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[], \
+                 $6::bytea[], $7::bytea[], $8::text[], $9::bigint[]) \
+                 ON CONFLICT (id) DO UPDATE SET key = EXCLUDED.key, to_address = EXCLUDED.to_address, \
+                 value = EXCLUDED.value, valid_after = EXCLUDED.valid_after, \
+                 valid_before = EXCLUDED.valid_before, idem = EXCLUDED.idem, expires_at_ms = EXCLUDED.expires_at_ms"
+            ),
+            c.prepare("DELETE FROM ledger_holds WHERE id = ANY($1::bytea[])"),
+            c.prepare("DELETE FROM ledger_holds WHERE expires_at_ms <= $1"),
+            c.prepare("SELECT count(*) FROM ledger_holds"),
         )?;
         let (read_batches, read_leases) = futures::try_join!(
             c.prepare(
@@ -649,6 +707,7 @@ impl Statements {
             read_idem,
             read_batches,
             read_leases,
+            read_holds,
             payments,
             feed,
             idem,
@@ -657,6 +716,10 @@ impl Statements {
             settlement,
             batches,
             counters,
+            holds_placed,
+            holds_released,
+            holds_lapsed,
+            holds_count,
         })
     }
 }
@@ -704,6 +767,10 @@ struct Named {
     batches: (Vec<i64>, Vec<i64>),
     /// Leases fencing the writes: chain ids and settlers.
     leases: (Vec<i64>, Vec<Vec<u8>>),
+    /// Payers of acceptances and holds (whose holds the group reads), and the latest
+    /// `now_ms` of those commands (holds lapsed by then are deleted).
+    hold_payers: Vec<Vec<u8>>,
+    now_ms: Option<u64>,
 }
 
 impl Named {
@@ -712,19 +779,22 @@ impl Named {
         let mut idem = std::collections::BTreeSet::new();
         let mut batches = std::collections::BTreeSet::new();
         let mut leases = std::collections::BTreeSet::new();
+        let mut hold_payers = std::collections::BTreeSet::new();
+        let mut now_ms = None;
         let mut add = |key: AuthKey| {
             keys.insert(key);
         };
+        let mut accept = |req: &super::command::AcceptRequest, add: &mut dyn FnMut(AuthKey)| {
+            let key = AuthKey::of(&req.signed);
+            add(key);
+            hold_payers.insert(key.payer());
+            idem.insert(req.submission.idempotency_key.clone());
+            now_ms = now_ms.max(Some(req.now_ms));
+        };
         for c in commands {
             match c {
-                Command::Accept(req, _) => {
-                    add(AuthKey::of(&req.signed));
-                    idem.insert(req.submission.idempotency_key.clone());
-                }
-                Command::Hold(req, _) => {
-                    add(AuthKey::of(&req.accept.signed));
-                    idem.insert(req.accept.submission.idempotency_key.clone());
-                }
+                Command::Accept(req, _) => accept(req, &mut add),
+                Command::Hold(req, _) => accept(&req.accept, &mut add),
                 Command::Transition(req, _) => add(req.key),
                 Command::Apply(req, _) => {
                     req.transitions.iter().for_each(|t| add(t.key));
@@ -745,6 +815,8 @@ impl Named {
             idem: idem.into_iter().collect(),
             batches: batches.into_iter().unzip(),
             leases: leases.into_iter().unzip(),
+            hold_payers: hold_payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            now_ms,
         }
     }
 }
@@ -760,12 +832,14 @@ struct Prefetched {
     /// Owner and epoch of each lease named, locked (`FOR SHARE`) until the commit, so no
     /// other daemon takes the account over between the check and the write.
     leases: HashMap<(u64, Address), (String, u64)>,
+    /// The holds of the payers of the acceptances and holds, lapsed ones included.
+    holds: Holds,
 }
 
 async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerError> {
     let (c, st) = (&conn.client, &conn.st);
     // Pipelined: the reads run after the lock, in this order, in one round trip.
-    let (_, counters, records, exposures, idem, batches, leases) = futures::try_join!(
+    let (_, counters, records, exposures, idem, batches, leases, holds) = futures::try_join!(
         async { c.batch_execute("BEGIN").await.map_err(pg_err("begin")) },
         async { c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters")) },
         async { c.query(&st.read_payments, &[&named.ids]).await.map_err(pg_err("read payments")) },
@@ -785,6 +859,12 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
             }
             c.query(&st.read_leases, &[&named.leases.0, &named.leases.1]).await.map_err(pg_err("read leases"))
         },
+        async {
+            if named.hold_payers.is_empty() {
+                return Ok(Vec::new());
+            }
+            c.query(&st.read_holds, &[&named.hold_payers]).await.map_err(pg_err("read holds"))
+        },
     )?;
     let counters = counters_from(&counters)?;
     let mut out = Prefetched {
@@ -794,7 +874,12 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
         idem: HashMap::new(),
         batches: HashMap::new(),
         leases: HashMap::new(),
+        holds: Holds::default(),
     };
+    for r in holds {
+        let (key, hold) = decode_hold(&r)?;
+        out.holds.insert(key, hold);
+    }
     for r in batches {
         let batch = decode_batch(r.get(0))?;
         out.batches.insert((batch.chain_id, batch.counter), batch);
@@ -878,6 +963,7 @@ impl PgStage {
             settlement: self.settlement.into_iter().unzip(),
             batches: latest_batches(self.batches),
             counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
+            holds: HoldWrites::default(),
         }
     }
 }
@@ -959,19 +1045,106 @@ struct Writes {
     batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>, Vec<bool>),
     /// seq, settlement, pending.
     counters: [i64; 3],
+    holds: HoldWrites,
+}
+
+/// What a group changed of the holds.
+#[derive(Default)]
+struct HoldWrites {
+    /// Holds placed or replaced: id, payer, key, to, value, valid after, valid before,
+    /// idempotency key, expiry.
+    placed: HoldRows,
+    /// Ids of holds claimed or lapsed.
+    released: Vec<Vec<u8>>,
+    /// Delete every hold lapsed by then and count the rest (a group with acceptances or
+    /// holds: its clock).
+    lapse_at: Option<i64>,
+}
+
+#[derive(Default)]
+struct HoldRows {
+    id: Vec<Vec<u8>>,
+    payer: Vec<Vec<u8>>,
+    key: Vec<Vec<u8>>,
+    to: Vec<Vec<u8>>,
+    value: Vec<Vec<u8>>,
+    valid_after: Vec<Vec<u8>>,
+    valid_before: Vec<Vec<u8>>,
+    idem: Vec<String>,
+    expires_at_ms: Vec<i64>,
+}
+
+impl HoldWrites {
+    /// The changes from `committed` to `decided`.
+    fn of(decided: &Holds, committed: &Holds, now_ms: Option<u64>) -> HoldWrites {
+        let (placed, released) = decided.changes_since(committed);
+        let mut rows = HoldRows::default();
+        for (key, hold) in placed {
+            let a = &hold.authorization;
+            rows.id.push(key.payment_id().0.to_vec());
+            rows.payer.push(key.payer().as_bytes().to_vec());
+            rows.key.push(key.as_bytes().to_vec());
+            rows.to.push(a.to.to_vec());
+            rows.value.push(a.value.to_be_bytes::<32>().to_vec());
+            rows.valid_after.push(a.valid_after.to_be_bytes::<32>().to_vec());
+            rows.valid_before.push(a.valid_before.to_be_bytes::<32>().to_vec());
+            rows.idem.push(hold.idempotency_key.clone());
+            rows.expires_at_ms.push(clamp(hold.expires_at_ms));
+        }
+        HoldWrites {
+            placed: rows,
+            released: released.iter().map(|k| k.payment_id().0.to_vec()).collect(),
+            lapse_at: now_ms.map(clamp),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.placed.id.is_empty() && self.released.is_empty() && self.lapse_at.is_none()
+    }
+
+    /// Sends the statements (pipelined); the live holds once lapsed ones are gone, if
+    /// asked to lapse them.
+    async fn run(&self, conn: &WriterConn) -> Result<Option<u64>, tokio_postgres::Error> {
+        let (c, st, p) = (&conn.client, &conn.st, &self.placed);
+        let placed: [&(dyn ToSql + Sync); 9] = [
+            &p.id,
+            &p.payer,
+            &p.key,
+            &p.to,
+            &p.value,
+            &p.valid_after,
+            &p.valid_before,
+            &p.idem,
+            &p.expires_at_ms,
+        ];
+        let released: [&(dyn ToSql + Sync); 1] = [&self.released];
+        let released = execute(c, !self.released.is_empty(), &st.holds_released, &released);
+        let placed = execute(c, !p.id.is_empty(), &st.holds_placed, &placed);
+        let live = async {
+            let Some(at) = self.lapse_at else { return Ok(None) };
+            // Both sent before either is answered (and before the COMMIT).
+            let at: [&(dyn ToSql + Sync); 1] = [&at];
+            let (_, live) =
+                futures::try_join!(c.execute(&st.holds_lapsed, &at), c.query_one(&st.holds_count, &[]))?;
+            Ok(Some(live.get::<_, i64>(0) as u64))
+        };
+        let (_, _, live) = futures::try_join!(released, placed, live)?;
+        Ok(live)
+    }
 }
 
 impl Writes {
     fn is_empty(&self) -> bool {
-        self.payments.key.is_empty() && self.batches.0.is_empty()
+        self.payments.key.is_empty() && self.batches.0.is_empty() && self.holds.is_empty()
     }
 
     /// Sends every statement and the `COMMIT` (pipelined on the one connection) and waits
-    /// for them all: `Ok` once the commit returned.
-    async fn run(&self, conn: &WriterConn) -> Result<(), LedgerError> {
+    /// for them all: `Ok` once the commit returned, with the live holds if counted.
+    async fn run(&self, conn: &WriterConn) -> Result<Option<u64>, LedgerError> {
         let commit = async { conn.client.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
-        futures::try_join!(self.statements(conn), commit)?;
-        Ok(())
+        let holds = async { self.holds.run(conn).await.map_err(pg_err("write holds")) };
+        let (_, live, _) = futures::try_join!(self.statements(conn), holds, commit)?;
+        Ok(live)
     }
 
     /// The same in parts of at most [`IMPORT_CHUNK`] rows per statement (an import).
@@ -1011,6 +1184,7 @@ impl Writes {
                     part(&self.batches.3, i),
                 ),
                 counters: self.counters,
+                holds: HoldWrites::default(),
             })
             .collect()
     }
@@ -1111,6 +1285,7 @@ impl PgLedger {
             settlement: log.into_iter().unzip(),
             batches: latest_batches(batches.clone()),
             counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
+            holds: HoldWrites::default(),
         };
         for r in &records {
             let key = r.key();
@@ -1247,7 +1422,7 @@ impl LedgerStore for PgLedger {
     }
 
     fn holds(&self) -> usize {
-        self.holds.lock().len()
+        usize::try_from(self.live_holds.load(Ordering::SeqCst)).unwrap_or(usize::MAX)
     }
 
     fn last_settlement(&self) -> u64 {
@@ -1382,9 +1557,8 @@ impl LedgerStore for PgLedger {
         match self.group(commands) {
             Ok(outcome) => outcome,
             Err(e) => {
-                // Nothing of the group is committed. The in-memory holds it placed stay
-                // until they lapse (refusing a little more than needed meanwhile); the
-                // next group reconnects if the connection is gone.
+                // Nothing of the group is committed, its holds included; the next group
+                // reconnects if the connection is gone.
                 tracing::warn!("ledger group failed: {e}");
                 GroupOutcome {
                     results: commands.iter().map(|_| Err(e.clone())).collect(),
@@ -1436,6 +1610,26 @@ fn clamp(n: u64) -> i64 {
 
 fn decode_record(table: &'static str, bytes: &[u8]) -> Result<PaymentRecord, LedgerError> {
     PaymentRecord::decode(bytes).map_err(|source| LedgerError::Corrupt { cf: table, source })
+}
+
+/// A `ledger_holds` row as read by the `read_holds` statement.
+fn decode_hold(r: &tokio_postgres::Row) -> Result<(AuthKey, Hold), LedgerError> {
+    let corrupt = |field| LedgerError::Corrupt { cf: "ledger_holds", source: CorruptRecord { field } };
+    let key = AuthKey::from_bytes(r.get(0)).ok_or(corrupt("auth key"))?;
+    let to = <[u8; 20]>::try_from(r.get::<_, &[u8]>(1)).map_err(|_| corrupt("to"))?;
+    let u256 = |i: usize, field| {
+        <[u8; 32]>::try_from(r.get::<_, &[u8]>(i)).map(U256::from_be_bytes).map_err(|_| corrupt(field))
+    };
+    let authorization = crate::x402::Authorization {
+        from: key.payer().from(),
+        to: Address::from(to),
+        value: u256(2, "value")?,
+        valid_after: u256(3, "valid after")?,
+        valid_before: u256(4, "valid before")?,
+        nonce: key.nonce(),
+    };
+    let expires_at_ms = u64::try_from(r.get::<_, i64>(6)).map_err(|_| corrupt("expiry"))?;
+    Ok((key, Hold { authorization, idempotency_key: r.get(5), expires_at_ms }))
 }
 
 fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, LedgerError> {

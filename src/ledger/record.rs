@@ -46,6 +46,11 @@ impl AuthKey {
         PayerKey(k)
     }
 
+    /// The authorization's nonce: the last 32 bytes.
+    pub fn nonce(&self) -> B256 {
+        B256::from_slice(&self.0[48..])
+    }
+
     /// The stable payment id: the first 16 bytes of the key's keccak256. Random-looking
     /// and short; 2^64 payments before a collision is even likely.
     pub fn payment_id(&self) -> PaymentId {
