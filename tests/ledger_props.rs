@@ -408,21 +408,25 @@ fn a_newer_postgres_schema_is_refused_with_a_clear_message_and_nothing_changes()
     assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "99");
 }
 
-/// Schema 1 (before the holds were shared) is upgraded by the first daemon opening it; a
-/// reader (export, reconcile) does not upgrade, and says so.
+/// Schema 1 (before the holds were shared, and records numbered inside) is upgraded by the
+/// first daemon opening it; a reader (export, reconcile) does not upgrade, and says so.
 #[test]
 fn a_postgres_schema_1_ledger_is_upgraded_in_place() {
     let pg = TestPostgres::start().unwrap();
     let connect = PgConnect::new(&pg.url(), None).unwrap();
     drop(PgLedger::open(connect.clone()).unwrap());
-    pg.sql("DROP TABLE ledger_holds; UPDATE ledger_meta SET value = 1 WHERE name = 'schema_version'")
-        .unwrap();
+    pg.sql(
+        "DROP TABLE ledger_holds; ALTER TABLE ledger_settlement DROP COLUMN change; \
+         UPDATE ledger_meta SET value = 1 WHERE name = 'schema_version'",
+    )
+    .unwrap();
     let err = PgLedger::open_read_only(connect.clone()).unwrap_err().to_string();
     assert!(err.contains("schema version 1"), "{err}");
     let ledger = PgLedger::open(connect).unwrap();
     assert_eq!(ledger.holds(), 0);
-    assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "2");
+    assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "3");
     assert_eq!(pg.sql("SELECT count(*) FROM ledger_holds").unwrap(), "0");
+    assert_eq!(pg.sql("SELECT count(change) FROM ledger_settlement").unwrap(), "0");
 }
 
 #[test]

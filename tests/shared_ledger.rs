@@ -1,6 +1,7 @@
 //! Several daemons' ledgers on one PostgreSQL database (a throw-away server): each its own
 //! store and writer, as separate daemons would have. Concurrent acceptances for one payer
-//! never overspend it together, a nonce is recorded once whichever daemon sees it first,
+//! never overspend it together, a nonce is recorded once whichever daemon sees it first, an
+//! idempotency key names one payment whichever payers' payments race for it,
 //! and the change feed read from any of them is the same gap-free sequence, even while
 //! they all write. A facilitator's hold placed through one daemon holds on all of them.
 //! Settler accounts are divided by leases whose lost holder cannot write, and a batch
@@ -127,6 +128,40 @@ async fn one_nonce_sent_to_every_daemon_at_once_is_recorded_once() {
         }
         let records = daemons[0].ledger().records().unwrap();
         assert_eq!(records.len(), 20, "one record per nonce");
+    })
+    .await
+    .expect("bounded");
+}
+
+/// One idempotency key on payments of different payers (locked apart), sent to every
+/// daemon at once: exactly one is recorded under it, the others are refused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_on_payments_of_different_payers_names_exactly_one() {
+    tokio::time::timeout(LIMIT, async {
+        let pg = TestPostgres::shared().unwrap();
+        let daemons = fleet(&pg, 3);
+        for round in 0..20u64 {
+            let sends: Vec<_> = (0..6u64)
+                .map(|i| {
+                    let d = daemons[(i % 3) as usize].clone();
+                    let mut req = accept(signed(100 + round * 10 + i, round, 1), 10);
+                    req.submission.idempotency_key = format!("order-{round}");
+                    tokio::spawn(async move { d.accept(req).await.unwrap() })
+                })
+                .collect();
+            let answers: Vec<_> =
+                futures::future::join_all(sends).await.into_iter().map(Result::unwrap).collect();
+            let accepted = answers.iter().filter(|a| matches!(a, AcceptOutcome::Accepted(_))).count();
+            let refused = answers
+                .iter()
+                .filter(|a| {
+                    matches!(a, AcceptOutcome::Refused { reason: Reason::InvalidPayload, message }
+                        if message.contains("already names"))
+                })
+                .count();
+            assert_eq!((accepted, refused), (1, 5), "round {round}: {answers:?}");
+        }
+        assert_eq!(daemons[0].ledger().records().unwrap().len(), 20);
     })
     .await
     .expect("bounded");

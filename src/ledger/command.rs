@@ -237,3 +237,17 @@ pub enum Applied {
     Transition(PaymentRecord),
     Apply(Vec<Result<PaymentRecord, LedgerError>>),
 }
+
+impl Applied {
+    /// Every record the answer carries.
+    pub fn records_mut(&mut self) -> Vec<&mut PaymentRecord> {
+        match self {
+            Applied::Accept(AcceptOutcome::Accepted(r) | AcceptOutcome::Duplicate(r, _))
+            | Applied::Hold(HoldOutcome::Recorded(r, _))
+            | Applied::Transition(r) => vec![r],
+            Applied::Apply(results) => results.iter_mut().flatten().collect(),
+            Applied::Accept(AcceptOutcome::Refused { .. })
+            | Applied::Hold(HoldOutcome::Held { .. } | HoldOutcome::Refused { .. }) => Vec::new(),
+        }
+    }
+}

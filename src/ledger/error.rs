@@ -52,6 +52,21 @@ pub enum LedgerError {
     WriterStopped,
 }
 
+impl LedgerError {
+    /// A PostgreSQL group that lost a race to a committed group its locks do not keep out (a
+    /// unique key it inserted meanwhile), or was chosen to break a deadlock: nothing of it is
+    /// committed, and deciding it again sees what the other took.
+    pub fn lost_race(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            LedgerError::Postgres { source, .. } => source
+                .code()
+                .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::T_R_DEADLOCK_DETECTED),
+            _ => false,
+        }
+    }
+}
+
 pub(super) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> LedgerError {
     move |source| LedgerError::Db { op, cf, source }
 }

@@ -8,10 +8,10 @@
 //! |---|---|---|
 //! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending` |
 //! | `ledger_payments` | payment id (16 B) | auth key, `seq` of its latest change, `pending`, `watched` |
-//! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest) |
+//! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest; its sequence number is the row's) |
 //! | `ledger_idem` | idempotency key | auth key |
 //! | `ledger_exposure` | payer key (48 B) | sum of values accepted, not final (32 B BE) |
-//! | `ledger_settlement` | log sequence number | a settlement log entry |
+//! | `ledger_settlement` | log sequence number | a settlement log entry, `change`: its record's sequence number |
 //! | `ledger_batch` | chain id, batch counter | the batch record, `open` (not yet done) |
 //! | `ledger_leases` | chain id, settler | owner, epoch, expiry (the database's clock) |
 //! | `ledger_holds` | payment id | a `/verify` hold: payer, auth key, the authorization's other fields, idempotency key, expiry (ms, the deciding daemon's clock) |
@@ -19,14 +19,23 @@
 //! Records are stored in the same encoding as in RocksDB, so both backends read each
 //! other's bytes (the migration copies them as they are).
 //!
-//! A group of commands is one transaction: it first locks the `seq` and `settlement`
-//! counters (`SELECT … FOR UPDATE`), so groups from every daemon sharing the database are
-//! decided one after another, each on the state the previous one committed; it reads what
-//! its commands name in three statements, decides with the shared rules
-//! ([`super::group`]), writes in a handful of array statements and commits. Sequence
-//! numbers are taken under that lock and committed with it, so the change feed and the
-//! settlement log are gap-free in commit order: a reader never sees number n + 1 before n.
-//! An acknowledgement follows `COMMIT`.
+//! A group of commands is one transaction in two round trips. The first locks the payers
+//! its commands name (transaction-level advisory locks, one per payer, taken in one order by
+//! every daemon) and reads what the commands name; the group is decided with the shared
+//! rules ([`super::group`]) on that, which no other group can change meanwhile: groups of
+//! different daemons naming one payer are decided one after another, each on what the
+//! previous one committed, and groups naming different payers overlap. The second locks the
+//! counters (`seq`, `settlement`, `pending`: `SELECT … FOR UPDATE`), writes in a handful of
+//! array statements whose sequence numbers the server adds to the counters it just locked,
+//! and commits; so the change feed and the settlement log are numbered under that lock, in
+//! commit order, without gaps (a reader never sees number n + 1 before n), and the lock is
+//! held for the writes and the commit only. An acknowledgement follows `COMMIT`.
+//!
+//! Two things are not covered by a payer's lock: an idempotency key (two payers' payments
+//! may name one), kept unique by its primary key: a group that loses that race fails its
+//! insert, is rolled back whole and decided again on what is now committed (nothing of it
+//! was answered); and a batch number, so a group writing a batch takes the counters' lock
+//! in its first round trip (batches are written once per settlement round).
 //!
 //! Holds (verified payments reserved between the facilitator's `/verify` and `/settle`) are
 //! rows too, read with the payers a group names and written back in the same transaction,
@@ -55,8 +64,10 @@ use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord};
 use super::{GroupOutcome, LedgerStore};
 
 /// The layout this code reads and writes. Bumped by any change older code cannot read.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 // 1 → 2: `ledger_holds` (holds were per daemon, in memory).
+// 2 → 3: a record's sequence number is its row's (records written since carry none inside);
+// `ledger_settlement.change`.
 
 /// How long connecting may take when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +77,15 @@ const SCHEMA_LOCK: i64 = 0x7834_3032_6c65_6467; // "x402ledg"
 
 /// Serialises the lease decisions of a chain (this plus the chain id).
 const LEASE_LOCK: i64 = 0x7834_3032_6c00_0000;
+
+/// How many times a group is decided before its failure is the answer (a group lost a
+/// race only to a group that committed, so the next attempt sees what it took).
+const GROUP_ATTEMPTS: u32 = 5;
+
+/// Where a group numbers its changes and settlement log entries while deciding, before the
+/// counters are locked: the server adds the counter's value less this (far above any real
+/// number, so a record the group wrote is told from one it read).
+const PROVISIONAL: u64 = 1 << 62;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS ledger_payments (
@@ -81,6 +101,7 @@ CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT
 CREATE TABLE IF NOT EXISTS ledger_idem (idem text PRIMARY KEY, key bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_exposure (payer bytea PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_settlement (seq bigint PRIMARY KEY, record bytea NOT NULL);
+ALTER TABLE ledger_settlement ADD COLUMN IF NOT EXISTS change bigint;
 CREATE TABLE IF NOT EXISTS ledger_batch (
     chain_id bigint NOT NULL,
     counter bigint NOT NULL,
@@ -389,10 +410,12 @@ impl PgLedger {
         let connect = self.connect.clone();
         let conn = Arc::new(self.block(async move {
             let client = connect.connect().await?;
-            // Plan each execution for its arguments: a plan cached while the tables were
-            // small (a scan of the whole table) would stay for good as they grow.
+            // Each statement planned once, on its index: every statement of a group looks rows
+            // up by key, and a plan made while the tables were small (a scan of the whole
+            // table) would stay for good as they grow, so scans are ruled out. Planning each
+            // execution instead cost ~8 % of the throughput (BENCHMARKS.md).
             client
-                .batch_execute("SET plan_cache_mode = force_custom_plan")
+                .batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
                 .await
                 .map_err(pg_err("prepare"))?;
             let st = Statements::prepare(&client).await.map_err(pg_err("prepare"))?;
@@ -432,17 +455,35 @@ impl PgLedger {
     fn records_where(&self, query: &'static str) -> Result<Vec<PaymentRecord>, LedgerError> {
         self.read(move |c| async move {
             let rows = c.query(query, &[]).await.map_err(pg_err("read payments"))?;
-            rows.iter().map(|r| decode_record("ledger_payments", r.get(0))).collect()
+            rows.iter().map(|r| decode_record("ledger_payments", r.get(0), r.get(1))).collect()
         })
     }
 
-    /// One group, in two round trips to the database: (1) `BEGIN`, lock the counters, read
-    /// what the commands name; decide; (2) write and `COMMIT`. Each trip's statements are
-    /// pipelined (sent together, answered in order).
+    /// One group ([`Self::try_group`]), decided again from the start when it lost a race
+    /// its locks do not cover (an idempotency key another payer's group took meanwhile):
+    /// nothing of a failed attempt was committed or answered.
     fn group(&self, commands: &[Command]) -> Result<GroupOutcome, LedgerError> {
+        let mut attempts = 1;
+        loop {
+            match self.try_group(commands) {
+                Err(e) if e.lost_race() && attempts < GROUP_ATTEMPTS => {
+                    tracing::debug!("ledger group decided again: {e}");
+                    attempts += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One group, in two round trips to the database: (1) `BEGIN`, lock the payers named
+    /// (and the counters, when it writes a batch), read what the commands name; decide, with
+    /// provisional numbers; (2) lock the counters, write (the server numbering the rows
+    /// from the counters) and `COMMIT`. Each trip's statements are pipelined (sent together,
+    /// answered in order).
+    fn try_group(&self, commands: &[Command]) -> Result<GroupOutcome, LedgerError> {
         let conn = self.writer()?;
         let named = Named::of(commands);
-        let now_ms = named.now_ms;
+        let (now_ms, verifies) = (named.now_ms, named.verifies);
         let mut read = {
             let conn = Arc::clone(&conn);
             self.block(async move {
@@ -453,25 +494,24 @@ impl PgLedger {
                 read
             })??
         };
-        let before = read.counters;
         // The holds of the payers named, as committed; the group decides on a copy.
         let committed_holds = std::mem::take(&mut read.holds);
         let mut holds = committed_holds.clone();
-        let mut group = Group::new(PgStage::new(read), &mut holds, before.seq, before.settlement);
-        let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
-        let Decided { stage, records, last_seq, last_settlement, pending_delta } = group.decided();
-        let after = Counters {
-            seq: last_seq,
-            settlement: last_settlement,
-            pending: before.pending.saturating_add_signed(pending_delta),
-        };
-        let mut writes = stage.into_writes(&records, after);
-        writes.holds = HoldWrites::of(&holds, &committed_holds, now_ms);
-        let live_holds = self.block(async move {
+        let mut group = Group::new(PgStage::new(read), &mut holds, PROVISIONAL, PROVISIONAL);
+        let mut results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
+        let Decided { stage, mut records, last_seq, last_settlement, pending_delta } = group.decided();
+        let added = [offset(last_seq), offset(last_settlement), pending_delta];
+        let mut writes = stage.into_writes(&records, added);
+        // Lapse holds (and count the rest) when there may be any: none anywhere as of this
+        // daemon's last count, none of these payers', none placed now: nothing to lapse
+        // (another daemon's holds are counted by the groups of that daemon).
+        let may_hold = verifies || !committed_holds.is_empty() || self.live_holds.load(Ordering::SeqCst) > 0;
+        writes.holds = HoldWrites::of(&holds, &committed_holds, now_ms.filter(|_| may_hold));
+        let (base, live_holds) = self.block(async move {
             if writes.is_empty() {
-                // Nothing changed (every command refused or repeated): release the lock.
+                // Nothing changed (every command refused or repeated): release the locks.
                 conn.client.batch_execute("ROLLBACK").await.map_err(pg_err("rollback"))?;
-                return Ok(None);
+                return Ok((None, None));
             }
             let written = writes.run(&conn).await;
             if written.is_err() {
@@ -479,14 +519,32 @@ impl PgLedger {
                 // this ends it if the COMMIT was never reached.
                 let _ = conn.client.batch_execute("ROLLBACK").await;
             }
-            written
+            written.map(|(base, live)| (Some(base), live))
         })??;
-        // As of this commit, every daemon's groups included (they take turns on the lock).
-        self.store_counters(after);
         if let Some(live) = live_holds {
             self.live_holds.store(live, Ordering::SeqCst);
         }
-        let seqs = (after.seq > before.seq).then_some((before.seq + 1, after.seq));
+        let Some(base) = base else {
+            return Ok(GroupOutcome { results, changed: records, seqs: None });
+        };
+        // The numbers the server gave: the counters as this group locked them, plus offsets.
+        let number = |r: &mut PaymentRecord| {
+            if r.seq > PROVISIONAL {
+                r.seq = r.seq - PROVISIONAL + base.seq;
+            }
+        };
+        records.iter_mut().for_each(number);
+        for applied in results.iter_mut().flatten() {
+            applied.records_mut().into_iter().for_each(number);
+        }
+        let after = Counters {
+            seq: base.seq + (last_seq - PROVISIONAL),
+            settlement: base.settlement + (last_settlement - PROVISIONAL),
+            pending: base.pending.saturating_add_signed(pending_delta),
+        };
+        // As of this commit, every daemon's commits included (they take turns on the lock).
+        self.store_counters(after);
+        let seqs = (after.seq > base.seq).then_some((base.seq + 1, after.seq));
         Ok(GroupOutcome { results, changed: records, seqs })
     }
 }
@@ -611,6 +669,7 @@ const READ_COUNTERS: &str =
 /// parsed and planned each time, in a round trip of its own).
 struct Statements {
     lock_counters: Statement,
+    lock_payers: Statement,
     read_payments: Statement,
     read_exposure: Statement,
     read_idem: Statement,
@@ -624,7 +683,8 @@ struct Statements {
     cleared: Statement,
     settlement: Statement,
     batches: Statement,
-    counters: Statement,
+    counters_set: Statement,
+    counters_add: Statement,
     holds_placed: Statement,
     holds_released: Statement,
     holds_lapsed: Statement,
@@ -636,19 +696,26 @@ impl Statements {
         let (lock_counters, read_payments, read_exposure, read_idem, payments, feed) = futures::try_join!(
             c.prepare(LOCK_COUNTERS),
             c.prepare(
-                "SELECT f.record, p.pending, p.watched FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq \
+                "SELECT f.record, p.pending, p.watched, f.seq FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq \
                  WHERE p.id = ANY($1::bytea[])"
             ),
             c.prepare("SELECT payer, value FROM ledger_exposure WHERE payer = ANY($1::bytea[])"),
             c.prepare("SELECT idem, key FROM ledger_idem WHERE idem = ANY($1::text[])"),
+            // Sequence numbers: the row's offset plus the counter as locked (the counters
+            // are updated by the group's last statement).
             c.prepare(
                 "INSERT INTO ledger_payments (id, key, seq, pending, watched) \
-                 SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bool[], $5::bool[]) \
+                 SELECT u.id, u.key, u.off + (SELECT value FROM ledger_meta WHERE name = 'seq'), \
+                 u.pending, u.watched \
+                 FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bool[], $5::bool[]) \
+                 AS u(id, key, off, pending, watched) \
                  ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, pending = EXCLUDED.pending, \
                  watched = EXCLUDED.watched"
             ),
             c.prepare(
-                "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
+                "INSERT INTO ledger_feed (seq, record) \
+                 SELECT u.off + (SELECT value FROM ledger_meta WHERE name = 'seq'), u.record \
+                 FROM unnest($1::bigint[], $2::bytea[]) AS u(off, record)"
             ),
         )?;
         let (read_holds, holds_placed, holds_released, holds_lapsed, holds_count) = futures::try_join!(
@@ -679,7 +746,7 @@ impl Statements {
                  (SELECT * FROM unnest($1::bigint[], $2::bytea[])) FOR SHARE"
             ),
         )?;
-        let (idem, exposure, cleared, settlement, batches, counters) = futures::try_join!(
+        let (idem, exposure, cleared, settlement, batches, counters_set) = futures::try_join!(
             c.prepare("INSERT INTO ledger_idem (idem, key) SELECT * FROM unnest($1::text[], $2::bytea[])"),
             c.prepare(
                 "INSERT INTO ledger_exposure (payer, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
@@ -687,7 +754,11 @@ impl Statements {
             ),
             c.prepare("DELETE FROM ledger_exposure WHERE payer = ANY($1::bytea[])"),
             c.prepare(
-                "INSERT INTO ledger_settlement (seq, record) SELECT * FROM unnest($1::bigint[], $2::bytea[])"
+                "INSERT INTO ledger_settlement (seq, record, change) \
+                 SELECT u.off + m.settlement, u.record, u.change + m.seq \
+                 FROM unnest($1::bigint[], $2::bytea[], $3::bigint[]) AS u(off, record, change), \
+                 (SELECT max(value) FILTER (WHERE name = 'settlement') AS settlement, \
+                 max(value) FILTER (WHERE name = 'seq') AS seq FROM ledger_meta) m"
             ),
             c.prepare(
                 "INSERT INTO ledger_batch (chain_id, counter, record, open) \
@@ -700,8 +771,17 @@ impl Statements {
                  WHERE name IN ('seq', 'settlement', 'pending')"
             ),
         )?;
+        let (lock_payers, counters_add) = futures::try_join!(
+            c.prepare("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"),
+            c.prepare(
+                "UPDATE ledger_meta SET value = value + CASE name WHEN 'seq' THEN $1::bigint \
+                 WHEN 'settlement' THEN $2::bigint ELSE $3::bigint END \
+                 WHERE name IN ('seq', 'settlement', 'pending')"
+            ),
+        )?;
         Ok(Statements {
             lock_counters,
+            lock_payers,
             read_payments,
             read_exposure,
             read_idem,
@@ -715,7 +795,8 @@ impl Statements {
             cleared,
             settlement,
             batches,
-            counters,
+            counters_set,
+            counters_add,
             holds_placed,
             holds_released,
             holds_lapsed,
@@ -771,6 +852,18 @@ struct Named {
     /// `now_ms` of those commands (holds lapsed by then are deleted).
     hold_payers: Vec<Vec<u8>>,
     now_ms: Option<u64>,
+    /// Whether any command is a hold (a verification).
+    verifies: bool,
+    /// The payers' advisory lock keys, ascending (every group takes its locks in this
+    /// order, so two groups never wait for each other in a circle).
+    locks: Vec<i64>,
+}
+
+/// A payer's advisory lock key: the first 8 bytes of the keccak256 of its exposure key (the
+/// same in every daemon and version; two payers sharing one only wait for each other).
+fn payer_lock(payer: &PayerKey) -> i64 {
+    let h = alloy::primitives::keccak256(payer.as_bytes());
+    i64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
 impl Named {
@@ -781,6 +874,7 @@ impl Named {
         let mut leases = std::collections::BTreeSet::new();
         let mut hold_payers = std::collections::BTreeSet::new();
         let mut now_ms = None;
+        let verifies = commands.iter().any(|c| matches!(c, Command::Hold(..)));
         let mut add = |key: AuthKey| {
             keys.insert(key);
         };
@@ -809,6 +903,7 @@ impl Named {
         }
         idem.remove("");
         let payers: std::collections::BTreeSet<PayerKey> = keys.iter().map(AuthKey::payer).collect();
+        let locks: std::collections::BTreeSet<i64> = payers.iter().map(payer_lock).collect();
         Named {
             ids: keys.iter().map(|k| k.payment_id().0.to_vec()).collect(),
             payers: payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -817,13 +912,15 @@ impl Named {
             leases: leases.into_iter().unzip(),
             hold_payers: hold_payers.iter().map(|p| p.as_bytes().to_vec()).collect(),
             now_ms,
+            verifies,
+            locks: locks.into_iter().collect(),
         }
     }
 }
 
-/// The committed state a group's commands name, read under the counters' lock.
+/// The committed state a group's commands name, read under the locks of their payers (and,
+/// when it writes a batch, the counters').
 struct Prefetched {
-    counters: Counters,
     /// Records and their (pending, watched) flags.
     records: HashMap<AuthKey, (PaymentRecord, bool, bool)>,
     exposures: HashMap<PayerKey, U256>,
@@ -838,10 +935,22 @@ struct Prefetched {
 
 async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerError> {
     let (c, st) = (&conn.client, &conn.st);
-    // Pipelined: the reads run after the lock, in this order, in one round trip.
-    let (_, counters, records, exposures, idem, batches, leases, holds) = futures::try_join!(
+    // Pipelined: the reads run after the locks, in this order, in one round trip.
+    let (_, _, _, records, exposures, idem, batches, leases, holds) = futures::try_join!(
         async { c.batch_execute("BEGIN").await.map_err(pg_err("begin")) },
-        async { c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters")) },
+        async {
+            if named.locks.is_empty() {
+                return Ok(0);
+            }
+            c.execute(&st.lock_payers, &[&named.locks]).await.map_err(pg_err("lock payers"))
+        },
+        async {
+            // Writing a batch: one at a time (two daemons may pick the same next number).
+            if named.batches.0.is_empty() {
+                return Ok(Vec::new());
+            }
+            c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters"))
+        },
         async { c.query(&st.read_payments, &[&named.ids]).await.map_err(pg_err("read payments")) },
         async { c.query(&st.read_exposure, &[&named.payers]).await.map_err(pg_err("read exposure")) },
         async { c.query(&st.read_idem, &[&named.idem]).await.map_err(pg_err("read idempotency keys")) },
@@ -866,9 +975,7 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
             c.query(&st.read_holds, &[&named.hold_payers]).await.map_err(pg_err("read holds"))
         },
     )?;
-    let counters = counters_from(&counters)?;
     let mut out = Prefetched {
-        counters,
         records: HashMap::new(),
         exposures: HashMap::new(),
         idem: HashMap::new(),
@@ -889,7 +996,7 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
         out.leases.insert((r.get::<_, i64>(0) as u64, settler), (r.get(2), r.get::<_, i64>(3) as u64));
     }
     for r in records {
-        let record = decode_record("ledger_payments", r.get(0))?;
+        let record = decode_record("ledger_payments", r.get(0), r.get(3))?;
         out.records.insert(record.key(), (record, r.get(1), r.get(2)));
     }
     for r in exposures {
@@ -913,8 +1020,19 @@ struct PgStage {
     flags: HashMap<AuthKey, (bool, bool)>,
     idem: Vec<(String, Vec<u8>)>,
     exposures: HashMap<PayerKey, U256>,
-    settlement: Vec<(i64, Vec<u8>)>,
+    /// Settlement log entries: offset, record, its change's offset.
+    settlement: Vec<(i64, Vec<u8>, i64)>,
     batches: Vec<BatchRecord>,
+}
+
+/// A provisional number's place among the group's ([`PROVISIONAL`]): 1 for the first.
+fn offset(provisional: u64) -> i64 {
+    clamp(provisional.saturating_sub(PROVISIONAL))
+}
+
+/// A record as stored in the feed and the log: without its sequence number (the row's).
+fn encode_unnumbered(record: &PaymentRecord) -> Vec<u8> {
+    record.encode_numbered(0)
 }
 
 impl PgStage {
@@ -935,8 +1053,9 @@ impl PgStage {
         self.flags.entry(*key).or_insert(committed)
     }
 
-    /// The statements that write what the group decided; `records`: every record it wrote.
-    fn into_writes(self, records: &[PaymentRecord], counters: Counters) -> Writes {
+    /// The statements that write what the group decided; `records`: every record it wrote;
+    /// `counters`: what it adds to them.
+    fn into_writes(self, records: &[PaymentRecord], counters: [i64; 3]) -> Writes {
         let mut payments = PaymentRows::default();
         for r in records {
             let key = r.key();
@@ -946,7 +1065,7 @@ impl PgStage {
             };
             payments.id.push(key.payment_id().0.to_vec());
             payments.key.push(key.as_bytes().to_vec());
-            payments.seq.push(clamp(r.seq));
+            payments.seq.push(offset(r.seq));
             payments.pending.push(pending);
             payments.watched.push(watched);
         }
@@ -960,12 +1079,22 @@ impl PgStage {
                 .map(|(p, v)| (p.as_bytes().to_vec(), v.to_be_bytes::<32>().to_vec()))
                 .unzip(),
             exposure_cleared: zero.iter().map(|(p, _)| p.as_bytes().to_vec()).collect(),
-            settlement: self.settlement.into_iter().unzip(),
+            settlement: unzip3(self.settlement),
             batches: latest_batches(self.batches),
-            counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
+            counters: Some(CounterWrite::Add(counters)),
             holds: HoldWrites::default(),
         }
     }
+}
+
+fn unzip3<A, B, C>(rows: Vec<(A, B, C)>) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (a, b, c) in rows {
+        out.0.push(a);
+        out.1.push(b);
+        out.2.push(c);
+    }
+    out
 }
 
 impl Stage for PgStage {
@@ -991,7 +1120,7 @@ impl Stage for PgStage {
     }
 
     fn put_record(&mut self, record: &PaymentRecord) {
-        self.feed.push((record.seq as i64, record.encode()));
+        self.feed.push((offset(record.seq), encode_unnumbered(record)));
     }
 
     fn put_id(&mut self, _key: &AuthKey) {
@@ -1015,7 +1144,8 @@ impl Stage for PgStage {
     }
 
     fn put_settlement(&mut self, seq: u64, record: &PaymentRecord) {
-        self.settlement.push((seq as i64, record.encode()));
+        // The entry's record is one this group wrote (a log entry follows its change).
+        self.settlement.push((offset(seq), encode_unnumbered(record), offset(record.seq)));
     }
 
     fn put_batch(&mut self, batch: &BatchRecord) {
@@ -1040,12 +1170,23 @@ struct Writes {
     idem: (Vec<String>, Vec<Vec<u8>>),
     exposure: (Vec<Vec<u8>>, Vec<Vec<u8>>),
     exposure_cleared: Vec<Vec<u8>>,
-    settlement: (Vec<i64>, Vec<Vec<u8>>),
+    /// Offsets (to the settlement counter), records, their changes' offsets (to `seq`).
+    settlement: (Vec<i64>, Vec<Vec<u8>>, Vec<i64>),
     /// Chain ids, counters, records, open.
     batches: (Vec<i64>, Vec<i64>, Vec<Vec<u8>>, Vec<bool>),
-    /// seq, settlement, pending.
-    counters: [i64; 3],
+    /// The counters' change, the writes' last statement (the others number their rows from
+    /// the counters as they were).
+    counters: Option<CounterWrite>,
     holds: HoldWrites,
+}
+
+/// A change of the counters: seq, settlement, pending.
+#[derive(Clone, Copy)]
+enum CounterWrite {
+    /// Added (a group).
+    Add([i64; 3]),
+    /// Set (an import into an empty ledger, whose counters were 0).
+    Set([i64; 3]),
 }
 
 /// What a group changed of the holds.
@@ -1138,13 +1279,17 @@ impl Writes {
         self.payments.key.is_empty() && self.batches.0.is_empty() && self.holds.is_empty()
     }
 
-    /// Sends every statement and the `COMMIT` (pipelined on the one connection) and waits
-    /// for them all: `Ok` once the commit returned, with the live holds if counted.
-    async fn run(&self, conn: &WriterConn) -> Result<Option<u64>, LedgerError> {
-        let commit = async { conn.client.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
+    /// Locks the counters, sends every statement and the `COMMIT` (pipelined on the one
+    /// connection) and waits for them all: `Ok` once the commit returned, with the counters
+    /// as locked (the group's numbers follow them) and the live holds if counted.
+    async fn run(&self, conn: &WriterConn) -> Result<(Counters, Option<u64>), LedgerError> {
+        let (c, st) = (&conn.client, &conn.st);
+        let lock =
+            async { counters_from(&c.query(&st.lock_counters, &[]).await.map_err(pg_err("lock counters"))?) };
+        let commit = async { c.batch_execute("COMMIT").await.map_err(pg_err("commit")) };
         let holds = async { self.holds.run(conn).await.map_err(pg_err("write holds")) };
-        let (_, live, _) = futures::try_join!(self.statements(conn), holds, commit)?;
-        Ok(live)
+        let (base, _, live, _) = futures::try_join!(lock, self.statements(conn), holds, commit)?;
+        Ok((base, live))
     }
 
     /// The same in parts of at most [`IMPORT_CHUNK`] rows per statement (an import).
@@ -1163,7 +1308,8 @@ impl Writes {
         .into_iter()
         .max()
         .unwrap_or(0);
-        (0..longest.div_ceil(IMPORT_CHUNK).max(1))
+        let parts = longest.div_ceil(IMPORT_CHUNK).max(1);
+        (0..parts)
             .map(|i| Writes {
                 payments: PaymentRows {
                     id: part(&self.payments.id, i),
@@ -1176,14 +1322,19 @@ impl Writes {
                 idem: (part(&self.idem.0, i), part(&self.idem.1, i)),
                 exposure: (part(&self.exposure.0, i), part(&self.exposure.1, i)),
                 exposure_cleared: part(&self.exposure_cleared, i),
-                settlement: (part(&self.settlement.0, i), part(&self.settlement.1, i)),
+                settlement: (
+                    part(&self.settlement.0, i),
+                    part(&self.settlement.1, i),
+                    part(&self.settlement.2, i),
+                ),
                 batches: (
                     part(&self.batches.0, i),
                     part(&self.batches.1, i),
                     part(&self.batches.2, i),
                     part(&self.batches.3, i),
                 ),
-                counters: self.counters,
+                // Last: the parts number their rows from the counters as they were.
+                counters: self.counters.filter(|_| i + 1 == parts),
                 holds: HoldWrites::default(),
             })
             .collect()
@@ -1199,9 +1350,15 @@ impl Writes {
         let idem: [&(dyn ToSql + Sync); 2] = [&i.0, &i.1];
         let exposure: [&(dyn ToSql + Sync); 2] = [&e.0, &e.1];
         let cleared: [&(dyn ToSql + Sync); 1] = [&self.exposure_cleared];
-        let settlement: [&(dyn ToSql + Sync); 2] = [&l.0, &l.1];
+        let settlement: [&(dyn ToSql + Sync); 3] = [&l.0, &l.1, &l.2];
         let batches: [&(dyn ToSql + Sync); 4] = [&b.0, &b.1, &b.2, &b.3];
-        let counters: [&(dyn ToSql + Sync); 3] = [&self.counters[0], &self.counters[1], &self.counters[2]];
+        let (counters_statement, values) = match self.counters {
+            Some(CounterWrite::Add(v)) => (&st.counters_add, Some(v)),
+            Some(CounterWrite::Set(v)) => (&st.counters_set, Some(v)),
+            None => (&st.counters_add, None),
+        };
+        let values = values.unwrap_or_default();
+        let counters: [&(dyn ToSql + Sync); 3] = [&values[0], &values[1], &values[2]];
         // Each statement only if it has rows (an empty one would still cost the server).
         let payments = execute(c, !p.id.is_empty(), &st.payments, &payments);
         let feed = execute(c, !f.0.is_empty(), &st.feed, &feed);
@@ -1210,7 +1367,8 @@ impl Writes {
         let cleared = execute(c, !self.exposure_cleared.is_empty(), &st.cleared, &cleared);
         let settlement = execute(c, !l.0.is_empty(), &st.settlement, &settlement);
         let batches = execute(c, !b.0.is_empty(), &st.batches, &batches);
-        let counters = execute(c, true, &st.counters, &counters);
+        // Sent last: the statements before number their rows from the counters as they were.
+        let counters = execute(c, self.counters.is_some(), counters_statement, &counters);
         futures::try_join!(payments, feed, idem, exposure, cleared, settlement, batches, counters)
             .map_err(pg_err("write"))?;
         Ok(())
@@ -1260,7 +1418,7 @@ impl PgLedger {
             let page = from.settlement_log(after, IMPORT_CHUNK)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            log.extend(page.iter().map(|(seq, r)| (clamp(*seq), r.encode())));
+            log.extend(page.iter().map(|(seq, r)| (clamp(*seq), r.encode(), clamp(r.seq))));
         }
         let counters = Counters {
             seq: from.last_seq(),
@@ -1282,9 +1440,12 @@ impl PgLedger {
                 .map(|(p, v)| (p.as_bytes().to_vec(), v.to_be_bytes::<32>().to_vec()))
                 .unzip(),
             exposure_cleared: Vec::new(),
-            settlement: log.into_iter().unzip(),
+            // Numbered from counters of 0 (the ledger is empty): offsets are the numbers.
+            settlement: unzip3(log),
             batches: latest_batches(batches.clone()),
-            counters: [counters.seq, counters.settlement, counters.pending].map(clamp),
+            counters: Some(CounterWrite::Set(
+                [counters.seq, counters.settlement, counters.pending].map(clamp),
+            )),
             holds: HoldWrites::default(),
         };
         for r in &records {
@@ -1439,12 +1600,12 @@ impl LedgerStore for PgLedger {
         self.read(move |c| async move {
             let row = c
                 .query_opt(
-                    "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.id = $1",
+                    "SELECT f.record, f.seq FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.id = $1",
                     &[&id],
                 )
                 .await
                 .map_err(pg_err("read payment"))?;
-            row.map(|r| decode_record("ledger_payments", r.get(0))).transpose()
+            row.map(|r| decode_record("ledger_payments", r.get(0), r.get(1))).transpose()
         })
     }
 
@@ -1471,7 +1632,8 @@ impl LedgerStore for PgLedger {
 
     fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
         self.records_where(
-            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.pending ORDER BY p.key",
+            "SELECT f.record, f.seq FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.pending \
+             ORDER BY p.key",
         )
     }
 
@@ -1480,18 +1642,19 @@ impl LedgerStore for PgLedger {
         self.read(move |c| async move {
             let rows = c
                 .query(
-                    "SELECT record FROM ledger_feed WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    "SELECT record, seq FROM ledger_feed WHERE seq > $1 ORDER BY seq LIMIT $2",
                     &[&after, &limit],
                 )
                 .await
                 .map_err(pg_err("read feed"))?;
-            rows.iter().map(|r| decode_record("ledger_feed", r.get(0))).collect()
+            rows.iter().map(|r| decode_record("ledger_feed", r.get(0), r.get(1))).collect()
         })
     }
 
     fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
         self.records_where(
-            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.watched ORDER BY p.key",
+            "SELECT f.record, f.seq FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq WHERE p.watched \
+             ORDER BY p.key",
         )
     }
 
@@ -1500,13 +1663,15 @@ impl LedgerStore for PgLedger {
         self.read(move |c| async move {
             let rows = c
                 .query(
-                    "SELECT seq, record FROM ledger_settlement WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    "SELECT seq, record, change FROM ledger_settlement WHERE seq > $1 ORDER BY seq LIMIT $2",
                     &[&after, &limit],
                 )
                 .await
                 .map_err(pg_err("read settlement log"))?;
             rows.iter()
-                .map(|r| Ok((r.get::<_, i64>(0) as u64, decode_record("ledger_settlement", r.get(1))?)))
+                .map(|r| {
+                    Ok((r.get::<_, i64>(0) as u64, decode_record("ledger_settlement", r.get(1), r.get(2))?))
+                })
                 .collect()
         })
     }
@@ -1549,7 +1714,7 @@ impl LedgerStore for PgLedger {
 
     fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
         self.records_where(
-            "SELECT f.record FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq ORDER BY p.key",
+            "SELECT f.record, f.seq FROM ledger_payments p JOIN ledger_feed f ON f.seq = p.seq ORDER BY p.key",
         )
     }
 
@@ -1608,8 +1773,16 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn decode_record(table: &'static str, bytes: &[u8]) -> Result<PaymentRecord, LedgerError> {
-    PaymentRecord::decode(bytes).map_err(|source| LedgerError::Corrupt { cf: table, source })
+/// A stored record and its sequence number (the row's; a record written before schema 3
+/// carries it inside too, and a settlement log entry written then has none beside it).
+fn decode_record(table: &'static str, bytes: &[u8], seq: Option<i64>) -> Result<PaymentRecord, LedgerError> {
+    let mut record =
+        PaymentRecord::decode(bytes).map_err(|source| LedgerError::Corrupt { cf: table, source })?;
+    if let Some(seq) = seq {
+        record.seq = u64::try_from(seq)
+            .map_err(|_| LedgerError::Corrupt { cf: table, source: CorruptRecord { field: "seq" } })?;
+    }
+    Ok(record)
 }
 
 /// A `ledger_holds` row as read by the `read_holds` statement.

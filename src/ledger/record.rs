@@ -314,6 +314,12 @@ impl PaymentRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_numbered(self.seq)
+    }
+
+    /// Encoded with `seq` in place of its sequence number (0: none; a store that keeps the
+    /// number beside the record).
+    pub fn encode_numbered(&self, seq: u64) -> Vec<u8> {
         let a = &self.signed.authorization;
         disk::PaymentRecord {
             status: self.status.to_disk(),
@@ -333,7 +339,7 @@ impl PaymentRecord {
             api_server: self.submission.api_server.clone(),
             accepted_at_ms: self.accepted_at_ms,
             updated_at_ms: self.updated_at_ms,
-            seq: self.seq,
+            seq,
             failure_reason: self.failure_reason.clone(),
             failure_message: self.failure_message.clone(),
             batch_id: self.batch_id.clone(),
