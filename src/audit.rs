@@ -104,12 +104,26 @@ impl NonceAudit {
     }
 
     /// Runs a round every `interval` until the task is dropped; a failed round is logged
-    /// and retried at the next tick.
+    /// and retried at the next tick. Daemons sharing a ledger take turns (one round per
+    /// interval for the fleet, [`crate::ledger::LedgerStore::claim_turn`]).
     pub async fn run_every(self, interval: Duration, clock: std::sync::Arc<dyn crate::clock::Clock>) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // Daemons sharing a ledger take turns: one audit per interval for the fleet.
+            let ledger = std::sync::Arc::clone(self.ledger.ledger());
+            // A little under the interval: a tick a few ms early still finds its turn.
+            let every = u64::try_from(interval.as_millis() * 9 / 10).unwrap_or(u64::MAX);
+            match tokio::task::spawn_blocking(move || ledger.claim_turn("nonce_audit", every)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => continue,
+                Ok(Err(e)) => {
+                    tracing::warn!("nonce audit: {e}");
+                    continue;
+                }
+                Err(_) => continue,
+            }
             match self.run_once(clock.now_unix().saturating_mul(1000)).await {
                 Ok(r) if r.failed > 0 => {
                     tracing::warn!(checked = r.checked, failed = r.failed, "nonces used outside the daemon")

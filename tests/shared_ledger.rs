@@ -167,6 +167,41 @@ async fn one_idempotency_key_on_payments_of_different_payers_names_exactly_one()
     .expect("bounded");
 }
 
+/// A fleet-wide periodic task (the nonce audit) is taken by one daemon per interval: of
+/// three asking at once, exactly one gets the turn; none gets another before the interval
+/// has passed; then one does again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_task_is_taken_by_one_daemon_per_interval() {
+    tokio::time::timeout(LIMIT, async {
+        let pg = TestPostgres::shared().unwrap();
+        let daemons = fleet(&pg, 3);
+        let ask = |every_ms: u64| {
+            let asks = daemons.iter().map(move |d| {
+                let ledger = Arc::clone(d.ledger());
+                tokio::task::spawn_blocking(move || ledger.claim_turn("audit", every_ms).unwrap())
+            });
+            async move {
+                futures::future::join_all(asks).await.into_iter().filter(|t| *t.as_ref().unwrap()).count()
+            }
+        };
+        assert_eq!(ask(60_000).await, 1, "one turn among three");
+        assert_eq!(ask(60_000).await, 0, "none again within the interval");
+        let started = std::time::Instant::now();
+        let mut turns = 0;
+        while turns == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "a turn once the interval passed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            turns = ask(100).await;
+        }
+        assert_eq!(turns, 1);
+        let rocks = tempfile::tempdir().unwrap();
+        let alone = x402_batcher::ledger::Ledger::open(rocks.path()).unwrap();
+        assert!(alone.claim_turn("audit", 60_000).unwrap() && alone.claim_turn("audit", 60_000).unwrap());
+    })
+    .await
+    .expect("bounded");
+}
+
 /// A verification's hold (`/verify`) placed through one daemon holds on every other: the
 /// same header verified elsewhere is refused (its nonce is held), the payer's cover counts
 /// it everywhere, any daemon's acceptance (`/settle`) claims it, and once lapsed it is gone

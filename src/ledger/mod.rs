@@ -168,6 +168,14 @@ pub trait LedgerStore: Send + Sync + std::fmt::Debug {
     /// Every payment record, in key order (for recovery, tests and checks).
     fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
 
+    /// Whether this daemon takes the turn at the periodic task `task` now: of the daemons
+    /// sharing the ledger, one takes each turn, at most one per `every_ms` (on the
+    /// database's clock). A ledger of one daemon: always.
+    fn claim_turn(&self, task: &str, every_ms: u64) -> Result<bool, LedgerError> {
+        let _ = (task, every_ms);
+        Ok(true)
+    }
+
     /// Whether other daemons may share this ledger: settler accounts are then divided by
     /// leases ([`Self::acquire_leases`]) and changes may come from elsewhere.
     fn shared(&self) -> bool {

@@ -6,7 +6,7 @@
 //!
 //! | table | key | columns |
 //! |---|---|---|
-//! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending` |
+//! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending`; `turn:<task>`: when a daemon last took a fleet-wide periodic task (ms) |
 //! | `ledger_payments` | payment id (16 B) | auth key, `seq` of its latest change, `pending`, `watched` |
 //! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest; its sequence number is the row's) |
 //! | `ledger_idem` | idempotency key | auth key |
@@ -1572,6 +1572,28 @@ impl LedgerStore for PgLedger {
 
     fn last_seq(&self) -> u64 {
         self.last_seq.load(Ordering::SeqCst)
+    }
+
+    fn claim_turn(&self, task: &str, every_ms: u64) -> Result<bool, LedgerError> {
+        // A row of `ledger_meta` per task: when its last turn was taken (ms since the epoch).
+        let (name, every_ms) = (format!("turn:{task}"), clamp(every_ms));
+        self.read(move |c| async move {
+            c.execute("INSERT INTO ledger_meta (name, value) VALUES ($1, 0) ON CONFLICT DO NOTHING", &[&name])
+                .await
+                .map_err(pg_err("take a turn"))?;
+            // Concurrent daemons: the row's lock orders them; the later one re-reads the
+            // turn the first just took and gets none.
+            let taken = c
+                .query_opt(
+                    "UPDATE ledger_meta SET value = (extract(epoch FROM clock_timestamp()) * 1000)::bigint \
+                     WHERE name = $1 AND value <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint - $2 \
+                     RETURNING value",
+                    &[&name, &every_ms],
+                )
+                .await
+                .map_err(pg_err("take a turn"))?;
+            Ok(taken.is_some())
+        })
     }
 
     fn committed_seq(&self) -> Result<u64, LedgerError> {
