@@ -125,6 +125,12 @@ fn check_invariants(ledger: &dyn LedgerStore, model: &HashMap<AuthKey, Model>) {
     for r in &records {
         assert_eq!(events[r.seq as usize - 1], *r, "a record's latest event is the record");
     }
+    let log = ledger.settlement_log(0, usize::MAX).unwrap();
+    assert_eq!(log.len() as u64, ledger.last_settlement(), "one settlement log entry per number");
+    for (i, (n, r)) in log.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "settlement log numbers are dense and increasing");
+        assert_eq!(events[r.seq as usize - 1], *r, "a log entry's record is the change it follows");
+    }
 }
 
 /// Cases per backend.

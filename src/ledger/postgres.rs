@@ -17,7 +17,8 @@
 //! | `ledger_holds` | payment id | a `/verify` hold: payer, auth key, the authorization's other fields, idempotency key, expiry (ms, the deciding daemon's clock) |
 //!
 //! Records are stored in the same encoding as in RocksDB, so both backends read each
-//! other's bytes (the migration copies them as they are).
+//! other's bytes (the migration copies them as they are); records a group writes leave
+//! their sequence number out (it is the row's, given by the server at the commit).
 //!
 //! A group of commands is one transaction in two round trips. The first locks the payers
 //! its commands name (transaction-level advisory locks, one per payer, taken in one order by
