@@ -101,8 +101,7 @@ CREATE INDEX IF NOT EXISTS ledger_payments_watched ON ledger_payments (id) WHERE
 CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_idem (idem text PRIMARY KEY, key bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_exposure (payer bytea PRIMARY KEY, value bytea NOT NULL);
-CREATE TABLE IF NOT EXISTS ledger_settlement (seq bigint PRIMARY KEY, record bytea NOT NULL);
-ALTER TABLE ledger_settlement ADD COLUMN IF NOT EXISTS change bigint;
+CREATE TABLE IF NOT EXISTS ledger_settlement (seq bigint PRIMARY KEY, record bytea NOT NULL, change bigint);
 CREATE TABLE IF NOT EXISTS ledger_batch (
     chain_id bigint NOT NULL,
     counter bigint NOT NULL,
@@ -306,7 +305,19 @@ impl PgLedger {
                         supported: SCHEMA_VERSION as u32,
                     });
                 }
+                if found == Some(SCHEMA_VERSION) {
+                    // Current: nothing to create (creating would lock tables every daemon
+                    // of a running fleet writes to).
+                    return Ok(());
+                }
                 client.batch_execute(SCHEMA).await.map_err(pg_err("create schema"))?;
+                if found.is_some_and(|f| f < 3) {
+                    // Only when upgrading: it locks the table out for every daemon meanwhile.
+                    client
+                        .batch_execute("ALTER TABLE ledger_settlement ADD COLUMN IF NOT EXISTS change bigint")
+                        .await
+                        .map_err(pg_err("upgrade schema"))?;
+                }
                 client
                     .execute(
                         "INSERT INTO ledger_meta (name, value) VALUES ('schema_version', $1) \
