@@ -415,7 +415,8 @@ fn a_newer_postgres_schema_is_refused_with_a_clear_message_and_nothing_changes()
 }
 
 /// Schema 1 (before the holds were shared, and records numbered inside) is upgraded by the
-/// first daemon opening it; a reader (export, reconcile) does not upgrade, and says so.
+/// first daemon opening it; a reader (export, reconcile) does not upgrade, and says so; a
+/// daemon of schema 1 still running cannot write beside the upgraded ones.
 #[test]
 fn a_postgres_schema_1_ledger_is_upgraded_in_place() {
     let pg = TestPostgres::start().unwrap();
@@ -423,9 +424,14 @@ fn a_postgres_schema_1_ledger_is_upgraded_in_place() {
     drop(PgLedger::open(connect.clone()).unwrap());
     pg.sql(
         "DROP TABLE ledger_holds; ALTER TABLE ledger_settlement DROP COLUMN change; \
+         ALTER TABLE ledger_feed DROP COLUMN written_by; \
          UPDATE ledger_meta SET value = 1 WHERE name = 'schema_version'",
     )
     .unwrap();
+    // A change written by a schema-1 daemon (its statement), before the upgrade.
+    let v1_insert =
+        "INSERT INTO ledger_feed (seq, record) SELECT * FROM unnest(ARRAY[7]::bigint[], ARRAY['\\x'::bytea])";
+    pg.sql(v1_insert).unwrap();
     let err = PgLedger::open_read_only(connect.clone()).unwrap_err().to_string();
     assert!(err.contains("schema version 1"), "{err}");
     let ledger = PgLedger::open(connect).unwrap();
@@ -433,6 +439,11 @@ fn a_postgres_schema_1_ledger_is_upgraded_in_place() {
     assert_eq!(pg.sql("SELECT value FROM ledger_meta WHERE name = 'schema_version'").unwrap(), "3");
     assert_eq!(pg.sql("SELECT count(*) FROM ledger_holds").unwrap(), "0");
     assert_eq!(pg.sql("SELECT count(change) FROM ledger_settlement").unwrap(), "0");
+    // A schema-1 daemon still running cannot write a change any more (it takes no payer
+    // locks): its statement fails, nothing is written.
+    let err = pg.sql(&v1_insert.replace("[7]", "[8]")).unwrap_err().to_string();
+    assert!(err.contains("written_by"), "{err}");
+    assert_eq!(pg.sql("SELECT string_agg(seq || ':' || written_by, ',') FROM ledger_feed").unwrap(), "7:1");
 }
 
 #[test]

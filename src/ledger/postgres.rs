@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `ledger_meta` | name | `schema_version`; the counters `seq`, `settlement`, `pending`; `turn:<task>`: when a daemon last took a fleet-wide periodic task (ms) |
 //! | `ledger_payments` | payment id (16 B) | auth key, `seq` of its latest change, `pending`, `watched` |
-//! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest; its sequence number is the row's) |
+//! | `ledger_feed` | sequence number | the record as of that change (a payment's record is its latest; its sequence number is the row's), `written_by`: the schema version of the daemon that wrote it |
 //! | `ledger_idem` | idempotency key | auth key |
 //! | `ledger_exposure` | payer key (48 B) | sum of values accepted, not final (32 B BE) |
 //! | `ledger_settlement` | log sequence number | a settlement log entry, `change`: its record's sequence number |
@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS ledger_payments (
 );
 CREATE INDEX IF NOT EXISTS ledger_payments_pending ON ledger_payments (id) WHERE pending;
 CREATE INDEX IF NOT EXISTS ledger_payments_watched ON ledger_payments (id) WHERE watched;
-CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_feed (seq bigint PRIMARY KEY, record bytea NOT NULL, written_by smallint NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_idem (idem text PRIMARY KEY, key bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_exposure (payer bytea PRIMARY KEY, value bytea NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_settlement (seq bigint PRIMARY KEY, record bytea NOT NULL, change bigint);
@@ -135,6 +135,13 @@ CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at_ms);
 INSERT INTO ledger_meta (name, value) VALUES ('seq', 0), ('settlement', 0) ON CONFLICT DO NOTHING;
 INSERT INTO ledger_meta (name, value)
     SELECT 'pending', count(*) FROM ledger_payments WHERE pending ON CONFLICT DO NOTHING;
+";
+
+/// From schema 1 or 2 to 3.
+const UPGRADE_TO_3: &str = "
+ALTER TABLE ledger_settlement ADD COLUMN IF NOT EXISTS change bigint;
+ALTER TABLE ledger_feed ADD COLUMN IF NOT EXISTS written_by smallint NOT NULL DEFAULT 1;
+ALTER TABLE ledger_feed ALTER COLUMN written_by DROP DEFAULT;
 ";
 
 /// Where the PostgreSQL ledger is and how to log in.
@@ -312,9 +319,12 @@ impl PgLedger {
                 }
                 client.batch_execute(SCHEMA).await.map_err(pg_err("create schema"))?;
                 if found.is_some_and(|f| f < 3) {
-                    // Only when upgrading: it locks the table out for every daemon meanwhile.
+                    // Only when upgrading: it locks the tables out for every daemon meanwhile.
+                    // `written_by` has no default: a daemon of an older version still running
+                    // (it checked the schema when it started) cannot write a change any more,
+                    // so it cannot decide beside the payer locks it does not take.
                     client
-                        .batch_execute("ALTER TABLE ledger_settlement ADD COLUMN IF NOT EXISTS change bigint")
+                        .batch_execute(UPGRADE_TO_3)
                         .await
                         .map_err(pg_err("upgrade schema"))?;
                 }
@@ -725,8 +735,8 @@ impl Statements {
                  watched = EXCLUDED.watched"
             ),
             c.prepare(
-                "INSERT INTO ledger_feed (seq, record) \
-                 SELECT u.off + (SELECT value FROM ledger_meta WHERE name = 'seq'), u.record \
+                "INSERT INTO ledger_feed (seq, record, written_by) \
+                 SELECT u.off + (SELECT value FROM ledger_meta WHERE name = 'seq'), u.record, 3 \
                  FROM unnest($1::bigint[], $2::bytea[]) AS u(off, record)"
             ),
         )?;
