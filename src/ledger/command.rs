@@ -239,15 +239,15 @@ pub enum Applied {
 }
 
 impl Applied {
-    /// Every record the answer carries.
-    pub fn records_mut(&mut self) -> Vec<&mut PaymentRecord> {
+    /// Calls `f` on every record the answer carries.
+    pub fn for_each_record(&mut self, mut f: impl FnMut(&mut PaymentRecord)) {
         match self {
             Applied::Accept(AcceptOutcome::Accepted(r) | AcceptOutcome::Duplicate(r, _))
             | Applied::Hold(HoldOutcome::Recorded(r, _))
-            | Applied::Transition(r) => vec![r],
-            Applied::Apply(results) => results.iter_mut().flatten().collect(),
+            | Applied::Transition(r) => f(r),
+            Applied::Apply(results) => results.iter_mut().flatten().for_each(f),
             Applied::Accept(AcceptOutcome::Refused { .. })
-            | Applied::Hold(HoldOutcome::Held { .. } | HoldOutcome::Refused { .. }) => Vec::new(),
+            | Applied::Hold(HoldOutcome::Held { .. } | HoldOutcome::Refused { .. }) => {}
         }
     }
 }

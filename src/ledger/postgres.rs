@@ -557,7 +557,7 @@ impl PgLedger {
         };
         records.iter_mut().for_each(number);
         for applied in results.iter_mut().flatten() {
-            applied.records_mut().into_iter().for_each(number);
+            applied.for_each_record(number);
         }
         let after = Counters {
             seq: base.seq + (last_seq - PROVISIONAL),
@@ -657,10 +657,10 @@ async fn take_leases(
     .map_err(pg_err("take leases"))?;
     let mut held = Vec::new();
     for (settler, epoch) in keep {
-        held.push((decode_address(&settler)?, epoch as u64));
+        held.push((decode_address("ledger_leases", "settler", &settler)?, epoch as u64));
     }
     for r in taken {
-        held.push((decode_address(r.get(0))?, r.get::<_, i64>(1) as u64));
+        held.push((decode_address("ledger_leases", "settler", r.get(0))?, r.get::<_, i64>(1) as u64));
     }
     held.sort();
     Ok(held)
@@ -897,31 +897,31 @@ impl Named {
         let mut hold_payers = std::collections::BTreeSet::new();
         let mut now_ms = None;
         let verifies = commands.iter().any(|c| matches!(c, Command::Hold(..)));
-        let mut add = |key: AuthKey| {
-            keys.insert(key);
-        };
-        let mut accept = |req: &super::command::AcceptRequest, add: &mut dyn FnMut(AuthKey)| {
-            let key = AuthKey::of(&req.signed);
-            add(key);
-            hold_payers.insert(key.payer());
-            idem.insert(req.submission.idempotency_key.clone());
-            now_ms = now_ms.max(Some(req.now_ms));
-        };
         for c in commands {
-            match c {
-                Command::Accept(req, _) => accept(req, &mut add),
-                Command::Hold(req, _) => accept(&req.accept, &mut add),
-                Command::Transition(req, _) => add(req.key),
+            let accept = match c {
+                Command::Accept(req, _) => req,
+                Command::Hold(req, _) => &req.accept,
+                Command::Transition(req, _) => {
+                    keys.insert(req.key);
+                    continue;
+                }
                 Command::Apply(req, _) => {
-                    req.transitions.iter().for_each(|t| add(t.key));
+                    keys.extend(req.transitions.iter().map(|t| t.key));
                     if let Some(b) = &req.batch {
                         batches.insert((clamp(b.chain_id), clamp(b.counter)));
                     }
                     if let Some(f) = &req.fence {
                         leases.insert((clamp(f.chain_id), f.settler.to_vec()));
                     }
+                    continue;
                 }
-            }
+            };
+            // An acceptance or a hold: its payer's holds are read, its clock lapses them.
+            let key = AuthKey::of(&accept.signed);
+            keys.insert(key);
+            hold_payers.insert(key.payer());
+            idem.insert(accept.submission.idempotency_key.clone());
+            now_ms = now_ms.max(Some(accept.now_ms));
         }
         idem.remove("");
         let payers: std::collections::BTreeSet<PayerKey> = keys.iter().map(AuthKey::payer).collect();
@@ -1014,7 +1014,7 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
         out.batches.insert((batch.chain_id, batch.counter), batch);
     }
     for r in leases {
-        let settler = decode_address(r.get(1))?;
+        let settler = decode_address("ledger_leases", "settler", r.get(1))?;
         out.leases.insert((r.get::<_, i64>(0) as u64, settler), (r.get(2), r.get::<_, i64>(3) as u64));
     }
     for r in records {
@@ -1022,7 +1022,7 @@ async fn prefetch(conn: &WriterConn, named: Named) -> Result<Prefetched, LedgerE
         out.records.insert(record.key(), (record, r.get(1), r.get(2)));
     }
     for r in exposures {
-        out.exposures.insert(decode_payer(r.get(0))?, decode_u256(r.get(1))?);
+        out.exposures.insert(decode_payer(r.get(0))?, decode_u256("ledger_exposure", "exposure", r.get(1))?);
     }
     for r in idem {
         let key = AuthKey::from_bytes(r.get(1))
@@ -1660,7 +1660,9 @@ impl LedgerStore for PgLedger {
                 .query_opt("SELECT value FROM ledger_exposure WHERE payer = $1", &[&payer])
                 .await
                 .map_err(pg_err("read exposure"))?;
-            row.map(|r| decode_u256(r.get(0))).transpose().map(Option::unwrap_or_default)
+            row.map(|r| decode_u256("ledger_exposure", "exposure", r.get(0)))
+                .transpose()
+                .map(Option::unwrap_or_default)
         })
     }
 
@@ -1670,7 +1672,9 @@ impl LedgerStore for PgLedger {
                 .query("SELECT payer, value FROM ledger_exposure ORDER BY payer", &[])
                 .await
                 .map_err(pg_err("read exposure"))?;
-            rows.iter().map(|r| Ok((decode_payer(r.get(0))?, decode_u256(r.get(1))?))).collect()
+            rows.iter()
+                .map(|r| Ok((decode_payer(r.get(0))?, decode_u256("ledger_exposure", "exposure", r.get(1))?)))
+                .collect()
         })
     }
 
@@ -1806,10 +1810,11 @@ fn latest_batches(batches: Vec<BatchRecord>) -> (Vec<i64>, Vec<i64>, Vec<Vec<u8>
     out
 }
 
-fn decode_address(bytes: &[u8]) -> Result<Address, LedgerError> {
+/// A 20-byte address stored in `table`'s `field`.
+fn decode_address(table: &'static str, field: &'static str, bytes: &[u8]) -> Result<Address, LedgerError> {
     <[u8; 20]>::try_from(bytes)
         .map(Address::from)
-        .map_err(|_| LedgerError::Corrupt { cf: "ledger_leases", source: CorruptRecord { field: "settler" } })
+        .map_err(|_| LedgerError::Corrupt { cf: table, source: CorruptRecord { field } })
 }
 
 /// Numbers past i64 (PostgreSQL's bigint) ask for nothing that exists.
@@ -1831,18 +1836,15 @@ fn decode_record(table: &'static str, bytes: &[u8], seq: Option<i64>) -> Result<
 
 /// A `ledger_holds` row as read by the `read_holds` statement.
 fn decode_hold(r: &tokio_postgres::Row) -> Result<(AuthKey, Hold), LedgerError> {
-    let corrupt = |field| LedgerError::Corrupt { cf: "ledger_holds", source: CorruptRecord { field } };
+    const T: &str = "ledger_holds";
+    let corrupt = |field| LedgerError::Corrupt { cf: T, source: CorruptRecord { field } };
     let key = AuthKey::from_bytes(r.get(0)).ok_or(corrupt("auth key"))?;
-    let to = <[u8; 20]>::try_from(r.get::<_, &[u8]>(1)).map_err(|_| corrupt("to"))?;
-    let u256 = |i: usize, field| {
-        <[u8; 32]>::try_from(r.get::<_, &[u8]>(i)).map(U256::from_be_bytes).map_err(|_| corrupt(field))
-    };
     let authorization = crate::x402::Authorization {
         from: key.payer().from(),
-        to: Address::from(to),
-        value: u256(2, "value")?,
-        valid_after: u256(3, "valid after")?,
-        valid_before: u256(4, "valid before")?,
+        to: decode_address(T, "to", r.get(1))?,
+        value: decode_u256(T, "value", r.get(2))?,
+        valid_after: decode_u256(T, "valid after", r.get(3))?,
+        valid_before: decode_u256(T, "valid before", r.get(4))?,
         nonce: key.nonce(),
     };
     let expires_at_ms = u64::try_from(r.get::<_, i64>(6)).map_err(|_| corrupt("expiry"))?;
@@ -1859,11 +1861,11 @@ fn decode_payer(bytes: &[u8]) -> Result<PayerKey, LedgerError> {
         .ok_or(LedgerError::Corrupt { cf: "ledger_exposure", source: CorruptRecord { field: "payer" } })
 }
 
-fn decode_u256(bytes: &[u8]) -> Result<U256, LedgerError> {
-    <[u8; 32]>::try_from(bytes).map(U256::from_be_bytes).map_err(|_| LedgerError::Corrupt {
-        cf: "ledger_exposure",
-        source: CorruptRecord { field: "exposure" },
-    })
+/// A 32-byte big-endian number stored in `table`'s `field`.
+fn decode_u256(table: &'static str, field: &'static str, bytes: &[u8]) -> Result<U256, LedgerError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(U256::from_be_bytes)
+        .map_err(|_| LedgerError::Corrupt { cf: table, source: CorruptRecord { field } })
 }
 
 fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> LedgerError {
