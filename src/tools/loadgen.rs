@@ -432,6 +432,51 @@ fn print_over_ceiling(what: &str, throughput: f64, before: Option<f64>, after: O
     }
 }
 
+/// The machine's CPU time in clock ticks, from the `cpu` line of `/proc/stat`: busy (user,
+/// nice, system, irq, softirq) and in all (busy, idle, iowait, and steal: time the
+/// hypervisor gave to other machines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CpuTicks {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    /// Now (Linux; `None` where `/proc/stat` is not there).
+    fn now() -> Option<CpuTicks> {
+        CpuTicks::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(proc_stat: &str) -> Option<CpuTicks> {
+        let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+        let fields: Vec<u64> =
+            line.split_whitespace().skip(1).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let busy = at(0) + at(1) + at(2) + at(5) + at(6);
+        Some(CpuTicks { busy, total: busy + at(3) + at(4) + at(7) })
+    }
+
+    /// The share of the machine's CPU busy from `self` to `later` (`None` if no time passed).
+    fn busy_since(self, later: CpuTicks) -> Option<f64> {
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)?;
+        Some(later.busy.saturating_sub(self.busy) as f64 / total as f64)
+    }
+}
+
+/// Prints how busy the machine's CPU was during a load and what that is per answer (every
+/// process on the machine: with `--devnet`, the daemons, the database and the chain too).
+/// A load that keeps the CPU busy is bounded by CPU per answer, not by waiting.
+fn print_cpu(what: &str, answers: usize, elapsed: Duration, busy: Option<f64>, cores: usize) {
+    if let Some(busy) = busy.filter(|_| answers > 0) {
+        let per = busy * cores as f64 * elapsed.as_secs_f64() / answers as f64;
+        println!(
+            "machine CPU during the load: {:.0}% busy of {cores} cores, {:.1} µs per {what}",
+            100.0 * busy,
+            per * 1e6
+        );
+    }
+}
+
 /// Runs the `loadgen` command: the ceiling, pre-signing, the load, the report.
 pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
     use crate::clock::{Clock as _, SystemClock};
@@ -466,8 +511,11 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
                 bodies.len(),
                 signing.elapsed().as_secs_f64()
             );
+            let cpu = CpuTicks::now();
             let report = run_verify(&url, bodies, concurrency, token.as_deref(), settle).await;
+            let busy = cpu.zip(CpuTicks::now()).and_then(|(a, b)| a.busy_since(b));
             println!("{}", report.summary());
+            print_cpu("valid answer", report.valid, report.elapsed, busy, cores);
             print_over_ceiling("answers/s", report.throughput(), before, ceiling(), cores);
             return Ok(());
         }
@@ -488,8 +536,11 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
     for url in url {
         clients.push(Client::connect_with(url, &auth).await?);
     }
+    let cpu = CpuTicks::now();
     let report = run_spread(&clients, requests, opts.rate, opts.streams).await;
+    let busy = cpu.zip(CpuTicks::now()).and_then(|(a, b)| a.busy_since(b));
     println!("{}", report.summary());
+    print_cpu("ack", report.acked.len(), report.elapsed, busy, cores);
     print_over_ceiling("acks/s", report.throughput(), before, ceiling(), cores);
     if let Some(own) = own {
         own.stop().await?;
@@ -562,5 +613,21 @@ impl OwnDaemon {
         drop(self.pg);
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_cpu_is_read_from_the_cpu_line_of_proc_stat() {
+        let stat = "cpu  100 5 50 800 20 3 2 10 0 0\ncpu0 50 2 25 400 10 1 1 5 0 0\nintr 1 2\n";
+        assert_eq!(CpuTicks::parse(stat), Some(CpuTicks { busy: 160, total: 990 }));
+        let later = CpuTicks { busy: 250, total: 1090 };
+        assert_eq!(CpuTicks { busy: 160, total: 990 }.busy_since(later), Some(0.9));
+        assert_eq!(later.busy_since(later), None, "no time passed");
+        assert_eq!(CpuTicks::parse("cpu  1 x 3\n"), None, "a field that is not a number");
+        assert_eq!(CpuTicks::parse("intr 1 2\n"), None, "no cpu line");
     }
 }
