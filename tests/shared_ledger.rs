@@ -5,15 +5,16 @@
 //! and the change feed read from any of them is the same gap-free sequence, even while
 //! they all write. A facilitator's hold placed through one daemon holds on all of them.
 //! Settler accounts are divided by leases whose lost holder cannot write, and a batch
-//! number is taken once.
+//! number is taken once. A group naming more payers than the server's lock table holds
+//! fails whole.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, ApplyRequest, BatchRecord, BatchStatus, Fence, HoldOutcome, HoldRequest,
-    LedgerError, LedgerHandle, LedgerStore, PgConnect, PgLedger, Repeat, Status, Submission,
+    AcceptOutcome, AcceptRequest, ApplyRequest, BatchRecord, BatchStatus, Command, Fence, HoldOutcome,
+    HoldRequest, LedgerError, LedgerHandle, LedgerStore, PgConnect, PgLedger, Repeat, Status, Submission,
     TransitionRequest,
 };
 use x402_batcher::tools::postgres::TestPostgres;
@@ -448,4 +449,58 @@ fn a_connection_asking_for_tls_is_refused_not_downgraded() {
     let err = PgLedger::open(PgConnect::new(&url, None).unwrap()).unwrap_err();
     let text = format!("{err}: {:?}", std::error::Error::source(&err));
     assert!(matches!(err, LedgerError::Postgres { op: "connect", .. }), "{text}");
+}
+
+/// A group locks every payer it names; PostgreSQL's lock table holds about
+/// `max_locks_per_transaction` x (`max_connections` + background processes) locks in all. A group naming more payers
+/// than fit fails whole: every command answered with the server's reason ("out of shared
+/// memory", its hint naming `max_locks_per_transaction`: the RUNBOOK's advice), nothing of it
+/// written; the next group that fits commits.
+#[test]
+fn a_group_naming_more_payers_than_the_lock_table_holds_fails_whole_and_the_next_commits() {
+    // About 10 x 11 slots here (and some spare memory: 200 locks fit, 400 do not).
+    let pg = TestPostgres::start_with(&[
+        "max_locks_per_transaction = 10",
+        "max_connections = 10",
+        "autovacuum_max_workers = 1",
+        "max_worker_processes = 0",
+        "max_wal_senders = 0",
+        "max_replication_slots = 0",
+    ])
+    .unwrap();
+    let store = PgLedger::open(PgConnect::new(&pg.url(), None).unwrap()).unwrap();
+    let group = |payers: std::ops::Range<u64>| -> Vec<Command> {
+        payers.map(|p| Command::accept(accept(signed(p, 1, 1), 10)).0).collect()
+    };
+    let outcome = store.apply_group(&group(0..512));
+    assert_eq!(outcome.results.len(), 512);
+    for result in &outcome.results {
+        match result {
+            Err(e @ LedgerError::Postgres { op: "lock payers", source }) => {
+                assert_eq!(
+                    source.code(),
+                    Some(&tokio_postgres::error::SqlState::OUT_OF_MEMORY),
+                    "{source:?}"
+                );
+                // What the daemon logs.
+                let logged = e.with_causes();
+                assert!(
+                    logged.contains("out of shared memory") && logged.contains("max_locks_per_transaction"),
+                    "{logged}"
+                );
+            }
+            other => panic!("a group over the lock table was answered {other:?}"),
+        }
+    }
+    assert!(outcome.changed.is_empty() && outcome.seqs.is_none());
+    assert_eq!(store.committed_seq().unwrap(), 0, "nothing of the failed group is in the ledger");
+    assert!(store.get(&x402_batcher::ledger::AuthKey::of(&signed(0, 1, 1))).unwrap().is_none());
+    assert_eq!(
+        store.exposure(&x402_batcher::ledger::AuthKey::of(&signed(0, 1, 1)).payer()).unwrap(),
+        U256::ZERO
+    );
+
+    let outcome = store.apply_group(&group(512..517));
+    assert!(outcome.results.iter().all(Result::is_ok), "{:?}", outcome.results);
+    assert_eq!(store.committed_seq().unwrap(), 5);
 }

@@ -53,6 +53,20 @@ pub enum LedgerError {
 }
 
 impl LedgerError {
+    /// This error and its causes, each after a colon: for the daemon's log (a database's
+    /// own reason, such as PostgreSQL's "out of shared memory" and its hint). Not for
+    /// replies to API servers: a database's detail can name another client's values.
+    pub fn with_causes(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+
     /// A PostgreSQL group that lost a race to a committed group its locks do not keep out (a
     /// unique key it inserted meanwhile), or was chosen to break a deadlock: nothing of it is
     /// committed, and deciding it again sees what the other took.
@@ -69,4 +83,19 @@ impl LedgerError {
 
 pub(super) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> LedgerError {
     move |source| LedgerError::Db { op, cf, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_with_causes_names_each_of_them() {
+        let e = LedgerError::Corrupt { cf: "payments", source: CorruptRecord { field: "status" } };
+        assert_eq!(
+            e.with_causes(),
+            "ledger column family payments holds a corrupt entry: ledger record field status is corrupt"
+        );
+        assert_eq!(LedgerError::QueueFull.with_causes(), "ledger write queue is full");
+    }
 }

@@ -1772,7 +1772,7 @@ impl LedgerStore for PgLedger {
             Err(e) => {
                 // Nothing of the group is committed, its holds included; the next group
                 // reconnects if the connection is gone.
-                tracing::warn!("ledger group failed: {e}");
+                tracing::warn!("ledger group failed: {}", e.with_causes());
                 GroupOutcome {
                     results: commands.iter().map(|_| Err(e.clone())).collect(),
                     changed: Vec::new(),

@@ -377,10 +377,7 @@ fn run(
             cmd.reply(result);
         }
         if let Some(e) = storage_error {
-            let cause = match std::error::Error::source(&e) {
-                Some(s) => format!("{e}: {s}"),
-                None => e.to_string(),
-            };
+            let cause = e.with_causes();
             tracing::error!("ledger commit failed, the writer stops: {cause}");
             failed.send_replace(Some(cause));
             break;
