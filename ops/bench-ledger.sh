@@ -15,6 +15,8 @@
 # payers, so each of three daemons has payers of its own, and the first gets two streams.
 #   STREAMS=3 ./ops/bench-ledger.sh              # a stream per daemon, each with every payer
 #   PAYERS=501 STREAMS=3 ./ops/bench-ledger.sh   # a stream per daemon, each with its own payers
+#   DAEMON_CPU=0.4 ./ops/bench-ledger.sh         # each daemon a process capped at 0.4 cores
+#                                                 # (a cgroup; as root), as on machines of its own
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CARGO_TARGET_DIR:=/var/tmp/x402-batcher-target}"
@@ -23,12 +25,15 @@ RUNS=${RUNS:-5}
 PAYMENTS=${PAYMENTS:-50000}
 STREAMS=${STREAMS:-4}
 PAYERS=${PAYERS:-500}
+DAEMON_CPU=${DAEMON_CPU:-}
 
 run() {
     local name=$1
     shift
     local out
-    out=$("$BIN" loadgen --devnet --payments "$PAYMENTS" --payers "$PAYERS" --streams "$STREAMS" --ceiling-seconds 3 "$@" 2>/dev/null)
+    local cap=()
+    [ -n "$DAEMON_CPU" ] && cap=(--daemon-cpu "$DAEMON_CPU")
+    out=$("$BIN" loadgen --devnet --payments "$PAYMENTS" --payers "$PAYERS" --streams "$STREAMS" --ceiling-seconds 3 "${cap[@]}" "$@" 2>/dev/null)
     local acks ratio
     acks=$(grep -o '[0-9]* acks/s' <<<"$out" | head -n 1)
     ratio=$(grep -o '[0-9.]*%$' <<<"$out" | tail -n 1)

@@ -278,6 +278,10 @@ pub struct LoadgenArgs {
     /// streams are spread over them.
     #[arg(long, default_value_t = 1)]
     pub daemons: usize,
+    /// With --devnet: run each daemon as a process of its own capped at this many cores of
+    /// CPU (a cgroup v1 `cpu` group; Linux, as root), as if each had a machine of its own.
+    #[arg(long, requires = "devnet")]
+    pub daemon_cpu: Option<f64>,
     #[command(flatten)]
     pub client: ClientFlags,
     /// Load an x402 facilitator's `POST /verify` at this URL (this daemon's, or any other
@@ -346,6 +350,7 @@ pub fn loadgen_command(a: LoadgenArgs) -> anyhow::Result<loadgen::Command> {
                 backend,
                 sync_standby: a.sync_standby,
                 daemons: a.daemons,
+                daemon_cpu: a.daemon_cpu,
             })
         }
         (false, Some(url), _, Some(token)) => loadgen::Target::Facilitator {

@@ -306,6 +306,23 @@ impl Devnet {
         }
     }
 
+    /// The `[[tokens]]` and `[[chains]]` tables of a daemon config over this devnet.
+    pub fn token_and_chain_toml(&self) -> String {
+        let t = self.token_config();
+        format!(
+            "[[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
+             decimals = {}\nsymbol = \"{}\"\n\n[[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n",
+            t.chain_id,
+            t.address,
+            t.eip712_name,
+            t.eip712_version,
+            t.decimals,
+            t.symbol,
+            self.chain_id,
+            self.rpc_url,
+        )
+    }
+
     pub fn token_config(&self) -> TokenConfig {
         TokenConfig {
             chain_id: self.chain_id,
@@ -564,22 +581,15 @@ pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>)
     let t = net.token_config();
     let config_path = opts.dir.join("config.toml");
     let config = format!(
-        "# Written by `x402-batcher devnet` (see ops/config.devnet.toml).\n\
-         [[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
-         decimals = 6\nsymbol = \"USDC\"\n\n[network_aliases]\ndevnet = {}\n\n\
+        "# Written by `x402-batcher devnet` (see ops/config.devnet.toml).\n{}\n\
+         [network_aliases]\ndevnet = {}\n\n\
          [server]\nlisten = \"127.0.0.1:50051\"\n\n[facilitator]\nlisten = \"127.0.0.1:8402\"\n\n\
          [ledger]\npath = \"{}\"\n\n\
-         [[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n\n\
          [settlement]\nsettler_keys_file = \"{}\"\nconfirmations = 3\npoll_interval_ms = 200\nmax_wait_ms = 2000\n\n\
          [metrics]\nlisten = \"127.0.0.1:9464\"\n",
-        t.chain_id,
-        t.address,
-        t.eip712_name,
-        t.eip712_version,
+        net.token_and_chain_toml(),
         t.chain_id,
         opts.dir.join("ledger").display(),
-        t.chain_id,
-        net.rpc_url(),
         keys_path.display(),
     );
     std::fs::write(&config_path, config).map_err(file_err(&config_path))?;

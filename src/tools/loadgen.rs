@@ -382,6 +382,16 @@ pub enum LoadgenError {
     Postgres(#[source] anyhow::Error),
     #[error("the in-process daemon's task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error("cannot start a daemon process (its config in {dir})")]
+    Spawn {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a daemon process printed no address within {0:?} (its log is on stderr)")]
+    DaemonStart(Duration),
+    #[error(transparent)]
+    CpuCap(#[from] crate::tools::cpu_cap::CpuCapError),
 }
 
 /// Where `x402-batcher loadgen` sends its load.
@@ -404,6 +414,9 @@ pub struct OwnLedger {
     /// Daemons sharing the ledger (more than one: PostgreSQL only); the streams are spread
     /// over them.
     pub daemons: usize,
+    /// Each daemon a process of its own capped at this many cores of CPU (a cgroup), as if
+    /// on a machine of its own; in the load generator's process when `None`.
+    pub daemon_cpu: Option<f64>,
 }
 
 /// What `x402-batcher loadgen` runs.
@@ -548,6 +561,84 @@ pub async fn command(cmd: Command) -> Result<(), LoadgenError> {
     Ok(())
 }
 
+/// How long a daemon process may take to print its address.
+const DAEMON_START: Duration = Duration::from_secs(60);
+
+/// How long a daemon process may take to stop after SIGTERM before it is killed.
+const DAEMON_STOP: Duration = Duration::from_secs(30);
+
+/// A daemon of [`OwnDaemon`] as a process of its own (`x402-batcher run`) in a CPU cap.
+struct ChildDaemon {
+    child: std::process::Child,
+    /// Removed after the process ended (fields drop after [`Drop::drop`]).
+    cap: crate::tools::cpu_cap::CpuCap,
+}
+
+impl ChildDaemon {
+    /// Starts this binary's `run --config FILE` in `cap`; its address once it listens.
+    async fn start(
+        file: &std::path::Path,
+        cap: crate::tools::cpu_cap::CpuCap,
+    ) -> Result<(ChildDaemon, String), LoadgenError> {
+        use std::io::BufRead as _;
+        let spawn_err =
+            |source| LoadgenError::Spawn { dir: file.parent().unwrap_or(file).to_path_buf(), source };
+        let exe = std::env::current_exe().map_err(spawn_err)?;
+        let child = std::process::Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(file)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(spawn_err)?;
+        let mut daemon = ChildDaemon { child, cap };
+        daemon.cap.add(daemon.child.id())?;
+        // Its stdout, read to the end so the daemon never blocks on a full pipe.
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stdout) = daemon.child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let listening = async {
+            while let Some(line) = lines.recv().await {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return Some(format!("http://{addr}"));
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(DAEMON_START, listening).await {
+            Ok(Some(url)) => Ok((daemon, url)),
+            _ => Err(LoadgenError::DaemonStart(DAEMON_START)),
+        }
+    }
+
+    /// SIGTERM (the daemon drains and stops), then a kill if it has not ended in time.
+    async fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = tokio::time::Instant::now() + DAEMON_STOP;
+        while matches!(self.child.try_wait(), Ok(None)) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A daemon left running (an error midway, or one that did not stop) is killed.
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// An in-process daemon's task.
 type DaemonTask = tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>;
 
@@ -558,6 +649,8 @@ struct OwnDaemon {
     _net: crate::tools::devnet::Devnet,
     dir: std::path::PathBuf,
     servers: Vec<(tokio::sync::oneshot::Sender<()>, DaemonTask)>,
+    /// The daemons running as processes ([`OwnLedger::daemon_cpu`]).
+    children: Vec<ChildDaemon>,
     /// The PostgreSQL server (and standby), stopped after the daemons.
     pg: Vec<crate::tools::postgres::TestPostgres>,
 }
@@ -574,8 +667,11 @@ impl OwnDaemon {
         config.tokens.push(net.token_config());
         config.chains.push(net.chain_config());
         let mut pg = Vec::new();
-        match ledger.backend {
-            LedgerBackend::Rocksdb => config.ledger.path = Some(dir.join("ledger")),
+        let ledger_toml = match ledger.backend {
+            LedgerBackend::Rocksdb => {
+                config.ledger.path = Some(dir.join("ledger"));
+                format!("path = \"{}\"", dir.join("ledger").display())
+            }
             LedgerBackend::Postgres => {
                 let primary =
                     crate::tools::postgres::TestPostgres::start().map_err(LoadgenError::Postgres)?;
@@ -587,11 +683,37 @@ impl OwnDaemon {
                     println!("with a synchronous standby at 127.0.0.1:{}", standby.port());
                     pg.push(standby);
                 }
+                let toml = format!("backend = \"postgres\"\nurl = \"{}\"", primary.url());
                 pg.insert(0, primary);
+                toml
             }
-        }
+        };
         let mut urls = Vec::new();
         let mut servers = Vec::new();
+        let mut children = Vec::new();
+        if let Some(cores) = ledger.daemon_cpu {
+            // The same config as the in-process daemons' (the defaults, this devnet, this
+            // ledger), every listener on a port of its own.
+            let file = dir.join("daemon.toml");
+            let toml = format!(
+                "{}\n[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\n{ledger_toml}\n",
+                net.token_and_chain_toml()
+            );
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&file, toml))
+                .map_err(|source| LoadgenError::Spawn { dir: dir.clone(), source })?;
+            for i in 0..ledger.daemons.max(1) {
+                let cap = crate::tools::cpu_cap::CpuCap::new(
+                    &format!("x402-loadgen-{}-{i}", std::process::id()),
+                    cores,
+                )?;
+                let (child, url) = ChildDaemon::start(&file, cap).await?;
+                println!("daemon {i}: a process of its own at {url}, capped at {cores} cores of CPU");
+                urls.push(url);
+                children.push(child);
+            }
+            return Ok(OwnDaemon { urls, domain: net.token_domain(), _net: net, dir, servers, children, pg });
+        }
         for _ in 0..ledger.daemons.max(1) {
             let listeners = crate::daemon::Listeners::loopback().await.map_err(LoadgenError::Bind)?;
             urls.push(format!("http://{}", listeners.api.local_addr().map_err(LoadgenError::Bind)?));
@@ -602,10 +724,13 @@ impl OwnDaemon {
             }));
             servers.push((stop, server));
         }
-        Ok(OwnDaemon { urls, domain: net.token_domain(), _net: net, dir, servers, pg })
+        Ok(OwnDaemon { urls, domain: net.token_domain(), _net: net, dir, servers, children, pg })
     }
 
     async fn stop(self) -> Result<(), LoadgenError> {
+        for child in self.children {
+            child.stop().await;
+        }
         for (stop, server) in self.servers {
             let _ = stop.send(());
             server.await??;

@@ -2,6 +2,7 @@
 //! The binary's `devnet`, `demo` and `loadgen` commands and the test suites use them; an
 //! embedder of the daemon has no need of them.
 //!
+//! - [`cpu_cap`]: a CPU cap for the benchmark's daemon processes (a Linux cgroup);
 //! - [`devnet`]: a local chain (anvil) with the test token and Multicall3;
 //! - [`demo`]: the whole product on a devnet, gRPC fleet and x402 middlewares;
 //! - [`loadgen`]: pre-signed load over gRPC or a facilitator's `/verify`;
@@ -9,6 +10,7 @@
 //! - [`status`]: Admin `GetStatus` for a person or a script;
 //! - [`testkit`]: signed payments and requirements built to order.
 
+pub mod cpu_cap;
 pub mod demo;
 pub mod devnet;
 pub mod loadgen;
