@@ -452,10 +452,10 @@ fn a_connection_asking_for_tls_is_refused_not_downgraded() {
 }
 
 /// A group locks every payer it names; PostgreSQL's lock table holds about
-/// `max_locks_per_transaction` x (`max_connections` + background processes) locks in all. A group naming more payers
-/// than fit fails whole: every command answered with the server's reason ("out of shared
-/// memory", its hint naming `max_locks_per_transaction`: the RUNBOOK's advice), nothing of it
-/// written; the next group that fits commits.
+/// `max_locks_per_transaction` x (`max_connections` + background processes) locks in all.
+/// A group naming more payers than fit fails whole: every command answered with the
+/// server's reason ("out of shared memory", its hint naming `max_locks_per_transaction`: the
+/// RUNBOOK's advice), nothing of it written; the next group that fits commits.
 #[test]
 fn a_group_naming_more_payers_than_the_lock_table_holds_fails_whole_and_the_next_commits() {
     // About 10 x 11 slots here (and some spare memory: 200 locks fit, 400 do not).
