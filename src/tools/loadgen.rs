@@ -669,8 +669,10 @@ impl OwnDaemon {
         let mut pg = Vec::new();
         let ledger_toml = match ledger.backend {
             LedgerBackend::Rocksdb => {
-                config.ledger.path = Some(dir.join("ledger"));
-                format!("path = \"{}\"", dir.join("ledger").display())
+                let path = dir.join("ledger");
+                let toml = format!("path = \"{}\"", path.display());
+                config.ledger.path = Some(path);
+                toml
             }
             LedgerBackend::Postgres => {
                 let primary =
