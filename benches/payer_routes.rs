@@ -12,6 +12,8 @@
 //! Run: `cargo bench --bench payer_routes` (needs anvil: `ops/setup.sh`). Results:
 //! BENCHMARKS.md.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -10,6 +10,8 @@
 //!
 //! Run: `cargo bench --bench verify`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

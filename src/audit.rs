@@ -105,7 +105,7 @@ impl NonceAudit {
 
     /// Runs a round every `interval` until the task is dropped; a failed round is logged
     /// and retried at the next tick. Daemons sharing a ledger take turns (one round per
-    /// interval for the fleet, [`crate::ledger::LedgerStore::claim_turn`]).
+    /// interval for the fleet, [`crate::ledger::Fleet::claim_turn`]).
     pub async fn run_every(self, interval: Duration, clock: std::sync::Arc<dyn crate::clock::Clock>) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,7 +115,9 @@ impl NonceAudit {
             let ledger = std::sync::Arc::clone(self.ledger.ledger());
             // A little under the interval: a tick a few ms early still finds its turn.
             let every = u64::try_from(interval.as_millis() * 9 / 10).unwrap_or(u64::MAX);
-            match tokio::task::spawn_blocking(move || ledger.claim_turn("nonce_audit", every)).await {
+            // A ledger of one daemon: always its turn.
+            let turn = move || ledger.fleet().map_or(Ok(true), |f| f.claim_turn("nonce_audit", every));
+            match tokio::task::spawn_blocking(turn).await {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => continue,
                 Ok(Err(e)) => {

@@ -525,7 +525,7 @@ mod tests {
     #[test]
     fn a_run_writes_the_output_then_moves_the_cursor_and_a_failed_write_moves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = crate::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
+        let ledger = crate::ledger::RocksLedger::open(&dir.path().join("ledger")).unwrap();
         let tokens = TokenTable::default();
         Cursor::at(dir.path().join("c")).save(7).unwrap();
         let summary = run(&ledger, &tokens, &job(dir.path(), dir.path().join("out.csv"))).unwrap();

@@ -35,7 +35,7 @@ use crate::limits::Limits;
 use crate::payer::{ChainVerdict, PayerCode, Route, SignatureJudge};
 use crate::verify::{PoolError, VerifyPool};
 use crate::x402::eip712::signing_hash;
-use crate::x402::{PaymentRequirements, RawSignature, Reason};
+use crate::x402::{PaymentRequirements, RawSignature, Reason, SignedAuthorization};
 
 /// A payment as an API server hands it in, whichever surface it came by.
 #[derive(Debug, Clone)]
@@ -231,53 +231,10 @@ impl Ingest {
             .admission
             .check_window(&signed.authorization)
             .map_err(|e| Refusal::new(e.reason(), e.to_string()));
-        let key = AuthKey::of(&signed);
-        let (balance, route) = if window.is_err() && ecdsa.is_ok() {
-            (U256::ZERO, Route::Eoa)
-        } else {
-            let started = std::time::Instant::now();
-            let (read, cached) = self.balances.get_noting_cache(key.payer()).await;
-            match read {
-                Ok(state) => {
-                    // A token that checks ECDSA only judges every payer so, code or not.
-                    let route = if admitted.contract_signatures {
-                        Route::of(state.code, signed.signature.erc6492().is_some())
-                    } else {
-                        Route::Eoa
-                    };
-                    if let Err(refusal) = self.judge_signature(admitted, ecdsa, state.code, route).await? {
-                        return rejected(Reason::InvalidSignature, refusal);
-                    }
-                    // A deployed wallet's 6492 wrapper is kept unwrapped: the ledger holds a
-                    // wrapper only for a wallet its settlement deploys (allow-listed).
-                    if route != Route::Erc6492
-                        && signed.signature.erc6492().is_some()
-                        && let Some(inner) = RawSignature::new(signed.signature.for_token())
-                    {
-                        signed.signature = inner;
-                    }
-                    // Same order as telemetry::PAYER_CHECK_ROUTES.
-                    let how = match route {
-                        Route::Eoa if cached => 0,
-                        Route::Eoa => 1,
-                        Route::Erc1271 => 2,
-                        Route::Eip7702 => 3,
-                        Route::Erc6492 => 4,
-                    };
-                    m.payer_check_seconds[how].record(started.elapsed().as_secs_f64());
-                    (state.balance, route)
-                }
-                Err(e) => {
-                    if self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_none() {
-                        return Err(SubmitError::Unavailable(format!(
-                            "cannot read the payer's balance and code: {e}"
-                        )));
-                    }
-                    (U256::ZERO, Route::Eoa)
-                }
-            }
+        let (balance, route) = match self.payer(admitted, ecdsa, &mut signed, window.is_err()).await? {
+            Ok(read) => read,
+            Err(refusal) => return rejected(Reason::InvalidSignature, refusal),
         };
-
         let payer = signed.authorization.from;
         let accept = AcceptRequest {
             signed,
@@ -293,6 +250,78 @@ impl Ingest {
             window,
             now_ms: self.admission.clock().now_ms(),
         };
+        self.record(accept, intent, payer).await
+    }
+
+    /// The payer's balance and how its signature is judged (its [`Route`]), with the
+    /// signature judged by that route: `Ok(Err(why))` refused. A payment whose window is
+    /// already refused (`window_refused`) and whose ECDSA signature is valid needs neither.
+    /// While no balance can be read, a payment the ledger already holds is still answered
+    /// (a retry while the RPC node is down); a new one is `Unavailable`. A deployed wallet's
+    /// ERC-6492 wrapper is taken off `signed`.
+    async fn payer(
+        &self,
+        admitted: &Admitted,
+        ecdsa: Result<(), crate::verify::SignatureError>,
+        signed: &mut SignedAuthorization,
+        window_refused: bool,
+    ) -> Result<Result<(U256, Route), String>, SubmitError> {
+        let m = crate::telemetry::hot();
+        let key = AuthKey::of(signed);
+        if window_refused && ecdsa.is_ok() {
+            return Ok(Ok((U256::ZERO, Route::Eoa)));
+        }
+        let started = std::time::Instant::now();
+        let (read, cached) = self.balances.get_noting_cache(key.payer()).await;
+        match read {
+            Ok(state) => {
+                // A token that checks ECDSA only judges every payer so, code or not.
+                let route = if admitted.contract_signatures {
+                    Route::of(state.code, signed.signature.erc6492().is_some())
+                } else {
+                    Route::Eoa
+                };
+                if let Err(refusal) = self.judge_signature(admitted, ecdsa, state.code, route).await? {
+                    return Ok(Err(refusal));
+                }
+                // A deployed wallet's 6492 wrapper is kept unwrapped: the ledger holds a
+                // wrapper only for a wallet its settlement deploys (allow-listed).
+                if route != Route::Erc6492
+                    && signed.signature.erc6492().is_some()
+                    && let Some(inner) = RawSignature::new(signed.signature.for_token())
+                {
+                    signed.signature = inner;
+                }
+                // Same order as telemetry::PAYER_CHECK_ROUTES.
+                let how = match route {
+                    Route::Eoa if cached => 0,
+                    Route::Eoa => 1,
+                    Route::Erc1271 => 2,
+                    Route::Eip7702 => 3,
+                    Route::Erc6492 => 4,
+                };
+                m.payer_check_seconds[how].record(started.elapsed().as_secs_f64());
+                Ok(Ok((state.balance, route)))
+            }
+            Err(e) => {
+                if self.ledger.ledger().get(&key).map_err(SubmitError::from_ledger)?.is_none() {
+                    return Err(SubmitError::Unavailable(format!(
+                        "cannot read the payer's balance and code: {e}"
+                    )));
+                }
+                Ok(Ok((U256::ZERO, Route::Eoa)))
+            }
+        }
+    }
+
+    /// Records the decided payment: accepted (claiming its hold, if any) or held.
+    async fn record(
+        &self,
+        accept: AcceptRequest,
+        intent: Intent,
+        payer: Address,
+    ) -> Result<Decision, SubmitError> {
+        let rejected = |reason: Reason, message: String| Ok(Decision::Rejected { reason, message });
         match intent {
             Intent::Accept => match self.ledger.accept(accept).await.map_err(SubmitError::from_ledger)? {
                 AcceptOutcome::Accepted(record) => Ok(Decision::Accepted { record, repeat: Repeat::New }),

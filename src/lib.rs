@@ -21,34 +21,39 @@
 //! ## Layers
 //!
 //! Each module uses only modules of its own layer or below, never one that uses it back
-//! (`tests/layers.rs` reads the `crate::` paths of every file and checks both, against the
+//! (`tests/it/layers.rs` reads the `crate::` paths of every file and checks both, against the
 //! list below; it checks the files inside each module for loops too). Bottom up:
 //!
 //! 0. [`clock`], [`planner`], [`policy`], [`telemetry`]: time, the batch planner's pure
-//!    decisions and gas model, the runtime settlement policy, Prometheus metrics.
+//!    decisions (its [`planner::CutRules`]) and what a settlement costs, the runtime
+//!    settlement policy, Prometheus metrics.
 //! 1. [`x402`], [`chain`], [`simulate`], [`payer`]: the protocol core (authorizations,
 //!    requirements, header decoding, EIP-712, reason codes); the token and Multicall3
 //!    interfaces, batch encoding and the one RPC error; pre-simulation of a batch; what a
 //!    payer is on chain (its code) and how the token judges its signature (ECDSA or
 //!    ERC-1271), read by deployless probes.
 //! 2. [`config`]: the typed configuration, plain data plus validation (listeners,
-//!    credentials and their parsers, settlement, tokens); every default a named constant.
-//! 3. [`ledger`]: the nonce ledger behind one seam ([`ledger::LedgerStore`]; RocksDB, the
-//!    embedded default, or PostgreSQL, shared by a fleet): commands, the rules of a group
-//!    (one code for both), its own on-disk records, the group-commit writer, the holds of
-//!    verified payments, followers of single payments, leases dividing settler accounts.
+//!    credentials and their parsers, the facilitator, settlement, tokens); every default a
+//!    named constant.
+//! 3. [`ledger`]: the nonce ledger behind a seam that names no database
+//!    ([`ledger::store`]: [`ledger::LedgerStore`], and [`ledger::Fleet`] for what only a
+//!    ledger a fleet shares does), each backend a folder carrying its name
+//!    ([`ledger::rocks`], the embedded default; [`ledger::postgres`], shared by a fleet):
+//!    commands, the rules of a group (one code for both), records and the books, the
+//!    group-commit writer, the holds of verified payments, followers of single payments,
+//!    leases dividing settler accounts.
 //! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`]: the cheap static
 //!    checks and the validity window; the signature check and its pool of OS threads;
 //!    payers' balances and code, cached; who may call (credentials, roles); per-server limits; the
 //!    listeners' TLS.
 //! 5. [`ingest`]: the decision path for one submission, whatever surface it came by.
 //! 6. [`settle`], [`audit`], [`export`], [`reconcile`]: the settlement engine, one per chain
-//!    (chain reads behind a trait, decisions as functions of what was read, I/O in the
-//!    round); the nonce audit; the settlement log as CSV or JSON Lines with its cursor
-//!    protocol; the ledger proved against the chain.
+//!    ([`settle::Engine`]; chain reads behind a trait, decisions as functions of what was
+//!    read, I/O in the round); the nonce audit; the settlement log as CSV or JSON Lines
+//!    with its cursor protocol; the ledger proved against the chain.
 //! 7. [`api`], [`server`], [`facilitator`], [`client`]: the edges: the generated gRPC
 //!    contract and its conversions to domain types, the gRPC services, the x402 facilitator
-//!    HTTP API, the Rust client.
+//!    HTTP API (its caller checked once, by an extractor), the Rust client.
 //! 8. [`daemon`]: assembly, start-up step by step, the drain.
 //! 9. [`tools`]: not the daemon: the devnet, the demo, the load generator, test fixtures.
 //!

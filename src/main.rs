@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
             let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
             let config = load(&config)?;
             config.validate_for_run()?;
+            x402_batcher::ledger::open::check(&config.ledger)?;
             let listeners = daemon::Listeners::bind(&config).await?;
             println!("{}", listeners.describe()?);
             daemon::serve(config, listeners, Arc::new(SystemClock), stop).await?;
@@ -80,31 +81,11 @@ async fn main() -> anyhow::Result<()> {
             println!("token (give it to {name}; it is not stored anywhere): {token}\n");
             println!("[[credentials]]\nname = {name:?}\nrole = \"{role}\"\ntoken_sha256 = \"{hash}\"");
         }
-        Command::MigrateLedger { config, from } => {
-            use x402_batcher::ledger::{Ledger, LedgerStore as _, PgLedger};
-            let config = load(&config)?;
-            anyhow::ensure!(
-                config.ledger.backend == x402_batcher::config::LedgerBackend::Postgres,
-                "--config must name a PostgreSQL ledger ([ledger] backend = \"postgres\")"
-            );
-            let source =
-                Ledger::open_read_only(&from).with_context(|| format!("ledger {}", from.display()))?;
-            let target = PgLedger::open(x402_batcher::ledger::open::connect(&config.ledger)?)?;
-            let chains: Vec<u64> = config.chains.iter().map(|c| c.chain_id).collect();
-            let done = target.import(&source, &chains)?;
-            println!(
-                "copied {} payments, {} changes, {} settlement log entries and {} batches from {} to {}; \
-                 the copy reads back the same",
-                done.records,
-                done.changes,
-                done.settlement_entries,
-                done.batches,
-                from.display(),
-                target.location()
-            );
-        }
+        Command::MigrateLedger { config, from } => migrate_ledger(&config, &from)?,
         Command::CheckConfig { config } => {
-            print!("{}", load(&config)?.describe_tokens());
+            let config = load(&config)?;
+            x402_batcher::ledger::open::check(&config.ledger)?;
+            print!("{}", config.describe_tokens());
             println!("config is valid");
         }
         Command::Status(args) => cli::status(args).await?,
@@ -116,5 +97,31 @@ async fn main() -> anyhow::Result<()> {
             }
         },
     }
+    Ok(())
+}
+
+/// Copies the RocksDB ledger at `from` into the PostgreSQL ledger `config` names (which
+/// must be empty), and reads the copy back.
+fn migrate_ledger(config: &std::path::Path, from: &std::path::Path) -> anyhow::Result<()> {
+    use x402_batcher::ledger::{LedgerStore as _, PgLedger, RocksLedger};
+    let config = load(config)?;
+    anyhow::ensure!(
+        config.ledger.backend == x402_batcher::config::LedgerBackend::Postgres,
+        "--config must name a PostgreSQL ledger ([ledger] backend = \"postgres\")"
+    );
+    let source = RocksLedger::open_read_only(from).with_context(|| format!("ledger {}", from.display()))?;
+    let target = PgLedger::open(x402_batcher::ledger::open::connect(&config.ledger)?)?;
+    let chains: Vec<u64> = config.chains.iter().map(|c| c.chain_id).collect();
+    let done = target.import(&source, &chains)?;
+    println!(
+        "copied {} payments, {} changes, {} settlement log entries and {} batches from {} to {}; \
+         the copy reads back the same",
+        done.records,
+        done.changes,
+        done.settlement_entries,
+        done.batches,
+        from.display(),
+        target.location()
+    );
     Ok(())
 }

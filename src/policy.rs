@@ -36,6 +36,19 @@ pub struct SettlementPolicy {
     pub paused: bool,
 }
 
+impl SettlementPolicy {
+    /// The rules the planner cuts batches by.
+    pub fn cut_rules(&self) -> crate::planner::CutRules {
+        crate::planner::CutRules {
+            max_batch_size: self.max_batch_size,
+            max_wait_ms: self.max_wait_ms,
+            linger_ms: self.linger_ms,
+            target_cost_per_payment_wei: self.target_cost_per_payment_wei,
+            deadline_margin_secs: self.deadline_margin_secs,
+        }
+    }
+}
+
 /// A refused policy value: the field (as the config names it) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]

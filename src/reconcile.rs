@@ -245,9 +245,65 @@ pub async fn reconcile(
         return Err(ReconcileError::Range { from, to });
     }
     let chain_id = endpoint.chain_id;
+    let (used, mut transfers) = chain_logs(endpoint, tokens, from, to).await?;
+
+    // The ledger's side: settled payments in range, and our settlement transactions.
+    let token_set: HashSet<Address> = tokens.iter().copied().collect();
+    let settled: Vec<_> =
+        crate::ledger::books(ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r))
+            .into_iter()
+            .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
+            .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
+            .collect();
+    let mut ours: HashSet<B256> = settled.iter().filter_map(|r| r.tx_hash).collect();
+    let batches = ledger.batches(chain_id)?;
+    for b in &batches {
+        ours.extend(b.attempts.iter().map(|a| a.tx_hash));
+        ours.extend(b.inclusion.map(|i| i.tx_hash));
+    }
+
+    let mut report = Report { settled_checked: settled.len(), logs_checked: used.len(), ..Report::default() };
+
+    check_fees(ledger, endpoint, op_stack, &batches, &token_set, (from, to), &mut report).await?;
+    let by_auth: HashMap<(Address, Address, B256), &UsedLog> =
+        used.iter().map(|u| ((u.token, u.authorizer, u.nonce), u)).collect();
+    // Settled payments the daemon still watches (their block not final): a mismatch of
+    // their evidence is a reorg it is following.
+    let watched: HashSet<_> = ledger.watched()?.iter().map(PaymentRecord::key).collect();
+    let mut found = Vec::new();
+    for r in &settled {
+        let before = report.discrepancies.len();
+        check_settled(r, &by_auth, &mut transfers, from, to, &mut report);
+        if watched.contains(&r.key()) {
+            // Where its log is (or is not) a reorg can change; its amount and parties, never.
+            let (moved, real): (Vec<_>, Vec<_>) = report
+                .discrepancies
+                .drain(before..)
+                .partition(|d| matches!(d.kind, "missing_log" | "evidence_mismatch"));
+            found.extend(moved);
+            report.discrepancies.extend(real);
+        }
+    }
+    report.pending_corrections = found;
+
+    check_used(ledger, chain_id, &used, &ours, &mut report)?;
+    Ok(report)
+}
+
+/// Transfers per transaction: (token, from, to, value), each matched at most once.
+type Transfers = HashMap<B256, Vec<(Address, Address, Address, U256)>>;
+
+/// The chain's side over blocks `from..=to`: every `AuthorizationUsed` of `tokens`, and their
+/// transfers by transaction.
+async fn chain_logs(
+    endpoint: &RpcEndpoint,
+    tokens: &[Address],
+    from: u64,
+    to: u64,
+) -> Result<(Vec<UsedLog>, Transfers), ReconcileError> {
     let mut used = Vec::new();
     // Transfers per transaction: (token, from, to, value), each matched at most once.
-    let mut transfers: HashMap<B256, Vec<(Address, Address, Address, U256)>> = HashMap::new();
+    let mut transfers = Transfers::new();
     for (event, topic) in [
         ("AuthorizationUsed", IEip3009::AuthorizationUsed::SIGNATURE_HASH),
         ("Transfer", IEip3009::Transfer::SIGNATURE_HASH),
@@ -275,26 +331,22 @@ pub async fn reconcile(
             }
         }
     }
+    Ok((used, transfers))
+}
 
-    // The ledger's side: settled payments in range, and our settlement transactions.
-    let token_set: HashSet<Address> = tokens.iter().copied().collect();
-    let settled: Vec<_> =
-        crate::ledger::books(ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r))
-            .into_iter()
-            .filter(|r| r.signed.chain_id == chain_id && token_set.contains(&r.signed.token))
-            .filter(|r| r.status == Status::Settled && (from..=to).contains(&r.block_number))
-            .collect();
-    let mut ours: HashSet<B256> = settled.iter().filter_map(|r| r.tx_hash).collect();
-    let batches = ledger.batches(chain_id)?;
-    for b in &batches {
-        ours.extend(b.attempts.iter().map(|a| a.tx_hash));
-        ours.extend(b.inclusion.map(|i| i.tx_hash));
-    }
-
-    let mut report = Report { settled_checked: settled.len(), logs_checked: used.len(), ..Report::default() };
-
-    // Fee shares: the payments a mined batch settled (or failed) share its fee; each
-    // carries its share from the moment its transaction is known to be mined.
+/// Fee shares: the payments a mined batch settled (or failed) share its fee; each carries
+/// its share from the moment its transaction is known to be mined. Every batch of `tokens`
+/// mined in `range` is checked against its receipt.
+async fn check_fees(
+    ledger: &dyn LedgerStore,
+    endpoint: &RpcEndpoint,
+    op_stack: bool,
+    batches: &[BatchRecord],
+    token_set: &HashSet<Address>,
+    (from, to): (u64, u64),
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    let chain_id = endpoint.chain_id;
     let mut shares: HashMap<B256, (U256, u64)> = HashMap::new();
     for r in ledger.records()?.iter().filter(|r| r.signed.chain_id == chain_id) {
         if let Some(tx) = r.tx_hash {
@@ -335,28 +387,20 @@ pub async fn reconcile(
             });
         }
     }
-    let by_auth: HashMap<(Address, Address, B256), &UsedLog> =
-        used.iter().map(|u| ((u.token, u.authorizer, u.nonce), u)).collect();
-    // Settled payments the daemon still watches (their block not final): a mismatch of
-    // their evidence is a reorg it is following.
-    let watched: HashSet<_> = ledger.watched()?.iter().map(PaymentRecord::key).collect();
-    let mut found = Vec::new();
-    for r in &settled {
-        let before = report.discrepancies.len();
-        check_settled(r, &by_auth, &mut transfers, from, to, &mut report);
-        if watched.contains(&r.key()) {
-            // Where its log is (or is not) a reorg can change; its amount and parties, never.
-            let (moved, real): (Vec<_>, Vec<_>) = report
-                .discrepancies
-                .drain(before..)
-                .partition(|d| matches!(d.kind, "missing_log" | "evidence_mismatch"));
-            found.extend(moved);
-            report.discrepancies.extend(real);
-        }
-    }
-    report.pending_corrections = found;
+    Ok(())
+}
 
-    for log in &used {
+/// Every authorization used on chain against the ledger: one our transactions used must be
+/// settled (or on its way) in the ledger; one used by others is reported with what the
+/// ledger shows.
+fn check_used(
+    ledger: &dyn LedgerStore,
+    chain_id: u64,
+    used: &[UsedLog],
+    ours: &HashSet<B256>,
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    for log in used {
         let key = AuthKey::new(chain_id, log.token, log.authorizer, log.nonce);
         let record = ledger.get(&key)?;
         let mine = ours.contains(&log.tx);
@@ -401,7 +445,7 @@ pub async fn reconcile(
             (false, None) => {}
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 async fn logs(

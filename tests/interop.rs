@@ -7,6 +7,9 @@
 //! they saw; this side runs the chain and the daemon, steers settlement, and checks the
 //! ledger and the chain.
 
+// A failed unwrap fails the test that made it.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -23,7 +26,7 @@ use tokio::io::AsyncBufReadExt as _;
 use x402_batcher::api::v1;
 use x402_batcher::config::{CredentialConfig, Role, SettleMode};
 use x402_batcher::ledger::LedgerStore as _;
-use x402_batcher::ledger::{AuthKey, Ledger, PaymentRecord, Status};
+use x402_batcher::ledger::{AuthKey, PaymentRecord, RocksLedger, Status};
 use x402_batcher::tools::devnet::{Devnet, DevnetOptions, X402_CHAIN_ID};
 
 /// Longest one Node scenario may run.
@@ -136,8 +139,8 @@ impl World {
     }
 
     /// The ledger as it stands (read-only, beside the running daemon).
-    fn ledger(&self) -> Ledger {
-        Ledger::open_read_only(&self.daemon.dir.path().join("ledger")).unwrap()
+    fn ledger(&self) -> RocksLedger {
+        RocksLedger::open_read_only(&self.daemon.dir.path().join("ledger")).unwrap()
     }
 
     fn record(&self, payer: Address, nonce: B256) -> Option<PaymentRecord> {

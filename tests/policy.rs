@@ -2,6 +2,9 @@
 //! (nothing changes), and applied from the next batch without a restart: pause, max batch
 //! size and confirmation depth.
 
+// A failed unwrap fails the test that made it.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

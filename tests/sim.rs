@@ -38,6 +38,9 @@
 //! transaction queued above a nonce gap nothing of ours would fill, and a known transaction
 //! was taken for one that may still be mined).
 
+// A failed unwrap fails the test that made it.
+#![allow(clippy::unwrap_used)]
+
 mod sim {
     pub mod chain;
     pub mod rng;

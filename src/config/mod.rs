@@ -2,17 +2,36 @@
 //! a named constant with the reason for its value; [`Config::validate`] runs once at
 //! start-up and names the offending field on failure.
 //!
-//! - [`access`]: listeners, TLS, credentials, limits, metrics, the facilitator;
+//! - [`access`]: listeners, TLS, credentials, limits, metrics;
+//! - [`facilitator`]: the x402 facilitator HTTP API and its settle mode;
+//! - [`ledger`]: which ledger backend, where, and how to log in to it;
 //! - [`settlement`]: the `[settlement]` section;
 //! - [`tokens`]: tokens, chains and the token table.
 
 pub mod access;
+pub mod facilitator;
+pub mod ledger;
 pub mod settlement;
 pub mod tokens;
 
-pub use access::*;
-pub use settlement::*;
-pub use tokens::*;
+pub use access::{
+    AdminConfig, CredentialConfig, DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_MESSAGE_BYTES, LimitsConfig, MetricsConfig, Role, ServerConfig, TlsConfig, parse_cert_name,
+    parse_token_hash,
+};
+pub use facilitator::{
+    DEFAULT_HOLD_MS, DEFAULT_SETTLE_TIMEOUT_MS, FacilitatorConfig, MAX_SETTLE_TIMEOUT_MS, SettleMode,
+};
+pub use ledger::{LedgerBackend, LedgerConfig};
+pub use settlement::{
+    DEFAULT_CONFIRMATIONS, DEFAULT_DEADLINE_MARGIN_SECS, DEFAULT_ERC6492_DEPLOY_GAS,
+    DEFAULT_FEE_BUMP_PERCENT, DEFAULT_FIXED_GAS, DEFAULT_GAS_LIMIT_MARGIN_PERCENT, DEFAULT_ITEM_GAS,
+    DEFAULT_LEASE_MS, DEFAULT_LINGER_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_FEE_PER_GAS_WEI,
+    DEFAULT_MAX_WAIT_MS, DEFAULT_MIN_PRIORITY_FEE_WEI, DEFAULT_REPLACE_AFTER_BLOCKS,
+    DEFAULT_SEED_GAS_MARGIN_PERCENT, DEFAULT_SETTLE_POLL_MS, DEFAULT_TARGET_COST_PER_PAYMENT_WEI,
+    SettlementConfig,
+};
+pub use tokens::{ChainConfig, Finality, FinalityTag, TokenConfig, TokenEntry, TokenTable};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -138,95 +157,6 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self { nonce_interval_ms: DEFAULT_NONCE_AUDIT_INTERVAL_MS }
-    }
-}
-
-/// The ledger: RocksDB in a directory (the default), or PostgreSQL.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LedgerConfig {
-    /// Where the ledger lives: `"rocksdb"` (embedded, one machine; the default) or
-    /// `"postgres"` (a database several daemons can share).
-    pub backend: LedgerBackend,
-    /// Directory of the RocksDB ledger. Required to run the daemon on RocksDB: where the
-    /// record of money owed lives is the operator's decision, never a silent default.
-    pub path: Option<std::path::PathBuf>,
-    /// PostgreSQL connection string (URL `postgresql://user@host:port/db` or key=value;
-    /// several hosts with `target_session_attrs=read-write` to follow a failover). Required
-    /// with `backend = "postgres"`; it may not carry the password.
-    pub url: Option<String>,
-    /// A file holding the database password (readable by its owner only).
-    pub password_file: Option<std::path::PathBuf>,
-    /// An environment variable holding the database password.
-    pub password_env: Option<String>,
-    /// PEM certificates of the CA(s) that sign the database servers' certificates: the
-    /// connection is then TLS (rustls), the server's certificate verified against them and
-    /// its name (`sslmode=require` is implied; a server without TLS is refused).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// See [`DEFAULT_LEDGER_QUEUE_CAPACITY`]; 0 means the default.
-    pub queue_capacity: usize,
-}
-
-/// Which store holds the ledger.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LedgerBackend {
-    #[default]
-    Rocksdb,
-    Postgres,
-}
-
-impl LedgerConfig {
-    /// Checks the backend's settings: a postgres backend needs a URL without a password,
-    /// at most one password source, and no RocksDB path.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        match self.backend {
-            LedgerBackend::Rocksdb => {
-                for (set, field) in [
-                    (self.url.is_some(), "ledger.url"),
-                    (self.password_file.is_some(), "ledger.password_file"),
-                    (self.password_env.is_some(), "ledger.password_env"),
-                    (self.ca_file.is_some(), "ledger.ca_file"),
-                ] {
-                    if set {
-                        return Err(invalid(field, "is for backend = \"postgres\""));
-                    }
-                }
-            }
-            LedgerBackend::Postgres => {
-                if self.path.is_some() {
-                    return Err(invalid(
-                        "ledger.path",
-                        "is for backend = \"rocksdb\" (postgres uses ledger.url)",
-                    ));
-                }
-                if let Some(url) = &self.url {
-                    // Parse errors may echo the string: say only that it is not one.
-                    let parsed: tokio_postgres::Config = url.parse().map_err(|_| {
-                        invalid("ledger.url", "is not a PostgreSQL connection string (URL or key=value)")
-                    })?;
-                    if parsed.get_password().is_some() {
-                        return Err(invalid(
-                            "ledger.url",
-                            "carries a password: put it in ledger.password_file or ledger.password_env",
-                        ));
-                    }
-                    if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require
-                        && self.ca_file.is_none()
-                    {
-                        return Err(invalid(
-                            "ledger.url",
-                            "asks for TLS (sslmode=require): give ledger.ca_file, the CA that signs the database's \
-                             certificate",
-                        ));
-                    }
-                }
-                if self.password_file.is_some() && self.password_env.is_some() {
-                    return Err(invalid("ledger.password_env", "give one of password_file and password_env"));
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -585,18 +515,9 @@ mod tests {
                      password_env = \"X402_DB_PASSWORD\"")
             .unwrap();
         assert_eq!(ok.ledger.backend, LedgerBackend::Postgres);
-        let err = pg("url = \"postgresql://batcher:hunter2@db1/x402\"").unwrap_err().to_string();
-        assert!(err.contains("ledger.url") && err.contains("password_file"), "{err}");
-        assert!(!err.contains("hunter2"), "the secret is not echoed: {err}");
-        let err = pg("url = \"host=db1 password=hunter2\"").unwrap_err().to_string();
-        assert!(err.contains("carries a password") && !err.contains("hunter2"), "{err}");
-        let err = pg("url = \"host=db1 sslmode=require\"").unwrap_err().to_string();
-        assert!(err.contains("ledger.ca_file"), "{err}");
         pg("url = \"host=db1 sslmode=require\"\nca_file = \"ca.pem\"").unwrap();
         let err = Config::parse("[ledger]\npath = \"l\"\nca_file = \"ca.pem\"").unwrap_err().to_string();
         assert!(err.contains("ledger.ca_file"), "{err}");
-        let err = pg("url = \"postgresql://[::1\"").unwrap_err().to_string();
-        assert!(err.contains("ledger.url"), "{err}");
         let err = pg("url = \"host=db1\"\npath = \"/var/lib/x402\"").unwrap_err().to_string();
         assert!(err.contains("ledger.path"), "{err}");
         let err =

@@ -88,22 +88,7 @@ pub(super) async fn serve(
     );
     // Stops on the shutdown signal, or when the ledger can no longer make anything durable.
     let fatal: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
-    let drain = {
-        let ingest = Arc::clone(&ingest);
-        let (writer, fatal) = (ingest.ledger().clone(), Arc::clone(&fatal));
-        async move {
-            tokio::select! {
-                _ = shutdown => tracing::info!("shutdown requested: draining"),
-                cause = writer.failure() => {
-                    tracing::error!("the ledger can no longer record payments ({cause}): draining and stopping");
-                    *fatal.lock() = Some(cause);
-                }
-            }
-            ingest.start_draining();
-            health.set_not_serving::<v1::ingest_server::IngestServer<Services>>().await;
-            let _ = drain_tx.send(true);
-        }
-    };
+    let drain = drain_on(shutdown, Arc::clone(&ingest), health, drain_tx, Arc::clone(&fatal));
     // Health answers anyone (load balancers probe it); everything else passes the gate.
     let (api_gate, admin_gate) = (access.auth.gate(Role::Api), access.auth.gate(Role::Admin));
     let api = tonic::transport::Server::builder()
@@ -146,13 +131,46 @@ pub(super) async fn serve(
         let grpc = async { tokio::try_join!(api, admin).map_err(DaemonError::from) };
         tokio::try_join!(grpc, http).map(|_| ())
     };
-    // A drain ends when every connection has closed; a client that keeps a stream open
-    // (its request half never finished) must not hold the daemon up for ever. A commit
-    // that never returns (storage that blocks rather than fails) holds every submission
-    // waiting on it, and a drain would wait for them for ever: stop at once (nothing
-    // waiting was acknowledged; the supervisor restarts the daemon).
+    until_drained(server, drain_rx, ingest.ledger().clone()).await?;
+    Ok(fatal.lock().take())
+}
+
+/// Starts the drain on the shutdown signal, or when the ledger can no longer make anything
+/// durable (its cause kept in `fatal`): ingest refuses new submissions, health says not
+/// serving, and every listener is told to drain.
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    ingest: Arc<Ingest>,
+    health: tonic_health::server::HealthReporter,
+    drain_tx: watch::Sender<bool>,
+    fatal: Arc<parking_lot::Mutex<Option<String>>>,
+) {
+    let writer = ingest.ledger().clone();
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested: draining"),
+        cause = writer.failure() => {
+            tracing::error!("the ledger can no longer record payments ({cause}): draining and stopping");
+            *fatal.lock() = Some(cause);
+        }
+    }
+    ingest.start_draining();
+    health.set_not_serving::<v1::ingest_server::IngestServer<Services>>().await;
+    let _ = drain_tx.send(true);
+}
+
+/// Runs `server` until it ends. A drain ends when every connection has closed; a client
+/// that keeps a stream open (its request half never finished) must not hold the daemon up
+/// for ever. A commit that never returns (storage that blocks rather than fails) holds
+/// every submission waiting on it, and a drain would wait for them for ever: stop at once
+/// (nothing waiting was acknowledged; the supervisor restarts the daemon).
+async fn until_drained(
+    server: impl Future<Output = Result<(), DaemonError>>,
+    drain_rx: watch::Receiver<bool>,
+    writer: LedgerHandle,
+) -> Result<(), DaemonError> {
     let drain_deadline = async move {
-        drained(drain_rx).await;
+        let mut rx = drain_rx;
+        let _ = rx.wait_for(|draining| *draining).await;
         tokio::time::sleep(DRAIN_LIMIT).await;
     };
     tokio::select! {
@@ -160,10 +178,10 @@ pub(super) async fn serve(
         _ = drain_deadline => {
             tracing::warn!("the drain did not finish within {DRAIN_LIMIT:?}: closing the connections still open");
         }
-        stalled = ledger_stall(ingest.ledger().clone()) => {
+        stalled = ledger_stall(writer) => {
             tracing::error!("a ledger commit has not returned for {stalled:?}: stopping without draining");
             return Err(DaemonError::LedgerFailed(format!("a commit has not returned for {stalled:?}")));
         }
     }
-    Ok(fatal.lock().take())
+    Ok(())
 }

@@ -200,7 +200,7 @@ pub(super) fn engines(
     let mut tasks = Vec::new();
     // A ledger other daemons share: settler accounts are divided by leases, held under a
     // name unique to this process.
-    let owner = core.writer.ledger().shared().then(fleet_member_name);
+    let owner = core.writer.ledger().fleet().is_some().then(fleet_member_name);
     for chain_id in chains {
         let op_stack = config.chains.iter().any(|c| c.chain_id == chain_id && c.op_stack);
         let engine = Engine::new(

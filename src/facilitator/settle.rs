@@ -130,7 +130,7 @@ impl Facilitator {
             SettleMode::Included => matches!(r.status, Status::Included) || r.status.is_final(),
             SettleMode::Confirmed | SettleMode::Accepted => r.status.is_final(),
         };
-        let mut follow = match self.ingest.ledger().follow(key) {
+        let mut follow = match self.ledger.follow(key) {
             Ok(follow) => follow,
             // Unreadable now: the final answer reads it again.
             Err(_) => return Waited::TimedOut,
@@ -179,8 +179,7 @@ impl Facilitator {
 
     /// `settlement_pending`, remembered so that the client's one retry waits again.
     fn pending_answer(&self, key: AuthKey, accepted: &PaymentRecord, network: &str) -> SettleReply {
-        let record =
-            self.ingest.ledger().ledger().get(&key).ok().flatten().unwrap_or_else(|| accepted.clone());
+        let record = self.ledger.ledger().get(&key).ok().flatten().unwrap_or_else(|| accepted.clone());
         let transaction = self
             .transaction_of(&record)
             .map(|h| h.to_string())
@@ -213,7 +212,7 @@ impl Facilitator {
 
     /// The final answer when waiting is over: one that matches what happens to the money.
     async fn resolve(&self, key: AuthKey, network: &str) -> SettleReply {
-        let ledger = self.ingest.ledger();
+        let ledger = &self.ledger;
         // Twice at most: a withdrawal can lose the race against the batch that takes it.
         for _ in 0..2 {
             let record = match ledger.ledger().get(&key) {
@@ -227,7 +226,7 @@ impl Facilitator {
                          the cap, or every settler busy); withdrawn: nothing was or will be charged for it",
                         self.config.settle_timeout_ms
                     );
-                    let now_ms = self.ingest.clock().now_ms();
+                    let now_ms = self.clock.now_ms();
                     let mut withdraw = TransitionRequest::new(key, Status::Failed, now_ms);
                     withdraw.only_from = Some(Status::Accepted);
                     withdraw.failure = Some((Reason::UnexpectedSettleError, message));

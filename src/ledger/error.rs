@@ -1,24 +1,60 @@
-//! Why a ledger operation failed: one error type for every backend and the writer.
+//! Why a ledger operation failed: one error type for every backend and the writer. It names
+//! no database: a backend's own error is kept as the cause ([`Cause`]), and the variant
+//! says what the failure means for the caller (retry the group, reconnect, stop writing).
+
+use std::sync::Arc;
 
 use super::record::{CorruptRecord, PaymentId, Status};
+
+/// A backend's own error, kept as the cause (shared: [`LedgerError`] is cloned into the
+/// answer of every command of a failed group).
+pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a ledger operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
-    #[error("RocksDB {op} on column family {cf} failed")]
-    Db {
+    /// The storage failed one operation (a read, a statement); the next may succeed.
+    #[error("ledger storage: {op} on {place} failed")]
+    Storage {
         op: &'static str,
-        cf: &'static str,
+        /// Where: a column family, a table, the database.
+        place: &'static str,
         #[source]
-        source: rocksdb::Error,
+        source: Cause,
+    },
+    /// The storage cannot be reached (connecting failed, or the connection is gone): the
+    /// next operation connects again.
+    #[error("ledger storage: {op} could not reach {place}")]
+    Unreachable {
+        op: &'static str,
+        place: &'static str,
+        #[source]
+        source: Cause,
+    },
+    /// A group lost a race to another daemon's committed group that its locks do not keep
+    /// out (a unique key, a deadlock broken): nothing of it is committed, and deciding it
+    /// again sees what the other took.
+    #[error("ledger storage: {op} lost a race to another daemon's commit")]
+    LostRace {
+        op: &'static str,
+        #[source]
+        source: Cause,
+    },
+    /// The storage refused a commit and refuses every later write until it is reopened
+    /// (RocksDB after a failed write): the writer stops.
+    #[error("ledger storage refused a commit; it takes no more writes until reopened")]
+    WritesRefused {
+        #[source]
+        source: Cause,
     },
     #[error(
         "ledger at {path} was written by schema version {found}; this daemon reads up to {supported}: \
          run a newer x402-batcher"
     )]
     NewerSchema { path: String, found: u32, supported: u32 },
-    #[error("ledger column family {cf} holds a corrupt entry")]
+    #[error("ledger {cf} holds a corrupt entry")]
     Corrupt {
+        /// The column family or table.
         cf: &'static str,
         #[source]
         source: CorruptRecord,
@@ -31,12 +67,6 @@ pub enum LedgerError {
         "ledger at {path} has schema version {found}, older than this build's: start the daemon once to upgrade it"
     )]
     OlderSchema { path: String, found: u32 },
-    #[error("PostgreSQL {op} failed")]
-    Postgres {
-        op: &'static str,
-        #[source]
-        source: std::sync::Arc<tokio_postgres::Error>,
-    },
     #[error("ledger configuration: {0}")]
     Config(String),
     #[error(
@@ -66,23 +96,6 @@ impl LedgerError {
         }
         text
     }
-
-    /// A PostgreSQL group that lost a race to a committed group its locks do not keep out (a
-    /// unique key it inserted meanwhile), or was chosen to break a deadlock: nothing of it is
-    /// committed, and deciding it again sees what the other took.
-    pub fn lost_race(&self) -> bool {
-        use tokio_postgres::error::SqlState;
-        match self {
-            LedgerError::Postgres { source, .. } => source
-                .code()
-                .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::T_R_DEADLOCK_DETECTED),
-            _ => false,
-        }
-    }
-}
-
-pub(super) fn db_err(op: &'static str, cf: &'static str) -> impl FnOnce(rocksdb::Error) -> LedgerError {
-    move |source| LedgerError::Db { op, cf, source }
 }
 
 #[cfg(test)]
@@ -94,7 +107,7 @@ mod tests {
         let e = LedgerError::Corrupt { cf: "payments", source: CorruptRecord { field: "status" } };
         assert_eq!(
             e.with_causes(),
-            "ledger column family payments holds a corrupt entry: ledger record field status is corrupt"
+            "ledger payments holds a corrupt entry: ledger record field status is corrupt"
         );
         assert_eq!(LedgerError::QueueFull.with_causes(), "ledger write queue is full");
     }

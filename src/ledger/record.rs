@@ -1,4 +1,5 @@
-//! Ledger keys, lifecycle states, and the payment record with its on-disk codec.
+//! Ledger keys, lifecycle states, the payment record with its on-disk codec, and the
+//! settlement log's entries ([`LogEntry`]) folded into the books ([`books`]).
 
 use alloy::primitives::{Address, B256, U256, keccak256};
 use prost::Message as _;
@@ -287,6 +288,35 @@ impl LogEntry {
             .into_iter()
             .find(|e| e.to_disk() == n)
     }
+}
+
+/// The settlement log folded into each payment's standing outcome, in the order outcomes
+/// were first logged: an outcome entry adds the payment, a reversal takes its settlement
+/// back out, a correction or its finality replaces it with the newer snapshot. A payment
+/// listed twice had two outcomes without a reversal between: a double count.
+pub fn books(log: impl IntoIterator<Item = PaymentRecord>) -> Vec<PaymentRecord> {
+    let mut rows: Vec<Option<PaymentRecord>> = Vec::new();
+    let mut at: std::collections::HashMap<PaymentId, Vec<usize>> = std::collections::HashMap::new();
+    for r in log {
+        let id = r.payment_id();
+        match r.log_entry {
+            LogEntry::Outcome => {
+                at.entry(id).or_default().push(rows.len());
+                rows.push(Some(r));
+            }
+            LogEntry::Reversed => {
+                if let Some(i) = at.get_mut(&id).and_then(Vec::pop) {
+                    rows[i] = None;
+                }
+            }
+            LogEntry::Corrected | LogEntry::Finalized => {
+                if let Some(&i) = at.get(&id).and_then(|v| v.last()) {
+                    rows[i] = Some(r);
+                }
+            }
+        }
+    }
+    rows.into_iter().flatten().collect()
 }
 
 impl PaymentRecord {

@@ -1,215 +1,123 @@
-//! The RocksDB ledger behind the seam: [`LedgerStore`] for [`Ledger`], its reads from
-//! [`super::rocks`] and its writes through [`super::group`], staged in one `WriteBatch`
-//! that commits with one fsync.
+//! The seam: the ledger as the rest of the daemon sees it, whatever stores it. Nothing here
+//! names a database; each backend is a folder of its own ([`super::rocks`],
+//! [`super::postgres`]) implementing these traits.
+//!
+//! - [`LedgerStore`]: every ledger's reads, and its one way to write (a group of commands);
+//! - [`Fleet`]: what only a ledger that several daemons share can do (leases on settler
+//!   accounts, turns at fleet-wide periodic tasks, reading the newest change anyone
+//!   committed), reached through [`LedgerStore::fleet`].
 
-use std::sync::atomic::Ordering;
-
-use alloy::primitives::U256;
-use rocksdb::WriteBatch;
+use alloy::primitives::{Address, U256};
 
 use super::batch::BatchRecord;
-use super::command::{Command, Fence};
-use super::error::{LedgerError, db_err};
-use super::group::{Decided, Group, Stage};
-use super::record::{AuthKey, CorruptRecord, PayerKey, PaymentId, PaymentRecord};
-use super::rocks::{
-    CF_AUTH, CF_BATCH, CF_EXPOSURE, CF_ID, CF_IDEM, CF_PENDING, CF_SEQ, CF_SETTLEMENT, CF_WATCH, Ledger,
-    synced_write_options,
-};
-use super::{GroupOutcome, LedgerStore};
+use super::command::{Applied, Command};
+use super::error::LedgerError;
+use super::record::{AuthKey, PayerKey, PaymentId, PaymentRecord};
 
-impl LedgerStore for Ledger {
-    fn location(&self) -> String {
-        self.path().display().to_string()
-    }
-
-    fn last_seq(&self) -> u64 {
-        Ledger::last_seq(self)
-    }
-
-    fn pending(&self) -> u64 {
-        Ledger::pending(self)
-    }
-
-    fn holds(&self) -> usize {
-        Ledger::holds(self)
-    }
-
-    fn last_settlement(&self) -> u64 {
-        Ledger::last_settlement(self)
-    }
-
-    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
-        Ledger::get(self, key)
-    }
-
-    fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError> {
-        Ledger::get_by_id(self, id)
-    }
-
-    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
-        Ledger::exposure(self, payer)
-    }
-
-    fn exposures(&self) -> Result<Vec<(PayerKey, U256)>, LedgerError> {
-        Ledger::exposures(self)
-    }
-
-    fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        Ledger::pending_records(self)
-    }
-
-    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError> {
-        Ledger::events_after(self, after, limit)
-    }
-
-    fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError> {
-        Ledger::settlement_log(self, after, limit)
-    }
-
-    fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        Ledger::watched(self)
-    }
-
-    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
-        Ledger::batch(self, chain_id, counter)
-    }
-
-    fn batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
-        Ledger::batches(self, chain_id)
-    }
-
-    fn last_batch_counter(&self, chain_id: u64) -> Result<u64, LedgerError> {
-        Ledger::last_batch_counter(self, chain_id)
-    }
-
-    fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError> {
-        Ledger::records(self)
-    }
-
-    fn apply_group(&self, commands: &[Command]) -> GroupOutcome {
-        // A failed commit stops the writer (the storage refuses writes from then on), so
-        // the in-memory holds this group changed need no undoing.
-        let mut holds = self.holds.lock();
-        let stage = RocksStage { ledger: self, batch: WriteBatch::default() };
-        let before = self.last_seq();
-        let mut group = Group::new(stage, &mut holds, before, self.last_settlement());
-        let results: Vec<_> = commands.iter().map(|c| group.apply(c)).collect();
-        match self.commit(group.decided()) {
-            Ok(changed) => {
-                let after = self.last_seq();
-                GroupOutcome { results, changed, seqs: (after > before).then_some((before + 1, after)) }
-            }
-            Err(e) => GroupOutcome {
-                results: results.into_iter().map(|_| Err(e.clone())).collect(),
-                changed: Vec::new(),
-                seqs: None,
-            },
-        }
-    }
+/// What one group of commands did: each command's result, in order, and every record the
+/// group wrote (as it stands after the group).
+#[derive(Debug)]
+pub struct GroupOutcome {
+    pub results: Vec<Result<Applied, LedgerError>>,
+    pub changed: Vec<PaymentRecord>,
+    /// The sequence numbers the group's changes took (first, last), if it made any.
+    pub seqs: Option<(u64, u64)>,
 }
 
-impl Ledger {
-    /// Commits a group's `WriteBatch` with one fsync; returns the records it wrote.
-    fn commit(&self, decided: Decided<RocksStage<'_>>) -> Result<Vec<PaymentRecord>, LedgerError> {
-        let Decided { stage, records, last_seq, last_settlement, pending_delta } = decided;
-        if stage.batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.db.write_opt(stage.batch, &synced_write_options()).map_err(db_err("write", "*"))?;
-        self.last_seq.store(last_seq, Ordering::SeqCst);
-        self.last_settlement.store(last_settlement, Ordering::SeqCst);
-        // Only the writer commits, so this read-modify-write does not race.
-        let pending = self.pending().saturating_add_signed(pending_delta);
-        self.pending.store(pending, Ordering::SeqCst);
-        Ok(records)
+/// The ledger as the rest of the daemon sees it: its reads, and the one way to write.
+/// Reads are safe from any thread. Implementations decide every rule of [`Command`] the
+/// same way (the property tests in `tests/it/ledger_props.rs` pin them).
+pub trait LedgerStore: Send + Sync + std::fmt::Debug {
+    /// Where it lives, for logs.
+    fn location(&self) -> String;
+
+    /// The sequence number of the newest committed change (0: none yet).
+    fn last_seq(&self) -> u64;
+
+    /// Payments accepted and not yet settled, failed or expired.
+    fn pending(&self) -> u64;
+
+    /// Verified payments held and not yet claimed or lapsed (as of the last group).
+    fn holds(&self) -> usize;
+
+    /// The sequence number of the newest settlement log entry (0: none yet).
+    fn last_settlement(&self) -> u64;
+
+    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError>;
+
+    fn get_by_id(&self, id: &PaymentId) -> Result<Option<PaymentRecord>, LedgerError>;
+
+    /// The payer's exposure: values accepted and not yet final.
+    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError>;
+
+    /// Every payer's exposure (for tests and status).
+    fn exposures(&self) -> Result<Vec<(PayerKey, U256)>, LedgerError>;
+
+    /// Every payment not yet final, in key order.
+    fn pending_records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Up to `limit` changes with a sequence number above `after`, in order.
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Settled payments whose block is not yet final on chain (watched for reorgs).
+    fn watched(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// Up to `limit` settlement log entries after `after`, with their sequence numbers, in
+    /// the order they were logged: each payment's outcome once, and for a settled one any
+    /// correction, reversal and its finality (see [`LogEntry`]).
+    fn settlement_log(&self, after: u64, limit: usize) -> Result<Vec<(u64, PaymentRecord)>, LedgerError>;
+
+    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError>;
+
+    /// Every batch of `chain_id`, oldest first.
+    fn batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError>;
+
+    /// The highest batch counter used on `chain_id` (0: none yet).
+    fn last_batch_counter(&self, chain_id: u64) -> Result<u64, LedgerError>;
+
+    /// Every payment record, in key order (for recovery, tests and checks).
+    fn records(&self) -> Result<Vec<PaymentRecord>, LedgerError>;
+
+    /// What a fleet sharing this ledger needs of it; `None` for a ledger only this daemon
+    /// writes (its settler accounts are all its own, its changes all its commits).
+    fn fleet(&self) -> Option<&dyn Fleet>;
+
+    /// Every batch of `chain_id` not yet done or abandoned, oldest first.
+    fn open_batches(&self, chain_id: u64) -> Result<Vec<BatchRecord>, LedgerError> {
+        Ok(self.batches(chain_id)?.into_iter().filter(|b| !b.status.is_final()).collect())
     }
+
+    /// Applies `commands` in order as one group and commits them atomically and durably
+    /// before returning. If the commit fails, every command fails with its error and
+    /// nothing of the group is visible. Only the writer calls this.
+    fn apply_group(&self, commands: &[Command]) -> GroupOutcome;
 }
 
-/// A group's writes on RocksDB: one `WriteBatch` over the column families.
-struct RocksStage<'a> {
-    ledger: &'a Ledger,
-    batch: WriteBatch,
-}
+/// What a ledger shared by a fleet of daemons offers beyond [`LedgerStore`]: settler
+/// accounts divided by leases, periodic tasks taken in turns, and the newest change committed
+/// by any daemon (changes may come from elsewhere).
+pub trait Fleet: Send + Sync {
+    /// The sequence number of the newest change committed by anyone sharing the ledger,
+    /// read from the storage ([`LedgerStore::last_seq`] counts this process's commits).
+    fn committed_seq(&self) -> Result<u64, LedgerError>;
 
-impl Stage for RocksStage<'_> {
-    fn get(&self, key: &AuthKey) -> Result<Option<PaymentRecord>, LedgerError> {
-        self.ledger.get(key)
-    }
+    /// Whether this daemon takes the turn at the periodic task `task` now: of the daemons
+    /// sharing the ledger, one takes each turn, at most one per `every_ms` (on the storage's
+    /// clock).
+    fn claim_turn(&self, task: &str, every_ms: u64) -> Result<bool, LedgerError>;
 
-    fn exposure(&self, payer: &PayerKey) -> Result<U256, LedgerError> {
-        self.ledger.exposure(payer)
-    }
+    /// Takes, or renews, a lease of `ttl_ms` on each of `settlers` of `chain_id` for
+    /// `owner` where it is free, expired or already `owner`'s; returns the ones `owner`
+    /// holds, with their epochs.
+    fn acquire_leases(
+        &self,
+        owner: &str,
+        chain_id: u64,
+        settlers: &[Address],
+        ttl_ms: u64,
+    ) -> Result<Vec<(Address, u64)>, LedgerError>;
 
-    fn idem(&self, idem: &str) -> Result<Option<AuthKey>, LedgerError> {
-        let stored = self
-            .ledger
-            .db
-            .get_pinned_cf(self.ledger.cf(CF_IDEM), idem.as_bytes())
-            .map_err(db_err("get", CF_IDEM))?;
-        stored
-            .map(|v| {
-                AuthKey::from_bytes(&v)
-                    .ok_or(LedgerError::Corrupt { cf: CF_IDEM, source: CorruptRecord { field: "auth key" } })
-            })
-            .transpose()
-    }
-
-    fn batch(&self, chain_id: u64, counter: u64) -> Result<Option<BatchRecord>, LedgerError> {
-        self.ledger.batch(chain_id, counter)
-    }
-
-    fn holds_lease(&self, _fence: &Fence) -> Result<bool, LedgerError> {
-        // One daemon has a RocksDB ledger: every lease is its own.
-        Ok(true)
-    }
-
-    fn put_record(&mut self, record: &PaymentRecord) {
-        let bytes = record.encode();
-        self.batch.put_cf(self.ledger.cf(CF_SEQ), record.seq.to_be_bytes(), &bytes);
-        self.batch.put_cf(self.ledger.cf(CF_AUTH), record.key().as_bytes(), bytes);
-    }
-
-    fn put_id(&mut self, key: &AuthKey) {
-        self.batch.put_cf(self.ledger.cf(CF_ID), key.payment_id().0, key.as_bytes());
-    }
-
-    fn put_idem(&mut self, idem: &str, key: &AuthKey) {
-        self.batch.put_cf(self.ledger.cf(CF_IDEM), idem.as_bytes(), key.as_bytes());
-    }
-
-    fn put_exposure(&mut self, payer: &PayerKey, value: U256) {
-        if value.is_zero() {
-            self.batch.delete_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes());
-        } else {
-            self.batch.put_cf(self.ledger.cf(CF_EXPOSURE), payer.as_bytes(), value.to_be_bytes::<32>());
-        }
-    }
-
-    fn set_pending(&mut self, key: &AuthKey, pending: bool) {
-        self.flag(CF_PENDING, key, pending);
-    }
-
-    fn set_watched(&mut self, key: &AuthKey, watched: bool) {
-        self.flag(CF_WATCH, key, watched);
-    }
-
-    fn put_settlement(&mut self, seq: u64, record: &PaymentRecord) {
-        self.batch.put_cf(self.ledger.cf(CF_SETTLEMENT), seq.to_be_bytes(), record.encode());
-    }
-
-    fn put_batch(&mut self, batch: &BatchRecord) {
-        self.batch.put_cf(self.ledger.cf(CF_BATCH), batch.key(), batch.encode());
-    }
-}
-
-impl RocksStage<'_> {
-    /// Membership of `key` in an index column family (`pending`, `watch`).
-    fn flag(&mut self, cf: &'static str, key: &AuthKey, on: bool) {
-        if on {
-            self.batch.put_cf(self.ledger.cf(cf), key.as_bytes(), []);
-        } else {
-            self.batch.delete_cf(self.ledger.cf(cf), key.as_bytes());
-        }
-    }
+    /// Gives up `owner`'s leases at once (a clean stop), so other daemons take over without
+    /// waiting for them to expire.
+    fn release_leases(&self, owner: &str) -> Result<(), LedgerError>;
 }

@@ -12,13 +12,13 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, watch};
 
-use super::LedgerStore;
 use super::command::{
     AcceptOutcome, AcceptRequest, ApplyRequest, ApplyResults, Command, HoldOutcome, HoldRequest,
     TransitionRequest,
 };
 use super::error::LedgerError;
 use super::record::{AuthKey, PaymentRecord};
+use super::store::LedgerStore;
 
 /// Most commands committed in one write. Bounds the latency a group adds to its first
 /// command; 512 puts in one synced WriteBatch cost a few ms on these disks.
@@ -78,7 +78,7 @@ impl LedgerHandle {
         let epoch = std::time::Instant::now();
         let watchers = Arc::new(Watchers::default());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let own = ledger.shared().then(|| Arc::new(Mutex::new(std::collections::BTreeMap::new())));
+        let own = ledger.fleet().is_some().then(|| Arc::new(Mutex::new(std::collections::BTreeMap::new())));
         let thread = {
             let ledger = Arc::clone(&ledger);
             let notify =
@@ -90,7 +90,7 @@ impl LedgerHandle {
                 ended.store(true, std::sync::atomic::Ordering::SeqCst);
             })?
         };
-        if ledger.shared() {
+        if ledger.fleet().is_some() {
             let ledger = Arc::clone(&ledger);
             let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers), own };
             std::thread::Builder::new()
@@ -277,6 +277,7 @@ struct CommitTimer {
 /// followers of single payments), until the writer ends. The writer's own changes (it
 /// announced them at its commit) are skipped, not read back.
 fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::atomic::AtomicBool) {
+    let Some(fleet) = ledger.fleet() else { return };
     let mut seen = ledger.last_seq();
     while !ended.load(std::sync::atomic::Ordering::SeqCst) {
         // Past our own ranges that start here; read at most up to the next one.
@@ -295,7 +296,7 @@ fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::a
         // Nobody follows a single payment: the newest number is all `WatchPayments` needs
         // (it reads the changes itself), not the records. Read before looking, so a
         // follower that registers meanwhile reads its record after this number.
-        let newest = ledger.committed_seq();
+        let newest = fleet.committed_seq();
         if notify.watchers.is_empty() {
             match newest {
                 Ok(newest) if newest > seen => {
@@ -356,7 +357,7 @@ fn run(
         let started = std::time::Instant::now();
         let since_epoch = started.duration_since(timer.epoch).as_millis() as u64;
         timer.started.store(since_epoch + 1, std::sync::atomic::Ordering::SeqCst);
-        let super::GroupOutcome { results, changed, seqs } = ledger.apply_group(&group);
+        let super::store::GroupOutcome { results, changed, seqs } = ledger.apply_group(&group);
         if let (Some(own), Some((first, last))) = (&notify.own, seqs) {
             own.lock().insert(first, last);
         }
@@ -367,10 +368,10 @@ fn run(
         m.holds.set(ledger.holds() as f64);
         let committed = results.iter().any(|r| r.is_ok());
         // A commit the storage refused (nothing of the group is durable, so nothing of it
-        // was acknowledged). RocksDB refuses every later write until it is reopened: stop,
+        // was acknowledged) and will refuse every later write until it is reopened: stop,
         // so the daemon exits and its supervisor restarts it once the cause is fixed.
         let storage_error = results.iter().find_map(|r| match r {
-            Err(e @ LedgerError::Db { op: "write", .. }) => Some(e.clone()),
+            Err(e @ LedgerError::WritesRefused { .. }) => Some(e.clone()),
             _ => None,
         });
         for (cmd, result) in group.into_iter().zip(results) {

@@ -110,26 +110,7 @@ impl<C: Chain> Engine<C> {
             return Ok(());
         }
         let final_block = self.final_block(head).await?;
-        // Below the head checked last round nothing changed if that block is still there.
-        let unchanged_to = match self.checked_head {
-            Some((number, hash)) if self.canonical_hash(number).await? == Some(hash) => Some(number),
-            _ => None,
-        };
-        let to_check: BTreeSet<u64> =
-            watched.iter().map(|r| r.block_number).filter(|b| unchanged_to.is_none_or(|n| *b > n)).collect();
-        // After a restart or a reorg every watched block is read: many at once, so a long
-        // finality window (hundreds of batches) fits in a round.
-        let chain = &self.chain;
-        let reads = futures::stream::iter(to_check)
-            .map(|b| async move { chain.block_at(b).await.map(|found| (b, found.map(|(hash, _)| hash))) })
-            .buffer_unordered(CONCURRENT_BLOCK_READS)
-            .collect::<Vec<_>>()
-            .await;
-        let mut canonical: BTreeMap<u64, Option<B256>> = BTreeMap::new();
-        for read in reads {
-            let (b, hash) = self.read(read)?;
-            canonical.insert(b, hash);
-        }
+        let canonical = self.canonical_hashes(&watched).await?;
         let now_ms = self.now_ms();
         let mut transitions = Vec::new();
         // A reorged payment left for a later round: its block must be read again then.
@@ -149,88 +130,131 @@ impl<C: Chain> Engine<C> {
                 }
                 WatchStep::Reorged { tx_hash } => {
                     reorged = true;
-                    let receipt = self.read(self.chain.receipt(tx_hash, r.signed.token).await)?;
-                    // Mined again elsewhere: its log there, with the shares of that
-                    // receipt's fee (the new block's base fee may differ).
-                    let evidence = match &receipt {
-                        Some(rc) => self.evidence_in(rc, r).await?,
-                        None => None,
-                    };
-                    // No receipt, but the node knows the transaction (mined, its receipt not
-                    // served yet; or back in its pool after the reorg): not gone, so nothing
-                    // is reversed this round (a reversal that expired a payment the
-                    // transaction had paid: found by the simulator, seed 352).
-                    if receipt.is_none()
-                        && self.read(self.chain.is_known(tx_hash).await)?
-                        && self.may_still_be_mined(r, tx_hash).await?
-                    {
-                        undecided = true;
-                        continue;
-                    }
-                    match evidence {
-                        Some(ev) => {
-                            tracing::warn!(
-                                payment = %r.payment_id(), tx = %tx_hash, from_block = r.block_number, to_block = ev.block_number,
-                                "reorg past settlement: the transaction was mined again in another block; evidence corrected"
-                            );
-                            let mut t = TransitionRequest::new(r.key(), Status::Settled, now_ms);
-                            t.only_from = Some(Status::Settled);
-                            t.evidence = Some(ev);
-                            transitions.push(t);
-                        }
-                        None => {
-                            tracing::error!(
-                                payment = %r.payment_id(), tx = %tx_hash, block = r.block_number,
-                                "reorg past settlement: the settlement transaction is gone; the settlement is reversed and the payment settles again"
-                            );
-                            transitions.push(
-                                self.requeue_unless_ours(
-                                    r,
-                                    head,
-                                    "its settlement was reversed by a reorg",
-                                    now_ms,
-                                )
-                                .await?,
-                            );
-                        }
+                    match self.after_reorg(r, tx_hash, head, now_ms).await? {
+                        Some(t) => transitions.push(t),
+                        None => undecided = true,
                     }
                 }
             }
         }
-        if !transitions.is_empty() {
-            let results = self
-                .apply(ApplyRequest {
-                    transitions: transitions.clone(),
-                    batch: None,
-                    atomic: false,
-                    fence: None,
-                })
-                .await?;
-            for (t, r) in transitions.iter().zip(&results) {
-                if r.is_err() {
-                    continue;
-                }
-                match t.to {
-                    _ if t.finalize => report.finalized += 1,
-                    Status::Settled => {
-                        report.corrected += 1;
-                        self.metrics.corrections.increment(1);
-                    }
-                    Status::Accepted | Status::Expired => {
-                        report.reversed += 1;
-                        self.metrics.reversals.increment(1);
-                        if t.to == Status::Expired {
-                            report.expired += 1;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.write_settled(transitions, report).await?;
         if reorged {
             self.metrics.reorgs.increment(1);
         }
         self.checked_head = if undecided { None } else { Some((head.number, head.hash)) };
+        Ok(())
+    }
+
+    /// The canonical hash at each watched payment's block, `None` where the chain has no
+    /// such block. Below the head checked last round nothing changed if that block is still
+    /// there; after a restart or a reorg every watched block is read.
+    async fn canonical_hashes(
+        &self,
+        watched: &[PaymentRecord],
+    ) -> Result<BTreeMap<u64, Option<B256>>, SettleError> {
+        let unchanged_to = match self.checked_head {
+            Some((number, hash)) if self.canonical_hash(number).await? == Some(hash) => Some(number),
+            _ => None,
+        };
+        let to_check: BTreeSet<u64> =
+            watched.iter().map(|r| r.block_number).filter(|b| unchanged_to.is_none_or(|n| *b > n)).collect();
+        // After a restart or a reorg every watched block is read: many at once, so a long
+        // finality window (hundreds of batches) fits in a round.
+        let chain = &self.chain;
+        let reads = futures::stream::iter(to_check)
+            .map(|b| async move { chain.block_at(b).await.map(|found| (b, found.map(|(hash, _)| hash))) })
+            .buffer_unordered(CONCURRENT_BLOCK_READS)
+            .collect::<Vec<_>>()
+            .await;
+        let mut canonical: BTreeMap<u64, Option<B256>> = BTreeMap::new();
+        for read in reads {
+            let (b, hash) = self.read(read)?;
+            canonical.insert(b, hash);
+        }
+        Ok(canonical)
+    }
+
+    /// What a settled payment whose block was reorged away becomes: its evidence corrected
+    /// (its transaction mined again elsewhere), or its settlement reversed (the transaction
+    /// is gone); `None`: undecided this round (the node still knows the transaction).
+    async fn after_reorg(
+        &self,
+        r: &PaymentRecord,
+        tx_hash: B256,
+        head: &Head,
+        now_ms: u64,
+    ) -> Result<Option<TransitionRequest>, SettleError> {
+        let receipt = self.read(self.chain.receipt(tx_hash, r.signed.token).await)?;
+        // Mined again elsewhere: its log there, with the shares of that
+        // receipt's fee (the new block's base fee may differ).
+        let evidence = match &receipt {
+            Some(rc) => self.evidence_in(rc, r).await?,
+            None => None,
+        };
+        // No receipt, but the node knows the transaction (mined, its receipt not
+        // served yet; or back in its pool after the reorg): not gone, so nothing
+        // is reversed this round (a reversal that expired a payment the
+        // transaction had paid: found by the simulator, seed 352).
+        if receipt.is_none()
+            && self.read(self.chain.is_known(tx_hash).await)?
+            && self.may_still_be_mined(r, tx_hash).await?
+        {
+            return Ok(None);
+        }
+        match evidence {
+            Some(ev) => {
+                tracing::warn!(
+                    payment = %r.payment_id(), tx = %tx_hash, from_block = r.block_number, to_block = ev.block_number,
+                    "reorg past settlement: the transaction was mined again in another block; evidence corrected"
+                );
+                let mut t = TransitionRequest::new(r.key(), Status::Settled, now_ms);
+                t.only_from = Some(Status::Settled);
+                t.evidence = Some(ev);
+                Ok(Some(t))
+            }
+            None => {
+                tracing::error!(
+                    payment = %r.payment_id(), tx = %tx_hash, block = r.block_number,
+                    "reorg past settlement: the settlement transaction is gone; the settlement is reversed and the payment settles again"
+                );
+                let reason = "its settlement was reversed by a reorg";
+                Ok(Some(self.requeue_unless_ours(r, head, reason, now_ms).await?))
+            }
+        }
+    }
+
+    /// Writes the round's corrections, reversals and finalizations, counting those written.
+    async fn write_settled(
+        &mut self,
+        transitions: Vec<TransitionRequest>,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        if transitions.is_empty() {
+            return Ok(());
+        }
+        let results = self
+            .apply(ApplyRequest { transitions: transitions.clone(), batch: None, atomic: false, fence: None })
+            .await?;
+        for (t, r) in transitions.iter().zip(&results) {
+            if r.is_err() {
+                continue;
+            }
+            match t.to {
+                _ if t.finalize => report.finalized += 1,
+                Status::Settled => {
+                    report.corrected += 1;
+                    self.metrics.corrections.increment(1);
+                }
+                Status::Accepted | Status::Expired => {
+                    report.reversed += 1;
+                    self.metrics.reversals.increment(1);
+                    if t.to == Status::Expired {
+                        report.expired += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 }

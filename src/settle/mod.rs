@@ -34,53 +34,48 @@
 //!
 //! | file | job |
 //! |---|---|
+//! | `engine.rs` | the engine: what it holds between rounds, how it is built |
 //! | [`rpc`] | what the engine reads from a chain and sends to it, behind the [`Chain`] trait |
-//! | `round.rs` | the loop, recovery after a cut-short round, writes and their metrics, gauges |
+//! | `round.rs` | the loop, leases, recovery after a cut-short round, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
 //! | `sweep.rs` | included payments no open batch follows, on their own evidence |
 //! | `finality.rs` | settled payments followed to finality: corrected or reversed after a reorg |
 //! | `outcome.rs` | a receipt → each payment's outcome and evidence (the one fee-share rule) |
-//! | `plan.rs` | expiry, which settlers are idle, cutting a batch and recording it |
-//! | `sign.rs` | the fee of a (replacement) transaction, and signing it |
+//! | `cut.rs` | expiry, which settlers are idle, cutting a batch and recording it |
+//! | `sign.rs` | the fee of a (replacement) transaction, signing it, replacing a stuck one |
 //! | `status.rs` | what the engine last saw, published for operators |
 //!
 //! Each decision is a plain function of what was read (receipts, heads, the clock) that
 //! returns what to write or send, with unit tests; the `impl Engine` blocks beside them do
 //! the reading, writing and sending.
 
+mod cut;
+mod engine;
 mod finality;
 #[cfg(test)]
 mod fixtures;
 mod follow;
 mod keys;
 mod outcome;
-mod plan;
 mod round;
 pub mod rpc;
 mod sign;
 mod status;
 mod sweep;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-
-use alloy::network::{Ethereum, EthereumWallet, TransactionBuilderError};
+use alloy::network::{Ethereum, TransactionBuilderError};
 use alloy::primitives::Address;
-use tokio::sync::watch;
 
+pub use engine::{Engine, LEADER};
 pub use keys::{KeyError, load as load_keys, write_file as write_key_file};
 pub use outcome::{fee_share, gas_share};
 pub use rpc::{Chain, FeeReading, Head, Receipt, RpcChain};
 pub use status::{ChainView, SettlerView, StatusBoard, TokenView};
 
-use crate::balance::BalanceCache;
+use engine::Settler;
+
 use crate::chain::RpcError;
-use crate::clock::Clock;
-use crate::config::{Finality, SettlementConfig};
-use crate::ledger::{BatchRecord, LedgerError, LedgerHandle};
-use crate::planner::{GasBook, L1Fees};
-use crate::policy::SettlementPolicy;
-use crate::telemetry::ChainMetrics;
+use crate::ledger::LedgerError;
 
 /// Why a round stopped early (or a transaction could not be made). Nothing half-done is
 /// left: every step is written first.
@@ -135,81 +130,5 @@ impl RoundReport {
                 _ => {}
             }
         }
-    }
-}
-
-/// A settler account.
-#[derive(Clone)]
-struct Settler {
-    address: Address,
-    wallet: EthereumWallet,
-}
-
-/// The engine of one chain, over any [`Chain`] (JSON-RPC in the daemon).
-pub struct Engine<C: Chain = RpcChain> {
-    chain_id: u64,
-    chain: C,
-    ledger: LedgerHandle,
-    clock: Arc<dyn Clock>,
-    balances: Option<BalanceCache>,
-    settlers: Vec<Settler>,
-    config: SettlementConfig,
-    /// What settlements cost, learnt per token and shape from receipts.
-    gas: GasBook,
-    /// The L1 data fees last read per token (OP-stack chains).
-    l1: BTreeMap<Address, L1Fees>,
-    /// When the planner asked to decide again (a linger or a wait ending before the next
-    /// poll), Unix milliseconds.
-    wake_at_ms: Option<u64>,
-    /// Where this engine's view is published for operators, and the view's settler parts
-    /// read every few seconds.
-    board: StatusBoard,
-    settler_views: BTreeMap<Address, SettlerView>,
-    /// When a settled payment's block counts as final.
-    finality: Finality,
-    /// The head at which every watched block at or below it was last found canonical.
-    checked_head: Option<(u64, alloy::primitives::B256)>,
-    /// Batches not yet done or abandoned, by counter.
-    open: BTreeMap<u64, BatchRecord>,
-    next_counter: u64,
-    /// Round-robin start among settlers, so every account takes its share of batches.
-    next_settler: usize,
-    /// Batches whose nonce was seen consumed without a receipt of ours, with the head then.
-    consumed: HashMap<u64, u64>,
-    /// The operators' runtime policy, and the copy this round uses.
-    policy_rx: watch::Receiver<SettlementPolicy>,
-    policy: SettlementPolicy,
-    metrics: ChainMetrics,
-    /// When settler balances were last read for the metrics (engine clock, ms), and how
-    /// often they are read.
-    balances_read_at_ms: Option<u64>,
-    settler_reads_every_ms: u64,
-    /// Tokens whose pending value the metrics last showed.
-    value_tokens: Vec<Address>,
-    /// Fleet mode (a ledger shared with other daemons): the leases this engine holds.
-    fleet: Option<Leases>,
-}
-
-/// The chain-wide work of a fleet (sweeping, expiring, following settled payments to
-/// finality) is done by the holder of this pseudo-settler's lease alone.
-pub const LEADER: Address = Address::ZERO;
-
-/// What an engine in a fleet holds: a lease per settler account it may act for (and
-/// [`LEADER`] when it does the chain-wide work), renewed every round.
-#[derive(Debug, Clone)]
-struct Leases {
-    owner: String,
-    ttl_ms: u64,
-    /// Held accounts and the epoch of each holding.
-    held: BTreeMap<Address, u64>,
-}
-
-impl<C: Chain> std::fmt::Debug for Engine<C> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("chain_id", &self.chain_id)
-            .field("settlers", &self.settlers.iter().map(|s| s.address).collect::<Vec<_>>())
-            .field("open", &self.open.len())
-            .finish_non_exhaustive()
     }
 }

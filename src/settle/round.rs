@@ -6,106 +6,28 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, U256};
-use alloy::signers::local::PrivateKeySigner;
 use futures::FutureExt as _;
 use tokio::sync::watch;
 
+use super::LEADER;
 use super::rpc::{Chain, Head};
-use super::{ChainView, Engine, RoundReport, SettleError, Settler, StatusBoard, TokenView};
-use super::{LEADER, Leases};
-use crate::balance::BalanceCache;
+use super::{ChainView, Engine, RoundReport, SettleError, TokenView};
 use crate::chain::RpcError;
-use crate::clock::Clock;
-use crate::config::{Finality, SettlementConfig};
 use crate::ledger::{
-    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, Fence, LedgerError, LedgerHandle, LogEntry,
-    PaymentRecord, Status,
+    ApplyRequest, ApplyResults, BatchRecord, BatchStatus, Fence, LedgerError, LogEntry, PaymentRecord, Status,
 };
-use crate::planner::{Costs, Fees, GasBook};
-use crate::policy::SettlementPolicy;
-use crate::telemetry::ChainMetrics;
+use crate::planner::{Costs, Fees};
 
 /// Longest a round may take. A round is a few RPC calls per open batch plus one per cut;
 /// an RPC that never answers must not stop settlement.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Receipts the gas model learns from (the most recent ones).
-const GAS_WINDOW: usize = 32;
-
 /// Pending payments this close to their `validBefore` (chain time) count as near their
 /// deadline in the metrics (and the alert built on it).
 const NEAR_DEADLINE_SECS: u64 = 60;
 
-/// How often settler balances are read for the metrics, by default.
-const SETTLER_READS_EVERY_MS: u64 = 10_000;
-
 impl<C: Chain> Engine<C> {
-    /// An engine over `chain`, resuming the open batches the ledger holds.
-    pub fn new(
-        chain: C,
-        ledger: LedgerHandle,
-        clock: Arc<dyn Clock>,
-        balances: Option<BalanceCache>,
-        signers: &[PrivateKeySigner],
-        config: SettlementConfig,
-        policy_rx: watch::Receiver<SettlementPolicy>,
-    ) -> Result<Engine<C>, SettleError> {
-        let chain_id = chain.chain_id();
-        let open = ledger
-            .ledger()
-            .batches(chain_id)?
-            .into_iter()
-            .filter(|b| !b.status.is_final())
-            .map(|b| (b.counter, b))
-            .collect::<BTreeMap<_, _>>();
-        let next_counter = ledger.ledger().last_batch_counter(chain_id)? + 1;
-        let settlers = signers
-            .iter()
-            .map(|s| Settler { address: s.address(), wallet: EthereumWallet::from(s.clone()) })
-            .collect();
-        if !open.is_empty() {
-            tracing::info!(chain_id, open = open.len(), "resuming open settlement batches");
-        }
-        let policy = policy_rx.borrow().clone();
-        Ok(Engine {
-            chain_id,
-            chain,
-            ledger,
-            clock,
-            balances,
-            settlers,
-            gas: GasBook::new(config.seed_gas(), GAS_WINDOW),
-            l1: BTreeMap::new(),
-            wake_at_ms: None,
-            board: StatusBoard::default(),
-            settler_views: BTreeMap::new(),
-            finality: Finality::default(),
-            checked_head: None,
-            config,
-            open,
-            next_counter,
-            next_settler: 0,
-            consumed: Default::default(),
-            policy,
-            policy_rx,
-            metrics: ChainMetrics::new(chain_id),
-            balances_read_at_ms: None,
-            settler_reads_every_ms: SETTLER_READS_EVERY_MS,
-            value_tokens: Vec::new(),
-            fleet: None,
-        })
-    }
-
-    /// Fleet mode: this engine acts only for the settler accounts whose lease (of `ttl_ms`,
-    /// renewed every round) it holds as `owner`, and does the chain-wide work only while it
-    /// holds the [`LEADER`] lease. Every write for an account is fenced with its lease.
-    pub fn with_leases(mut self, owner: &str, ttl_ms: u64) -> Self {
-        self.fleet = Some(Leases { owner: owner.to_owned(), ttl_ms, held: BTreeMap::new() });
-        self
-    }
-
     /// Fleet mode: takes or renews the leases, then reads the open batches of every daemon
     /// back (an account taken over is resumed from what its last holder wrote: the restart
     /// recovery) and the next batch number.
@@ -117,7 +39,10 @@ impl<C: Chain> Engine<C> {
         let ledger = Arc::clone(self.ledger.ledger());
         let chain_id = self.chain_id;
         let (held, open, last) = tokio::task::spawn_blocking(move || {
-            let held = ledger.acquire_leases(&owner, chain_id, &accounts, ttl_ms)?;
+            let fleet = ledger.fleet().ok_or_else(|| {
+                LedgerError::Config("fleet mode (settler leases) needs a ledger the fleet shares".into())
+            })?;
+            let held = fleet.acquire_leases(&owner, chain_id, &accounts, ttl_ms)?;
             let open = ledger.open_batches(chain_id)?;
             let last = ledger.last_batch_counter(chain_id)?;
             Ok::<_, LedgerError>((held, open, last))
@@ -152,29 +77,11 @@ impl<C: Chain> Engine<C> {
     /// Gives up this engine's leases (a clean stop) so others take over at once.
     fn release_leases(&self) {
         if let Some(fleet) = &self.fleet
-            && let Err(e) = self.ledger.ledger().release_leases(&fleet.owner)
+            && let Some(shared) = self.ledger.ledger().fleet()
+            && let Err(e) = shared.release_leases(&fleet.owner)
         {
             tracing::warn!(chain_id = self.chain_id, "could not release the leases: {e}");
         }
-    }
-
-    /// Follows settled payments to `finality` (the chain's `finalized` block by default).
-    pub fn with_finality(mut self, finality: Finality) -> Self {
-        self.finality = finality;
-        self
-    }
-
-    /// Reads settler balances and nonces for the metrics and status every `ms` of the
-    /// engine's clock (10 s by default).
-    pub fn with_settler_reads_every_ms(mut self, ms: u64) -> Self {
-        self.settler_reads_every_ms = ms;
-        self
-    }
-
-    /// Publishes this engine's view on `board` after every round (Admin `GetStatus`).
-    pub fn with_board(mut self, board: StatusBoard) -> Self {
-        self.board = board;
-        self
     }
 
     /// Runs rounds every `poll_interval_ms`, and sooner when the planner asked to decide

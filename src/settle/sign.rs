@@ -1,8 +1,8 @@
 //! Signing a batch's transaction: its fees ([`fees_for`]: current ones, or a replacement's
 //! bump over the previous attempt, never above the configured cap), its shape (one item:
 //! the token's own call; more: `aggregate3`, see [`chain::settlement_call`]) and the
-//! signature.
-//! Nothing here talks to the chain.
+//! signature; and a stuck transaction replaced at its nonce, each new attempt recorded in
+//! the ledger before it is broadcast.
 
 use alloy::consensus::Transaction as _;
 use alloy::eips::Encodable2718;
@@ -10,9 +10,9 @@ use alloy::network::{Ethereum, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::rpc::types::TransactionRequest;
 
 use super::rpc::{Chain, Head};
-use super::{Engine, SettleError};
+use super::{Engine, RoundReport, SettleError};
 use crate::chain;
-use crate::ledger::{Attempt, BatchRecord};
+use crate::ledger::{ApplyRequest, Attempt, BatchRecord};
 use crate::planner::Fees;
 
 /// `(max_fee_per_gas, max_priority_fee_per_gas)` for a transaction: twice the base fee
@@ -81,6 +81,75 @@ impl<C: Chain> Engine<C> {
             signed_at_block: head.number,
             tx_nonce: nonce,
         })
+    }
+}
+
+/// Replacing a stuck transaction, and recording a new attempt before it is broadcast.
+impl<C: Chain> Engine<C> {
+    /// Replaces `last` at its nonce with a higher fee; at the fee cap it waits instead.
+    pub(super) async fn replace(
+        &mut self,
+        batch: BatchRecord,
+        last: &Attempt,
+        fees: Fees,
+        head: &Head,
+        report: &mut RoundReport,
+    ) -> Result<(), SettleError> {
+        match self.sign(&batch, last.tx_nonce, fees, Some(last), head).await {
+            Ok(attempt) => self.add_attempt(batch, attempt, report, true).await,
+            Err(e @ SettleError::FeeAtCap { .. }) => {
+                tracing::warn!("cannot replace a stuck transaction: {e}");
+                // At the cap it cannot be replaced; if the node forgot it meanwhile, it must
+                // at least be sent again, or it waits for ever (found by the simulator).
+                if !self.read(self.chain.is_known(last.tx_hash).await)? {
+                    self.metrics.transactions_dropped.increment(1);
+                    if self.chain.broadcast(&last.raw).await.is_ok() {
+                        report.rebroadcast += 1;
+                        tracing::info!(batch = %batch.id(), tx = %last.tx_hash, "dropped transaction at the fee cap resubmitted");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a new signed attempt, then broadcasts it.
+    pub(super) async fn add_attempt(
+        &mut self,
+        mut batch: BatchRecord,
+        attempt: Attempt,
+        report: &mut RoundReport,
+        replacement: bool,
+    ) -> Result<(), SettleError> {
+        let raw = attempt.raw.clone();
+        tracing::info!(
+            batch = %batch.id(),
+            tx = %attempt.tx_hash,
+            nonce = attempt.tx_nonce,
+            max_fee_per_gas = attempt.max_fee_per_gas,
+            replacement,
+            "new transaction for a batch"
+        );
+        batch.attempts.push(attempt);
+        batch.updated_at_ms = self.now_ms();
+        self.ledger
+            .apply(ApplyRequest {
+                transitions: Vec::new(),
+                batch: Some(batch.clone()),
+                atomic: false,
+                fence: None,
+            })
+            .await?;
+        self.open.insert(batch.counter, batch.clone());
+        if let Err(e) = self.chain.broadcast(&raw).await {
+            tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
+        }
+        report.replaced += 1;
+        if replacement {
+            self.metrics.transactions_replaced.increment(1);
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use crate::chain::MULTICALL3;
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::ledger::{BatchStatus, Ledger, LedgerStore, Status};
+use crate::ledger::{BatchStatus, LedgerStore, RocksLedger, Status};
 use crate::tools::devnet::{self, Devnet, DevnetError};
 use crate::tools::loadgen::{self, LoadOptions};
 use crate::tools::testkit::PaymentBuilder;
@@ -139,23 +139,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         )));
     }
 
-    println!("starting devnet (anvil {}) ...", devnet::ANVIL_VERSION);
-    // Base Sepolia's chain id: the x402 v1 packages pay only on networks they name.
-    let options = devnet::DevnetOptions { chain_id: devnet::X402_CHAIN_ID, ..Default::default() };
-    let net = Arc::new(Devnet::start_with(options).await?);
-    println!("  rpc {}  token {}  aggregate3 at {}", net.rpc_url(), net.token(), MULTICALL3);
-    let settlers = net.new_settlers("demo", opts.settlers.max(1)).await?;
-    let payers = devnet::payer_keys("demo", opts.payers.max(1));
-    let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
-    net.fund(&addrs, U256::from(100_000_000u64)).await?;
-    let payees: Vec<Address> =
-        (0..opts.payees.max(1)).map(|i| Address::repeat_byte(0xa0 + i as u8)).collect();
-    println!(
-        "  {} payers funded with 100 USDC each; {} payees; {} settler accounts",
-        payers.len(),
-        payees.len(),
-        settlers.len()
-    );
+    let (net, settlers, payers, payees) = start_devnet(opts).await?;
     // Blocks keep coming even without payments, so confirmations accrue.
     let producer = {
         let net = Arc::clone(&net);
@@ -170,33 +154,9 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
 
     // The daemon, configured as an operator would, in this process.
-    let keys = dir.join("settler.keys");
-    crate::settle::write_key_file(&keys, &settlers).map_err(io)?;
-    let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
-    config.tokens.push(net.token_config());
-    config.chains.push(net.chain_config());
-    config.ledger.path = Some(ledger_path.clone());
-    config.settlement.settler_keys_file = Some(keys);
-    config.settlement.confirmations = opts.confirmations;
-    config.settlement.poll_interval_ms = 250;
-    let tokens = config.token_table();
-    let listeners = crate::daemon::Listeners::loopback_with_facilitator()
-        .await
-        .map_err(|e| DemoError::Daemon(e.to_string()))?;
-    let addr = |l: &tokio::net::TcpListener| {
-        l.local_addr().map(|a| format!("http://{a}")).map_err(|e| DemoError::Daemon(e.to_string()))
-    };
-    let (url, admin_url) = (addr(&listeners.api)?, addr(&listeners.admin)?);
-    let facilitator_url = addr(listeners.facilitator.as_ref().expect("bound above"))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(crate::daemon::serve(config, listeners, Arc::new(SystemClock), async {
-        let _ = stopped.await;
-    }));
-    println!(
-        "daemon listening on {url}, facilitator on {facilitator_url} (ledger {})",
-        ledger_path.display()
-    );
-
+    let daemon = DemoDaemon::start(&net, &dir, &ledger_path, &settlers, opts.confirmations).await?;
+    let (url, admin_url, facilitator_url, tokens) =
+        (daemon.url.clone(), daemon.admin_url.clone(), daemon.facilitator_url.clone(), daemon.tokens.clone());
     let client = Client::connect(url).await.map_err(|e| DemoError::Daemon(e.to_string()))?;
     let load = LoadOptions {
         payments: opts.payments,
@@ -221,21 +181,9 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let settle_seconds = started.elapsed().as_secs_f64();
 
     // The x402 ecosystem's own flow, through the facilitator URL.
-    let http = if opts.http_requests > 0 {
-        let payers = devnet::payer_keys("demo-http", 3);
-        let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
-        net.fund(&addrs, U256::from(100_000_000u64)).await?;
-        println!(
-            "paying {} requests per client through x402 middlewares (x402-express <- x402-axios, \
-             @x402/express <- @x402/fetch), facilitator {facilitator_url} ...",
-            opts.http_requests
-        );
-        let result =
-            run_interop(&interop_config(&net, &facilitator_url, &payers, opts.http_requests)).await?;
-        wait_settled(&mut admin).await?;
-        Some(result)
-    } else {
-        None
+    let http = match opts.http_requests {
+        0 => None,
+        n => Some(pay_through_middlewares(&net, &facilitator_url, n, &mut admin).await?),
     };
 
     // The same payment as its own transaction: the reference facilitators' way.
@@ -246,27 +194,12 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         .build();
     let solo_gas = net.send_alone(&solo).await?.gas_used;
 
-    let _ = stop.send(());
-    match daemon.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(DemoError::Daemon(format!("{e:#}"))),
-        Err(e) => return Err(DemoError::Daemon(e.to_string())),
-    }
+    daemon.stop().await?;
     producer.abort();
 
-    let ledger = Ledger::open(&ledger_path)?;
+    let ledger = RocksLedger::open(&ledger_path)?;
     let export_path = dir.join("settlements.csv");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&export_path).map_err(io)?);
-    let rows = crate::export::export(
-        &ledger,
-        &tokens,
-        0,
-        &crate::export::Filter::default(),
-        crate::export::Format::Csv,
-        &mut file,
-    )?
-    .rows;
-    std::io::Write::flush(&mut file).map_err(io)?;
+    let rows = export_csv(&ledger, &tokens, &export_path).map_err(io)??;
 
     let mut report = DemoReport {
         offered: loaded.sent,
@@ -276,6 +209,155 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         export_path,
         ..Default::default()
     };
+    tally(&ledger, net.chain_id(), http, &mut report)?;
+
+    print_summary(&report, rows, settle_seconds);
+    check(&report)?;
+    Ok(report)
+}
+
+/// Starts the devnet (Base Sepolia's chain id: the x402 v1 packages pay only on networks
+/// they name) with the demo's settlers, payers (funded) and payees.
+async fn start_devnet(
+    opts: &DemoOptions,
+) -> Result<
+    (
+        Arc<Devnet>,
+        Vec<alloy::signers::local::PrivateKeySigner>,
+        Vec<alloy::signers::local::PrivateKeySigner>,
+        Vec<Address>,
+    ),
+    DemoError,
+> {
+    println!("starting devnet (anvil {}) ...", devnet::ANVIL_VERSION);
+    let options = devnet::DevnetOptions { chain_id: devnet::X402_CHAIN_ID, ..Default::default() };
+    let net = Arc::new(Devnet::start_with(options).await?);
+    println!("  rpc {}  token {}  aggregate3 at {}", net.rpc_url(), net.token(), MULTICALL3);
+    let settlers = net.new_settlers("demo", opts.settlers.max(1)).await?;
+    let payers = devnet::payer_keys("demo", opts.payers.max(1));
+    let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
+    net.fund(&addrs, U256::from(100_000_000u64)).await?;
+    let payees: Vec<Address> =
+        (0..opts.payees.max(1)).map(|i| Address::repeat_byte(0xa0 + i as u8)).collect();
+    println!(
+        "  {} payers funded with 100 USDC each; {} payees; {} settler accounts",
+        payers.len(),
+        payees.len(),
+        settlers.len()
+    );
+    Ok((net, settlers, payers, payees))
+}
+
+/// `requests` paid requests per x402 client through its middleware, the facilitator at
+/// `facilitator_url`, with payers of their own; then waits until they are settled.
+async fn pay_through_middlewares(
+    net: &Devnet,
+    facilitator_url: &str,
+    requests: usize,
+    admin: &mut v1::admin_client::AdminClient<crate::client::AuthChannel>,
+) -> Result<HttpReport, DemoError> {
+    let payers = devnet::payer_keys("demo-http", 3);
+    let addrs: Vec<Address> = payers.iter().map(|p| p.address()).collect();
+    net.fund(&addrs, U256::from(100_000_000u64)).await?;
+    println!(
+        "paying {requests} requests per client through x402 middlewares (x402-express <- x402-axios, \
+         @x402/express <- @x402/fetch), facilitator {facilitator_url} ..."
+    );
+    let result = run_interop(&interop_config(net, facilitator_url, &payers, requests)).await?;
+    wait_settled(admin).await?;
+    Ok(result)
+}
+
+/// The finance export of `ledger` as CSV at `path`: its rows.
+fn export_csv(
+    ledger: &RocksLedger,
+    tokens: &crate::config::TokenTable,
+    path: &std::path::Path,
+) -> std::io::Result<Result<usize, DemoError>> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let exported = crate::export::export(
+        ledger,
+        tokens,
+        0,
+        &crate::export::Filter::default(),
+        crate::export::Format::Csv,
+        &mut file,
+    );
+    std::io::Write::flush(&mut file)?;
+    Ok(exported.map(|e| e.rows).map_err(DemoError::from))
+}
+
+/// The daemon the demo runs in this process, and where it listens.
+struct DemoDaemon {
+    url: String,
+    admin_url: String,
+    facilitator_url: String,
+    tokens: crate::config::TokenTable,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
+}
+
+impl DemoDaemon {
+    /// Configures the daemon as an operator would (the devnet's token and chain, a ledger at
+    /// `ledger_path`, `settlers`' keys in a file under `dir`) and starts it on loopback.
+    async fn start(
+        net: &Devnet,
+        dir: &std::path::Path,
+        ledger_path: &std::path::Path,
+        settlers: &[alloy::signers::local::PrivateKeySigner],
+        confirmations: u64,
+    ) -> Result<DemoDaemon, DemoError> {
+        let io = |source| DemoError::Dir { path: dir.display().to_string(), source };
+        let keys = dir.join("settler.keys");
+        crate::settle::write_key_file(&keys, settlers).map_err(io)?;
+        let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
+        config.tokens.push(net.token_config());
+        config.chains.push(net.chain_config());
+        config.ledger.path = Some(ledger_path.to_path_buf());
+        config.settlement.settler_keys_file = Some(keys);
+        config.settlement.confirmations = confirmations;
+        config.settlement.poll_interval_ms = 250;
+        let tokens = config.token_table();
+        let listeners = crate::daemon::Listeners::loopback_with_facilitator()
+            .await
+            .map_err(|e| DemoError::Daemon(e.to_string()))?;
+        let addr = |l: &tokio::net::TcpListener| {
+            l.local_addr().map(|a| format!("http://{a}")).map_err(|e| DemoError::Daemon(e.to_string()))
+        };
+        let (url, admin_url) = (addr(&listeners.api)?, addr(&listeners.admin)?);
+        let facilitator =
+            listeners.facilitator.as_ref().ok_or(DemoError::Daemon("no facilitator listener".into()))?;
+        let facilitator_url = addr(facilitator)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::daemon::serve(config, listeners, Arc::new(SystemClock), async {
+            let _ = stopped.await;
+        }));
+        println!(
+            "daemon listening on {url}, facilitator on {facilitator_url} (ledger {})",
+            ledger_path.display()
+        );
+        Ok(DemoDaemon { url, admin_url, facilitator_url, tokens, stop, task })
+    }
+
+    /// Stops the daemon (a drain) and waits for it.
+    async fn stop(self) -> Result<(), DemoError> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DemoError::Daemon(format!("{e:#}"))),
+            Err(e) => Err(DemoError::Daemon(e.to_string())),
+        }
+    }
+}
+
+/// Reads the outcomes off the ledger's books and batches into `report`: the gRPC load's and,
+/// apart, the middlewares' (`http`, their payments named after their callers' addresses).
+fn tally(
+    ledger: &RocksLedger,
+    chain_id: u64,
+    http: Option<HttpReport>,
+    report: &mut DemoReport,
+) -> Result<(), DemoError> {
     // The middlewares' payments are named after their callers' addresses (`http:<ip>`).
     let via_http = |r: &crate::ledger::PaymentRecord| r.submission.api_server.starts_with("http:");
     let mut latencies = Vec::new();
@@ -298,7 +380,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let (mut gas, mut items) = (0u64, 0u64);
     let (mut http_gas, mut http_items, mut http_batches) = (0u64, 0u64, 0usize);
-    for b in ledger.batches(net.chain_id())? {
+    for b in ledger.batches(chain_id)? {
         if b.items.iter().any(|k| http_keys.contains(k)) {
             http_batches += 1;
             if b.status == BatchStatus::Done
@@ -332,8 +414,12 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0)
     };
     report.latency_ms = [pct(0.50), pct(0.90), pct(0.99), latencies.last().copied().unwrap_or(0)];
+    Ok(())
+}
 
-    print_summary(&report, rows, settle_seconds);
+/// Every accepted payment has one outcome, something settled, and every middleware request
+/// was paid and settled once, its replays refused.
+fn check(report: &DemoReport) -> Result<(), DemoError> {
     if report.settled + report.failed + report.expired != report.accepted {
         return Err(DemoError::Mismatch(format!(
             "{} accepted but {} outcomes in the settlement log",
@@ -353,7 +439,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
             )));
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Polls Admin until no payment is pending (10 minutes at most).

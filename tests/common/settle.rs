@@ -7,7 +7,7 @@ use alloy::signers::local::PrivateKeySigner;
 use x402_batcher::api::v1;
 use x402_batcher::client;
 use x402_batcher::config::Config;
-use x402_batcher::ledger::{BatchRecord, Ledger, PaymentRecord};
+use x402_batcher::ledger::{BatchRecord, PaymentRecord, RocksLedger};
 use x402_batcher::tools::devnet::Devnet;
 use x402_batcher::tools::testkit;
 use x402_batcher::x402::SignedAuthorization;
@@ -139,7 +139,7 @@ pub async fn wait_for(
 
 /// The ledger's settlement log and batches, read after the daemon stopped.
 pub fn ledger_after(d_dir: &std::path::Path, chain_id: u64) -> (Vec<PaymentRecord>, Vec<BatchRecord>) {
-    super::store::books_and_batches(&Ledger::open(&d_dir.join("ledger")).unwrap(), chain_id)
+    super::store::books_and_batches(&RocksLedger::open(&d_dir.join("ledger")).unwrap(), chain_id)
 }
 
 pub fn status(p: &v1::Payment) -> v1::PaymentStatus {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use x402_batcher::config::{Config, LedgerBackend};
-use x402_batcher::ledger::{BatchRecord, Ledger, LedgerStore, PaymentRecord, PgConnect, PgLedger};
+use x402_batcher::ledger::{BatchRecord, LedgerStore, PaymentRecord, PgConnect, PgLedger, RocksLedger};
 use x402_batcher::tools::postgres::TestPostgres;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ impl TestLedger {
     /// Opens it (no daemon may have it open when it is RocksDB).
     pub fn open(&self) -> Box<dyn LedgerStore> {
         match &self.pg {
-            None => Box::new(Ledger::open(&self.dir.path().join("ledger")).unwrap()),
+            None => Box::new(RocksLedger::open(&self.dir.path().join("ledger")).unwrap()),
             Some((_, url)) => Box::new(PgLedger::open(PgConnect::new(url, None).unwrap()).unwrap()),
         }
     }

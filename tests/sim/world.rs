@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use x402_batcher::clock::ManualClock;
 use x402_batcher::config::{Finality, FinalityTag, SettlementConfig};
 use x402_batcher::ledger::{
-    AcceptOutcome, AcceptRequest, BatchStatus, Ledger, LedgerHandle, LedgerStore, LogEntry, PaymentRecord,
-    Status, Submission, books,
+    AcceptOutcome, AcceptRequest, BatchStatus, LedgerHandle, LedgerStore, LogEntry, PaymentRecord,
+    RocksLedger, Status, Submission, books,
 };
 use x402_batcher::settle::Engine;
 use x402_batcher::tools::testkit::PaymentBuilder;
@@ -100,7 +100,7 @@ pub async fn run(seed: u64, kinds: &FaultKinds) -> Result<Outcome, String> {
     }
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let store: Arc<dyn LedgerStore> = Arc::new(Ledger::open(dir.path()).map_err(|e| e.to_string())?);
+    let store: Arc<dyn LedgerStore> = Arc::new(RocksLedger::open(dir.path()).map_err(|e| e.to_string())?);
     let (ledger, writer) = LedgerHandle::start(store, 1024).map_err(|e| e.to_string())?;
     let clock = ManualClock::new(START);
     let config = SettlementConfig {
