@@ -24,6 +24,8 @@ use x402_batcher::x402::SignedAuthorization;
 const LIMIT: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
+/// How long a cheap batch waits for company in the burst test.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Submits every item at once (one task each over one connection); the ids, and the time
 /// from the first submission to the last acknowledgement.
@@ -78,8 +80,10 @@ async fn tx_to(net: &Devnet, hash: &str) -> Option<Address> {
 async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
     tokio::time::timeout(LIMIT, async {
         let net = Arc::new(Devnet::start().await.unwrap());
-        // Defaults: linger 250 ms, batches of up to 200, the seeds' gas until a receipt.
-        let d = settling_daemon(&net, "eff", 1, |_| {}).await;
+        // Batches of up to 200 (the default), the seeds' gas until a receipt, a linger of
+        // 1 s (the default is 250 ms): the burst below must arrive within it, and this test
+        // shares two cores with the other areas' daemons in its binary.
+        let d = settling_daemon(&net, "eff", 1, |c| c.settlement.linger_ms = LINGER.as_millis() as u64).await;
         let payers = d.payers("burst", 200, 1_000_000).await;
         let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
 
@@ -90,7 +94,7 @@ async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
         let one = wait_for(&d, &[id], WAIT, settled).await.remove(0);
         assert_eq!(tx_to(&net, &one.tx_hash).await, Some(net.token()), "a batch of one is a direct call");
 
-        // 200 distinct payers within 200 ms: one batch. The first goes alone, and a round
+        // 200 distinct payers well within the linger: one batch. The first goes alone, and a round
         // sees it (the engine's published view counts it) before the other 199 arrive: the
         // linger, not luck, keeps it for them (alone it already met the cost target).
         let items = payments(&d, &payers, 200, 2, PAYEE);
@@ -115,7 +119,7 @@ async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
         ids.extend(rest);
         let took = started.elapsed();
         eprintln!("200 payments acknowledged in {took:?}, a round between the first and the rest");
-        assert!(took < Duration::from_millis(200), "the burst itself took {took:?}: not the case under test");
+        assert!(took < LINGER * 4 / 5, "the burst itself took {took:?}: not the case under test");
         let done = wait_for(&d, &ids, WAIT, settled).await;
         let txs: HashSet<_> = done.iter().map(|p| p.tx_hash.clone()).collect();
         assert_eq!(txs.len(), 1, "one transaction for the burst: {txs:?}");
