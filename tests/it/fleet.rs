@@ -32,8 +32,9 @@ const DAEMONS: usize = 3;
 const SETTLERS: usize = 4;
 const ROUNDS: u64 = 4;
 const PAYMENTS_PER_ROUND: usize = 300;
-/// Slow enough that a round's load lasts ~0.5 s, so the kill lands inside it.
-const RATE: f64 = 600.0;
+/// Slow enough that a round's load lasts ~1 s, so the kill lands inside it (at 600/s, ~0.5 s,
+/// a loaded machine once saw the load end first).
+const RATE: f64 = 300.0;
 const VALUE: u64 = 1_000;
 const LIMIT: Duration = Duration::from_secs(420);
 const OVERSPEND_PAYEE: Address = Address::repeat_byte(0x0f);

@@ -457,8 +457,9 @@ impl Devnet {
     }
 
     /// Removes a transaction from the pool, as a node that dropped it would.
-    pub async fn drop_transaction(&self, hash: B256) -> Result<(), DevnetError> {
-        self.raw::<_, serde_json::Value>("anvil_dropTransaction", (hash,)).await.map(|_| ())
+    /// Whether the node held it: anvil answers the dropped transaction's hash, or null.
+    pub async fn drop_transaction(&self, hash: B256) -> Result<bool, DevnetError> {
+        self.raw::<_, Option<B256>>("anvil_dropTransaction", (hash,)).await.map(|h| h == Some(hash))
     }
 
     /// Replaces the newest `depth` blocks with empty ones (their transactions vanish).
