@@ -199,7 +199,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
 
     let ledger = RocksLedger::open(&ledger_path)?;
     let export_path = dir.join("settlements.csv");
-    let rows = export_csv(&ledger, &tokens, &export_path).map_err(io)??;
+    let rows = export_csv(&ledger, &tokens, &export_path)?;
 
     let mut report = DemoReport {
         offered: loaded.sent,
@@ -273,18 +273,13 @@ fn export_csv(
     ledger: &RocksLedger,
     tokens: &crate::config::TokenTable,
     path: &std::path::Path,
-) -> std::io::Result<Result<usize, DemoError>> {
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let exported = crate::export::export(
-        ledger,
-        tokens,
-        0,
-        &crate::export::Filter::default(),
-        crate::export::Format::Csv,
-        &mut file,
-    );
-    std::io::Write::flush(&mut file)?;
-    Ok(exported.map(|e| e.rows).map_err(DemoError::from))
+) -> Result<usize, DemoError> {
+    let io = |source| DemoError::Dir { path: path.display().to_string(), source };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let filter = crate::export::Filter::default();
+    let rows = crate::export::export(ledger, tokens, 0, &filter, crate::export::Format::Csv, &mut file)?.rows;
+    std::io::Write::flush(&mut file).map_err(io)?;
+    Ok(rows)
 }
 
 /// The daemon the demo runs in this process, and where it listens.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use alloy::primitives::{Address, U256};
 
 use crate::ledger::batch::BatchRecord;
-use crate::ledger::error::LedgerError;
+use crate::ledger::error::{Cause, LedgerError};
 use crate::ledger::holds::Hold;
 use crate::ledger::record::{AuthKey, CorruptRecord, PayerKey, PaymentRecord};
 
@@ -89,7 +89,7 @@ pub(super) fn pg_err(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> 
             .code()
             .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::T_R_DEADLOCK_DETECTED);
         let unreachable = op == "connect" || e.is_closed();
-        let source: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
+        let source: Cause = Arc::new(e);
         if lost {
             LedgerError::LostRace { op, source }
         } else if unreachable {
