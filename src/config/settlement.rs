@@ -12,8 +12,10 @@ use crate::policy::SettlementPolicy;
 /// settlement raise it.
 pub const DEFAULT_CONFIRMATIONS: u64 = 3;
 
-/// How often the settlement engine reads the chain head (new blocks, receipts, fees).
-/// About one L2 block; each round is a handful of RPC calls.
+/// How often the settlement engine reads the chain head when none of its transactions is in
+/// flight (new blocks for depth and finality, fees). With one in flight it looks sooner (see
+/// `settle::pace`), and a payment arriving wakes it at once. About one L2 block; each look
+/// is one RPC call, a round with a new head a handful.
 pub const DEFAULT_SETTLE_POLL_MS: u64 = 1_000;
 
 /// Fleet mode (a PostgreSQL ledger several daemons share): how long a daemon's lease on a

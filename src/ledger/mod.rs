@@ -52,4 +52,4 @@ pub use postgres::{Imported, PgConnect, PgLedger};
 pub use record::{AuthKey, LogEntry, PayerKey, PaymentId, PaymentRecord, Status, Submission, books};
 pub use rocks::RocksLedger;
 pub use store::{Fleet, GroupOutcome, LedgerStore};
-pub use writer::{Follow, LedgerHandle};
+pub use writer::{ANY_CHAIN, Arrivals, Follow, LedgerHandle};

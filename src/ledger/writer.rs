@@ -57,7 +57,17 @@ pub struct LedgerHandle {
     epoch: std::time::Instant,
     /// Followers of single payments ([`LedgerHandle::follow`]).
     watchers: Arc<Watchers>,
+    /// Payments that became `accepted` (new, or back from a batch), counted per chain.
+    arrivals: watch::Receiver<Arrivals>,
 }
+
+/// Payments that became `accepted` so far, per chain id: what wakes a settlement engine
+/// (a change of the count), and what its arrival rate is read from. In a fleet, a change
+/// another daemon committed counts once under chain 0 (`ANY_CHAIN`): every engine looks.
+pub type Arrivals = std::collections::BTreeMap<u64, u64>;
+
+/// The key of [`Arrivals`] that counts changes other daemons of a fleet committed.
+pub const ANY_CHAIN: u64 = 0;
 
 impl std::fmt::Debug for LedgerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,10 +89,16 @@ impl LedgerHandle {
         let watchers = Arc::new(Watchers::default());
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let own = ledger.fleet().is_some().then(|| Arc::new(Mutex::new(std::collections::BTreeMap::new())));
+        let (arrivals_tx, arrivals) = watch::channel(Arrivals::new());
+        let arrivals_tx = Arc::new(arrivals_tx);
         let thread = {
             let ledger = Arc::clone(&ledger);
-            let notify =
-                Notify { changes: changes.clone(), watchers: Arc::clone(&watchers), own: own.clone() };
+            let notify = Notify {
+                changes: changes.clone(),
+                watchers: Arc::clone(&watchers),
+                own: own.clone(),
+                arrivals: Arc::clone(&arrivals_tx),
+            };
             let timer = CommitTimer { started: Arc::clone(&commit_started), epoch };
             let ended = Arc::clone(&ended);
             std::thread::Builder::new().name("ledger-writer".into()).spawn(move || {
@@ -92,12 +108,17 @@ impl LedgerHandle {
         };
         if ledger.fleet().is_some() {
             let ledger = Arc::clone(&ledger);
-            let notify = Notify { changes: changes.clone(), watchers: Arc::clone(&watchers), own };
+            let notify = Notify {
+                changes: changes.clone(),
+                watchers: Arc::clone(&watchers),
+                own,
+                arrivals: arrivals_tx,
+            };
             std::thread::Builder::new()
                 .name("ledger-follower".into())
                 .spawn(move || follow_shared(&*ledger, &notify, &ended))?;
         }
-        Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch, watchers }, thread))
+        Ok((LedgerHandle { tx, ledger, changes, failed, commit_started, epoch, watchers, arrivals }, thread))
     }
 
     /// How long the commit in progress has been running, if one is. A commit that does
@@ -134,6 +155,12 @@ impl LedgerHandle {
     /// Notifications of the newest committed sequence number.
     pub fn subscribe(&self) -> broadcast::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// The payments that became `accepted` so far, per chain ([`Arrivals`]): changes when a
+    /// commit accepted one, so a settlement engine decides on arrival, not on a poll.
+    pub fn arrivals(&self) -> watch::Receiver<Arrivals> {
+        self.arrivals.clone()
     }
 
     /// Asks the writer to commit what is queued and stop; later commands get
@@ -264,6 +291,29 @@ struct Notify {
     /// A shared ledger: the sequence numbers this writer's groups took (first → last), so
     /// the follower of other daemons' changes skips them.
     own: Option<Arc<Mutex<std::collections::BTreeMap<u64, u64>>>>,
+    arrivals: Arc<watch::Sender<Arrivals>>,
+}
+
+impl Notify {
+    /// Counts the records of a commit that became `accepted`, per chain.
+    fn arrived(&self, changed: &[PaymentRecord]) {
+        let mut per_chain: Arrivals = Arrivals::new();
+        for r in changed.iter().filter(|r| r.status == super::record::Status::Accepted) {
+            *per_chain.entry(r.signed.chain_id).or_default() += 1;
+        }
+        if !per_chain.is_empty() {
+            self.count(per_chain);
+        }
+    }
+
+    fn count(&self, per_chain: Arrivals) {
+        self.arrivals.send_modify(|all| {
+            for (chain, n) in per_chain {
+                let e = all.entry(chain).or_default();
+                *e = e.wrapping_add(n);
+            }
+        });
+    }
 }
 
 /// Marks the commit in progress for [`LedgerHandle::commit_running_for`].
@@ -302,6 +352,7 @@ fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::a
                 Ok(newest) if newest > seen => {
                     seen = newest;
                     let _ = notify.changes.send(seen);
+                    notify.count(Arrivals::from([(ANY_CHAIN, 1)]));
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!("reading the shared ledger's newest change: {e}"),
@@ -318,6 +369,7 @@ fn follow_shared(ledger: &dyn LedgerStore, notify: &Notify, ended: &std::sync::a
                 }
                 seen = changes.last().map_or(seen, |r| r.seq);
                 let _ = notify.changes.send(seen);
+                notify.arrived(&changes);
                 if changes.len() == page {
                     continue;
                 }
@@ -386,6 +438,7 @@ fn run(
         if committed {
             // No subscriber is not an error.
             let _ = notify.changes.send(ledger.last_seq());
+            notify.arrived(&changed);
             if !notify.watchers.is_empty() {
                 for record in &changed {
                     notify.watchers.offer(record);

@@ -76,6 +76,11 @@ pub enum CutReason {
     MaxWait,
     /// The batch already costs no more per payment than the target (and lingered).
     CostTarget,
+    /// The send moment of the chain's next block came (a chain with a block cadence).
+    Block,
+    /// Cheap enough, and nothing else is expected in time to share it (the arrival rate,
+    /// or a chain that includes a transaction at once).
+    NoCompany,
 }
 
 impl CutReason {
@@ -86,6 +91,8 @@ impl CutReason {
             CutReason::Deadline => "deadline",
             CutReason::MaxWait => "max_wait",
             CutReason::CostTarget => "cost_target",
+            CutReason::Block => "block",
+            CutReason::NoCompany => "no_company",
         }
     }
 }
@@ -130,7 +137,17 @@ pub fn capacity(gas: GasModel, caps: Caps, rules: &CutRules) -> (usize, CutReaso
     }
 }
 
-/// Decides what to do at `now_ms`.
+/// How long a batch that already meets the cost target waits for company: until
+/// `until_ms` (planner time), then it is cut for `reason`. The engine decides it from the
+/// chain's cadence and the arrival rate (see `settle::pace`); without one, the policy's
+/// linger from the oldest payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub until_ms: u64,
+    pub reason: CutReason,
+}
+
+/// Decides what to do at `now_ms`, a cheap batch held for the policy's linger.
 pub fn plan(
     now_ms: u64,
     pending: &[Pending],
@@ -138,6 +155,20 @@ pub fn plan(
     costs: &Costs,
     caps: Caps,
     rules: &CutRules,
+) -> Plan {
+    plan_held(now_ms, pending, fees, costs, caps, rules, None)
+}
+
+/// Decides what to do at `now_ms`, a cheap batch held as `hold` says (the linger when
+/// `None`); the maximum wait, deadlines and caps bound every hold.
+pub fn plan_held(
+    now_ms: u64,
+    pending: &[Pending],
+    fees: Fees,
+    costs: &Costs,
+    caps: Caps,
+    rules: &CutRules,
+    hold: Option<Hold>,
 ) -> Plan {
     let now = now_ms / 1000;
     let mut too_late = Vec::new();
@@ -170,7 +201,10 @@ pub fn plan(
     let oldest =
         ready.iter().map(|p| p.accepted_at_ms.max(ms(earliest_plan_time(p)))).min().unwrap_or(u64::MAX);
     let wait_over = oldest.saturating_add(rules.max_wait_ms);
-    let linger_over = oldest.saturating_add(rules.linger_ms).min(wait_over);
+    let (hold_over, hold_reason) = match hold {
+        Some(h) => (h.until_ms.min(wait_over), h.reason),
+        None => (oldest.saturating_add(rules.linger_ms).min(wait_over), CutReason::CostTarget),
+    };
     let cheap = costs.cost_per_payment(take, fees) <= rules.target_cost_per_payment_wei;
 
     let reason = if ready.len() >= cap {
@@ -179,8 +213,8 @@ pub fn plan(
         Some(CutReason::Deadline)
     } else if now_ms >= wait_over {
         Some(CutReason::MaxWait)
-    } else if cheap && now_ms >= linger_over {
-        Some(CutReason::CostTarget)
+    } else if cheap && now_ms >= hold_over {
+        Some(hold_reason)
     } else {
         None
     };
@@ -190,7 +224,7 @@ pub fn plan(
             Plan { cut: Some((chosen(), reason)), wake_at_ms: Some(now_ms), too_late }
         }
         None => {
-            let next = first_deadline.min(if cheap { linger_over } else { wait_over });
+            let next = first_deadline.min(if cheap { hold_over } else { wait_over });
             Plan { cut: None, wake_at_ms: earlier(wake_at_ms, next), too_late }
         }
     }

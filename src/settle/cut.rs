@@ -112,6 +112,9 @@ impl<C: Chain> Engine<C> {
         fees: Fees,
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
+        // Decided afresh: what waits, and until when it is held.
+        self.wake_at_ms = None;
+        self.waiting = accepted.len();
         if accepted.is_empty() {
             return Ok(());
         }
@@ -170,7 +173,9 @@ impl<C: Chain> Engine<C> {
             let caps =
                 caps(&self.config, &self.gas.learner(token, 2), self.policy.max_batch_size, head.gas_limit);
             while !records.is_empty() && !idle.is_empty() {
-                let plan = planner::plan(plan_ms, &pending(&records), fees, &costs, caps, &rules);
+                let hold = self.hold(&records, now_ms, plan_ms, rules.linger_ms);
+                let plan =
+                    planner::plan_held(plan_ms, &pending(&records), fees, &costs, caps, &rules, Some(hold));
                 let Some((ids, reason)) = plan.cut else {
                     // Decide again when the planner said (a linger or a wait ending), if
                     // that comes before the next poll.
@@ -191,6 +196,7 @@ impl<C: Chain> Engine<C> {
                 }
                 let (batch_records, rest) = take(records, &ids);
                 records = rest;
+                self.waiting = self.waiting.saturating_sub(batch_records.len());
                 let settler = idle.remove(0);
                 if let Some(i) = self.settlers.iter().position(|s| s.address == settler.address) {
                     self.next_settler = i + 1;
@@ -200,6 +206,14 @@ impl<C: Chain> Engine<C> {
             }
         }
         Ok(())
+    }
+
+    /// How long `records`, if cheap enough, are held for company ([`super::pace`]), in the
+    /// planner's time (chain time when that is ahead of the clock).
+    fn hold(&self, records: &[PaymentRecord], now_ms: u64, plan_ms: u64, linger_ms: u64) -> planner::Hold {
+        let oldest = records.iter().map(|r| r.accepted_at_ms).min().unwrap_or(now_ms);
+        let hold = self.pace.hold(now_ms, oldest, linger_ms);
+        planner::Hold { until_ms: hold.until_ms.saturating_add(plan_ms - now_ms), reason: hold.reason }
     }
 
     /// Reads the L1 data fees of `token`'s settlements (OP-stack chains; zero elsewhere).
@@ -257,6 +271,7 @@ impl<C: Chain> Engine<C> {
     ) -> Result<(), SettleError> {
         let Cut { token, records, reason, settler } = cut;
         let now_ms = self.now_ms();
+        let cut_at = std::time::Instant::now();
         let Some((items, gas_limit)) = self.presimulate(token, records, now_ms, report).await? else {
             return Ok(());
         };
@@ -325,6 +340,7 @@ impl<C: Chain> Engine<C> {
             // re-signs it with current fees.
             tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
         }
+        self.pace.sent(self.now_ms(), cut_at.elapsed().as_millis() as u64);
         self.mark_submitted(batch).await?;
         report.batches_sent += 1;
         Ok(())

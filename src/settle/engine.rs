@@ -10,13 +10,14 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use tokio::sync::watch;
 
-use super::rpc::{Chain, RpcChain};
+use super::pace::Pace;
+use super::rpc::{Chain, Head, RpcChain};
 use super::{SettleError, SettlerView, StatusBoard};
 use crate::balance::BalanceCache;
 use crate::clock::Clock;
 use crate::config::{Finality, SettlementConfig};
-use crate::ledger::{BatchRecord, LedgerHandle};
-use crate::planner::{GasBook, L1Fees};
+use crate::ledger::{Arrivals, BatchRecord, LedgerHandle};
+use crate::planner::{Fees, GasBook, L1Fees};
 use crate::policy::SettlementPolicy;
 use crate::telemetry::ChainMetrics;
 
@@ -76,6 +77,23 @@ pub struct Engine<C: Chain = RpcChain> {
     pub(super) value_tokens: Vec<Address>,
     /// Fleet mode (a ledger shared with other daemons): the leases this engine holds.
     pub(super) fleet: Option<Leases>,
+    /// The chain's cadence, the send lead and the arrival rate, learnt.
+    pub(super) pace: Pace,
+    /// Payments that became accepted, per chain (the ledger's count), and this chain's
+    /// count when last looked.
+    pub(super) arrivals: watch::Receiver<Arrivals>,
+    pub(super) arrivals_seen: u64,
+    /// The newest head read and when (engine clock): a round started by an arrival plans
+    /// with it instead of reading the chain again.
+    pub(super) last_head: Option<(Head, u64)>,
+    /// The fees read at a head's number: read again only when a new head came.
+    pub(super) fees_at: Option<(u64, Fees)>,
+    /// When the last full round (every open batch followed, sweeps, finality) ran.
+    pub(super) full_round_at_ms: Option<u64>,
+    /// Accepted payments of this chain left waiting by the last plan.
+    pub(super) waiting: usize,
+    /// The last final block read, and the head it was read at.
+    pub(super) final_seen: Option<(u64, u64)>,
 }
 
 /// The chain-wide work of a fleet (sweeping, expiring, following settled payments to
@@ -130,6 +148,8 @@ impl<C: Chain> Engine<C> {
             tracing::info!(chain_id, open = open.len(), "resuming open settlement batches");
         }
         let policy = policy_rx.borrow().clone();
+        let arrivals = ledger.arrivals();
+        let arrivals_seen = super::wake::arrivals_of(chain_id, &arrivals.borrow());
         Ok(Engine {
             chain_id,
             chain,
@@ -156,6 +176,14 @@ impl<C: Chain> Engine<C> {
             settler_reads_every_ms: SETTLER_READS_EVERY_MS,
             value_tokens: Vec::new(),
             fleet: None,
+            pace: Pace::default(),
+            arrivals,
+            arrivals_seen,
+            last_head: None,
+            fees_at: None,
+            full_round_at_ms: None,
+            waiting: 0,
+            final_seen: None,
         })
     }
 

@@ -109,7 +109,17 @@ impl<C: Chain> Engine<C> {
             self.checked_head = Some((head.number, head.hash));
             return Ok(());
         }
-        let final_block = self.final_block(head).await?;
+        // Finality moves at most a block per block: while the last final block read, moved
+        // on by the heads since, is still below every watched one, nothing can be final yet.
+        let bound = self.final_seen.map(|(f, at)| f.saturating_add(head.number.saturating_sub(at)));
+        let final_block = match (bound, oldest) {
+            (Some(bound), Some(oldest)) if bound < oldest => Some(bound),
+            _ => {
+                let read = self.final_block(head).await?;
+                self.final_seen = read.map(|f| (f, head.number));
+                read
+            }
+        };
         let canonical = self.canonical_hashes(&watched).await?;
         let now_ms = self.now_ms();
         let mut transitions = Vec::new();

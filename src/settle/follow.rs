@@ -233,11 +233,14 @@ impl<C: Chain> Engine<C> {
         let Some(last) = batch.attempts.last().cloned() else {
             return self.abandon(batch, head, "batch has no signed transaction", report).await;
         };
-        let chain_nonce = self.read(self.chain.nonce(batch.settler).await)?;
+        // A receipt decides alone; only without one do the nonce and the pool tell more.
         let receipt = self.receipt_of(&batch).await?;
-        let known = match receipt {
-            Some(_) => true,
-            None => self.read(self.chain.is_known(last.tx_hash).await)?,
+        let (chain_nonce, known) = match receipt {
+            Some(_) => (last.tx_nonce + 1, true),
+            None => (
+                self.read(self.chain.nonce(batch.settler).await)?,
+                self.read(self.chain.is_known(last.tx_hash).await)?,
+            ),
         };
         let view = SubmittedView {
             chain_nonce,

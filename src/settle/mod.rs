@@ -1,7 +1,12 @@
 //! The settlement engine: takes accepted payments from the ledger to the chain and back.
 //!
-//! One engine per chain runs a loop of rounds. Each round reads the head block and the fee
-//! history, then:
+//! One engine per chain runs a loop that wakes on events, not on a clock
+//! ([`wake`](self) and `pace.rs`): a payment arriving (the ledger's arrival count moves),
+//! the next look at the chain (soon after a send; with a learnt block cadence, just before
+//! and at the expected block; at the poll interval when nothing is in flight), or the end
+//! of a hold the planner asked for. A look that finds a new head (or the poll interval
+//! passed) runs a full round; an arrival or a hold ending only plans. A full round reads the
+//! head block and, when it needs them, the fee history (once per head), then:
 //!
 //! 1. **confirms** every open batch: a `Signed` batch is broadcast; a `Submitted` one is
 //!    looked for by every signed attempt's receipt, replaced with a higher fee after
@@ -15,7 +20,9 @@
 //!    transaction of ours, found when their nonce turned out used): each is settled at
 //!    depth on its own block, or back to accepted if that block was reorged away;
 //! 3. **expires** accepted payments whose `validBefore` the chain has passed;
-//! 4. **plans** the accepted payments of each token ([`crate::planner::plan`]) and, for
+//! 4. **plans** the accepted payments of each token ([`crate::planner::plan_held`], a cheap
+//!    batch held as the chain's cadence and the arrival rate say: until the send moment of
+//!    the next block when company is expected, else at once) and, for
 //!    each cut, pre-simulates the batch ([`crate::simulate`]), fails the items the token
 //!    would refuse, signs the transaction for an idle settler account, records the batch
 //!    with its raw signed bytes, and only then broadcasts it.
@@ -36,7 +43,9 @@
 //! |---|---|
 //! | `engine.rs` | the engine: what it holds between rounds, how it is built |
 //! | [`rpc`] | what the engine reads from a chain and sends to it, behind the [`Chain`] trait |
-//! | `round.rs` | the loop, leases, recovery after a cut-short round, writes and their metrics, gauges |
+//! | `wake.rs` | the loop: when the engine wakes (arrivals, the next look at the chain, a hold ending), recovery after a cut-short round |
+//! | `pace.rs` | the chain's cadence, the send lead, the arrival rate: how long a batch is held, when to look next |
+//! | `round.rs` | a round: leases, what it reads and follows, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
 //! | `sweep.rs` | included payments no open batch follows, on their own evidence |
 //! | `finality.rs` | settled payments followed to finality: corrected or reversed after a reorg |
@@ -57,11 +66,13 @@ mod fixtures;
 mod follow;
 mod keys;
 mod outcome;
+mod pace;
 mod round;
 pub mod rpc;
 mod sign;
 mod status;
 mod sweep;
+mod wake;
 
 use alloy::network::{Ethereum, TransactionBuilderError};
 use alloy::primitives::Address;

@@ -162,6 +162,7 @@ impl<C: Chain> Engine<C> {
         receipt: Receipt,
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
+        self.pace.included(receipt.block_number);
         let block_time = self.block_time(receipt.block_number).await?;
         let records = self.records_of(&batch)?;
         let now_ms = self.now_ms();

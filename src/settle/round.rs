@@ -1,27 +1,23 @@
-//! The engine's loop: rounds every poll interval, each cut short if it hangs or panics and
-//! resumed from the ledger; the ledger writes a round makes and the metrics they move; the
-//! gauges read off each round's view.
+//! A round of the engine: leases, the head, every open batch followed, sweeps, finality,
+//! planning; the ledger writes a round makes and the metrics they move; the gauges read off
+//! each round's view. A round started by an arrival or the end of a hold only plans; one
+//! that finds no new head before the poll interval does nothing more.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use alloy::primitives::{Address, U256};
-use futures::FutureExt as _;
-use tokio::sync::watch;
 
 use super::LEADER;
 use super::rpc::{Chain, Head};
+use super::wake::Look;
 use super::{ChainView, Engine, RoundReport, SettleError, TokenView};
 use crate::chain::RpcError;
 use crate::ledger::{
     ApplyRequest, ApplyResults, BatchRecord, BatchStatus, Fence, LedgerError, LogEntry, PaymentRecord, Status,
 };
 use crate::planner::{Costs, Fees};
-
-/// Longest a round may take. A round is a few RPC calls per open batch plus one per cut;
-/// an RPC that never answers must not stop settlement.
-const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pending payments this close to their `validBefore` (chain time) count as near their
 /// deadline in the metrics (and the alert built on it).
@@ -75,7 +71,7 @@ impl<C: Chain> Engine<C> {
     }
 
     /// Gives up this engine's leases (a clean stop) so others take over at once.
-    fn release_leases(&self) {
+    pub(super) fn release_leases(&self) {
         if let Some(fleet) = &self.fleet
             && let Some(shared) = self.ledger.ledger().fleet()
             && let Err(e) = shared.release_leases(&fleet.owner)
@@ -84,100 +80,80 @@ impl<C: Chain> Engine<C> {
         }
     }
 
-    /// Runs rounds every `poll_interval_ms`, and sooner when the planner asked to decide
-    /// again (a linger ending), until `stop` turns true. A failed round is logged and the
-    /// next one starts from what the ledger holds.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let poll = Duration::from_millis(self.config.poll_interval_ms);
-        let mut tick = tokio::time::interval(poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let early = wake_delay(self.wake_at_ms.take(), self.now_ms(), poll);
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = tokio::time::sleep(early.unwrap_or(poll)), if early.is_some() => {}
-                _ = stop.changed() => break,
-            }
-            if *stop.borrow() {
-                break;
-            }
-            let started = self.clock.now_ms();
-            // A round that hangs (an RPC without an answer) or panics is cut short; what it
-            // wrote stands, and the open batches are read back from the ledger.
-            let round = std::panic::AssertUnwindSafe(self.round()).catch_unwind();
-            match tokio::time::timeout(ROUND_TIMEOUT, round).await {
-                Ok(Ok(Ok(r))) if r != RoundReport::default() => {
-                    tracing::debug!(chain_id = self.chain_id, ?r, "round")
-                }
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(chain_id = self.chain_id, "settlement round failed: {e}"),
-                Ok(Err(_)) => {
-                    tracing::error!(
-                        chain_id = self.chain_id,
-                        "settlement round panicked; resuming from the ledger"
-                    );
-                    self.reload();
-                }
-                Err(_) => {
-                    tracing::error!(
-                        chain_id = self.chain_id,
-                        "settlement round took over {ROUND_TIMEOUT:?}; resuming from the ledger"
-                    );
-                    self.reload();
-                }
-            }
-            // A round longer than the leases (a hung node) may have let them go: the next
-            // round takes them again, or learns who has them.
-            if self.fleet.as_ref().is_some_and(|f| self.clock.now_ms().saturating_sub(started) > f.ttl_ms) {
-                tracing::warn!(chain_id = self.chain_id, "a settlement round outlasted its leases");
-            }
-        }
-        self.release_leases();
-    }
-
-    /// Reads the open batches back from the ledger (after a round was cut short between a
-    /// ledger write and the in-memory update that follows it).
-    fn reload(&mut self) {
-        match self.ledger.ledger().batches(self.chain_id) {
-            Ok(all) => {
-                self.next_counter = self.next_counter.max(all.last().map_or(0, |b| b.counter) + 1);
-                self.open =
-                    all.into_iter().filter(|b| !b.status.is_final()).map(|b| (b.counter, b)).collect();
-            }
-            Err(e) => tracing::error!(chain_id = self.chain_id, "cannot read batches back: {e}"),
-        }
-    }
-
-    /// One round: confirm, sweep, expire, plan and send.
+    /// One full round: confirm, sweep, expire, plan and send. The loop runs one when a new
+    /// head came or the poll interval passed; tests and the simulation call it directly.
     pub async fn round(&mut self) -> Result<RoundReport, SettleError> {
+        self.look(Look::Full).await
+    }
+
+    /// A round of `look`'s kind (see [`Look`]).
+    pub(super) async fn look(&mut self, look: Look) -> Result<RoundReport, SettleError> {
         let started = Instant::now();
         self.policy = self.policy_rx.borrow_and_update().clone();
         let mut report = RoundReport::default();
+        let now_ms = self.now_ms();
+        let poll_ms = self.config.poll_interval_ms;
+        let (head, new_head) = match &self.last_head {
+            Some((head, at)) if look == Look::Plan && now_ms.saturating_sub(*at) < poll_ms => (*head, false),
+            _ => {
+                let head = self.read(self.chain.head().await)?;
+                let new = self.pace.saw_head(&head, now_ms);
+                self.last_head = Some((head, now_ms));
+                (head, new)
+            }
+        };
+        let full = look == Look::Full
+            || new_head
+            || self.full_round_at_ms.is_none_or(|t| now_ms.saturating_sub(t) >= poll_ms);
+        if full {
+            self.full_round_at_ms = Some(now_ms);
+            self.follow_chain(&head, &mut report).await?;
+        } else if look == Look::Plan {
+            let accepted = self.pending_records().await?.into_iter().filter(|r| r.status == Status::Accepted);
+            let fees = self.fees_for(&head).await?;
+            self.plan_and_send(accepted.collect(), &head, fees, &mut report).await?;
+        }
+        if full || report != RoundReport::default() {
+            self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
+            self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
+        }
+        Ok(report)
+    }
+
+    /// Everything a new head (or the poll) calls for: leases, every open batch followed,
+    /// sweeps, finality, expiry, planning, the view published.
+    async fn follow_chain(&mut self, head: &Head, report: &mut RoundReport) -> Result<(), SettleError> {
         self.take_leases().await?;
-        let head = self.read(self.chain.head().await)?;
-        let fees = self.fees().await?;
         self.metrics.head_block.set(head.number as f64);
-        self.metrics.base_fee_wei.set(fees.base_fee as f64);
         let counters: Vec<u64> =
             self.open.iter().filter(|(_, b)| self.acts_for(b.settler)).map(|(c, _)| *c).collect();
-        for counter in counters {
-            self.advance(counter, &head, fees, &mut report).await?;
+        if !counters.is_empty() {
+            let fees = self.fees_for(head).await?;
+            for counter in counters {
+                self.advance(counter, head, fees, report).await?;
+            }
         }
         let pending = self.pending_records().await?;
         let pending_view = tally(&pending);
-        self.pending_metrics(&pending, &pending_view, &head);
+        self.pending_metrics(&pending, &pending_view, head);
         // In a fleet, the chain-wide work is the leader's alone.
         if self.acts_for(LEADER) {
-            self.sweep_included(&pending, &head, &mut report).await?;
-            self.follow_settled(&head, &mut report).await?;
+            self.sweep_included(&pending, head, report).await?;
+            self.follow_settled(head, report).await?;
         }
-        let accepted = pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
-        self.plan_and_send(accepted, &head, fees, &mut report).await?;
+        let accepted: Vec<PaymentRecord> =
+            pending.into_iter().filter(|r| r.status == Status::Accepted).collect();
+        if accepted.is_empty() {
+            self.waiting = 0;
+            self.wake_at_ms = None;
+        } else {
+            let fees = self.fees_for(head).await?;
+            self.plan_and_send(accepted, head, fees, report).await?;
+        }
         self.settler_balances().await;
-        self.publish(&head, fees, &pending_view);
-        self.metrics.round_seconds.record(started.elapsed().as_secs_f64());
-        self.metrics.last_round.set(self.clock.now_ms() as f64 / 1000.0);
-        Ok(report)
+        let fees = self.fees_at.map(|(_, f)| f).unwrap_or(Fees { base_fee: 0, priority_fee: 0 });
+        self.publish(head, fees, &pending_view);
+        Ok(())
     }
 
     /// What `token`'s settlements cost by what was learnt from receipts so far.
@@ -237,13 +213,21 @@ impl<C: Chain> Engine<C> {
     }
 
     /// The next block's base fee and a priority fee (the median tip of the last block, at
-    /// least the configured minimum).
-    async fn fees(&self) -> Result<Fees, SettleError> {
+    /// least the configured minimum), read once per head.
+    pub(super) async fn fees_for(&mut self, head: &Head) -> Result<Fees, SettleError> {
+        if let Some((number, fees)) = self.fees_at
+            && number == head.number
+        {
+            return Ok(fees);
+        }
         let reading = self.read(self.chain.fees().await)?;
-        Ok(Fees {
+        let fees = Fees {
             base_fee: reading.base_fee,
             priority_fee: reading.median_tip.max(self.config.min_priority_fee_wei),
-        })
+        };
+        self.metrics.base_fee_wei.set(fees.base_fee as f64);
+        self.fees_at = Some((head.number, fees));
+        Ok(fees)
     }
 
     /// The canonical block hash at `number` (`None` if the node has no such block).
@@ -251,11 +235,21 @@ impl<C: Chain> Engine<C> {
         &self,
         number: u64,
     ) -> Result<Option<alloy::primitives::B256>, SettleError> {
+        if let Some((head, _)) = &self.last_head
+            && head.number == number
+        {
+            return Ok(Some(head.hash));
+        }
         Ok(self.read(self.chain.block_at(number).await)?.map(|(hash, _)| hash))
     }
 
     /// The time of block `number` (0 if the node has no such block any more).
     pub(super) async fn block_time(&self, number: u64) -> Result<u64, SettleError> {
+        if let Some((head, _)) = &self.last_head
+            && head.number == number
+        {
+            return Ok(head.timestamp);
+        }
         Ok(self.read(self.chain.block_at(number).await)?.map_or(0, |(_, time)| time))
     }
 
@@ -414,32 +408,10 @@ fn tally(pending: &[PaymentRecord]) -> BTreeMap<Address, (u64, U256)> {
     out
 }
 
-/// How long to sleep before deciding again when the planner asked for `wake_at_ms`: `None`
-/// when the regular poll comes first (or nothing was asked). Never less than a few
-/// milliseconds, so a wake-up that is already due cannot spin.
-fn wake_delay(wake_at_ms: Option<u64>, now_ms: u64, poll: Duration) -> Option<Duration> {
-    const MIN: Duration = Duration::from_millis(5);
-    let delay = Duration::from_millis(wake_at_ms?.saturating_sub(now_ms)).max(MIN);
-    (delay < poll).then_some(delay)
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::fixtures::record;
     use super::*;
-
-    #[test]
-    fn an_early_wake_up_only_when_it_comes_before_the_poll_and_never_a_spin() {
-        let poll = Duration::from_millis(1_000);
-        assert_eq!(wake_delay(None, 5_000, poll), None, "nothing asked");
-        assert_eq!(wake_delay(Some(5_250), 5_000, poll), Some(Duration::from_millis(250)));
-        assert_eq!(
-            wake_delay(Some(4_000), 5_000, poll),
-            Some(Duration::from_millis(5)),
-            "overdue: soon, not at once"
-        );
-        assert_eq!(wake_delay(Some(7_000), 5_000, poll), None, "the poll comes first");
-    }
 
     #[test]
     fn the_tally_counts_and_sums_per_token() {

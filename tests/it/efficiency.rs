@@ -15,7 +15,6 @@ use common::daemon::TestDaemon;
 use common::settle::{Miner, ledger_after, payments, settling_daemon, status, submit, wait_for};
 use x402_batcher::api::v1;
 use x402_batcher::client;
-use x402_batcher::clock::{Clock, SystemClock};
 use x402_batcher::ledger::BatchRecord;
 use x402_batcher::tools::devnet::Devnet;
 use x402_batcher::tools::testkit;
@@ -24,8 +23,6 @@ use x402_batcher::x402::SignedAuthorization;
 const LIMIT: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(60);
 const PAYEE: Address = Address::repeat_byte(0xbe);
-/// How long a cheap batch waits for company in the burst test.
-const LINGER: Duration = Duration::from_secs(1);
 
 /// Submits every item at once (one task each over one connection); the ids, and the time
 /// from the first submission to the last acknowledgement.
@@ -77,63 +74,43 @@ async fn tx_to(net: &Devnet, hash: &str) -> Option<Address> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_payment_goes_as_the_tokens_own_call_and_a_burst_as_one_batch() {
+async fn a_lone_payment_goes_at_once_as_the_tokens_own_call_and_a_burst_behind_it_as_one_batch() {
     tokio::time::timeout(LIMIT, async {
         let net = Arc::new(Devnet::start().await.unwrap());
-        // Defaults: linger 250 ms, batches of up to 200, the seeds' gas until a receipt.
+        // Defaults: batches of up to 200, the seeds' gas until a receipt.
         let d = settling_daemon(&net, "eff", 1, |_| {}).await;
         let payers = d.payers("burst", 200, 1_000_000).await;
-        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
+        let miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
 
-        // Alone: the token's transferWithAuthorization, sent to the token, cut once it had
-        // lingered (cheap gas: the cost target is met).
+        // Alone, with nothing else arriving: the token's transferWithAuthorization, sent to
+        // the token at once (no company is expected, so none is waited for).
         let lone = payments(&d, &payers[..1], 1, 1, PAYEE);
         let id = submit(&d, &lone[0]).await;
         let one = wait_for(&d, &[id], WAIT, settled).await.remove(0);
         assert_eq!(tx_to(&net, &one.tx_hash).await, Some(net.token()), "a batch of one is a direct call");
 
-        // 200 distinct payers well within the linger: one batch. The first goes alone, and a
-        // round sees it (the engine's published view counts it) before the other 199 arrive:
-        // the linger, not luck, keeps it for them (alone it already met the cost target). The
-        // linger is raised to 1 s (through Admin) for it: this test shares two cores with the
-        // other areas' daemons in its binary, and the burst must arrive within the linger.
-        let mut admin = d.admin().await;
-        let linger =
-            v1::UpdatePolicyRequest { linger_ms: Some(LINGER.as_millis() as u64), ..Default::default() };
-        admin.update_policy(linger).await.unwrap();
+        // The first of a burst leaves alone too; the other 199 arrive while its transaction
+        // is in flight (no block is made meanwhile), and share the settler's next one.
+        drop(miner);
+        net.set_automine(false).await.unwrap();
         let items = payments(&d, &payers, 200, 2, PAYEE);
-        let started = Instant::now();
         let (mut ids, _) = burst(&d, &items[..1]).await;
-        let seen_after = SystemClock.now_ms();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let s = admin.get_status(v1::GetStatusRequest {}).await.unwrap().into_inner();
-            let seen = s
-                .chains
-                .iter()
-                .any(|c| c.updated_at_ms > seen_after && c.tokens.iter().any(|t| t.pending_payments == 1));
-            if seen {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no round saw the first payment: {s:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for(&d, &ids, WAIT, |p| status(p) == v1::PaymentStatus::Submitted).await;
         let (rest, _) = burst(&d, &items[1..]).await;
-        ids.extend(rest);
-        let took = started.elapsed();
-        eprintln!("200 payments acknowledged in {took:?}, a round between the first and the rest");
-        assert!(took < LINGER * 4 / 5, "the burst itself took {took:?}: not the case under test");
+        ids.extend(rest.iter().cloned());
+        net.set_automine(true).await.unwrap();
+        let _miner = Miner::start(Arc::clone(&net), Duration::from_millis(100), None);
         let done = wait_for(&d, &ids, WAIT, settled).await;
         let txs: HashSet<_> = done.iter().map(|p| p.tx_hash.clone()).collect();
-        assert_eq!(txs.len(), 1, "one transaction for the burst: {txs:?}");
-        assert_eq!(tx_to(&net, &done[0].tx_hash).await, Some(x402_batcher::chain::MULTICALL3));
+        assert_eq!(txs.len(), 2, "the first alone, the rest together: {txs:?}");
+        assert_eq!(tx_to(&net, &done[1].tx_hash).await, Some(x402_batcher::chain::MULTICALL3));
 
         let dir = Arc::clone(&d.dir);
         d.stop().await;
         let (_, batches) = ledger_after(dir.path(), net.chain_id());
-        assert_eq!(batch_of(&batches, &one).cut_reason, "cost_target");
-        let big = batch_of(&batches, &done[0]);
-        assert_eq!(big.items.len(), 200);
+        assert_eq!(batch_of(&batches, &one).cut_reason, "no_company");
+        let big = batch_of(&batches, &done[1]);
+        assert_eq!(big.items.len(), 199);
         let inc = big.inclusion.unwrap();
         assert!(big.gas_limit >= inc.gas_used && big.gas_limit <= x402_batcher::chain::TX_GAS_CAP);
     })

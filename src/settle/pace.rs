@@ -1,0 +1,413 @@
+//! When the engine acts: the chain's block cadence learnt from the heads it sees, how late
+//! a transaction can be sent and still make the next block (learnt from inclusions), the
+//! recent arrival rate, and from them how long a batch that is cheap enough is held for
+//! company and when the engine looks at the chain next.
+//!
+//! All of it is a plain function of what was seen and when (engine clock, milliseconds),
+//! so every rule is tested without a chain or a clock.
+//!
+//! - **Cadence.** A chain has one when the heads seen lately have timestamps a whole
+//!   number of seconds apart per block, the same step throughout, and were seen about that
+//!   far apart on the engine's clock too. A chain that mines each transaction at once
+//!   (anvil automine, or blocks made on demand) has none: its timestamps bunch up or run
+//!   ahead of the clock. The next block is expected at the earliest phase seen (a head is
+//!   seen after it was made, never before).
+//! - **Send lead.** A transaction is sent `lead` before the expected block: the time a cut
+//!   takes to reach the node (measured) plus a margin, doubled after a transaction that
+//!   missed the block it was sent for and eased back after each that made it.
+//! - **Holding.** On a chain with a cadence a batch that is cheap enough waits for the send
+//!   moment of the next block, and everything waiting then goes together: a transaction
+//!   sent earlier would wait in the pool for the same block. It goes at once when the
+//!   moment has come, or when the arrival rate says no other payment will come before it.
+//!   On a chain without a cadence waiting is pure loss: a batch goes at once, unless the
+//!   arrival rate brings another payment within the policy's linger (then it waits that
+//!   long, at most). Payments that arrive while a settler's transaction is in flight wait
+//!   for it anyway: batching costs no latency there.
+//! - **Arrival rate.** Payments that arrived in the last few seconds *while others were
+//!   waiting*: a client that sends its next request only after its last one was answered
+//!   never brings company, however often it pays.
+//! - **Looking at the chain.** Right after a send, soon and then less often; with a
+//!   cadence, from a little before the expected block every few tens of milliseconds until
+//!   it is seen (a block already there at the first look moves the expected phase
+//!   earlier); with nothing in flight, at the poll interval.
+
+use std::collections::VecDeque;
+
+use super::rpc::Head;
+use crate::planner::{CutReason, Hold};
+
+/// Heads kept to learn the cadence from.
+const HEADS: usize = 8;
+
+/// Fewest heads before a cadence is believed.
+const MIN_HEADS: usize = 5;
+
+/// How far the clock's view of the block gaps may stray from the timestamps' (percent of
+/// the window's span) and still count as one cadence.
+const CLOCK_TOLERANCE_PERCENT: u64 = 25;
+
+/// Arrivals counted for the rate: those of this window.
+const RATE_WINDOW_MS: u64 = 5_000;
+
+/// Most arrivals remembered (a burst beyond this already says "company comes").
+const RATE_MEMORY: usize = 1_024;
+
+/// After a send on a chain without a cadence, the first look at the chain, doubled at each
+/// look that found nothing new.
+const FIRST_LOOK_MS: u64 = 3;
+
+/// Looks at the chain this often from a little before the expected moment of a block
+/// ([`EARLY_LOOK_MS`]) until it is seen.
+const NEAR_BLOCK_LOOK_MS: u64 = 25;
+
+/// How long before a block's expected moment the looks for it start.
+const EARLY_LOOK_MS: u64 = 50;
+
+/// Smallest margin of the send lead (milliseconds).
+const MIN_MARGIN_MS: u64 = 50;
+
+/// One head as seen: its number, its timestamp (seconds) and when the engine saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    number: u64,
+    timestamp: u64,
+    at_ms: u64,
+}
+
+/// A transaction sent for the next block, to learn the lead from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    for_block: u64,
+}
+
+/// What the engine learnt of the chain's pace and of arrivals.
+#[derive(Debug, Clone, Default)]
+pub struct Pace {
+    heads: VecDeque<Seen>,
+    /// The cut-to-sent time, smoothed (milliseconds).
+    work_ms: u64,
+    /// The send lead's margin, learnt (milliseconds); 0 until a cadence is known.
+    margin_ms: u64,
+    sent: Option<Sent>,
+    /// Arrivals that came while others waited (engine clock).
+    arrivals: VecDeque<u64>,
+    /// The number of the newest head when the engine last looked and found nothing new, and
+    /// how many looks found nothing since the last send.
+    empty_looks: u32,
+}
+
+impl Pace {
+    /// A head seen at `now_ms`. Returns whether it is new (a higher number, or another
+    /// block at a height seen before: a reorg restarts the learning).
+    pub fn saw_head(&mut self, head: &Head, now_ms: u64) -> bool {
+        let seen = Seen { number: head.number, timestamp: head.timestamp, at_ms: now_ms };
+        match self.heads.back() {
+            Some(last) if last.number == head.number => {
+                self.empty_looks = self.empty_looks.saturating_add(1);
+                false
+            }
+            Some(last) if last.number > head.number => {
+                self.heads.clear();
+                self.heads.push_back(seen);
+                self.empty_looks = 0;
+                true
+            }
+            _ => {
+                if self.heads.len() == HEADS {
+                    self.heads.pop_front();
+                }
+                self.heads.push_back(seen);
+                self.empty_looks = 0;
+                true
+            }
+        }
+    }
+
+    /// The chain's block time (milliseconds), when it has a cadence.
+    pub fn block_ms(&self) -> Option<u64> {
+        if self.heads.len() < MIN_HEADS {
+            return None;
+        }
+        let pairs = self.heads.iter().zip(self.heads.iter().skip(1));
+        let mut step: Option<u64> = None;
+        for (a, b) in pairs {
+            let dn = b.number - a.number;
+            let dt = b.timestamp.checked_sub(a.timestamp)?;
+            if dt == 0 || dt % dn != 0 {
+                return None;
+            }
+            match step {
+                None => step = Some(dt / dn),
+                Some(s) if s == dt / dn => {}
+                Some(_) => return None,
+            }
+        }
+        let block_ms = step? * 1000;
+        let (first, last) = (self.heads.front()?, self.heads.back()?);
+        let by_stamps = (last.number - first.number) * block_ms;
+        let by_clock = last.at_ms.saturating_sub(first.at_ms);
+        (by_clock.abs_diff(by_stamps) * 100 <= by_stamps * CLOCK_TOLERANCE_PERCENT).then_some(block_ms)
+    }
+
+    /// When the block after the newest head is expected (engine clock), with a cadence.
+    pub fn next_block_at_ms(&self) -> Option<u64> {
+        let block_ms = self.block_ms()?;
+        let next = self.heads.back()?.number + 1;
+        self.heads.iter().map(|s| s.at_ms + (next - s.number) * block_ms).min()
+    }
+
+    /// How long before the expected block a transaction is sent.
+    pub fn lead_ms(&self) -> Option<u64> {
+        let block_ms = self.block_ms()?;
+        let margin = if self.margin_ms == 0 { initial_margin(block_ms) } else { self.margin_ms };
+        Some((self.work_ms + margin).min(block_ms / 2))
+    }
+
+    /// The last moment to send for the next block (engine clock), with a cadence.
+    pub fn send_by_ms(&self) -> Option<u64> {
+        Some(self.next_block_at_ms()?.saturating_sub(self.lead_ms()?))
+    }
+
+    /// A batch was sent at `now_ms`, `work_ms` after it was cut.
+    pub fn sent(&mut self, now_ms: u64, work_ms: u64) {
+        self.work_ms = if self.work_ms == 0 { work_ms } else { (self.work_ms * 7 + work_ms) / 8 };
+        self.empty_looks = 0;
+        let Some(last) = self.heads.back() else { return };
+        let next_at = self.next_block_at_ms();
+        // Sent before the next block's expected moment: meant for it; after: the one after.
+        let for_block = match next_at {
+            Some(at) if now_ms < at => last.number + 1,
+            Some(_) => last.number + 2,
+            None => return,
+        };
+        self.sent = Some(Sent { for_block });
+    }
+
+    /// The last batch sent was seen included in block `number`: the lead is learnt from
+    /// whether it made the block it was sent for.
+    pub fn included(&mut self, number: u64) {
+        let (Some(sent), Some(block_ms)) = (self.sent.take(), self.block_ms()) else { return };
+        let margin = if self.margin_ms == 0 { initial_margin(block_ms) } else { self.margin_ms };
+        self.margin_ms = if number > sent.for_block {
+            (margin * 2).min(block_ms / 2)
+        } else {
+            (margin * 15 / 16).max(MIN_MARGIN_MS)
+        };
+    }
+
+    /// `n` payments arrived at `now_ms`; `waiting`: others of the chain were waiting then
+    /// (held for a batch, or in a transaction not yet included).
+    pub fn arrived(&mut self, n: u64, now_ms: u64, waiting: bool) {
+        if !waiting {
+            return;
+        }
+        for _ in 0..n.min(RATE_MEMORY as u64) {
+            if self.arrivals.len() == RATE_MEMORY {
+                self.arrivals.pop_front();
+            }
+            self.arrivals.push_back(now_ms);
+        }
+    }
+
+    /// Payments per second that arrived lately while others waited.
+    pub fn rate_per_s(&self, now_ms: u64) -> f64 {
+        let from = now_ms.saturating_sub(RATE_WINDOW_MS);
+        let n = self.arrivals.iter().rev().take_while(|&&t| t > from).count();
+        n as f64 * 1000.0 / RATE_WINDOW_MS as f64
+    }
+
+    /// How long a cheap batch whose oldest payment arrived at `oldest_ms` is held.
+    pub fn hold(&self, now_ms: u64, oldest_ms: u64, linger_ms: u64) -> Hold {
+        let rate = self.rate_per_s(now_ms);
+        let expected = |ms: u64| rate * ms as f64 / 1000.0;
+        match self.send_by_ms() {
+            Some(send_by) if now_ms < send_by && expected(send_by - now_ms) >= 1.0 => {
+                Hold { until_ms: send_by, reason: CutReason::Block }
+            }
+            Some(send_by) if now_ms >= send_by => Hold { until_ms: now_ms, reason: CutReason::Block },
+            Some(_) => Hold { until_ms: now_ms, reason: CutReason::NoCompany },
+            None if expected(linger_ms) >= 1.0 => {
+                // Wait for about one more arrival, never longer than the linger.
+                let one_more = (1000.0 / rate).ceil() as u64;
+                Hold {
+                    until_ms: oldest_ms.saturating_add(linger_ms.min(one_more)),
+                    reason: CutReason::CostTarget,
+                }
+            }
+            None => Hold { until_ms: now_ms, reason: CutReason::NoCompany },
+        }
+    }
+
+    /// When to look at the chain next (engine clock), the last look having been at
+    /// `looked_ms`, while a transaction of ours is `in_flight` (sent, not yet seen
+    /// included); `None`: at the poll interval.
+    pub fn next_look_ms(&self, now_ms: u64, looked_ms: u64, in_flight: bool) -> Option<u64> {
+        if !in_flight {
+            return None;
+        }
+        if let (Some(next), Some(block_ms)) = (self.next_block_at_ms(), self.block_ms()) {
+            // From a little before the expected moment: a block seen at once there moves
+            // the expected phase earlier, so the estimate never stays late.
+            let start = next.saturating_sub(EARLY_LOOK_MS);
+            return if now_ms < start {
+                Some(start)
+            } else if now_ms < next + block_ms / 2 {
+                Some(looked_ms.max(start) + NEAR_BLOCK_LOOK_MS)
+            } else {
+                // Half a block late: the chain stalls, or the cadence changed.
+                None
+            };
+        }
+        // No cadence: soon after the send (an at-once chain mines it now), then less often.
+        Some(looked_ms + (FIRST_LOOK_MS << self.empty_looks.min(10)))
+    }
+}
+
+/// The send lead's margin before any inclusion taught it: a tenth of a block, at least
+/// [`MIN_MARGIN_MS`].
+fn initial_margin(block_ms: u64) -> u64 {
+    (block_ms / 10).max(MIN_MARGIN_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::B256;
+
+    fn head(number: u64, timestamp: u64) -> Head {
+        Head { number, hash: B256::with_last_byte(number as u8), timestamp, gas_limit: 30_000_000 }
+    }
+
+    /// Heads of a chain with `block_ms` blocks, seen `lag_ms` after each was made.
+    fn scheduled(block_ms: u64, n: u64, lag: impl Fn(u64) -> u64) -> Pace {
+        let mut p = Pace::default();
+        for i in 0..n {
+            p.saw_head(&head(100 + i, 1_000 + i * block_ms / 1000), 1_000_000 + i * block_ms + lag(i));
+        }
+        p
+    }
+
+    #[test]
+    fn a_regular_chain_has_a_cadence_and_its_next_block_is_expected_at_the_earliest_phase() {
+        let p = scheduled(2_000, 6, |i| [30, 5, 80, 12, 40, 60][i as usize]);
+        assert_eq!(p.block_ms(), Some(2_000));
+        // Seen 5 ms late at best: block 106 at 1_000_000 + 6 * 2000 + 5.
+        assert_eq!(p.next_block_at_ms(), Some(1_012_005));
+        assert_eq!(p.lead_ms(), Some(200), "a tenth of a block before any inclusion");
+        assert_eq!(p.send_by_ms(), Some(1_011_805));
+    }
+
+    #[test]
+    fn too_few_heads_bunched_timestamps_or_a_clock_that_disagrees_mean_no_cadence() {
+        assert_eq!(scheduled(1_000, 4, |_| 0).block_ms(), None, "four heads are not enough");
+        // Automine: many blocks in one second.
+        let mut p = Pace::default();
+        for i in 0..8 {
+            p.saw_head(&head(10 + i, 500 + i / 3), 1_000 + i * 30);
+        }
+        assert_eq!(p.block_ms(), None);
+        // Automine with a timestamp per block that runs ahead of the clock.
+        let mut p = Pace::default();
+        for i in 0..8 {
+            p.saw_head(&head(10 + i, 500 + i), 1_000 + i * 40);
+        }
+        assert_eq!(p.block_ms(), None, "one-second steps seen 40 ms apart");
+        // Irregular steps.
+        let mut p = Pace::default();
+        for (i, t) in [0u64, 1, 3, 4, 6, 7].iter().enumerate() {
+            p.saw_head(&head(i as u64, 500 + t), 1_000 + t * 1000);
+        }
+        assert_eq!(p.block_ms(), None);
+    }
+
+    #[test]
+    fn heads_missed_between_looks_still_show_the_cadence_and_a_reorg_restarts_learning() {
+        let mut p = Pace::default();
+        for (n, seen) in [(1u64, 0u64), (3, 4_000), (4, 6_000), (6, 10_000), (7, 12_000)] {
+            p.saw_head(&head(n, 100 + 2 * n), 50_000 + seen);
+        }
+        assert_eq!(p.block_ms(), Some(2_000));
+        assert!(!p.saw_head(&head(7, 114), 62_500), "the same head again is nothing new");
+        assert!(p.saw_head(&head(5, 110), 63_000), "a lower head: a reorg");
+        assert_eq!(p.block_ms(), None);
+    }
+
+    #[test]
+    fn the_lead_grows_after_a_missed_block_and_eases_after_blocks_made() {
+        let mut p = scheduled(1_000, 6, |_| 0);
+        let next = p.next_block_at_ms().unwrap();
+        p.sent(next - 150, 10);
+        assert_eq!(p.lead_ms(), Some(110), "10 ms of work and a 100 ms margin");
+        p.included(107);
+        assert_eq!(p.lead_ms(), Some(210), "missed block 106: the margin doubles");
+        for _ in 0..100 {
+            p.sent(next - 300, 10);
+            p.included(106);
+        }
+        assert_eq!(p.lead_ms(), Some(10 + MIN_MARGIN_MS), "eased to the floor");
+        for _ in 0..10 {
+            p.sent(next - 10, 10);
+            p.included(108);
+        }
+        assert_eq!(p.lead_ms(), Some(500), "never more than half a block");
+    }
+
+    #[test]
+    fn only_arrivals_while_others_wait_count_and_only_lately() {
+        let mut p = Pace::default();
+        p.arrived(50, 1_000, false);
+        assert_eq!(p.rate_per_s(1_000), 0.0, "a closed-loop client brings no company");
+        p.arrived(10, 1_000, true);
+        assert_eq!(p.rate_per_s(1_000), 2.0);
+        assert_eq!(p.rate_per_s(1_000 + RATE_WINDOW_MS), 0.0, "out of the window");
+    }
+
+    #[test]
+    fn with_a_cadence_a_batch_waits_for_the_send_moment_only_when_company_is_expected() {
+        let mut p = scheduled(2_000, 6, |_| 0);
+        let send_by = p.send_by_ms().unwrap();
+        let now = send_by - 1_000;
+        assert_eq!(p.hold(now, now, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
+        p.arrived(20, now, true);
+        assert_eq!(p.hold(now, now, 250), Hold { until_ms: send_by, reason: CutReason::Block });
+        assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: send_by + 1, reason: CutReason::Block });
+    }
+
+    #[test]
+    fn without_a_cadence_a_batch_goes_at_once_unless_company_comes_within_the_linger() {
+        let mut p = Pace::default();
+        assert_eq!(p.hold(5_000, 5_000, 250), Hold { until_ms: 5_000, reason: CutReason::NoCompany });
+        p.arrived(2, 4_000, true);
+        assert_eq!(p.hold(5_000, 5_000, 250).reason, CutReason::NoCompany, "0.4/s: none in 250 ms");
+        p.arrived(200, 4_500, true);
+        // 40.4/s: the next in ~25 ms.
+        assert_eq!(p.hold(5_000, 4_990, 250), Hold { until_ms: 4_990 + 25, reason: CutReason::CostTarget });
+        assert_eq!(
+            p.hold(5_000, 4_990, 10),
+            Hold { until_ms: 5_000, reason: CutReason::NoCompany },
+            "a 10 ms linger: nobody comes in time"
+        );
+    }
+
+    #[test]
+    fn the_chain_is_looked_at_soon_after_a_send_and_near_the_expected_block() {
+        let mut p = Pace::default();
+        assert_eq!(p.next_look_ms(1_000, 1_000, false), None, "nothing in flight: the poll");
+        let flying = true;
+        assert_eq!(p.next_look_ms(1_000, 1_000, flying), Some(1_000 + FIRST_LOOK_MS));
+        p.saw_head(&head(1, 1), 1_010);
+        p.saw_head(&head(1, 1), 1_010);
+        assert_eq!(
+            p.next_look_ms(1_010, 1_010, flying),
+            Some(1_010 + 2 * FIRST_LOOK_MS),
+            "nothing new: twice as long"
+        );
+        assert_eq!(p.next_look_ms(5_000, 1_010, flying), Some(1_010 + 2 * FIRST_LOOK_MS), "overdue: now");
+        let p = scheduled(1_000, 6, |_| 0);
+        let next = p.next_block_at_ms().unwrap();
+        assert_eq!(p.next_look_ms(next - 300, next - 300, flying), Some(next - EARLY_LOOK_MS));
+        assert_eq!(p.next_look_ms(next - 40, next - 40, flying), Some(next - 40 + NEAR_BLOCK_LOOK_MS));
+        assert_eq!(p.next_look_ms(next + 5, next + 5, flying), Some(next + 5 + NEAR_BLOCK_LOOK_MS));
+        assert_eq!(p.next_look_ms(next + 600, next + 590, flying), None, "a stalled chain: the poll");
+    }
+}
