@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The facilitator benchmark (issue #12): the same paid-request load through x402-batcher's
-# facilitator HTTP API and through the official reference facilitator (@x402/core +
-# @x402/evm, viem nonce manager on), on one devnet with 1 s blocks, in one run: paid
-# requests per second and their p50/p99 at concurrency 10 and 100, gas and RPC calls per
-# payment, raw /verify throughput, and the `accepted` settle mode's latency. Results are
+# The facilitator benchmark (issues #12, #27): the same paid-request load through
+# x402-batcher's facilitator HTTP API (built-in defaults) and through the official reference
+# facilitator (@x402/core + @x402/evm, viem nonce manager on), on one devnet switched between
+# automine, 1 s and 2 s blocks, in one run: paid requests per second and their p50/p99 at
+# concurrency 1, 10 and 100 in `included` mode, gas and RPC calls per payment, raw /verify
+# throughput, and the `accepted` settle mode's latency (1 s blocks). Results are
 # printed as JSON lines and written to the run's directory; BENCHMARKS.md records them.
 #
 # Usage: ops/bench-facilitator.sh [--requests N] [--verify-payments N]

@@ -3,8 +3,10 @@
 // 1 s blocks, in one run. An Express API protected by @x402/express (its own process)
 // points at one facilitator or the other; paid requests, their payment headers signed by
 // the official client (@x402/core + @x402/evm) beforehand, one payer per concurrent
-// request, are sent at concurrency 10 and 100 (and 1 in `accepted` mode). Each facilitator reaches anvil through its own counting proxy, so RPC calls per
-// payment are its own. Gas per payment comes from the receipts of the transactions the
+// request, are sent at concurrency 1, 10 and 100 in `included` mode on three chains (the
+// devnet switched between automine, 1 s and 2 s blocks), and in `accepted` mode on 1 s
+// blocks. The daemon runs with the built-in defaults. Each facilitator reaches anvil
+// through its own counting proxy, so RPC calls per payment are its own. Gas per payment comes from the receipts of the transactions the
 // settle answers name. Raw `/verify` throughput is `x402-batcher loadgen --facilitator`
 // against each.
 //
@@ -88,7 +90,11 @@ function runProcess(cmd, argv) {
   });
 }
 
-/** The daemon on the devnet `x402-batcher devnet` prepared in `dir`, in `mode`. */
+/**
+ * The daemon on the devnet `x402-batcher devnet` prepared in `dir`, in `mode`, with the
+ * built-in defaults for everything a first-time operator would leave alone (the engine's
+ * pace, the batching policy, confirmations).
+ */
 async function startDaemon(mode, rpc) {
   const ledger = path.join(args.dir, `ledger-${mode}-${Date.now()}`);
   const config = path.join(args.dir, `bench-${mode}.toml`);
@@ -98,10 +104,30 @@ async function startDaemon(mode, rpc) {
       `[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n` +
       `[facilitator]\nlisten = "127.0.0.1:0"\nsettle_mode = "${mode}"\n` +
       `[ledger]\npath = "${ledger}"\n[[chains]]\nchain_id = ${chainId}\nrpc_url = "${rpc}"\n` +
-      `[settlement]\nsettler_keys_file = "${path.join(args.dir, "settler.keys")}"\nconfirmations = 2\npoll_interval_ms = 200\nmax_wait_secs = 2\n`,
+      `[settlement]\nsettler_keys_file = "${path.join(args.dir, "settler.keys")}"\n`,
   );
   const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: "warn" });
   return { child, url: `http://${value}` };
+}
+
+/** Sets the devnet's block production: `0` mines each transaction at once, else a block every `secs`. */
+async function setMining(secs) {
+  const call = async (method, params) => {
+    const reply = await fetch(args.rpc, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ jsonrpc: "2.0", id: 1, method, params }),
+    });
+    const body = await reply.json();
+    if (body.error) throw new Error(`${method}: ${JSON.stringify(body.error)}`);
+  };
+  if (secs === 0) {
+    await call("evm_setIntervalMining", [0]);
+    await call("evm_setAutomine", [true]);
+  } else {
+    await call("evm_setAutomine", [false]);
+    await call("evm_setIntervalMining", [secs]);
+  }
 }
 
 const here = path.dirname(new URL(import.meta.url).pathname);
@@ -143,7 +169,7 @@ async function presign(url, payers, n) {
  * `facilitator`. The latency of a paid request is from sending it, payment header
  * attached, to its answer.
  */
-async function phase(label, facilitator, counter, concurrency, requests) {
+async function phase(label, facilitator, counter, concurrency, requests, thinkMs = 0) {
   const cfg = apiConfig;
   const configFile = path.join(args.dir, "api.json");
   fs.writeFileSync(configFile, JSON.stringify(cfg));
@@ -155,8 +181,13 @@ async function phase(label, facilitator, counter, concurrency, requests) {
   await pool(warm.length, concurrency, (i) => fetch(`${route}?r=warm-${label}-${i}`, { headers: { "payment-signature": warm[i] } }).then((r) => r.text()));
   const headers = await presign(route, concurrency, requests);
   const rpcBefore = counter.calls;
+  const methodsBefore = { ...(counter.methods ?? {}) };
   const started = performance.now();
   const results = await pool(requests, concurrency, async (i) => {
+    // Think time, not timed: each client's next request at a random moment of the block
+    // (without it, a client that pays again as soon as it is answered, just after a
+    // block, always waits a whole block, whoever facilitates).
+    if (thinkMs > 0) await new Promise((r) => setTimeout(r, Math.random() * thinkMs));
     const at = performance.now();
     const reply = await fetch(`${route}?r=${label}-${i}`, { headers: { "payment-signature": headers[i] }, signal: AbortSignal.timeout(120_000) });
     await reply.text();
@@ -165,6 +196,7 @@ async function phase(label, facilitator, counter, concurrency, requests) {
     return { status: reply.status, paidMs: performance.now() - at, settle };
   });
   const seconds = (performance.now() - started) / 1000;
+  // Throughput counts the think time in; the latencies do not.
   const rpc = counter.calls - rpcBefore;
   api.server.close();
   const ok = results.filter((r) => r.status === 200);
@@ -195,6 +227,9 @@ async function phase(label, facilitator, counter, concurrency, requests) {
     transactions: txs.length,
     gasPerPayment: txs.length && ok.length ? Number(gas / BigInt(ok.length)) : null,
     rpcPerPayment: ok.length ? +(rpc / ok.length).toFixed(2) : null,
+    rpcMethods: Object.fromEntries(
+      Object.entries(counter.methods ?? {}).map(([m, n]) => [m, n - (methodsBefore[m] ?? 0)]).filter(([, n]) => n > 0),
+    ),
   };
 }
 
@@ -228,15 +263,24 @@ log({ verify: "x402-batcher", ...report.verify.batcher });
 report.verify.reference = await rawVerify(referenceUrl, 1000);
 log({ verify: "reference", ...report.verify.reference });
 
-for (const concurrency of [10, 100]) {
-  const n = concurrency === 10 ? Math.ceil(requests / 4) : requests;
-  for (const [label, url, counter] of [["x402-batcher included", included.url, ours.counter], ["reference", referenceUrl, theirs.counter]]) {
-    const p = await phase(`${label.replace(/ /g, "-")}-c${concurrency}`, url, counter, concurrency, n);
-    p.facilitator = label;
-    report.phases.push(p);
-    log(p);
+// `included` mode beside the reference on three chains: one that mines each transaction at
+// once (anvil automine), 1 s blocks and 2 s blocks (Base's cadence). On the chains with
+// blocks, each client thinks a random part of a block before each request.
+const modes = [["automine", 0], ["1s", 1], ["2s", 2]];
+for (const [chainMode, secs] of modes) {
+  await setMining(secs);
+  for (const concurrency of [1, 10, 100]) {
+    const n = concurrency === 1 ? Math.ceil(requests / 20) : concurrency === 10 ? Math.ceil(requests / 4) : requests;
+    for (const [label, url, counter] of [["x402-batcher included", included.url, ours.counter], ["reference", referenceUrl, theirs.counter]]) {
+      const p = await phase(`${label.replace(/ /g, "-")}-${chainMode}-c${concurrency}`, url, counter, concurrency, n, secs * 1000);
+      p.facilitator = label;
+      p.chain = chainMode;
+      report.phases.push(p);
+      log(p);
+    }
   }
 }
+await setMining(1);
 included.child.kill("SIGTERM");
 const accepted = await startDaemon("accepted", ours.url);
 // The facilitator's own side of a paid request (verify, then settle), from a Rust client.
@@ -264,13 +308,17 @@ for (const concurrency of [1, 10]) {
 }
 stub.child.kill("SIGTERM");
 
-const find = (f, c) => report.phases.find((p) => p.facilitator === f && p.concurrency === c);
+const find = (f, c, chain = "1s") => report.phases.find((p) => p.facilitator === f && p.concurrency === c && (p.chain ?? "1s") === chain);
 const ratio = (a, b) => (a && b ? +(a / b).toFixed(2) : null);
+const side = (chain, c) => {
+  const [o, r] = [find("x402-batcher included", c, chain), find("reference", c, chain)];
+  return { p50Ms: [o?.paidP50Ms, r?.paidP50Ms], perSecond: [o?.paidPerSecond, r?.paidPerSecond], rpc: [o?.rpcPerPayment, r?.rpcPerPayment], gas: [o?.gasPerPayment, r?.gasPerPayment] };
+};
 report.summary = {
+  // [x402-batcher, reference] per chain and concurrency.
+  included: Object.fromEntries(modes.map(([m]) => [m, Object.fromEntries([1, 10, 100].map((c) => [`c${c}`, side(m, c)]))])),
   verifyRatio: ratio(report.verify.batcher.perSecond, report.verify.reference.perSecond),
-  gasRatio: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
-  paidPerSecondRatioC100: ratio(find("x402-batcher included", 100).paidPerSecond, find("reference", 100).paidPerSecond),
-  paidPerSecondRatioC10: ratio(find("x402-batcher included", 10).paidPerSecond, find("reference", 10).paidPerSecond),
+  gasRatio1sC100: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
   acceptedP50MsC1: find("x402-batcher accepted", 1).paidP50Ms,
   acceptedP50MsC10: find("x402-batcher accepted", 10).paidP50Ms,
   acceptedFacilitatorSideP50MsC10: report.verify.batcherAcceptedSettleC10.p50Ms,
