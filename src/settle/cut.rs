@@ -121,35 +121,7 @@ impl<C: Chain> Engine<C> {
         let now_ms = self.now_ms();
         // Chain time ahead of the clock (a devnet's, or a skewed node's) decides windows.
         let plan_ms = now_ms.max(head.timestamp.saturating_mul(1000));
-        let (mut expired, live) = expire(accepted, head, now_ms);
-        if !self.acts_for(super::LEADER) {
-            // Expiry is the fleet leader's work.
-            expired.clear();
-        }
-        // A payment that was in a batch before may have been paid by that batch's
-        // transaction after all (back in a node's pool after a reorg, mined later): its
-        // evidence, not its expiry (found by the simulator, seed 38).
-        for t in &mut expired {
-            let Some(record) = self.ledger.ledger().get(&t.key)? else { continue };
-            if record.batch_id.is_empty() {
-                continue;
-            }
-            if let Some(ev) = self.find_our_use(&record).await? {
-                t.to = Status::Included;
-                t.failure = None;
-                t.evidence = Some(ev);
-            }
-        }
-        if !expired.is_empty() {
-            let results = self
-                .apply(ApplyRequest { transitions: expired.clone(), batch: None, atomic: false, fence: None })
-                .await?;
-            for (t, r) in expired.iter().zip(&results) {
-                if r.is_ok() && t.to == Status::Expired {
-                    report.expired += 1;
-                }
-            }
-        }
+        let live = self.expire_passed(accepted, head, now_ms, report).await?;
 
         let mut idle = idle_settlers(&self.settlers, &self.open, self.next_settler);
         idle.retain(|s| self.acts_for(s.address));
@@ -206,6 +178,47 @@ impl<C: Chain> Engine<C> {
             }
         }
         Ok(())
+    }
+
+    /// Expires the accepted payments whose `validBefore` the chain passed (the fleet
+    /// leader's work), unless a transaction of ours paid them after all; the live rest.
+    async fn expire_passed(
+        &mut self,
+        accepted: Vec<PaymentRecord>,
+        head: &Head,
+        now_ms: u64,
+        report: &mut RoundReport,
+    ) -> Result<Vec<PaymentRecord>, SettleError> {
+        let (mut expired, live) = expire(accepted, head, now_ms);
+        if !self.acts_for(super::LEADER) {
+            // Expiry is the fleet leader's work.
+            expired.clear();
+        }
+        // A payment that was in a batch before may have been paid by that batch's
+        // transaction after all (back in a node's pool after a reorg, mined later): its
+        // evidence, not its expiry (found by the simulator, seed 38).
+        for t in &mut expired {
+            let Some(record) = self.ledger.ledger().get(&t.key)? else { continue };
+            if record.batch_id.is_empty() {
+                continue;
+            }
+            if let Some(ev) = self.find_our_use(&record).await? {
+                t.to = Status::Included;
+                t.failure = None;
+                t.evidence = Some(ev);
+            }
+        }
+        if !expired.is_empty() {
+            let results = self
+                .apply(ApplyRequest { transitions: expired.clone(), batch: None, atomic: false, fence: None })
+                .await?;
+            for (t, r) in expired.iter().zip(&results) {
+                if r.is_ok() && t.to == Status::Expired {
+                    report.expired += 1;
+                }
+            }
+        }
+        Ok(live)
     }
 
     /// How long `records`, if cheap enough, are held for company ([`super::pace`]), in the

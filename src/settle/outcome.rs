@@ -163,7 +163,7 @@ impl<C: Chain> Engine<C> {
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
         self.pace.included(receipt.block_number);
-        let block_time = self.block_time(receipt.block_number).await?;
+        let block_time = self.block_time(receipt.block_number, receipt.block_hash).await?;
         let records = self.records_of(&batch)?;
         let now_ms = self.now_ms();
         let judged = judge_receipt(&batch, &records, &receipt, block_time, now_ms);
@@ -429,7 +429,7 @@ impl<C: Chain> Engine<C> {
         record: &PaymentRecord,
     ) -> Result<Option<Evidence>, SettleError> {
         let Some(mut evidence) = evidence_for(receipt, record, 0) else { return Ok(None) };
-        evidence.block_time = self.block_time(receipt.block_number).await?;
+        evidence.block_time = self.block_time(receipt.block_number, receipt.block_hash).await?;
         Ok(Some(evidence))
     }
 }

@@ -243,10 +243,16 @@ impl<C: Chain> Engine<C> {
         Ok(self.read(self.chain.block_at(number).await)?.map(|(hash, _)| hash))
     }
 
-    /// The time of block `number` (0 if the node has no such block any more).
-    pub(super) async fn block_time(&self, number: u64) -> Result<u64, SettleError> {
+    /// The time of block `number` whose hash a receipt named `hash` (0 if the node has no
+    /// such block any more).
+    pub(super) async fn block_time(
+        &self,
+        number: u64,
+        hash: alloy::primitives::B256,
+    ) -> Result<u64, SettleError> {
         if let Some((head, _)) = &self.last_head
             && head.number == number
+            && head.hash == hash
         {
             return Ok(head.timestamp);
         }
