@@ -43,7 +43,11 @@ pub(super) fn expire(
 
 /// The settlers with no batch waiting for inclusion, starting at `next` (round-robin, so
 /// every account takes its share).
-fn idle_settlers(settlers: &[Settler], open: &BTreeMap<u64, BatchRecord>, next: usize) -> Vec<Settler> {
+pub(super) fn idle_settlers(
+    settlers: &[Settler],
+    open: &BTreeMap<u64, BatchRecord>,
+    next: usize,
+) -> Vec<Settler> {
     let n = settlers.len();
     (0..n)
         .map(|i| &settlers[(next + i) % n])

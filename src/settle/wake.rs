@@ -173,12 +173,8 @@ impl<C: Chain> Engine<C> {
         let waiting = self.waiting > 0 || self.in_flight();
         self.pace.arrived(n, now, waiting);
         self.waiting = self.waiting.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
-        let idle = self.settlers.iter().any(|s| {
-            self.acts_for(s.address)
-                && !self.open.values().any(|b| {
-                    b.settler == s.address && matches!(b.status, BatchStatus::Signed | BatchStatus::Submitted)
-                })
-        });
+        let idle =
+            super::cut::idle_settlers(&self.settlers, &self.open, 0).iter().any(|s| self.acts_for(s.address));
         let holding = self.wake_at_ms.is_some_and(|at| at > now);
         idle && (!holding || self.waiting >= self.policy.max_batch_size)
     }
