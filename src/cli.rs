@@ -73,6 +73,12 @@ pub enum Command {
         /// mining); without it, a block per transaction and one more every second.
         #[arg(long)]
         block_time: Option<u64>,
+        /// A flashblocks stand-in (OP-stack preconfirmations): anvil makes a flashblock
+        /// every this many milliseconds and the printed RPC URL is a proxy that seals a
+        /// block every --block-time seconds (default 2), serving receipts from the
+        /// flashblocks in between as preconfirmed.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+        flashblocks_ms: Option<u64>,
     },
     /// Offer load to a daemon: pre-sign N payments from M payers, submit them over
     /// SubmitStreams, and report throughput and acknowledgement latency. With --devnet it

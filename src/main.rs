@@ -63,8 +63,8 @@ async fn main() -> anyhow::Result<()> {
             let s = export::run(&*read_only_ledger(&config, over)?, &config.token_table(), &job)?;
             eprintln!("exported {} rows; log position {}", s.rows, s.cursor);
         }
-        Command::Devnet { dir, settlers, payers, block_time } => {
-            let opts = devnet::ByHand { dir, settlers, payers, block_time };
+        Command::Devnet { dir, settlers, payers, block_time, flashblocks_ms } => {
+            let opts = devnet::ByHand { dir, settlers, payers, block_time, flashblock_ms: flashblocks_ms };
             devnet::by_hand(&opts, daemon::shutdown_signal()).await?;
         }
         Command::Reconcile { config, ledger, from_block, to_block, chain_id } => {

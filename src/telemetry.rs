@@ -45,6 +45,7 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_transactions_dropped_total",
     "x402_batcher_confirmation_lag_blocks",
     "x402_batcher_reorgs_total",
+    "x402_batcher_preconfirmations_broken_total",
     "x402_batcher_settlement_corrections_total",
     "x402_batcher_settlement_reversals_total",
     "x402_batcher_finality_lag_blocks",
@@ -237,6 +238,9 @@ pub struct ChainMetrics {
     pub transactions_dropped: Counter,
     pub confirmation_lag_blocks: Gauge,
     pub reorgs: Counter,
+    /// Batches counted included at a preconfirmation whose transaction the sealed block did
+    /// not hold (their payments were settled again, or expired).
+    pub preconfirmations_broken: Counter,
     /// Settled payments whose evidence a reorg moved, and whose settlement it undid.
     pub corrections: Counter,
     pub reversals: Counter,
@@ -264,6 +268,7 @@ impl ChainMetrics {
             transactions_dropped: metrics::counter!("x402_batcher_transactions_dropped_total", "chain_id" => c.clone()),
             confirmation_lag_blocks: metrics::gauge!("x402_batcher_confirmation_lag_blocks", "chain_id" => c.clone()),
             reorgs: metrics::counter!("x402_batcher_reorgs_total", "chain_id" => c.clone()),
+            preconfirmations_broken: metrics::counter!("x402_batcher_preconfirmations_broken_total", "chain_id" => c.clone()),
             corrections: metrics::counter!("x402_batcher_settlement_corrections_total", "chain_id" => c.clone()),
             reversals: metrics::counter!("x402_batcher_settlement_reversals_total", "chain_id" => c.clone()),
             finality_lag_blocks: metrics::gauge!("x402_batcher_finality_lag_blocks", "chain_id" => c.clone()),

@@ -349,6 +349,12 @@ impl Config {
                     "must be \"finalized\", \"safe\" or a depth of at least 1 block",
                 ));
             }
+            if c.preconfirmation_ms.is_some_and(|ms| !(10..=10_000).contains(&ms)) {
+                return Err(invalid(
+                    format!("chains[{i}].preconfirmation_ms"),
+                    "must be a flashblock interval of 10 to 10000 ms (Base: 200)",
+                ));
+            }
         }
         Ok(())
     }
@@ -496,6 +502,12 @@ mod tests {
         assert!(matches!(err, ConfigError::Parse(_)));
         let err = Config::parse("[admission]\nmax_value = \"-3\"").unwrap_err();
         assert!(format!("{err:?}").contains("max_value"), "{err:?}");
+        let chain = |ms: u64| {
+            format!("[[chains]]\nchain_id = 8453\nrpc_url = \"http://x\"\npreconfirmation_ms = {ms}")
+        };
+        let err = Config::parse(&chain(0)).unwrap_err().to_string();
+        assert!(err.contains("chains[0].preconfirmation_ms"), "{err}");
+        assert_eq!(Config::parse(&chain(200)).unwrap().chains[0].preconfirmation_ms, Some(200));
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub struct ChainConfig {
     /// deployment call is bounded and harmless belong here (e.g. Coinbase Smart Wallet's).
     #[serde(default)]
     pub erc6492_factories: Vec<Address>,
+    /// Opt-in, OP-stack chains with flashblocks (Base: one every 200 ms): `rpc_url` is a
+    /// flashblocks-aware endpoint, serving a transaction's receipt as soon as the
+    /// sequencer preconfirms it, and this is its flashblock interval (milliseconds). A
+    /// payment then counts as `included` at its preconfirmation, before its block is
+    /// sealed: the sequencer's promise, not yet the chain's (RUNBOOK: "Preconfirmations").
+    /// Without it, a receipt from a block the endpoint does not serve yet is not counted.
+    #[serde(default)]
+    pub preconfirmation_ms: Option<u64>,
 }
 
 /// See [`ChainConfig::finality`].

@@ -216,6 +216,9 @@ pub(super) fn engines(
         .with_board(access.board.clone())
         .with_finality(
             config.chains.iter().find(|c| c.chain_id == chain_id).map(|c| c.finality).unwrap_or_default(),
+        )
+        .with_preconfirmations(
+            config.chains.iter().find(|c| c.chain_id == chain_id).and_then(|c| c.preconfirmation_ms),
         );
         let engine = match &owner {
             Some(owner) => engine.with_leases(owner, config.settlement.lease_ms),

@@ -60,6 +60,17 @@ pub(super) fn idle_settlers(
         .collect()
 }
 
+/// The nonce of `settler`'s next transaction: the chain's (as of its latest block), or
+/// past the settler's open batches counted included whose block is not in that state yet
+/// (a preconfirmation, or a node behind the receipt it served).
+pub(super) fn next_nonce(chain_nonce: u64, open: &BTreeMap<u64, BatchRecord>, settler: Address) -> u64 {
+    open.values()
+        .filter(|b| b.settler == settler && b.status == BatchStatus::Included)
+        .filter_map(|b| b.inclusion.and_then(|inc| b.attempts.iter().find(|a| a.tx_hash == inc.tx_hash)))
+        .map(|a| a.tx_nonce + 1)
+        .fold(chain_nonce, u64::max)
+}
+
 /// Caps for the planner such that the batches it plans get a gas limit (see
 /// [`SettlementConfig::gas_limit`]) within the per-transaction and block gas caps.
 pub(super) fn caps(
@@ -296,7 +307,7 @@ impl<C: Chain> Engine<C> {
         // them together with the refused ones (a little generous, on a rare path).
         let counter = self.next_counter;
         self.next_counter += 1;
-        let nonce = self.read(self.chain.nonce(settler).await)?;
+        let nonce = next_nonce(self.read(self.chain.nonce(settler).await)?, &self.open, settler);
         let mut batch = BatchRecord {
             chain_id: self.chain_id,
             counter,
@@ -358,6 +369,7 @@ impl<C: Chain> Engine<C> {
             tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
         }
         self.pace.sent(self.now_ms(), cut_at.elapsed().as_millis() as u64);
+        self.receipts_at_ms = Some(self.now_ms());
         self.mark_submitted(batch).await?;
         report.batches_sent += 1;
         Ok(())
@@ -433,6 +445,18 @@ mod tests {
     use super::*;
     use alloy::network::EthereumWallet;
     use alloy::signers::local::PrivateKeySigner;
+
+    #[test]
+    fn the_next_nonce_passes_a_settlers_batches_counted_included_before_the_chain_shows_them() {
+        let r = [record(1, Status::Included, 10_000)];
+        let mut preconfirmed = batch(1, BatchStatus::Included, &r, vec![attempt(1, 7, 100, 5_000)]);
+        preconfirmed.inclusion = Some(super::super::fixtures::inclusion(101, alloy::primitives::B256::ZERO));
+        let settler = preconfirmed.settler;
+        let open = BTreeMap::from([(1, preconfirmed)]);
+        assert_eq!(next_nonce(7, &open, settler), 8, "the latest block does not hold nonce 7 yet");
+        assert_eq!(next_nonce(9, &open, settler), 9, "the chain is ahead: its nonce");
+        assert_eq!(next_nonce(7, &open, Address::repeat_byte(0x42)), 7, "another settler's batches");
+    }
 
     #[test]
     fn payments_the_chain_passed_expire_with_their_reason() {

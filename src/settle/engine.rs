@@ -2,7 +2,7 @@
 //! batches resumed from the ledger, the settler accounts, the optional parts: leases in a
 //! fleet, finality, the status board).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use alloy::network::EthereumWallet;
@@ -94,6 +94,14 @@ pub struct Engine<C: Chain = RpcChain> {
     pub(super) waiting: usize,
     /// The last final block read, and the head it was read at.
     pub(super) final_seen: Option<(u64, u64)>,
+    /// The chain's flashblock interval when its preconfirmations count (opt-in, see
+    /// [`crate::config::ChainConfig::preconfirmation_ms`]).
+    pub(super) preconfirm_ms: Option<u64>,
+    /// When the receipts of the batches in flight were last looked for (engine clock).
+    pub(super) receipts_at_ms: Option<u64>,
+    /// Batches counted included at a preconfirmation whose block is not sealed yet: a
+    /// block hash that changes at the seal is no reorg.
+    pub(super) preconfirmed: BTreeSet<u64>,
 }
 
 /// The chain-wide work of a fleet (sweeping, expiring, following settled payments to
@@ -184,6 +192,9 @@ impl<C: Chain> Engine<C> {
             full_round_at_ms: None,
             waiting: 0,
             final_seen: None,
+            preconfirm_ms: None,
+            receipts_at_ms: None,
+            preconfirmed: BTreeSet::new(),
         })
     }
 
@@ -198,6 +209,16 @@ impl<C: Chain> Engine<C> {
     /// Follows settled payments to `finality` (the chain's `finalized` block by default).
     pub fn with_finality(mut self, finality: Finality) -> Self {
         self.finality = finality;
+        self
+    }
+
+    /// Counts a payment included at its preconfirmation, on a chain whose RPC endpoint
+    /// serves preconfirmed receipts (flashblocks every `ms`): while a transaction is in
+    /// flight its receipt is looked for every half interval; a batch is never held for
+    /// the sealed block.
+    pub fn with_preconfirmations(mut self, ms: Option<u64>) -> Self {
+        self.preconfirm_ms = ms;
+        self.pace.preconfirmed(ms.is_some());
         self
     }
 

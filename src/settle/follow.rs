@@ -121,6 +121,10 @@ pub(super) fn included_step(
     head: &Head,
     confirmations: u64,
 ) -> IncludedStep {
+    if inclusion.block_number > head.number {
+        // Preconfirmed, not sealed yet: nothing to compare until the head reaches it.
+        return IncludedStep::Wait { depth: 0 };
+    }
     if canonical != Some(inclusion.block_hash) {
         return IncludedStep::Reorged;
     }
@@ -213,11 +217,11 @@ impl<C: Chain> Engine<C> {
         Ok(())
     }
 
-    /// The receipt of the batch's latest mined attempt.
+    /// The receipt of the batch's latest mined attempt, if it counts ([`Self::counts`]).
     pub(super) async fn receipt_of(&self, batch: &BatchRecord) -> Result<Option<Receipt>, SettleError> {
         for a in batch.attempts.iter().rev() {
             if let Some(r) = self.read(self.chain.receipt(a.tx_hash, batch.token).await)? {
-                return Ok(Some(r));
+                return Ok(self.counts(&r).await?.then_some(r));
             }
         }
         Ok(None)
@@ -292,9 +296,21 @@ impl<C: Chain> Engine<C> {
         let Some(inc) = batch.inclusion else {
             return self.abandon(batch, head, "included without inclusion data", report).await;
         };
-        let canonical = self.canonical_hash(inc.block_number).await?;
-        let depth = match included_step(&inc, canonical, head, self.policy.confirmations) {
+        if inc.block_number > head.number {
+            return Ok(());
+        }
+        let canonical = self.canonical_block(inc.block_number).await?;
+        let preconfirmed = self.preconfirmed.remove(&batch.counter);
+        let hash = canonical.map(|(hash, _)| hash);
+        if hash == Some(inc.block_hash) && canonical.is_some_and(|(_, time)| time != inc.block_time) {
+            // Sealed as preconfirmed: its time is the sealed block's from now on.
+            return self.on_sealed(batch, &inc, head, report).await;
+        }
+        let depth = match included_step(&inc, hash, head, self.policy.confirmations) {
             IncludedStep::Wait { .. } => return Ok(()),
+            // Sealed with another hash than its preconfirmation named: judged again on the
+            // sealed block; only a transaction gone or moved broke the preconfirmation.
+            IncludedStep::Reorged if preconfirmed => return self.on_sealed(batch, &inc, head, report).await,
             IncludedStep::Reorged => {
                 tracing::warn!(batch = %batch.id(), block = inc.block_number, "reorg: the including block changed");
                 self.metrics.reorgs.increment(1);
@@ -398,7 +414,7 @@ impl<C: Chain> Engine<C> {
 
     /// The batch's transaction is gone: its payments go back to accepted while the chain
     /// can still take them, else they expire.
-    async fn abandon(
+    pub(super) async fn abandon(
         &mut self,
         batch: BatchRecord,
         head: &Head,
@@ -531,6 +547,8 @@ mod tests {
             IncludedStep::Reorged
         );
         assert_eq!(included_step(&inc, None, &head(102, 0), 3), IncludedStep::Reorged, "block gone");
+        // A preconfirmation: the endpoint serves no block above its head yet.
+        assert_eq!(included_step(&inc, None, &head(99, 0), 3), IncludedStep::Wait { depth: 0 });
     }
 
     #[test]

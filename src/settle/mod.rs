@@ -47,6 +47,7 @@
 //! | `pace.rs` | the chain's cadence, the send lead, the arrival rate: how long a batch is held, when to look next |
 //! | `round.rs` | a round: leases, what it reads and follows, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
+//! | `preconfirm.rs` | which receipts count; preconfirmed inclusions looked for, and judged again once sealed |
 //! | `sweep.rs` | included payments no open batch follows, on their own evidence |
 //! | `finality.rs` | settled payments followed to finality: corrected or reversed after a reorg |
 //! | `outcome.rs` | a receipt → each payment's outcome and evidence (the one fee-share rule) |
@@ -67,6 +68,7 @@ mod follow;
 mod keys;
 mod outcome;
 mod pace;
+mod preconfirm;
 mod round;
 pub mod rpc;
 mod sign;

@@ -163,6 +163,9 @@ impl<C: Chain> Engine<C> {
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
         self.pace.included(receipt.block_number);
+        if self.last_head.is_some_and(|(h, _)| receipt.block_number > h.number) {
+            self.preconfirmed.insert(batch.counter);
+        }
         let block_time = self.block_time(receipt.block_number, receipt.block_hash).await?;
         let records = self.records_of(&batch)?;
         let now_ms = self.now_ms();

@@ -94,6 +94,10 @@ pub struct Pace {
     /// The number of the newest head when the engine last looked and found nothing new, and
     /// how many looks found nothing since the last send.
     empty_looks: u32,
+    /// The chain's preconfirmations count: a transaction is seen included at the next
+    /// flashblock, so nothing waits for the sealed block and the engine looks for receipts
+    /// rather than heads while one is in flight.
+    preconfirmed: bool,
 }
 
 impl Pace {
@@ -121,6 +125,11 @@ impl Pace {
                 true
             }
         }
+    }
+
+    /// Counts inclusions at their preconfirmation (see the field).
+    pub fn preconfirmed(&mut self, on: bool) {
+        self.preconfirmed = on;
     }
 
     /// The chain's block time (milliseconds), when it has a cadence.
@@ -220,7 +229,9 @@ impl Pace {
     pub fn hold(&self, now_ms: u64, oldest_ms: u64, linger_ms: u64) -> Hold {
         let rate = self.rate_per_s(now_ms);
         let expected = |ms: u64| rate * ms as f64 / 1000.0;
-        match self.send_by_ms() {
+        // With preconfirmations the next flashblock, not the sealed block, is the one to make.
+        let send_by = if self.preconfirmed { None } else { self.send_by_ms() };
+        match send_by {
             Some(send_by) if now_ms < send_by && expected(send_by - now_ms) >= 1.0 => {
                 Hold { until_ms: send_by, reason: CutReason::Block }
             }
@@ -242,7 +253,7 @@ impl Pace {
     /// `looked_ms`, while a transaction of ours is `in_flight` (sent, not yet seen
     /// included); `None`: at the poll interval.
     pub fn next_look_ms(&self, now_ms: u64, looked_ms: u64, in_flight: bool) -> Option<u64> {
-        if !in_flight {
+        if !in_flight || self.preconfirmed {
             return None;
         }
         if let (Some(next), Some(block_ms)) = (self.next_block_at_ms(), self.block_ms()) {
@@ -371,6 +382,18 @@ mod tests {
         p.arrived(20, now, true);
         assert_eq!(p.hold(now, now, 250), Hold { until_ms: send_by, reason: CutReason::Block });
         assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: send_by + 1, reason: CutReason::Block });
+    }
+
+    #[test]
+    fn with_preconfirmations_nothing_waits_for_the_sealed_block_nor_looks_for_it() {
+        let mut p = scheduled(2_000, 6, |_| 0);
+        let now = p.send_by_ms().unwrap() - 1_000;
+        p.arrived(8, now, true);
+        assert_eq!(p.hold(now, now, 250).reason, CutReason::Block, "without: held for the block");
+        p.preconfirmed(true);
+        // 1.6/s: no company within the linger; the next flashblock comes anyway.
+        assert_eq!(p.hold(now, now, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
+        assert_eq!(p.next_look_ms(now, now, true), None, "receipts, not heads, are looked for");
     }
 
     #[test]

@@ -92,6 +92,11 @@ impl<C: Chain> Engine<C> {
         self.policy = self.policy_rx.borrow_and_update().clone();
         let mut report = RoundReport::default();
         let now_ms = self.now_ms();
+        if look == Look::Receipts {
+            self.receipts_at_ms = Some(now_ms);
+            self.follow_in_flight(&mut report).await?;
+            return Ok(report);
+        }
         let poll_ms = self.config.poll_interval_ms;
         let (head, new_head) = match &self.last_head {
             Some((head, at)) if look == Look::Plan && now_ms.saturating_sub(*at) < poll_ms => (*head, false),
@@ -235,16 +240,26 @@ impl<C: Chain> Engine<C> {
         &self,
         number: u64,
     ) -> Result<Option<alloy::primitives::B256>, SettleError> {
+        Ok(self.canonical_block(number).await?.map(|(hash, _)| hash))
+    }
+
+    /// The canonical block at `number`, hash and time (the head last read's without a
+    /// read, when it is that block).
+    pub(super) async fn canonical_block(
+        &self,
+        number: u64,
+    ) -> Result<Option<(alloy::primitives::B256, u64)>, SettleError> {
         if let Some((head, _)) = &self.last_head
             && head.number == number
         {
-            return Ok(Some(head.hash));
+            return Ok(Some((head.hash, head.timestamp)));
         }
-        Ok(self.read(self.chain.block_at(number).await)?.map(|(hash, _)| hash))
+        self.read(self.chain.block_at(number).await)
     }
 
-    /// The time of block `number` whose hash a receipt named `hash` (0 if the node has no
-    /// such block any more).
+    /// The time of block `number` whose hash a receipt named `hash`: 0 if the node has no
+    /// such block any more; for a preconfirmed block above the head, not sealed yet, the
+    /// engine clock's second (at least the head's next), corrected once it is sealed.
     pub(super) async fn block_time(
         &self,
         number: u64,
@@ -256,7 +271,13 @@ impl<C: Chain> Engine<C> {
         {
             return Ok(head.timestamp);
         }
-        Ok(self.read(self.chain.block_at(number).await)?.map_or(0, |(_, time)| time))
+        if let Some((_, time)) = self.read(self.chain.block_at(number).await)? {
+            return Ok(time);
+        }
+        Ok(match &self.last_head {
+            Some((head, _)) if number > head.number => (head.timestamp + 1).max(self.now_ms() / 1000),
+            _ => 0,
+        })
     }
 
     /// Gauges read off this round's view: transactions awaiting inclusion, how deep the

@@ -57,6 +57,10 @@ pub(super) fn sweep_step(
     let (Some(tx_hash), Some(block_hash)) = (record.tx_hash, record.block_hash) else {
         return SweepStep::NoEvidence;
     };
+    if record.block_number > head.number {
+        // Preconfirmed, not sealed yet.
+        return SweepStep::Wait;
+    }
     if canonical != Some(block_hash) {
         return SweepStep::Reorged { tx_hash };
     }
@@ -82,6 +86,7 @@ impl<C: Chain> Engine<C> {
         let mut transitions = Vec::new();
         for r in orphans {
             let hash = match canonical.get(&r.block_number) {
+                _ if r.block_number > head.number => None,
                 Some(h) => *h,
                 None => {
                     let h = self.canonical_hash(r.block_number).await?;
@@ -155,6 +160,7 @@ mod tests {
         let moved = sweep_step(&r, Some(B256::repeat_byte(0xb1)), &h, 3);
         assert_eq!(moved, SweepStep::Reorged { tx_hash: B256::repeat_byte(9) });
         assert_eq!(sweep_step(&record(2, Status::Included, 10_000), None, &h, 3), SweepStep::NoEvidence);
+        assert_eq!(sweep_step(&r, None, &head(99, 0), 3), SweepStep::Wait, "preconfirmed, not sealed yet");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub(super) enum Look {
     /// Plan the payments waiting (an arrival, or a hold ended), with the head last read
     /// unless it is a poll interval old.
     Plan,
+    /// On a chain whose preconfirmations count: the receipts of the transactions in
+    /// flight, nothing else.
+    Receipts,
 }
 
 impl<C: Chain> Engine<C> {
@@ -138,14 +141,25 @@ impl<C: Chain> Engine<C> {
         let poll = self.config.poll_interval_ms;
         // Never looked (a new engine): at once.
         let polled = self.last_head.as_ref().map_or(0, |(_, at)| *at);
-        let look_at = self
-            .pace
-            .next_look_ms(now, polled, self.in_flight())
-            .map_or(polled + poll, |at| at.min(polled + poll));
-        match self.wake_at_ms {
-            Some(plan_at) if plan_at < look_at => (plan_at.max(now), Look::Plan),
-            _ => (look_at.max(now), Look::Chain),
+        let in_flight = self.in_flight();
+        let look_at =
+            self.pace.next_look_ms(now, polled, in_flight).map_or(polled + poll, |at| at.min(polled + poll));
+        let mut next = (look_at, Look::Chain);
+        if let Some(plan_at) = self.wake_at_ms.filter(|at| *at < next.0) {
+            next = (plan_at, Look::Plan);
         }
+        if let Some(receipts_at) = self.next_receipts_look_ms(in_flight).filter(|at| *at < next.0) {
+            next = (receipts_at, Look::Receipts);
+        }
+        (next.0.max(now), next.1)
+    }
+
+    /// With preconfirmations and a transaction in flight: half a flashblock after the last
+    /// look for receipts (or the send), so a preconfirmation is seen a quarter of a
+    /// flashblock after it was made, on average.
+    fn next_receipts_look_ms(&self, in_flight: bool) -> Option<u64> {
+        let flash_ms = self.preconfirm_ms.filter(|_| in_flight)?;
+        Some(self.receipts_at_ms.unwrap_or(0) + (flash_ms / 2).max(1))
     }
 
     /// Whether a transaction of this engine is sent and not yet seen included.

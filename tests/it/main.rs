@@ -41,6 +41,7 @@ mod metrics;
 mod migrate;
 mod ops_kit;
 mod payers;
+mod preconf;
 mod reconcile;
 mod settle_on_anvil;
 mod settlement;

@@ -20,6 +20,9 @@ pub struct ByHand {
     /// Blocks only every this many seconds (anvil's interval mining); `None`: a block per
     /// transaction and one more every second.
     pub block_time: Option<u64>,
+    /// A flashblocks stand-in with a flashblock every this many milliseconds (see
+    /// [`super::Flashblocks`]); blocks are then sealed every `block_time` (default 2 s).
+    pub flashblock_ms: Option<u64>,
 }
 
 /// A devnet to try the daemon by hand: funds settlers and payers, writes `DIR/config.toml`
@@ -34,6 +37,7 @@ pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>)
     let net = Devnet::start_with(DevnetOptions {
         chain_id: X402_CHAIN_ID,
         block_time_secs: opts.block_time,
+        flashblock_ms: opts.flashblock_ms,
         ..DevnetOptions::default()
     })
     .await?;
@@ -69,7 +73,11 @@ pub async fn by_hand(opts: &ByHand, stop: impl std::future::Future<Output = ()>)
         t.chain_id, t.address, opts.payers
     );
     tokio::pin!(stop);
-    if let Some(secs) = opts.block_time {
+    if let Some(ms) = opts.flashblock_ms {
+        let secs = opts.block_time.unwrap_or(2);
+        println!("A flashblock every {ms} ms, a block sealed every {secs} s; Ctrl-C stops the devnet.");
+        stop.await;
+    } else if let Some(secs) = opts.block_time {
         println!("A block every {secs} s; Ctrl-C stops the devnet.");
         stop.await;
     } else {

@@ -6,8 +6,10 @@
 //! `ops/devnet/build-contracts.mjs`), so nothing here needs Node beyond the anvil binary.
 
 mod by_hand;
+mod flashblocks;
 
 pub use by_hand::{ByHand, by_hand};
+pub use flashblocks::Flashblocks;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -76,6 +78,8 @@ pub enum DevnetError {
     StartTimeout(Duration),
     #[error("anvil exited before listening")]
     EarlyExit,
+    #[error("could not start the flashblocks stand-in's proxy")]
+    Proxy(#[source] std::io::Error),
     #[error("devnet artifact {name} is malformed: {problem}")]
     Artifact { name: &'static str, problem: String },
     #[error("devnet RPC {call} failed: {detail}")]
@@ -116,8 +120,12 @@ pub struct DevnetOptions {
     /// on networks they name: 84532 makes the devnet `base-sepolia` to them.
     pub chain_id: u64,
     /// A block every this many seconds (anvil `--block-time`); `None`: a block per
-    /// transaction.
+    /// transaction (with flashblocks: 2 s).
     pub block_time_secs: Option<u64>,
+    /// A flashblocks stand-in ([`Flashblocks`]): anvil mines a block every this many
+    /// milliseconds, and the devnet's RPC URL is a proxy that seals one every
+    /// `block_time_secs`, serving receipts from the blocks in between as preconfirmations.
+    pub flashblock_ms: Option<u64>,
     /// Anvil's `--slots-in-an-epoch`: its `safe` block is this many below the head, its
     /// `finalized` block twice as many (`None`: anvil's 32).
     pub slots_in_an_epoch: Option<u64>,
@@ -125,7 +133,7 @@ pub struct DevnetOptions {
 
 impl Default for DevnetOptions {
     fn default() -> Self {
-        Self { chain_id: CHAIN_ID, block_time_secs: None, slots_in_an_epoch: None }
+        Self { chain_id: CHAIN_ID, block_time_secs: None, flashblock_ms: None, slots_in_an_epoch: None }
     }
 }
 
@@ -138,6 +146,7 @@ pub struct Devnet {
     deployer: PrivateKeySigner,
     settler: PrivateKeySigner,
     provider: DynProvider,
+    flashblocks: Option<Flashblocks>,
 }
 
 impl std::fmt::Debug for Devnet {
@@ -167,8 +176,10 @@ impl Devnet {
             "--chain-id".to_owned(),
             options.chain_id.to_string(),
         ];
-        if let Some(secs) = options.block_time_secs {
-            args.extend(["--block-time".to_owned(), secs.to_string()]);
+        match (options.flashblock_ms, options.block_time_secs) {
+            (Some(ms), _) => args.extend(["--block-time".to_owned(), format!("{}", ms as f64 / 1000.0)]),
+            (None, Some(secs)) => args.extend(["--block-time".to_owned(), secs.to_string()]),
+            (None, None) => {}
         }
         if let Some(slots) = options.slots_in_an_epoch {
             args.extend(["--slots-in-an-epoch".to_owned(), slots.to_string()]);
@@ -224,12 +235,21 @@ impl Devnet {
             deployer,
             settler,
             provider,
+            flashblocks: None,
         };
 
         devnet.token = devnet.deploy("TestUSDC", TEST_USDC_ARTIFACT, &[]).await?;
 
         let (_, runtime) = artifact("BatchCall", BATCH_CALL_ARTIFACT)?;
         devnet.raw::<_, ()>("anvil_setCode", (MULTICALL3, runtime)).await?;
+        if options.flashblock_ms.is_some() {
+            // The contracts are in place (anvil's own URL served the setup): from now on
+            // the chain is seen through the stand-in.
+            let block = Duration::from_secs(options.block_time_secs.unwrap_or(2).max(1));
+            let stand_in = Flashblocks::start(&devnet.rpc_url, block).await?;
+            devnet.rpc_url = stand_in.url().to_owned();
+            devnet.flashblocks = Some(stand_in);
+        }
         Ok(devnet)
     }
 
@@ -280,8 +300,14 @@ impl Devnet {
             .map_err(|e| DevnetError::Rpc { call: method, detail: e.to_string() })
     }
 
+    /// The chain's RPC URL (the flashblocks stand-in's, when there is one).
     pub fn rpc_url(&self) -> &str {
         &self.rpc_url
+    }
+
+    /// The flashblocks stand-in, if the devnet was started with one.
+    pub fn flashblocks(&self) -> Option<&Flashblocks> {
+        self.flashblocks.as_ref()
     }
 
     pub fn chain_id(&self) -> u64 {
@@ -307,6 +333,7 @@ impl Devnet {
             op_stack: false,
             finality: Default::default(),
             erc6492_factories: Vec::new(),
+            preconfirmation_ms: None,
         }
     }
 
