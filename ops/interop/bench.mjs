@@ -31,6 +31,10 @@ const { values: args } = parseArgs({
     "chain-id": { type: "string", default: "84532" },
     requests: { type: "string", default: "1000" },
     "verify-payments": { type: "string", default: "20000" },
+    // A second devnet behind the flashblocks stand-in (x402-batcher devnet --flashblocks-ms).
+    "preconf-dir": { type: "string" },
+    "preconf-rpc": { type: "string" },
+    "preconf-token": { type: "string" },
   },
 });
 const chainId = Number(args["chain-id"]);
@@ -95,16 +99,16 @@ function runProcess(cmd, argv) {
  * built-in defaults for everything a first-time operator would leave alone (the engine's
  * pace, the batching policy, confirmations).
  */
-async function startDaemon(mode, rpc) {
-  const ledger = path.join(args.dir, `ledger-${mode}-${Date.now()}`);
-  const config = path.join(args.dir, `bench-${mode}.toml`);
+async function startDaemon(mode, rpc, { dir = args.dir, token = args.token, chainExtra = "" } = {}) {
+  const ledger = path.join(dir, `ledger-${mode}-${Date.now()}`);
+  const config = path.join(dir, `bench-${mode}.toml`);
   fs.writeFileSync(
     config,
-    `[[tokens]]\nchain_id = ${chainId}\naddress = "${args.token}"\neip712_name = "USD Coin"\neip712_version = "2"\ndecimals = 6\n\n` +
+    `[[tokens]]\nchain_id = ${chainId}\naddress = "${token}"\neip712_name = "USD Coin"\neip712_version = "2"\ndecimals = 6\n\n` +
       `[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n` +
       `[facilitator]\nlisten = "127.0.0.1:0"\nsettle_mode = "${mode}"\n` +
-      `[ledger]\npath = "${ledger}"\n[[chains]]\nchain_id = ${chainId}\nrpc_url = "${rpc}"\n` +
-      `[settlement]\nsettler_keys_file = "${path.join(args.dir, "settler.keys")}"\n`,
+      `[ledger]\npath = "${ledger}"\n[[chains]]\nchain_id = ${chainId}\nrpc_url = "${rpc}"\n${chainExtra}` +
+      `[settlement]\nsettler_keys_file = "${path.join(dir, "settler.keys")}"\n`,
   );
   const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: "warn" });
   return { child, url: `http://${value}` };
@@ -169,8 +173,8 @@ async function presign(url, payers, n) {
  * `facilitator`. The latency of a paid request is from sending it, payment header
  * attached, to its answer.
  */
-async function phase(label, facilitator, counter, concurrency, requests, thinkMs = 0) {
-  const cfg = apiConfig;
+async function phase(label, facilitator, counter, concurrency, requests, thinkMs = 0, { rpc: chainRpc = args.rpc, asset = args.token } = {}) {
+  const cfg = { ...apiConfig, asset };
   const configFile = path.join(args.dir, "api.json");
   fs.writeFileSync(configFile, JSON.stringify(cfg));
   const server = await startProcess("node", [path.join(here, "api-server.mjs"), configFile, facilitator], "api on ");
@@ -204,7 +208,7 @@ async function phase(label, facilitator, counter, concurrency, requests, thinkMs
   const txs = [...new Set(ok.map((r) => r.settle?.transaction).filter((t) => t && t.length === 66))];
   let gas = 0n;
   for (const tx of txs) {
-    const reply = await fetch(args.rpc, {
+    const reply = await fetch(chainRpc, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ jsonrpc: "2.0", id: 1, method: "eth_getTransactionReceipt", params: [tx] }),
@@ -280,8 +284,39 @@ for (const [chainMode, secs] of modes) {
     }
   }
 }
-await setMining(1);
 included.child.kill("SIGTERM");
+
+// Preconfirmations: the daemon opted in (preconfirmation_ms = 200) on the flashblocks
+// stand-in's chain (2 s blocks, a flashblock every 200 ms), the reference beside it on the
+// same endpoint; each client thinks a random part of a flashblock before each request.
+const preconfModes = [];
+if (args["preconf-rpc"]) {
+  preconfModes.push("preconf");
+  const pOurs = await countingProxy(args["preconf-rpc"]);
+  const pTheirs = await countingProxy(args["preconf-rpc"]);
+  const pReference = await startProcess("node", [
+    path.join(here, "reference-facilitator.mjs"),
+    "--rpc", pTheirs.url, "--key", REFERENCE_KEY, "--chain-id", String(chainId),
+  ], "reference facilitator on ");
+  const pDaemon = await startDaemon("included", pOurs.url, {
+    dir: args["preconf-dir"], token: args["preconf-token"], chainExtra: "preconfirmation_ms = 200\n",
+  });
+  const on = { rpc: args["preconf-rpc"], asset: args["preconf-token"] };
+  for (const concurrency of [1, 10, 100]) {
+    const n = concurrency === 1 ? Math.ceil(requests / 20) : concurrency === 10 ? Math.ceil(requests / 4) : requests;
+    for (const [label, url, counter] of [["x402-batcher included", pDaemon.url, pOurs.counter], ["reference", pReference.value, pTheirs.counter]]) {
+      const p = await phase(`${label.replace(/ /g, "-")}-preconf-c${concurrency}`, url, counter, concurrency, n, 200, on);
+      p.facilitator = label;
+      p.chain = "preconf";
+      report.phases.push(p);
+      log(p);
+    }
+  }
+  pDaemon.child.kill("SIGTERM");
+  pReference.child.kill("SIGTERM");
+}
+
+await setMining(1);
 const accepted = await startDaemon("accepted", ours.url);
 // The facilitator's own side of a paid request (verify, then settle), from a Rust client.
 for (const concurrency of [1, 10]) {
@@ -316,7 +351,9 @@ const side = (chain, c) => {
 };
 report.summary = {
   // [x402-batcher, reference] per chain and concurrency.
-  included: Object.fromEntries(modes.map(([m]) => [m, Object.fromEntries([1, 10, 100].map((c) => [`c${c}`, side(m, c)]))])),
+  included: Object.fromEntries(
+    [...modes.map(([m]) => m), ...preconfModes].map((m) => [m, Object.fromEntries([1, 10, 100].map((c) => [`c${c}`, side(m, c)]))]),
+  ),
   verifyRatio: ratio(report.verify.batcher.perSecond, report.verify.reference.perSecond),
   gasRatio1sC100: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
   acceptedP50MsC1: find("x402-batcher accepted", 1).paidP50Ms,
