@@ -25,7 +25,7 @@ use crate::telemetry::ChainMetrics;
 const GAS_WINDOW: usize = 32;
 
 /// How often settler balances are read for the metrics, by default.
-const SETTLER_READS_EVERY_MS: u64 = 10_000;
+const SETTLER_READS_EVERY_MS: u64 = 30_000;
 
 /// A settler account.
 #[derive(Clone)]
@@ -86,8 +86,10 @@ pub struct Engine<C: Chain = RpcChain> {
     /// The newest head read and when (engine clock): a round started by an arrival plans
     /// with it instead of reading the chain again.
     pub(super) last_head: Option<(Head, u64)>,
-    /// The fees read at a head's number: read again only when a new head came.
+    /// The fees for a head's number: worked out again only when a new head came.
     pub(super) fees_at: Option<(u64, Fees)>,
+    /// The last fee reading: the head it was read at, when (engine clock), and the fees.
+    pub(super) fee_reading: Option<(u64, u64, Fees)>,
     /// When the last full round (every open batch followed, sweeps, finality) ran.
     pub(super) full_round_at_ms: Option<u64>,
     /// Accepted payments of this chain left waiting by the last plan.
@@ -189,6 +191,7 @@ impl<C: Chain> Engine<C> {
             arrivals_seen,
             last_head: None,
             fees_at: None,
+            fee_reading: None,
             full_round_at_ms: None,
             waiting: 0,
             final_seen: None,
@@ -223,7 +226,7 @@ impl<C: Chain> Engine<C> {
     }
 
     /// Reads settler balances and nonces for the metrics and status every `ms` of the
-    /// engine's clock (10 s by default).
+    /// engine's clock (30 s by default).
     pub fn with_settler_reads_every_ms(mut self, ms: u64) -> Self {
         self.settler_reads_every_ms = ms;
         self

@@ -113,7 +113,7 @@ pub fn receipt(tx: u8, block: u64, used: &[(u8, u64)], gas_used: u64, price: u12
 }
 
 pub fn head(number: u64, timestamp: u64) -> Head {
-    Head { number, hash: B256::repeat_byte(0xaa), timestamp, gas_limit: 30_000_000 }
+    Head { number, hash: B256::repeat_byte(0xaa), timestamp, gas_limit: 30_000_000, base_fee: None }
 }
 
 /// An inclusion of transaction 1 in block `block` (hash `hash`).

@@ -274,6 +274,17 @@ impl Pace {
     }
 }
 
+impl Pace {
+    /// With nothing in flight, on a chain with a cadence: when to look for the next block
+    /// (just after it is expected; half a block after the last look while it is late).
+    /// `None`: no cadence, look at the poll interval.
+    pub fn idle_look_ms(&self, looked_ms: u64) -> Option<u64> {
+        let (next, block_ms) = (self.next_block_at_ms()?, self.block_ms()?);
+        let at = next + NEAR_BLOCK_LOOK_MS;
+        Some(if at > looked_ms { at } else { looked_ms + block_ms / 2 })
+    }
+}
+
 /// The send lead's margin before any inclusion taught it: a tenth of a block, at least
 /// [`MIN_MARGIN_MS`].
 fn initial_margin(block_ms: u64) -> u64 {
@@ -286,7 +297,13 @@ mod tests {
     use alloy::primitives::B256;
 
     fn head(number: u64, timestamp: u64) -> Head {
-        Head { number, hash: B256::with_last_byte(number as u8), timestamp, gas_limit: 30_000_000 }
+        Head {
+            number,
+            hash: B256::with_last_byte(number as u8),
+            timestamp,
+            gas_limit: 30_000_000,
+            base_fee: None,
+        }
     }
 
     /// Heads of a chain with `block_ms` blocks, seen `lag_ms` after each was made.
@@ -382,6 +399,16 @@ mod tests {
         p.arrived(20, now, true);
         assert_eq!(p.hold(now, now, 250), Hold { until_ms: send_by, reason: CutReason::Block });
         assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: send_by + 1, reason: CutReason::Block });
+    }
+
+    #[test]
+    fn idle_on_a_chain_with_a_cadence_the_engine_looks_once_per_block() {
+        assert_eq!(Pace::default().idle_look_ms(1_000), None, "no cadence: the poll");
+        let p = scheduled(2_000, 6, |_| 0);
+        let next = p.next_block_at_ms().unwrap();
+        assert_eq!(p.idle_look_ms(next - 1_500), Some(next + NEAR_BLOCK_LOOK_MS));
+        // Late: half a block after the last look, until it is seen.
+        assert_eq!(p.idle_look_ms(next + NEAR_BLOCK_LOOK_MS), Some(next + NEAR_BLOCK_LOOK_MS + 1_000));
     }
 
     #[test]

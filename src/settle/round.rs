@@ -19,6 +19,12 @@ use crate::ledger::{
 };
 use crate::planner::{Costs, Fees};
 
+/// A fee reading (`eth_feeHistory`) serves the heads after it for this many blocks and
+/// milliseconds, each with its own base fee when higher: a transaction's fee cap is twice
+/// the base fee, so a reading a few blocks old still prices it, and the tip moves slowly.
+const FEES_REUSED_FOR_BLOCKS: u64 = 8;
+const FEES_REUSED_FOR_MS: u64 = 4_000;
+
 /// Pending payments this close to their `validBefore` (chain time) count as near their
 /// deadline in the metrics (and the alert built on it).
 const NEAR_DEADLINE_SECS: u64 = 60;
@@ -218,17 +224,34 @@ impl<C: Chain> Engine<C> {
     }
 
     /// The next block's base fee and a priority fee (the median tip of the last block, at
-    /// least the configured minimum), read once per head.
+    /// least the configured minimum): worked out once per head, read at most every few
+    /// blocks ([`FEES_REUSED_FOR_BLOCKS`]).
     pub(super) async fn fees_for(&mut self, head: &Head) -> Result<Fees, SettleError> {
         if let Some((number, fees)) = self.fees_at
             && number == head.number
         {
             return Ok(fees);
         }
-        let reading = self.read(self.chain.fees().await)?;
-        let fees = Fees {
-            base_fee: reading.base_fee,
-            priority_fee: reading.median_tip.max(self.config.min_priority_fee_wei),
+        let now_ms = self.now_ms();
+        let fees = match (self.fee_reading, head.base_fee) {
+            // A recent reading, and the base fee the new head carries: its tip stands, its
+            // base fee unless the head's is higher (a rise is taken at once).
+            (Some((block, at_ms, read)), Some(base_fee))
+                if head.number > block
+                    && head.number - block <= FEES_REUSED_FOR_BLOCKS
+                    && now_ms.saturating_sub(at_ms) <= FEES_REUSED_FOR_MS =>
+            {
+                Fees { base_fee: read.base_fee.max(base_fee), ..read }
+            }
+            _ => {
+                let reading = self.read(self.chain.fees().await)?;
+                let read = Fees {
+                    base_fee: reading.base_fee,
+                    priority_fee: reading.median_tip.max(self.config.min_priority_fee_wei),
+                };
+                self.fee_reading = Some((head.number, now_ms, read));
+                read
+            }
         };
         self.metrics.base_fee_wei.set(fees.base_fee as f64);
         self.fees_at = Some((head.number, fees));
@@ -322,7 +345,7 @@ impl<C: Chain> Engine<C> {
     }
 
     /// Each settler's native balance (for the low-balance alert) and next nonce (for
-    /// status), every ~10 s.
+    /// status), every ~30 s.
     async fn settler_balances(&mut self) {
         // The engine's clock, not the machine's: a simulated world decides when (its seed
         // must replay the same calls however fast the machine runs it).

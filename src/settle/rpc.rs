@@ -27,6 +27,8 @@ pub struct Head {
     pub hash: B256,
     pub timestamp: u64,
     pub gas_limit: u64,
+    /// The block's own base fee (wei per gas), when the node says (EIP-1559 chains).
+    pub base_fee: Option<u128>,
 }
 
 /// A mined transaction, as the engine judges it.
@@ -196,6 +198,7 @@ impl Chain for RpcChain {
             hash: block.header.hash,
             timestamp: block.header.timestamp,
             gas_limit: block.header.gas_limit,
+            base_fee: block.header.base_fee_per_gas.map(u128::from),
         })
     }
 

@@ -142,8 +142,15 @@ impl<C: Chain> Engine<C> {
         // Never looked (a new engine): at once.
         let polled = self.last_head.as_ref().map_or(0, |(_, at)| *at);
         let in_flight = self.in_flight();
-        let look_at =
-            self.pace.next_look_ms(now, polled, in_flight).map_or(polled + poll, |at| at.min(polled + poll));
+        let look_at = match self.pace.next_look_ms(now, polled, in_flight) {
+            Some(at) => at.min(polled + poll),
+            // Idle on a chain with a cadence: once per block (a fleet keeps the poll: its
+            // leases are renewed every round).
+            None if !in_flight && self.fleet.is_none() => {
+                self.pace.idle_look_ms(polled).unwrap_or(polled + poll)
+            }
+            None => polled + poll,
+        };
         let mut next = (look_at, Look::Chain);
         if let Some(plan_at) = self.wake_at_ms.filter(|at| *at < next.0) {
             next = (plan_at, Look::Plan);

@@ -418,7 +418,13 @@ impl Chain for SimChain {
         w.before_call("eth_getBlockByNumber")?;
         let lag = w.lags() && w.blocks.len() > 1;
         let b = if lag { &w.blocks[w.blocks.len() - 2] } else { w.head() };
-        Ok(Head { number: b.number, hash: b.hash, timestamp: b.timestamp, gas_limit: 30_000_000 })
+        Ok(Head {
+            number: b.number,
+            hash: b.hash,
+            timestamp: b.timestamp,
+            gas_limit: 30_000_000,
+            base_fee: None,
+        })
     }
 
     async fn block_at(&self, number: u64) -> Result<Option<(B256, u64)>, RpcError> {
