@@ -156,14 +156,7 @@ impl RpcEndpoint {
     /// An HTTP(S) endpoint; `None` if `url` does not parse.
     pub fn connect_http(chain_id: u64, url: &str) -> Option<RpcEndpoint> {
         let parsed: ReqwestUrl = url.parse().ok()?;
-        let mut secrets = vec![url.to_owned(), parsed.as_str().to_owned()];
-        if parsed.path().len() > 1 {
-            secrets.push(parsed.path().to_owned());
-        }
-        secrets.extend(parsed.query().map(str::to_owned));
-        secrets.extend(parsed.password().map(str::to_owned));
-        // Longest first, so a URL is replaced whole before its parts are.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let secrets = url_secrets(url)?;
         // A node that accepts and never answers must not hang a submission or a settlement
         // round: every call ends within RPC_TIMEOUT, as an error.
         let client = alloy::transports::http::reqwest::Client::builder()
@@ -188,8 +181,28 @@ impl RpcEndpoint {
 
     /// `text` with the endpoint's URL and its secret-bearing parts replaced.
     pub fn redact(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<rpc url redacted>"))
+        redact(&self.secrets, text)
     }
+}
+
+/// The parts of a node URL that may carry a secret (the URL itself, its path, query and
+/// password), longest first; `None` if it does not parse.
+pub fn url_secrets(url: &str) -> Option<Vec<String>> {
+    let parsed: ReqwestUrl = url.parse().ok()?;
+    let mut secrets = vec![url.to_owned(), parsed.as_str().to_owned()];
+    if parsed.path().len() > 1 {
+        secrets.push(parsed.path().to_owned());
+    }
+    secrets.extend(parsed.query().map(str::to_owned));
+    secrets.extend(parsed.password().map(str::to_owned));
+    // Longest first, so a URL is replaced whole before its parts are.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    Some(secrets)
+}
+
+/// `text` with every one of `secrets` replaced.
+pub fn redact(secrets: &[String], text: &str) -> String {
+    secrets.iter().fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<rpc url redacted>"))
 }
 
 /// A mined (or pending) transaction's receipt, with the L1 data fee it paid besides gas:

@@ -5,10 +5,12 @@
 // the official client (@x402/core + @x402/evm) beforehand, one payer per concurrent
 // request, are sent at concurrency 1, 10 and 100 in `included` mode on three chains (the
 // devnet switched between automine, 1 s and 2 s blocks), and in `accepted` mode on 1 s
-// blocks. The daemon runs with the built-in defaults. Each facilitator reaches anvil
-// through its own counting proxy, so RPC calls per payment are its own. Gas per payment comes from the receipts of the transactions the
-// settle answers name. Raw `/verify` throughput is `x402-batcher loadgen --facilitator`
-// against each.
+// blocks. The daemon runs with the built-in defaults and the node's WebSocket URL
+// (`ws_url`: heads pushed; BENCH_NO_WS=1 leaves it out). Each facilitator reaches anvil
+// through its own counting proxy, so RPC calls per payment are its own (a head pushed over
+// the WebSocket is not a call; the subscription is one per connection, not counted). Gas
+// per payment comes from the receipts of the transactions the settle answers name. Raw
+// `/verify` throughput is `x402-batcher loadgen --facilitator` against each.
 //
 // Usage: node bench.mjs --bin PATH --dir DIR --rpc URL --token ADDRESS [--requests N]
 import fs from "node:fs";
@@ -99,7 +101,7 @@ function runProcess(cmd, argv) {
  * built-in defaults for everything a first-time operator would leave alone (the engine's
  * pace, the batching policy, confirmations).
  */
-async function startDaemon(mode, rpc, { dir = args.dir, token = args.token, chainExtra = "" } = {}) {
+async function startDaemon(mode, rpc, { dir = args.dir, token = args.token, chainExtra = wsLine(args.rpc) } = {}) {
   const ledger = path.join(dir, `ledger-${mode}-${Date.now()}`);
   const config = path.join(dir, `bench-${mode}.toml`);
   fs.writeFileSync(
@@ -112,6 +114,11 @@ async function startDaemon(mode, rpc, { dir = args.dir, token = args.token, chai
   );
   const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: "warn" });
   return { child, url: `http://${value}` };
+}
+
+/** The chain entry's `ws_url` line: anvil's own WebSocket (heads pushed; not through the counting proxy, which speaks HTTP). */
+function wsLine(rpc) {
+  return process.env.BENCH_NO_WS ? "" : `ws_url = "${rpc.replace("http://", "ws://")}"\n`;
 }
 
 /** Sets the devnet's block production: `0` mines each transaction at once, else a block every `secs`. */

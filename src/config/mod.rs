@@ -349,6 +349,9 @@ impl Config {
                     "must be \"finalized\", \"safe\" or a depth of at least 1 block",
                 ));
             }
+            if c.ws_url.as_ref().is_some_and(|u| !(u.starts_with("ws://") || u.starts_with("wss://"))) {
+                return Err(invalid(format!("chains[{i}].ws_url"), "must be a ws:// or wss:// URL"));
+            }
             if c.preconfirmation_ms.is_some_and(|ms| !(10..=10_000).contains(&ms)) {
                 return Err(invalid(
                     format!("chains[{i}].preconfirmation_ms"),
@@ -508,6 +511,11 @@ mod tests {
         let err = Config::parse(&chain(0)).unwrap_err().to_string();
         assert!(err.contains("chains[0].preconfirmation_ms"), "{err}");
         assert_eq!(Config::parse(&chain(200)).unwrap().chains[0].preconfirmation_ms, Some(200));
+        let ws =
+            |url: &str| format!("[[chains]]\nchain_id = 8453\nrpc_url = \"http://x\"\nws_url = \"{url}\"");
+        let err = Config::parse(&ws("http://x")).unwrap_err().to_string();
+        assert!(err.contains("chains[0].ws_url") && !err.contains("http://x"), "{err}");
+        assert!(Config::parse(&ws("wss://x/KEY")).is_ok());
     }
 
     #[test]

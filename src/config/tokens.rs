@@ -69,6 +69,12 @@ pub struct ChainConfig {
     /// Without it, a receipt from a block the endpoint does not serve yet is not counted.
     #[serde(default)]
     pub preconfirmation_ms: Option<u64>,
+    /// The same node's WebSocket URL (`ws://` or `wss://`), optional: the settlement engine
+    /// subscribes to its new heads and is woken by each the moment the node has it,
+    /// instead of polling for it (the polling returns while the subscription is down). May
+    /// embed an API key: never logged.
+    #[serde(default)]
+    pub ws_url: Option<String>,
 }
 
 /// See [`ChainConfig::finality`].

@@ -220,6 +220,15 @@ pub(super) fn engines(
         .with_preconfirmations(
             config.chains.iter().find(|c| c.chain_id == chain_id).and_then(|c| c.preconfirmation_ms),
         );
+        let ws_url = config.chains.iter().find(|c| c.chain_id == chain_id).and_then(|c| c.ws_url.clone());
+        let engine = match ws_url {
+            Some(url) => {
+                let (feed, follower) = crate::settle::heads::follow(chain_id, url, stopped.clone());
+                tasks.push(follower);
+                engine.with_head_feed(feed)
+            }
+            None => engine,
+        };
         let engine = match &owner {
             Some(owner) => engine.with_leases(owner, config.settlement.lease_ms),
             None => engine,

@@ -10,6 +10,7 @@ use alloy::primitives::Address;
 use alloy::signers::local::PrivateKeySigner;
 use tokio::sync::watch;
 
+use super::heads::FeedState;
 use super::pace::Pace;
 use super::rpc::{Chain, Head, RpcChain};
 use super::{SettleError, SettlerView, StatusBoard};
@@ -104,6 +105,12 @@ pub struct Engine<C: Chain = RpcChain> {
     /// Batches counted included at a preconfirmation whose block is not sealed yet: a
     /// block hash that changes at the seal is no reorg.
     pub(super) preconfirmed: BTreeSet<u64>,
+    /// Heads pushed by the node (a `newHeads` subscription), if configured; whether it is
+    /// live, the head pushed and not yet looked at, and when the last one came.
+    pub(super) feed: Option<watch::Receiver<FeedState>>,
+    pub(super) feed_up: bool,
+    pub(super) pushed: Option<Head>,
+    pub(super) pushed_at_ms: u64,
 }
 
 /// The chain-wide work of a fleet (sweeping, expiring, following settled payments to
@@ -198,6 +205,10 @@ impl<C: Chain> Engine<C> {
             preconfirm_ms: None,
             receipts_at_ms: None,
             preconfirmed: BTreeSet::new(),
+            feed: None,
+            feed_up: false,
+            pushed: None,
+            pushed_at_ms: 0,
         })
     }
 
@@ -222,6 +233,14 @@ impl<C: Chain> Engine<C> {
     pub fn with_preconfirmations(mut self, ms: Option<u64>) -> Self {
         self.preconfirm_ms = ms;
         self.pace.preconfirmed(ms.is_some());
+        self
+    }
+
+    /// Heads come pushed by the node ([`super::heads::follow`]): each wakes the engine,
+    /// and while the feed is live the engine reads no head of its own but a slow safety
+    /// look.
+    pub fn with_head_feed(mut self, feed: watch::Receiver<FeedState>) -> Self {
+        self.feed = Some(feed);
         self
     }
 

@@ -44,6 +44,7 @@
 //! | `engine.rs` | the engine: what it holds between rounds, how it is built |
 //! | [`rpc`] | what the engine reads from a chain and sends to it, behind the [`Chain`] trait |
 //! | `wake.rs` | the loop: when the engine wakes (arrivals, the next look at the chain, a hold ending), recovery after a cut-short round |
+//! | [`heads`] | heads pushed by the node (`newHeads` over WebSocket), the engine's wake-up when configured |
 //! | `pace.rs` | the chain's cadence, the send lead, the arrival rate: how long a batch is held, when to look next |
 //! | `round.rs` | a round: leases, what it reads and follows, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
@@ -65,6 +66,7 @@ mod finality;
 #[cfg(test)]
 mod fixtures;
 mod follow;
+pub mod heads;
 mod keys;
 mod outcome;
 mod pace;

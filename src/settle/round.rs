@@ -104,8 +104,16 @@ impl<C: Chain> Engine<C> {
             return Ok(report);
         }
         let poll_ms = self.config.poll_interval_ms;
-        let (head, new_head) = match &self.last_head {
-            Some((head, at)) if look == Look::Plan && now_ms.saturating_sub(*at) < poll_ms => (*head, false),
+        // With heads pushed, the last one is the chain's head however old.
+        let live = self.feed_live();
+        let fresh = |at: u64| now_ms.saturating_sub(at) < poll_ms || live;
+        let (head, new_head) = match (self.pushed.take(), &self.last_head) {
+            (Some(head), _) => {
+                let new = self.pace.saw_head(&head, now_ms);
+                self.last_head = Some((head, now_ms));
+                (head, new)
+            }
+            (None, Some((head, at))) if look == Look::Plan && fresh(*at) => (*head, false),
             _ => {
                 let head = self.read(self.chain.head().await)?;
                 let new = self.pace.saw_head(&head, now_ms);

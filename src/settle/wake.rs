@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use tokio::sync::watch;
 
+use super::heads::FeedState;
 use super::rpc::Chain;
 use super::{Engine, RoundReport};
 use crate::ledger::{ANY_CHAIN, Arrivals, BatchStatus};
@@ -39,6 +40,7 @@ impl<C: Chain> Engine<C> {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut arrivals = self.arrivals.clone();
         self.arrivals_seen = self.count(&arrivals.borrow_and_update());
+        let mut feed = self.feed.clone();
         let mut look = Look::Full;
         loop {
             self.step(look).await;
@@ -56,6 +58,11 @@ impl<C: Chain> Engine<C> {
                         let counted = self.count(&arrivals.borrow_and_update());
                         if self.arrived(counted) {
                             break Look::Plan;
+                        }
+                    }
+                    state = pushed(&mut feed) => {
+                        if self.on_push(state) {
+                            break Look::Chain;
                         }
                     }
                     changed = stop.changed() => {
@@ -142,7 +149,18 @@ impl<C: Chain> Engine<C> {
         // Never looked (a new engine): at once.
         let polled = self.last_head.as_ref().map_or(0, |(_, at)| *at);
         let in_flight = self.in_flight();
+        let block_twice = self.pace.block_ms().unwrap_or(0) * 2;
         let look_at = match self.pace.next_look_ms(now, polled, in_flight) {
+            // Heads come pushed: a safety look only, at the poll interval in a fleet (its
+            // leases), else two blocks or the poll with a transaction in flight, ten polls idle.
+            _ if self.feed_live() => {
+                polled
+                    + match (self.fleet.is_some(), in_flight) {
+                        (true, _) => poll,
+                        (false, true) => poll.max(block_twice),
+                        (false, false) => (poll * 10).max(block_twice),
+                    }
+            }
             Some(at) => at.min(polled + poll),
             // Idle on a chain with a cadence: once per block (a fleet keeps the poll: its
             // leases are renewed every round).
@@ -167,6 +185,30 @@ impl<C: Chain> Engine<C> {
     fn next_receipts_look_ms(&self, in_flight: bool) -> Option<u64> {
         let flash_ms = self.preconfirm_ms.filter(|_| in_flight)?;
         Some(self.receipts_at_ms.unwrap_or(0) + (flash_ms / 2).max(1))
+    }
+
+    /// The head feed changed to `state`: whether it brought a head to look at (one the
+    /// engine has not seen).
+    pub(super) fn on_push(&mut self, state: FeedState) -> bool {
+        self.feed_up = state.live;
+        let Some(head) = state.head.filter(|_| state.live) else { return false };
+        if self.last_head.is_some_and(|(seen, _)| seen.hash == head.hash) {
+            return false;
+        }
+        self.pushed = Some(head);
+        self.pushed_at_ms = self.now_ms();
+        true
+    }
+
+    /// Whether heads come pushed now: the feed is subscribed and, on a chain with a
+    /// cadence, a head came within two blocks and a second (a subscription that went
+    /// silent without closing is polled around).
+    pub(super) fn feed_live(&self) -> bool {
+        self.feed_up
+            && self
+                .pace
+                .block_ms()
+                .is_none_or(|block| self.now_ms().saturating_sub(self.pushed_at_ms) <= 2 * block + 1_000)
     }
 
     /// Whether a transaction of this engine is sent and not yet seen included.
@@ -199,6 +241,17 @@ impl<C: Chain> Engine<C> {
         let holding = self.wake_at_ms.is_some_and(|at| at > now);
         idle && (!holding || self.waiting >= self.policy.max_batch_size)
     }
+}
+
+/// The head feed's next state; never, without a feed (or once its follower is gone).
+async fn pushed(feed: &mut Option<watch::Receiver<FeedState>>) -> FeedState {
+    if let Some(rx) = feed {
+        if rx.changed().await.is_ok() {
+            return *rx.borrow_and_update();
+        }
+        *feed = None;
+    }
+    std::future::pending().await
 }
 
 /// `chain_id`'s count in the ledger's [`Arrivals`] (with a fleet's other daemons').

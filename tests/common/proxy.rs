@@ -102,3 +102,55 @@ async fn swallow(conn: &mut TcpStream, mode: &mut watch::Receiver<Mode>) {
         }
     }
 }
+
+/// A JSON-RPC proxy to `upstream` on 127.0.0.1 that counts the calls made through it, by
+/// method and first parameter (`eth_getBlockByNumber latest`).
+pub struct CountingProxy {
+    pub url: String,
+    calls: Arc<parking_lot::Mutex<std::collections::HashMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    pub async fn start(upstream: &str) -> CountingProxy {
+        type Calls = Arc<parking_lot::Mutex<std::collections::HashMap<String, u64>>>;
+        let calls: Calls = Arc::default();
+        let (target, http, counted) = (upstream.to_owned(), reqwest::Client::new(), Arc::clone(&calls));
+        let forward = move |body: axum::body::Bytes| {
+            let (target, http, counted) = (target.clone(), http.clone(), Arc::clone(&counted));
+            async move {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    let all = if let serde_json::Value::Array(a) = v { a } else { vec![v] };
+                    let mut calls = counted.lock();
+                    for call in all {
+                        let method = call["method"].as_str().unwrap_or_default().to_owned();
+                        let first = call["params"][0].as_str().unwrap_or_default().to_owned();
+                        *calls.entry(method.clone()).or_default() += 1;
+                        *calls.entry(format!("{method} {first}")).or_default() += 1;
+                    }
+                }
+                let reply = http.post(&target).header("content-type", "application/json").body(body);
+                let bytes = reply.send().await.unwrap().bytes().await.unwrap();
+                ([(axum::http::header::CONTENT_TYPE, "application/json")], bytes)
+            }
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route("/", axum::routing::post(forward));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        CountingProxy { url, calls, task }
+    }
+
+    /// Calls of `key` so far: a method, or a method and its first parameter.
+    pub fn calls(&self, key: &str) -> u64 {
+        self.calls.lock().get(key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

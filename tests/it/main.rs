@@ -31,6 +31,7 @@ mod faults;
 mod finality;
 mod fleet;
 mod gas;
+mod heads;
 mod ingest;
 mod layers;
 mod ledger_props;

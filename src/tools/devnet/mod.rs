@@ -305,6 +305,15 @@ impl Devnet {
         &self.rpc_url
     }
 
+    /// Anvil's WebSocket URL (the same port), for a head subscription; `None` behind the
+    /// flashblocks stand-in (its proxy speaks HTTP only).
+    pub fn ws_url(&self) -> Option<String> {
+        match &self.flashblocks {
+            Some(_) => None,
+            None => Some(self.rpc_url.replacen("http://", "ws://", 1)),
+        }
+    }
+
     /// The flashblocks stand-in, if the devnet was started with one.
     pub fn flashblocks(&self) -> Option<&Flashblocks> {
         self.flashblocks.as_ref()
@@ -334,6 +343,7 @@ impl Devnet {
             finality: Default::default(),
             erc6492_factories: Vec::new(),
             preconfirmation_ms: None,
+            ws_url: None,
         }
     }
 
@@ -342,7 +352,7 @@ impl Devnet {
         let t = self.token_config();
         format!(
             "[[tokens]]\nchain_id = {}\naddress = \"{}\"\neip712_name = \"{}\"\neip712_version = \"{}\"\n\
-             decimals = {}\nsymbol = \"{}\"\n\n[[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n",
+             decimals = {}\nsymbol = \"{}\"\n\n[[chains]]\nchain_id = {}\nrpc_url = \"{}\"\n{}",
             t.chain_id,
             t.address,
             t.eip712_name,
@@ -351,6 +361,7 @@ impl Devnet {
             t.symbol,
             self.chain_id,
             self.rpc_url,
+            self.ws_url().map(|u| format!("ws_url = \"{u}\"\n")).unwrap_or_default(),
         )
     }
 
