@@ -228,7 +228,7 @@ impl<C: Chain> Engine<C> {
 
     /// Counts a payment included at its preconfirmation, on a chain whose RPC endpoint
     /// serves preconfirmed receipts (flashblocks every `ms`): while a transaction is in
-    /// flight its receipt is looked for every half interval; a batch is never held for
+    /// flight its receipt is looked for every quarter interval; a batch is never held for
     /// the sealed block.
     pub fn with_preconfirmations(mut self, ms: Option<u64>) -> Self {
         self.preconfirm_ms = ms;

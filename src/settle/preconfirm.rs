@@ -2,7 +2,7 @@
 //! on an OP-stack chain with flashblocks, a flashblocks-aware endpoint serves a
 //! transaction's receipt as soon as the sequencer puts it in a flashblock, before the block
 //! is sealed. Opted in, the engine looks for the receipts of the transactions in flight
-//! every half flashblock and counts a payment included at its preconfirmation; once the
+//! every quarter flashblock and counts a payment included at its preconfirmation; once the
 //! block is sealed, the batch is judged again on the sealed block if its hash or time
 //! differ, and a transaction the sealed chain does not hold broke its preconfirmation: its
 //! payments go back to be settled again (or expire), as after a reorg. Not opted in, a

@@ -179,12 +179,12 @@ impl<C: Chain> Engine<C> {
         (next.0.max(now), next.1)
     }
 
-    /// With preconfirmations and a transaction in flight: half a flashblock after the last
-    /// look for receipts (or the send), so a preconfirmation is seen a quarter of a
-    /// flashblock after it was made, on average.
+    /// With preconfirmations and a transaction in flight: a quarter of a flashblock after
+    /// the last look for receipts (or the send), so a preconfirmation is seen an eighth of
+    /// a flashblock after it was made, on average.
     fn next_receipts_look_ms(&self, in_flight: bool) -> Option<u64> {
         let flash_ms = self.preconfirm_ms.filter(|_| in_flight)?;
-        Some(self.receipts_at_ms.unwrap_or(0) + (flash_ms / 2).max(1))
+        Some(self.receipts_at_ms.unwrap_or(0) + (flash_ms / 4).max(1))
     }
 
     /// The head feed changed to `state`: whether it brought a head to look at (one the
@@ -243,15 +243,19 @@ impl<C: Chain> Engine<C> {
     }
 }
 
-/// The head feed's next state; never, without a feed (or once its follower is gone).
+/// The head feed's next state: not live once its follower is gone (and nothing more
+/// after that); never, without a feed.
 async fn pushed(feed: &mut Option<watch::Receiver<FeedState>>) -> FeedState {
-    if let Some(rx) = feed {
-        if rx.changed().await.is_ok() {
-            return *rx.borrow_and_update();
-        }
-        *feed = None;
+    match feed {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => *rx.borrow_and_update(),
+            Err(_) => {
+                *feed = None;
+                FeedState::default()
+            }
+        },
+        None => std::future::pending().await,
     }
-    std::future::pending().await
 }
 
 /// `chain_id`'s count in the ledger's [`Arrivals`] (with a fleet's other daemons').
