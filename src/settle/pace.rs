@@ -19,10 +19,6 @@
 //!   moment of the next block, and everything waiting then goes together: a transaction
 //!   sent earlier would wait in the pool for the same block. It goes at once when the
 //!   moment has come, or when the arrival rate says no other payment will come before it.
-//!   Past the send moment (a batch for the block on its way), what arrives gathers on an
-//!   idle settler until the *last call* for the same block (the cut's work and half the
-//!   margin before it), when more is expected by then: the first late payment no longer
-//!   leaves alone while the rest wait a whole block for a settler.
 //!   On a chain without a cadence waiting is pure loss: a batch goes at once, unless the
 //!   arrival rate brings another payment within the policy's linger (then it waits that
 //!   long, at most). Payments that arrive while a settler's transaction is in flight wait
@@ -69,9 +65,6 @@ const EARLY_LOOK_MS: u64 = 50;
 
 /// Smallest margin of the send lead (milliseconds).
 const MIN_MARGIN_MS: u64 = 50;
-
-/// Smallest margin of the last call for a block (milliseconds).
-const LAST_CALL_MS: u64 = 25;
 
 /// One head as seen: its number, its timestamp (seconds) and when the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,16 +177,6 @@ impl Pace {
         Some(self.next_block_at_ms()?.saturating_sub(self.lead_ms()?))
     }
 
-    /// The latest moment a transaction can still be sent for the next block (engine
-    /// clock): the cut's work and half the learnt margin (at least [`LAST_CALL_MS`]) before
-    /// it. Payments that arrive after the send moment gather until then on an idle settler
-    /// instead of the first of them leaving alone and the rest waiting a block.
-    pub fn last_call_ms(&self) -> Option<u64> {
-        let block_ms = self.block_ms()?;
-        let margin = if self.margin_ms == 0 { initial_margin(block_ms) } else { self.margin_ms };
-        Some(self.next_block_at_ms()?.saturating_sub(self.work_ms + (margin / 2).max(LAST_CALL_MS)))
-    }
-
     /// A batch was sent at `now_ms`, `work_ms` after it was cut.
     pub fn sent(&mut self, now_ms: u64, work_ms: u64) {
         self.work_ms = if self.work_ms == 0 { work_ms } else { (self.work_ms * 7 + work_ms) / 8 };
@@ -252,15 +235,7 @@ impl Pace {
             Some(send_by) if now_ms < send_by && expected(send_by - now_ms) >= 1.0 => {
                 Hold { until_ms: send_by, reason: CutReason::Block }
             }
-            Some(send_by) if now_ms >= send_by => {
-                // Past the send moment (a batch for this block is on its way): a last call for
-                // the same block, when more payments are expected before it.
-                let until_ms = match self.last_call_ms() {
-                    Some(last) if now_ms < last && expected(last - now_ms) >= 1.0 => last,
-                    _ => now_ms,
-                };
-                Hold { until_ms, reason: CutReason::Block }
-            }
+            Some(send_by) if now_ms >= send_by => Hold { until_ms: now_ms, reason: CutReason::Block },
             Some(_) => Hold { until_ms: now_ms, reason: CutReason::NoCompany },
             None if expected(linger_ms) >= 1.0 => {
                 // Wait for about one more arrival, never longer than the linger.
@@ -423,14 +398,7 @@ mod tests {
         assert_eq!(p.hold(now, now, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
         p.arrived(20, now, true);
         assert_eq!(p.hold(now, now, 250), Hold { until_ms: send_by, reason: CutReason::Block });
-        // Past the send moment: at once (4/s: nobody before the last call) ...
         assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: send_by + 1, reason: CutReason::Block });
-        // ... or, with company coming before it, until the last call for the same block.
-        p.arrived(200, send_by, true);
-        let last = p.last_call_ms().unwrap();
-        assert!(send_by < last && last < p.next_block_at_ms().unwrap());
-        assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: last, reason: CutReason::Block });
-        assert_eq!(p.hold(last, now, 250), Hold { until_ms: last, reason: CutReason::Block });
     }
 
     #[test]
