@@ -192,11 +192,12 @@ impl<C: Chain> Engine<C> {
     pub(super) fn on_push(&mut self, state: FeedState) -> bool {
         self.feed_up = state.live;
         let Some(head) = state.head.filter(|_| state.live) else { return false };
+        // The feed is alive whether or not a look found this head first.
+        self.pushed_at_ms = self.now_ms();
         if self.last_head.is_some_and(|(seen, _)| seen.hash == head.hash) {
             return false;
         }
         self.pushed = Some(head);
-        self.pushed_at_ms = self.now_ms();
         true
     }
 
