@@ -71,14 +71,7 @@ async fn subscribe(url: &str, tx: &watch::Sender<FeedState>, wait: &mut Duration
     let mut heads = provider.subscribe_blocks().await.map_err(|e| e.to_string())?.into_stream();
     while let Some(h) = heads.next().await {
         *wait = RETRY_FIRST;
-        let head = Head {
-            number: h.number,
-            hash: h.hash,
-            timestamp: h.timestamp,
-            gas_limit: h.gas_limit,
-            base_fee: h.base_fee_per_gas.map(u128::from),
-        };
-        tx.send_replace(FeedState { live: true, head: Some(head) });
+        tx.send_replace(FeedState { live: true, head: Some(Head::of(&h)) });
     }
     Ok(())
 }

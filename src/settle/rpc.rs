@@ -31,6 +31,19 @@ pub struct Head {
     pub base_fee: Option<u128>,
 }
 
+impl Head {
+    /// The head a node's block header describes (read, or pushed by a subscription).
+    pub fn of(header: &alloy::rpc::types::Header) -> Head {
+        Head {
+            number: header.number,
+            hash: header.hash,
+            timestamp: header.timestamp,
+            gas_limit: header.gas_limit,
+            base_fee: header.base_fee_per_gas.map(u128::from),
+        }
+    }
+}
+
 /// A mined transaction, as the engine judges it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -193,13 +206,7 @@ impl Chain for RpcChain {
             .await
             .map_err(|e| self.endpoint.error("eth_getBlockByNumber", e))?
             .ok_or_else(|| self.endpoint.error("eth_getBlockByNumber", "the node has no latest block"))?;
-        Ok(Head {
-            number: block.header.number,
-            hash: block.header.hash,
-            timestamp: block.header.timestamp,
-            gas_limit: block.header.gas_limit,
-            base_fee: block.header.base_fee_per_gas.map(u128::from),
-        })
+        Ok(Head::of(&block.header))
     }
 
     async fn block_at(&self, number: u64) -> Result<Option<(B256, u64)>, RpcError> {

@@ -20,24 +20,25 @@ const WAIT: Duration = Duration::from_secs(30);
 const PAYEE: Address = Address::repeat_byte(0x4e);
 const HEAD: &str = "eth_getBlockByNumber latest";
 
-/// A 1 s block devnet, and a daemon on it whose RPC calls go through a counting proxy and
-/// whose heads come over `ws_url`.
-async fn daemon(
-    seed: &str,
-    ws_url: impl FnOnce(&Devnet) -> String,
-) -> (Arc<Devnet>, TestDaemon, CountingProxy) {
-    let net = Arc::new(
+/// A devnet with a block every second.
+async fn devnet() -> Arc<Devnet> {
+    Arc::new(
         Devnet::start_with(DevnetOptions { block_time_secs: Some(1), ..Default::default() }).await.unwrap(),
-    );
+    )
+}
+
+/// A daemon on `net` whose RPC calls go through a counting proxy and whose heads come
+/// over `ws_url`.
+async fn daemon(net: &Arc<Devnet>, seed: &str, ws_url: String) -> (TestDaemon, CountingProxy) {
     let rpc = CountingProxy::start(net.rpc_url()).await;
-    let (url, ws) = (rpc.url.clone(), ws_url(&net));
-    let d = settling_daemon(&net, seed, 1, move |c| {
+    let url = rpc.url.clone();
+    let d = settling_daemon(net, seed, 1, move |c| {
         c.chains[0].rpc_url = url;
-        c.chains[0].ws_url = Some(ws);
+        c.chains[0].ws_url = Some(ws_url);
         c.settlement.confirmations = 1;
     })
     .await;
-    (net, d, rpc)
+    (d, rpc)
 }
 
 /// Waits until the chain made `n` more blocks.
@@ -61,7 +62,8 @@ async fn pay(d: &TestDaemon, payers: &[alloy::signers::local::PrivateKeySigner],
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_heads_pushed_the_engine_settles_without_reading_a_head() {
     tokio::time::timeout(LIMIT, async {
-        let (net, d, rpc) = daemon("heads", |net| net.ws_url().unwrap()).await;
+        let net = devnet().await;
+        let (d, rpc) = daemon(&net, "heads", net.ws_url().unwrap()).await;
         let payers = d.payers("heads", 4, 1_000_000).await;
         // The cadence is learnt from the first heads.
         blocks(&net, 6).await;
@@ -80,28 +82,10 @@ async fn with_heads_pushed_the_engine_settles_without_reading_a_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_subscription_is_polled_around_and_made_again() {
     tokio::time::timeout(LIMIT, async {
-        let ws = Arc::new(std::sync::OnceLock::new());
-        let (net, d, rpc) = {
-            let ws = Arc::clone(&ws);
-            let net = Arc::new(
-                Devnet::start_with(DevnetOptions { block_time_secs: Some(1), ..Default::default() })
-                    .await
-                    .unwrap(),
-            );
-            let proxy = FaultProxy::start(net.rpc_url()).await;
-            let url = proxy.url.replacen("http://", "ws://", 1);
-            ws.set(proxy).ok();
-            let rpc = CountingProxy::start(net.rpc_url()).await;
-            let rpc_url = rpc.url.clone();
-            let d = settling_daemon(&net, "lost", 1, move |c| {
-                c.chains[0].rpc_url = rpc_url;
-                c.chains[0].ws_url = Some(url);
-                c.settlement.confirmations = 1;
-            })
-            .await;
-            (net, d, rpc)
-        };
-        let proxy = ws.get().unwrap();
+        let net = devnet().await;
+        // The node's WebSocket through a proxy the test can cut.
+        let proxy = FaultProxy::start(net.rpc_url()).await;
+        let (d, rpc) = daemon(&net, "lost", proxy.url.replacen("http://", "ws://", 1)).await;
         let payers = d.payers("lost", 4, 1_000_000).await;
         blocks(&net, 6).await;
 
