@@ -13,6 +13,7 @@
 // `/verify` throughput is `x402-batcher loadgen --facilitator` against each.
 //
 // Usage: node bench.mjs --bin PATH --dir DIR --rpc URL --token ADDRESS [--requests N]
+//        [--only 1s-c100,...] [--ours-only]
 import fs from "node:fs";
 import path from "node:path";
 import { spawn } from "node:child_process";
@@ -37,9 +38,18 @@ const { values: args } = parseArgs({
     "preconf-dir": { type: "string" },
     "preconf-rpc": { type: "string" },
     "preconf-token": { type: "string" },
+    // Only these `included` phases, e.g. "1s-c100,preconf-c100" (to re-measure one case;
+    // skips raw /verify, `accepted` and the no-op control). `--ours-only`: no reference.
+    only: { type: "string" },
+    "ours-only": { type: "boolean", default: false },
   },
 });
 const chainId = Number(args["chain-id"]);
+const only = args.only ? new Set(args.only.split(",")) : null;
+/** Whether the `included` phase of `chain` at `concurrency` runs (see `--only`). */
+const wanted = (chain, concurrency) => !only || only.has(`${chain}-c${concurrency}`);
+/** The facilitators an `included` phase runs against (see `--ours-only`). */
+const sides = (all) => (args["ours-only"] ? all.slice(0, 1) : all);
 const PAY_TO = "0x534e3bcb27673292EB2b58fdeD126624F7d67f21";
 // anvil's third well-known development account: the reference facilitator's settler.
 const REFERENCE_KEY = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
@@ -112,7 +122,7 @@ async function startDaemon(mode, rpc, { dir = args.dir, token = args.token, chai
       `[ledger]\npath = "${ledger}"\n[[chains]]\nchain_id = ${chainId}\nrpc_url = "${rpc}"\n${chainExtra}` +
       `[settlement]\nsettler_keys_file = "${path.join(dir, "settler.keys")}"\n`,
   );
-  const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: "warn" });
+  const { child, value } = await startProcess(args.bin, ["run", "--config", config], "facilitator on ", { RUST_LOG: process.env.BENCH_RUST_LOG ?? "warn" });
   return { child, url: `http://${value}` };
 }
 
@@ -269,10 +279,12 @@ const log = (x) => console.log(JSON.stringify(x));
 
 // Raw /verify first, while nothing else runs.
 const included = await startDaemon("included", ours.url);
-report.verify.batcher = await rawVerify(included.url, Number(args["verify-payments"]));
-log({ verify: "x402-batcher", ...report.verify.batcher });
-report.verify.reference = await rawVerify(referenceUrl, 1000);
-log({ verify: "reference", ...report.verify.reference });
+if (!only) {
+  report.verify.batcher = await rawVerify(included.url, Number(args["verify-payments"]));
+  log({ verify: "x402-batcher", ...report.verify.batcher });
+  report.verify.reference = await rawVerify(referenceUrl, 1000);
+  log({ verify: "reference", ...report.verify.reference });
+}
 
 // `included` mode beside the reference on three chains: one that mines each transaction at
 // once (anvil automine), 1 s blocks and 2 s blocks (Base's cadence). On the chains with
@@ -281,8 +293,9 @@ const modes = [["automine", 0], ["1s", 1], ["2s", 2]];
 for (const [chainMode, secs] of modes) {
   await setMining(secs);
   for (const concurrency of [1, 10, 100]) {
+    if (!wanted(chainMode, concurrency)) continue;
     const n = concurrency === 1 ? Math.ceil(requests / 20) : concurrency === 10 ? Math.ceil(requests / 4) : requests;
-    for (const [label, url, counter] of [["x402-batcher included", included.url, ours.counter], ["reference", referenceUrl, theirs.counter]]) {
+    for (const [label, url, counter] of sides([["x402-batcher included", included.url, ours.counter], ["reference", referenceUrl, theirs.counter]])) {
       const p = await phase(`${label.replace(/ /g, "-")}-${chainMode}-c${concurrency}`, url, counter, concurrency, n, secs * 1000);
       p.facilitator = label;
       p.chain = chainMode;
@@ -297,7 +310,7 @@ included.child.kill("SIGTERM");
 // stand-in's chain (2 s blocks, a flashblock every 200 ms), the reference beside it on the
 // same endpoint; each client thinks a random part of a flashblock before each request.
 const preconfModes = [];
-if (args["preconf-rpc"]) {
+if (args["preconf-rpc"] && [1, 10, 100].some((c) => wanted("preconf", c))) {
   preconfModes.push("preconf");
   const pOurs = await countingProxy(args["preconf-rpc"]);
   const pTheirs = await countingProxy(args["preconf-rpc"]);
@@ -310,8 +323,9 @@ if (args["preconf-rpc"]) {
   });
   const on = { rpc: args["preconf-rpc"], asset: args["preconf-token"] };
   for (const concurrency of [1, 10, 100]) {
+    if (!wanted("preconf", concurrency)) continue;
     const n = concurrency === 1 ? Math.ceil(requests / 20) : concurrency === 10 ? Math.ceil(requests / 4) : requests;
-    for (const [label, url, counter] of [["x402-batcher included", pDaemon.url, pOurs.counter], ["reference", pReference.value, pTheirs.counter]]) {
+    for (const [label, url, counter] of sides([["x402-batcher included", pDaemon.url, pOurs.counter], ["reference", pReference.value, pTheirs.counter]])) {
       const p = await phase(`${label.replace(/ /g, "-")}-preconf-c${concurrency}`, url, counter, concurrency, n, 200, on);
       p.facilitator = label;
       p.chain = "preconf";
@@ -323,32 +337,35 @@ if (args["preconf-rpc"]) {
   pReference.child.kill("SIGTERM");
 }
 
-await setMining(1);
-const accepted = await startDaemon("accepted", ours.url);
-// The facilitator's own side of a paid request (verify, then settle), from a Rust client.
-for (const concurrency of [1, 10]) {
-  const r = await rawVerify(accepted.url, 2000, { concurrency, settle: true });
-  report.verify[`batcherAcceptedSettleC${concurrency}`] = r;
-  log({ verifyThenSettle: `x402-batcher accepted, c${concurrency}`, ...r });
-}
-for (const concurrency of [1, 10, 100]) {
-  const n = concurrency === 100 ? requests : Math.ceil(requests / 4);
-  const p = await phase(`x402-batcher-accepted-c${concurrency}`, accepted.url, ours.counter, concurrency, n);
-  p.facilitator = "x402-batcher accepted";
-  report.phases.push(p);
-  log(p);
-}
-accepted.child.kill("SIGTERM");
+// `accepted` mode and the no-op control (not with `--only`).
+if (!only) {
+  await setMining(1);
+  const accepted = await startDaemon("accepted", ours.url);
+  // The facilitator's own side of a paid request (verify, then settle), from a Rust client.
+  for (const concurrency of [1, 10]) {
+    const r = await rawVerify(accepted.url, 2000, { concurrency, settle: true });
+    report.verify[`batcherAcceptedSettleC${concurrency}`] = r;
+    log({ verifyThenSettle: `x402-batcher accepted, c${concurrency}`, ...r });
+  }
+  for (const concurrency of [1, 10, 100]) {
+    const n = concurrency === 100 ? requests : Math.ceil(requests / 4);
+    const p = await phase(`x402-batcher-accepted-c${concurrency}`, accepted.url, ours.counter, concurrency, n);
+    p.facilitator = "x402-batcher accepted";
+    report.phases.push(p);
+    log(p);
+  }
+  accepted.child.kill("SIGTERM");
 
-// The control: the same API and load with a facilitator that does nothing.
-const stub = await startProcess("node", [path.join(here, "stub-facilitator.mjs"), String(chainId)], "stub facilitator on ");
-for (const concurrency of [1, 10]) {
-  const p = await phase(`no-op-c${concurrency}`, stub.value, { calls: 0 }, concurrency, Math.ceil(requests / 4));
-  p.facilitator = "no-op stub";
-  report.phases.push(p);
-  log(p);
+  // The control: the same API and load with a facilitator that does nothing.
+  const stub = await startProcess("node", [path.join(here, "stub-facilitator.mjs"), String(chainId)], "stub facilitator on ");
+  for (const concurrency of [1, 10]) {
+    const p = await phase(`no-op-c${concurrency}`, stub.value, { calls: 0 }, concurrency, Math.ceil(requests / 4));
+    p.facilitator = "no-op stub";
+    report.phases.push(p);
+    log(p);
+  }
+  stub.child.kill("SIGTERM");
 }
-stub.child.kill("SIGTERM");
 
 const find = (f, c, chain = "1s") => report.phases.find((p) => p.facilitator === f && p.concurrency === c && (p.chain ?? "1s") === chain);
 const ratio = (a, b) => (a && b ? +(a / b).toFixed(2) : null);
@@ -361,14 +378,14 @@ report.summary = {
   included: Object.fromEntries(
     [...modes.map(([m]) => m), ...preconfModes].map((m) => [m, Object.fromEntries([1, 10, 100].map((c) => [`c${c}`, side(m, c)]))]),
   ),
-  verifyRatio: ratio(report.verify.batcher.perSecond, report.verify.reference.perSecond),
-  gasRatio1sC100: ratio(find("x402-batcher included", 100).gasPerPayment, find("reference", 100).gasPerPayment),
-  acceptedP50MsC1: find("x402-batcher accepted", 1).paidP50Ms,
-  acceptedP50MsC10: find("x402-batcher accepted", 10).paidP50Ms,
-  acceptedFacilitatorSideP50MsC10: report.verify.batcherAcceptedSettleC10.p50Ms,
-  acceptedP50MsC100: find("x402-batcher accepted", 100).paidP50Ms,
-  noOpP50MsC1: find("no-op stub", 1).paidP50Ms,
-  noOpP50MsC10: find("no-op stub", 10).paidP50Ms,
+  verifyRatio: ratio(report.verify.batcher?.perSecond, report.verify.reference?.perSecond),
+  gasRatio1sC100: ratio(find("x402-batcher included", 100)?.gasPerPayment, find("reference", 100)?.gasPerPayment),
+  acceptedP50MsC1: find("x402-batcher accepted", 1)?.paidP50Ms,
+  acceptedP50MsC10: find("x402-batcher accepted", 10)?.paidP50Ms,
+  acceptedFacilitatorSideP50MsC10: report.verify.batcherAcceptedSettleC10?.p50Ms,
+  acceptedP50MsC100: find("x402-batcher accepted", 100)?.paidP50Ms,
+  noOpP50MsC1: find("no-op stub", 1)?.paidP50Ms,
+  noOpP50MsC10: find("no-op stub", 10)?.paidP50Ms,
 };
 console.log(`SUMMARY ${JSON.stringify(report.summary)}`);
 fs.writeFileSync(path.join(args.dir, `bench-${Date.now()}.json`), JSON.stringify(report, null, 2));
