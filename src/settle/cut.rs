@@ -155,7 +155,10 @@ impl<C: Chain> Engine<C> {
         let rules = self.policy.cut_rules();
         let affordable = fees.per_gas() <= self.config.max_fee_per_gas_wei;
         for (token, mut records) in by_token {
-            self.read_l1_fees(token, &records[0]).await;
+            if self.l1_read_at.get(&token) != Some(&head.number) {
+                self.read_l1_fees(token, &records[0]).await;
+                self.l1_read_at.insert(token, head.number);
+            }
             let costs = self.costs(token);
             let caps =
                 caps(&self.config, &self.gas.learner(token, 2), self.policy.max_batch_size, head.gas_limit);
@@ -240,7 +243,7 @@ impl<C: Chain> Engine<C> {
     /// planner's time (chain time when that is ahead of the clock).
     fn hold(&self, records: &[PaymentRecord], now_ms: u64, plan_ms: u64, linger_ms: u64) -> planner::Hold {
         let oldest = records.iter().map(|r| r.accepted_at_ms).min().unwrap_or(now_ms);
-        let hold = self.pace.hold(now_ms, oldest, linger_ms);
+        let hold = self.pace.hold(now_ms, oldest, records.len(), linger_ms);
         planner::Hold { until_ms: hold.until_ms.saturating_add(plan_ms - now_ms), reason: hold.reason }
     }
 
@@ -299,15 +302,20 @@ impl<C: Chain> Engine<C> {
     ) -> Result<(), SettleError> {
         let Cut { token, records, reason, settler } = cut;
         let now_ms = self.now_ms();
-        let cut_at = std::time::Instant::now();
-        let Some((items, gas_limit)) = self.presimulate(token, records, now_ms, report).await? else {
+        // The simulation and the settler's nonce are read together: one round trip to the
+        // node before the send, not two.
+        let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
+        let (sim, chain_nonce) =
+            tokio::join!(self.simulate_at_limit(token, &signed), self.chain.nonce(settler));
+        let chain_nonce = self.read(chain_nonce);
+        let Some((items, gas_limit)) = self.presimulate(records, sim?, now_ms, report).await? else {
             return Ok(());
         };
         // Items refused: the rest keep the limit they were simulated with, proven enough for
         // them together with the refused ones (a little generous, on a rare path).
         let counter = self.next_counter;
         self.next_counter += 1;
-        let nonce = next_nonce(self.read(self.chain.nonce(settler).await)?, &self.open, settler);
+        let nonce = next_nonce(chain_nonce?, &self.open, settler);
         let mut batch = BatchRecord {
             chain_id: self.chain_id,
             counter,
@@ -368,25 +376,23 @@ impl<C: Chain> Engine<C> {
             // re-signs it with current fees.
             tracing::warn!(batch = %batch.id(), "broadcast refused: {e}");
         }
-        self.pace.sent(self.now_ms(), cut_at.elapsed().as_millis() as u64);
+        self.pace.sent(counter, batch.items.len(), self.look_at_ms, self.now_ms());
         self.receipts_at_ms = Some(self.now_ms());
         self.mark_submitted(batch).await?;
         report.batches_sent += 1;
         Ok(())
     }
 
-    /// Pre-simulates `records` of `token` at the gas limit the batch would get and fails
+    /// Given the pre-simulation of `records` at the gas limit the batch would get, fails
     /// (or expires) what the token would refuse: the rest and that limit, `None` when
     /// nothing is left.
     async fn presimulate(
         &mut self,
-        token: Address,
         records: Vec<PaymentRecord>,
+        (sim, gas_limit): (Vec<Result<(), ItemFailure>>, u64),
         now_ms: u64,
         report: &mut RoundReport,
     ) -> Result<Option<(Vec<PaymentRecord>, u64)>, SettleError> {
-        let signed: Vec<_> = records.iter().map(|r| r.signed.clone()).collect();
-        let (sim, gas_limit) = self.simulate_at_limit(token, &signed).await?;
         let mut refusals = Vec::new();
         let mut routes = Vec::new();
         let mut items = Vec::new();

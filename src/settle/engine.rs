@@ -48,6 +48,9 @@ pub struct Engine<C: Chain = RpcChain> {
     pub(super) gas: GasBook,
     /// The L1 data fees last read per token (OP-stack chains).
     pub(super) l1: BTreeMap<Address, L1Fees>,
+    /// The head each token's L1 fees were last read at: read once per head, in the round
+    /// the head brings, not again in the rounds that cut at a send moment.
+    pub(super) l1_read_at: BTreeMap<Address, u64>,
     /// When the planner asked to decide again (a linger or a wait ending before the next
     /// poll), Unix milliseconds.
     pub(super) wake_at_ms: Option<u64>,
@@ -102,6 +105,8 @@ pub struct Engine<C: Chain = RpcChain> {
     pub(super) preconfirm_ms: Option<u64>,
     /// When the receipts of the batches in flight were last looked for (engine clock).
     pub(super) receipts_at_ms: Option<u64>,
+    /// When the current look began (engine clock): a cut's work is counted from there.
+    pub(super) look_at_ms: u64,
     /// Batches counted included at a preconfirmation whose block is not sealed yet: a
     /// block hash that changes at the seal is no reorg.
     pub(super) preconfirmed: BTreeSet<u64>,
@@ -176,6 +181,7 @@ impl<C: Chain> Engine<C> {
             settlers,
             gas: GasBook::new(config.seed_gas(), GAS_WINDOW),
             l1: BTreeMap::new(),
+            l1_read_at: BTreeMap::new(),
             wake_at_ms: None,
             board: StatusBoard::default(),
             settler_views: BTreeMap::new(),
@@ -204,6 +210,7 @@ impl<C: Chain> Engine<C> {
             final_seen: None,
             preconfirm_ms: None,
             receipts_at_ms: None,
+            look_at_ms: 0,
             preconfirmed: BTreeSet::new(),
             feed: None,
             feed_up: false,

@@ -162,7 +162,16 @@ impl<C: Chain> Engine<C> {
         receipt: Receipt,
         report: &mut RoundReport,
     ) -> Result<(), SettleError> {
-        self.pace.included(receipt.block_number);
+        if let Some(made) = self.pace.included(batch.counter, receipt.block_number) {
+            let lead_ms = self.pace.lead_ms(batch.items.len());
+            tracing::debug!(
+                block = receipt.block_number,
+                made,
+                items = batch.items.len(),
+                lead_ms,
+                "send lead learnt"
+            );
+        }
         if self.last_head.is_some_and(|(h, _)| receipt.block_number > h.number) {
             self.preconfirmed.insert(batch.counter);
         }

@@ -13,8 +13,13 @@
 //!   ahead of the clock. The next block is expected at the earliest phase seen (a head is
 //!   seen after it was made, never before).
 //! - **Send lead.** A transaction is sent `lead` before the expected block: the time a cut
-//!   takes to reach the node (measured) plus a margin, doubled after a transaction that
-//!   missed the block it was sent for and eased back after each that made it.
+//!   of that many payments takes from the engine's decision to the node (a line fitted to
+//!   the last sends: a fixed part and a part per payment, as a large batch is simulated,
+//!   written and carried longer) plus a margin, doubled after a transaction cut at its send
+//!   moment that reached the node in time and still missed the block it was cut for, and
+//!   eased back after each that made it. A cut after the send moment (a late arrival on an
+//!   idle settler) is a chance taken, and one that reached the node after the expected
+//!   moment missed for its own work (which the fit learns): neither moves the margin.
 //! - **Holding.** On a chain with a cadence a batch that is cheap enough waits for the send
 //!   moment of the next block, and everything waiting then goes together: a transaction
 //!   sent earlier would wait in the pool for the same block. It goes at once when the
@@ -66,6 +71,29 @@ const EARLY_LOOK_MS: u64 = 50;
 /// Smallest margin of the send lead (milliseconds).
 const MIN_MARGIN_MS: u64 = 50;
 
+/// The margin of a last call: late arrivals, after a batch went for the next block, are
+/// cut this long (milliseconds) plus their work before the block is expected; a chance
+/// taken, whose miss teaches nothing.
+const LAST_CALL_MARGIN_MS: u64 = 20;
+
+/// Sends remembered to fit the work of a cut from.
+const WORK_SAMPLES: usize = 16;
+
+/// The work per payment of a cut (microseconds) until sends of sizes far enough apart
+/// ([`FIT_SPREAD`]) teach it: a batch twice as large is simulated, written and carried
+/// longer, and the first large one must not miss its block for want of a measure.
+const PRIOR_PER_ITEM_US: f64 = 500.0;
+
+/// The spread of batch sizes (payments) the work per payment is fitted from.
+const FIT_SPREAD: u64 = 16;
+
+/// Sends remembered until their inclusion teaches the lead.
+const SENT_MEMORY: usize = 16;
+
+/// How long after its send moment a cut still counts as made at it (the wake and the
+/// round's first reads).
+const ON_TIME_SLACK_MS: u64 = 5;
+
 /// One head as seen: its number, its timestamp (seconds) and when the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
@@ -74,21 +102,29 @@ struct Seen {
     at_ms: u64,
 }
 
-/// A transaction sent for the next block, to learn the lead from.
+/// A batch sent for a block, to learn the lead from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sent {
+    /// The batch (its counter).
+    batch: u64,
+    /// The block the cut was made for: the next one expected when it was decided.
     for_block: u64,
+    /// Cut at its send moment (not after it, as a chance taken).
+    on_time: bool,
+    /// Reached the node before the block's expected moment (else it missed for its own
+    /// work, which the work fit learns, not the margin).
+    before_block: bool,
 }
 
 /// What the engine learnt of the chain's pace and of arrivals.
 #[derive(Debug, Clone, Default)]
 pub struct Pace {
     heads: VecDeque<Seen>,
-    /// The cut-to-sent time, smoothed (milliseconds).
-    work_ms: u64,
+    /// The last sends: payments in the batch and milliseconds from decision to the node.
+    work: VecDeque<(u64, u64)>,
     /// The send lead's margin, learnt (milliseconds); 0 until a cadence is known.
     margin_ms: u64,
-    sent: Option<Sent>,
+    sent: VecDeque<Sent>,
     /// Arrivals that came while others waited (engine clock).
     arrivals: VecDeque<u64>,
     /// The number of the newest head when the engine last looked and found nothing new, and
@@ -165,43 +201,75 @@ impl Pace {
         self.heads.iter().map(|s| s.at_ms + (next - s.number) * block_ms).min()
     }
 
-    /// How long before the expected block a transaction is sent.
-    pub fn lead_ms(&self) -> Option<u64> {
+    /// How long a cut of `items` payments takes from the engine's decision until the node
+    /// has it (milliseconds): the least-squares line through the last sends, never falling
+    /// with size; its slope [`PRIOR_PER_ITEM_US`] until the sizes sent spread enough to fit
+    /// one (0 before any send).
+    pub fn work_ms(&self, items: usize) -> u64 {
+        if self.work.is_empty() {
+            return 0;
+        }
+        let n = self.work.len() as f64;
+        let mean_x = self.work.iter().map(|&(x, _)| x as f64).sum::<f64>() / n;
+        let mean_y = self.work.iter().map(|&(_, y)| y as f64).sum::<f64>() / n;
+        let (min_x, max_x) = self.work.iter().fold((u64::MAX, 0), |(lo, hi), &(x, _)| (lo.min(x), hi.max(x)));
+        let slope = if max_x - min_x >= FIT_SPREAD {
+            let sxx: f64 = self.work.iter().map(|&(x, _)| (x as f64 - mean_x).powi(2)).sum();
+            let sxy: f64 = self.work.iter().map(|&(x, y)| (x as f64 - mean_x) * (y as f64 - mean_y)).sum();
+            (sxy / sxx).max(0.0)
+        } else {
+            PRIOR_PER_ITEM_US / 1000.0
+        };
+        let at = mean_y + slope * (items as f64 - mean_x);
+        at.max(0.0).ceil() as u64
+    }
+
+    /// How long before the expected block a cut of `items` payments is made.
+    pub fn lead_ms(&self, items: usize) -> Option<u64> {
         let block_ms = self.block_ms()?;
         let margin = if self.margin_ms == 0 { initial_margin(block_ms) } else { self.margin_ms };
-        Some((self.work_ms + margin).min(block_ms / 2))
+        Some((self.work_ms(items) + margin).min(block_ms / 2))
     }
 
-    /// The last moment to send for the next block (engine clock), with a cadence.
-    pub fn send_by_ms(&self) -> Option<u64> {
-        Some(self.next_block_at_ms()?.saturating_sub(self.lead_ms()?))
+    /// The last moment to cut `items` payments for the next block (engine clock), with a
+    /// cadence.
+    pub fn send_by_ms(&self, items: usize) -> Option<u64> {
+        Some(self.next_block_at_ms()?.saturating_sub(self.lead_ms(items)?))
     }
 
-    /// A batch was sent at `now_ms`, `work_ms` after it was cut.
-    pub fn sent(&mut self, now_ms: u64, work_ms: u64) {
-        self.work_ms = if self.work_ms == 0 { work_ms } else { (self.work_ms * 7 + work_ms) / 8 };
+    /// Batch `batch` of `items` payments, decided at `decided_ms`, reached the node at
+    /// `now_ms`.
+    pub fn sent(&mut self, batch: u64, items: usize, decided_ms: u64, now_ms: u64) {
         self.empty_looks = 0;
-        let Some(last) = self.heads.back() else { return };
-        let next_at = self.next_block_at_ms();
-        // Sent before the next block's expected moment: meant for it; after: the one after.
-        let for_block = match next_at {
-            Some(at) if now_ms < at => last.number + 1,
-            Some(_) => last.number + 2,
-            None => return,
-        };
-        self.sent = Some(Sent { for_block });
+        let on_time = self.send_by_ms(items).is_some_and(|by| decided_ms <= by + ON_TIME_SLACK_MS);
+        if self.work.len() == WORK_SAMPLES {
+            self.work.pop_front();
+        }
+        self.work.push_back((items as u64, now_ms.saturating_sub(decided_ms)));
+        let (Some(last), Some(next_at)) = (self.heads.back(), self.next_block_at_ms()) else { return };
+        // Decided before the next block's expected moment: made for it; after: the one after.
+        let for_block = if decided_ms < next_at { last.number + 1 } else { last.number + 2 };
+        let before_block = decided_ms >= next_at || now_ms < next_at;
+        if self.sent.len() == SENT_MEMORY {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(Sent { batch, for_block, on_time, before_block });
     }
 
-    /// The last batch sent was seen included in block `number`: the lead is learnt from
-    /// whether it made the block it was sent for.
-    pub fn included(&mut self, number: u64) {
-        let (Some(sent), Some(block_ms)) = (self.sent.take(), self.block_ms()) else { return };
+    /// Batch `batch` was seen included in block `number`: the lead is learnt from whether
+    /// it made the block it was cut for (returned; `None`: nothing to learn).
+    pub fn included(&mut self, batch: u64, number: u64) -> Option<bool> {
+        let i = self.sent.iter().position(|s| s.batch == batch)?;
+        let sent = self.sent.remove(i)?;
+        let block_ms = self.block_ms()?;
         let margin = if self.margin_ms == 0 { initial_margin(block_ms) } else { self.margin_ms };
-        self.margin_ms = if number > sent.for_block {
-            (margin * 2).min(block_ms / 2)
-        } else {
-            (margin * 15 / 16).max(MIN_MARGIN_MS)
-        };
+        let made = number <= sent.for_block;
+        if made {
+            self.margin_ms = (margin * 15 / 16).max(MIN_MARGIN_MS);
+        } else if sent.on_time && sent.before_block {
+            self.margin_ms = (margin * 2).min(block_ms / 2);
+        }
+        Some(made)
     }
 
     /// `n` payments arrived at `now_ms`; `waiting`: others of the chain were waiting then
@@ -225,17 +293,33 @@ impl Pace {
         n as f64 * 1000.0 / RATE_WINDOW_MS as f64
     }
 
-    /// How long a cheap batch whose oldest payment arrived at `oldest_ms` is held.
-    pub fn hold(&self, now_ms: u64, oldest_ms: u64, linger_ms: u64) -> Hold {
+    /// How long a cheap batch of `items` payments whose oldest arrived at `oldest_ms` is
+    /// held.
+    pub fn hold(&self, now_ms: u64, oldest_ms: u64, items: usize, linger_ms: u64) -> Hold {
         let rate = self.rate_per_s(now_ms);
         let expected = |ms: u64| rate * ms as f64 / 1000.0;
         // With preconfirmations the next flashblock, not the sealed block, is the one to make.
-        let send_by = if self.preconfirmed { None } else { self.send_by_ms() };
+        // The cut is sized for what waits now and what the rate brings until then.
+        let send_by = if self.preconfirmed {
+            None
+        } else {
+            self.send_by_ms(items).map(|by| {
+                let more = expected(by.saturating_sub(now_ms)) as usize;
+                self.send_by_ms(items + more).unwrap_or(by)
+            })
+        };
         match send_by {
             Some(send_by) if now_ms < send_by && expected(send_by - now_ms) >= 1.0 => {
                 Hold { until_ms: send_by, reason: CutReason::Block }
             }
-            Some(send_by) if now_ms >= send_by => Hold { until_ms: now_ms, reason: CutReason::Block },
+            Some(send_by) if now_ms >= send_by => match self.last_call_ms(items) {
+                // A batch already went for this block: late arrivals are gathered until
+                // the last call, when company is expected before it.
+                Some(call) if now_ms < call && expected(call - now_ms) >= 1.0 => {
+                    Hold { until_ms: call, reason: CutReason::Block }
+                }
+                _ => Hold { until_ms: now_ms, reason: CutReason::Block },
+            },
             Some(_) => Hold { until_ms: now_ms, reason: CutReason::NoCompany },
             None if expected(linger_ms) >= 1.0 => {
                 // Wait for about one more arrival, never longer than the linger.
@@ -247,6 +331,16 @@ impl Pace {
             }
             None => Hold { until_ms: now_ms, reason: CutReason::NoCompany },
         }
+    }
+
+    /// Once a batch went for the next block: the last moment to cut `items` late arrivals
+    /// with a chance to make it too (their work and [`LAST_CALL_MARGIN_MS`] before it is
+    /// expected).
+    fn last_call_ms(&self, items: usize) -> Option<u64> {
+        let next = self.heads.back()?.number + 1;
+        let next_at = self.next_block_at_ms()?;
+        let gone = self.sent.iter().any(|s| s.for_block == next);
+        gone.then(|| next_at.saturating_sub(self.work_ms(items) + LAST_CALL_MARGIN_MS))
     }
 
     /// When to look at the chain next (engine clock), the last look having been at
@@ -321,8 +415,8 @@ mod tests {
         assert_eq!(p.block_ms(), Some(2_000));
         // Seen 5 ms late at best: block 106 at 1_000_000 + 6 * 2000 + 5.
         assert_eq!(p.next_block_at_ms(), Some(1_012_005));
-        assert_eq!(p.lead_ms(), Some(200), "a tenth of a block before any inclusion");
-        assert_eq!(p.send_by_ms(), Some(1_011_805));
+        assert_eq!(p.lead_ms(1), Some(200), "a tenth of a block before any inclusion");
+        assert_eq!(p.send_by_ms(1), Some(1_011_805));
     }
 
     #[test]
@@ -364,20 +458,56 @@ mod tests {
     fn the_lead_grows_after_a_missed_block_and_eases_after_blocks_made() {
         let mut p = scheduled(1_000, 6, |_| 0);
         let next = p.next_block_at_ms().unwrap();
-        p.sent(next - 150, 10);
-        assert_eq!(p.lead_ms(), Some(110), "10 ms of work and a 100 ms margin");
-        p.included(107);
-        assert_eq!(p.lead_ms(), Some(210), "missed block 106: the margin doubles");
-        for _ in 0..100 {
-            p.sent(next - 300, 10);
-            p.included(106);
+        p.sent(1, 1, next - 160, next - 150);
+        assert_eq!(p.lead_ms(1), Some(110), "10 ms of work and a 100 ms margin");
+        assert_eq!(p.included(1, 107), Some(false));
+        assert_eq!(p.lead_ms(1), Some(210), "missed block 106: the margin doubles");
+        for b in 2..100 {
+            p.sent(b, 1, next - 310, next - 300);
+            assert_eq!(p.included(b, 106), Some(true));
         }
-        assert_eq!(p.lead_ms(), Some(10 + MIN_MARGIN_MS), "eased to the floor");
-        for _ in 0..10 {
-            p.sent(next - 10, 10);
-            p.included(108);
+        assert_eq!(p.lead_ms(1), Some(10 + MIN_MARGIN_MS), "eased to the floor");
+        for b in 100..110 {
+            p.sent(b, 1, next - 500, next - 490);
+            p.included(b, 108);
         }
-        assert_eq!(p.lead_ms(), Some(500), "never more than half a block");
+        assert_eq!(p.lead_ms(1), Some(500), "never more than half a block");
+        assert_eq!(p.included(7, 106), None, "a batch never sent (or already learnt from)");
+    }
+
+    #[test]
+    fn a_big_cut_starts_earlier_and_a_late_chance_that_misses_teaches_nothing() {
+        let mut p = scheduled(1_000, 6, |_| 0);
+        let next = p.next_block_at_ms().unwrap();
+        // Measured: 10 ms from decision to node for 2 payments, 50 ms for 82.
+        p.sent(1, 2, next - 200, next - 190);
+        assert_eq!(p.work_ms(202), 10 + 100, "half a millisecond per payment until sizes spread");
+        p.sent(2, 82, next - 200, next - 150);
+        assert_eq!((p.work_ms(2), p.work_ms(42), p.work_ms(82), p.work_ms(162)), (10, 30, 50, 90));
+        assert_eq!(
+            p.send_by_ms(2).unwrap() - p.send_by_ms(82).unwrap(),
+            40,
+            "82 payments: cut 40 ms earlier"
+        );
+        // Held: sized for what waits and what the rate brings until the send moment.
+        let now = next - 900;
+        p.arrived(100, now, true);
+        let alone = p.send_by_ms(2).unwrap();
+        assert!(p.hold(now, now, 2, 250).until_ms < alone, "20/s brings ~17 more: cut earlier than for 2");
+        assert_eq!(p.hold(now, now, 2, 250).reason, CutReason::Block);
+        // Cut after its send moment (a late arrival on an idle settler) and missed: a
+        // chance taken, the margin stays.
+        p.sent(3, 2, next - 20, next - 10);
+        assert_eq!(p.included(3, 107), Some(false));
+        assert_eq!(p.lead_ms(2), Some(10 + 100), "the work of 2 and the first margin");
+        // Cut at its moment, reached the node after the expected block: missed for its own
+        // work, which the fit learns; the margin stays.
+        p.sent(5, 2, next - 150, next + 5);
+        assert_eq!(p.included(5, 107), Some(false));
+        assert_eq!(p.lead_ms(2).unwrap() - p.work_ms(2), 100);
+        // Decided after the expected moment: made for the block after.
+        p.sent(4, 2, next + 10, next + 20);
+        assert_eq!(p.included(4, 107), Some(true));
     }
 
     #[test]
@@ -393,12 +523,15 @@ mod tests {
     #[test]
     fn with_a_cadence_a_batch_waits_for_the_send_moment_only_when_company_is_expected() {
         let mut p = scheduled(2_000, 6, |_| 0);
-        let send_by = p.send_by_ms().unwrap();
+        let send_by = p.send_by_ms(1).unwrap();
         let now = send_by - 1_000;
-        assert_eq!(p.hold(now, now, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
+        assert_eq!(p.hold(now, now, 1, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
         p.arrived(20, now, true);
-        assert_eq!(p.hold(now, now, 250), Hold { until_ms: send_by, reason: CutReason::Block });
-        assert_eq!(p.hold(send_by + 1, now, 250), Hold { until_ms: send_by + 1, reason: CutReason::Block });
+        assert_eq!(p.hold(now, now, 1, 250), Hold { until_ms: send_by, reason: CutReason::Block });
+        assert_eq!(
+            p.hold(send_by + 1, now, 1, 250),
+            Hold { until_ms: send_by + 1, reason: CutReason::Block }
+        );
     }
 
     #[test]
@@ -414,26 +547,29 @@ mod tests {
     #[test]
     fn with_preconfirmations_nothing_waits_for_the_sealed_block_nor_looks_for_it() {
         let mut p = scheduled(2_000, 6, |_| 0);
-        let now = p.send_by_ms().unwrap() - 1_000;
+        let now = p.send_by_ms(1).unwrap() - 1_000;
         p.arrived(8, now, true);
-        assert_eq!(p.hold(now, now, 250).reason, CutReason::Block, "without: held for the block");
+        assert_eq!(p.hold(now, now, 1, 250).reason, CutReason::Block, "without: held for the block");
         p.preconfirmed(true);
         // 1.6/s: no company within the linger; the next flashblock comes anyway.
-        assert_eq!(p.hold(now, now, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
+        assert_eq!(p.hold(now, now, 1, 250), Hold { until_ms: now, reason: CutReason::NoCompany });
         assert_eq!(p.next_look_ms(now, now, true), None, "receipts, not heads, are looked for");
     }
 
     #[test]
     fn without_a_cadence_a_batch_goes_at_once_unless_company_comes_within_the_linger() {
         let mut p = Pace::default();
-        assert_eq!(p.hold(5_000, 5_000, 250), Hold { until_ms: 5_000, reason: CutReason::NoCompany });
+        assert_eq!(p.hold(5_000, 5_000, 1, 250), Hold { until_ms: 5_000, reason: CutReason::NoCompany });
         p.arrived(2, 4_000, true);
-        assert_eq!(p.hold(5_000, 5_000, 250).reason, CutReason::NoCompany, "0.4/s: none in 250 ms");
+        assert_eq!(p.hold(5_000, 5_000, 1, 250).reason, CutReason::NoCompany, "0.4/s: none in 250 ms");
         p.arrived(200, 4_500, true);
         // 40.4/s: the next in ~25 ms.
-        assert_eq!(p.hold(5_000, 4_990, 250), Hold { until_ms: 4_990 + 25, reason: CutReason::CostTarget });
         assert_eq!(
-            p.hold(5_000, 4_990, 10),
+            p.hold(5_000, 4_990, 1, 250),
+            Hold { until_ms: 4_990 + 25, reason: CutReason::CostTarget }
+        );
+        assert_eq!(
+            p.hold(5_000, 4_990, 1, 10),
             Hold { until_ms: 5_000, reason: CutReason::NoCompany },
             "a 10 ms linger: nobody comes in time"
         );

@@ -98,6 +98,7 @@ impl<C: Chain> Engine<C> {
         self.policy = self.policy_rx.borrow_and_update().clone();
         let mut report = RoundReport::default();
         let now_ms = self.now_ms();
+        self.look_at_ms = now_ms;
         if look == Look::Receipts {
             self.receipts_at_ms = Some(now_ms);
             self.follow_in_flight(&mut report).await?;
@@ -144,11 +145,18 @@ impl<C: Chain> Engine<C> {
     async fn follow_chain(&mut self, head: &Head, report: &mut RoundReport) -> Result<(), SettleError> {
         self.take_leases().await?;
         self.metrics.head_block.set(head.number as f64);
-        let counters: Vec<u64> =
-            self.open.iter().filter(|(_, b)| self.acts_for(b.settler)).map(|(c, _)| *c).collect();
+        // Batches waiting for their receipt first: payments waiting to be answered `included`
+        // are not kept behind the writes of batches reaching their confirmation depth.
+        let mut counters: Vec<(bool, u64)> = self
+            .open
+            .iter()
+            .filter(|(_, b)| self.acts_for(b.settler))
+            .map(|(c, b)| (b.status == BatchStatus::Included, *c))
+            .collect();
+        counters.sort_unstable();
         if !counters.is_empty() {
             let fees = self.fees_for(head).await?;
-            for counter in counters {
+            for (_, counter) in counters {
                 self.advance(counter, head, fees, report).await?;
             }
         }
@@ -167,6 +175,8 @@ impl<C: Chain> Engine<C> {
             self.wake_at_ms = None;
         } else {
             let fees = self.fees_for(head).await?;
+            // A cut's work is counted from here: not the open batches' follow-up above.
+            self.look_at_ms = self.now_ms();
             self.plan_and_send(accepted, head, fees, report).await?;
         }
         self.settler_balances().await;
