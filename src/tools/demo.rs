@@ -307,7 +307,10 @@ impl DemoDaemon {
         crate::settle::write_key_file(&keys, settlers).map_err(io)?;
         let mut config = Config::parse("").map_err(|e| DemoError::Daemon(e.to_string()))?;
         config.tokens.push(net.token_config());
-        config.chains.push(net.chain_config());
+        // Heads pushed over anvil's WebSocket, as in the config `x402-batcher devnet` writes.
+        let mut chain = net.chain_config();
+        chain.ws_url = net.ws_url();
+        config.chains.push(chain);
         config.ledger.path = Some(ledger_path.to_path_buf());
         config.settlement.settler_keys_file = Some(keys);
         config.settlement.confirmations = confirmations;
