@@ -5,4 +5,10 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$X402_ROOT"
-cargo run --locked --quiet --bin x402-batcher -- demo "$@"
+# A cold first build takes ~20 minutes (RocksDB's C++): say so, and let cargo show its
+# progress rather than a silent terminal.
+if [ ! -x "$CARGO_TARGET_DIR/debug/x402-batcher" ]; then
+  echo "building x402-batcher (the first build takes ~20 minutes on 2 cores: RocksDB's C++) ..."
+fi
+cargo build --locked --bin x402-batcher
+"$CARGO_TARGET_DIR/debug/x402-batcher" demo "$@"

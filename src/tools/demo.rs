@@ -9,7 +9,7 @@
 //! own transaction (for the gRPC fleet and for the middlewares' payments), end-to-end
 //! latency, and where the settlement log and its export are.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use crate::chain::MULTICALL3;
 use crate::client::Client;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::ledger::{BatchStatus, LedgerStore, RocksLedger, Status};
+use crate::ledger::{BatchStatus, LedgerStore, LogEntry, RocksLedger, Status};
 use crate::tools::devnet::{self, Devnet, DevnetError};
 use crate::tools::loadgen::{self, LoadOptions};
 use crate::tools::testkit::PaymentBuilder;
@@ -99,8 +99,13 @@ pub struct DemoReport {
     pub gas_per_payment: f64,
     /// The same kind of payment sent as its own `transferWithAuthorization` transaction.
     pub solo_gas: u64,
-    /// Accepted to settled, milliseconds: p50, p90, p99, max.
+    /// Accepted to settled at depth (each payment's outcome entry), milliseconds: p50,
+    /// p90, p99, max.
     pub latency_ms: [u64; 4],
+    /// Accepted to finalized (each payment's finality entry, written when the chain's final
+    /// block passed its block; the demo does not wait for it), and how many were final.
+    pub final_latency_ms: [u64; 4],
+    pub finalized: usize,
     pub ledger_path: PathBuf,
     pub export_path: PathBuf,
     /// The middlewares' flow, when it ran.
@@ -359,17 +364,34 @@ fn tally(
     // The middlewares' payments are named after their callers' addresses (`http:<ip>`).
     let via_http = |r: &crate::ledger::PaymentRecord| r.submission.api_server.starts_with("http:");
     let mut latencies = Vec::new();
-    let log: Vec<_> = crate::ledger::books(ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r))
-        .into_iter()
-        .map(|r| (r.seq, r))
-        .collect();
+    let entries: Vec<_> = ledger.settlement_log(0, usize::MAX)?.into_iter().map(|(_, r)| r).collect();
+    // Each payment's own moments: its outcome entry (settled at depth) and its finality's.
+    let (mut outcome_at, mut final_at) = (HashMap::new(), HashMap::new());
+    for r in &entries {
+        match r.log_entry {
+            LogEntry::Outcome => {
+                outcome_at.insert(r.payment_id(), r.updated_at_ms);
+            }
+            LogEntry::Finalized => {
+                final_at.insert(r.payment_id(), r.updated_at_ms);
+            }
+            LogEntry::Corrected | LogEntry::Reversed => {}
+        }
+    }
+    let mut final_latencies = Vec::new();
+    let log: Vec<_> = crate::ledger::books(entries).into_iter().map(|r| (r.seq, r)).collect();
     let http_keys: std::collections::HashSet<_> =
         log.iter().filter(|(_, r)| via_http(r)).map(|(_, r)| r.key()).collect();
     for (_, r) in log.iter().filter(|(_, r)| !via_http(r)) {
         match r.status {
             Status::Settled => {
                 report.settled += 1;
-                latencies.push(r.updated_at_ms.saturating_sub(r.accepted_at_ms));
+                let id = r.payment_id();
+                let settled_at = outcome_at.get(&id).copied().unwrap_or(r.updated_at_ms);
+                latencies.push(settled_at.saturating_sub(r.accepted_at_ms));
+                if let Some(at) = final_at.get(&id) {
+                    final_latencies.push(at.saturating_sub(r.accepted_at_ms));
+                }
             }
             Status::Failed => report.failed += 1,
             Status::Expired => report.expired += 1,
@@ -407,12 +429,19 @@ fn tally(
         h.gas_per_payment = if http_items == 0 { 0.0 } else { http_gas as f64 / http_items as f64 };
         h
     });
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0)
-    };
-    report.latency_ms = [pct(0.50), pct(0.90), pct(0.99), latencies.last().copied().unwrap_or(0)];
+    report.latency_ms = percentiles(latencies);
+    report.finalized = final_latencies.len();
+    report.final_latency_ms = percentiles(final_latencies);
     Ok(())
+}
+
+/// p50, p90, p99 and max of `values` (zeros when empty).
+fn percentiles(mut values: Vec<u64>) -> [u64; 4] {
+    values.sort_unstable();
+    let pct = |p: f64| {
+        values.get(((values.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0)
+    };
+    [pct(0.50), pct(0.90), pct(0.99), values.last().copied().unwrap_or(0)]
 }
 
 /// Every accepted payment has one outcome, something settled, and every middleware request
@@ -570,7 +599,16 @@ fn print_summary(r: &DemoReport, rows: usize, seconds: f64) {
     println!(
         "  latency     accepted -> settled at depth: p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms"
     );
-    println!("  wall time   {seconds:.1} s from the first submission to the last payment final");
+    if r.finalized > 0 {
+        let [p50, p90, p99, max] = r.final_latency_ms;
+        println!(
+            "  finality    accepted -> finalized: p50 {p50} ms, p90 {p90} ms, p99 {p99} ms, max {max} ms ({} of {} final by the end of the demo)",
+            r.finalized, r.settled
+        );
+    } else {
+        println!("  finality    none of the payments was final by the end of the demo");
+    }
+    println!("  wall time   {seconds:.1} s from the first submission to the last payment settled at depth");
     if let Some(h) = &r.http {
         let paid: u64 = h.paid.values().sum();
         let by: Vec<String> = h.paid.iter().map(|(k, v)| format!("{k} {v}")).collect();
