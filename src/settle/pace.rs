@@ -24,7 +24,9 @@
 //!   moment of the next block, and everything waiting then goes together: a transaction
 //!   sent earlier would wait in the pool for the same block. It goes at once when the
 //!   moment has come, or when the arrival rate says no other payment will come before it.
-//!   On a chain without a cadence waiting is pure loss: a batch goes at once, unless the
+//!   Once a batch went for the block, late arrivals wait for a last call on an idle
+//!   settler (their own work and a small margin before the block), when the rate says
+//!   company comes before it; otherwise they go at once. On a chain without a cadence waiting is pure loss: a batch goes at once, unless the
 //!   arrival rate brings another payment within the policy's linger (then it waits that
 //!   long, at most). Payments that arrive while a settler's transaction is in flight wait
 //!   for it anyway: batching costs no latency there.
