@@ -10,6 +10,11 @@
 # BENCHMARKS.md records them.
 #
 # Usage: ops/bench-facilitator.sh [--requests N] [--verify-payments N]
+#          [--only 1s-c100,preconf-c100,...] [--ours-only]
+# `--only` re-measures just those `included` phases (chain-cN), `--ours-only` without the
+# reference; BENCH_RUST_LOG sets the daemon's RUST_LOG (e.g. x402_batcher::settle=debug,
+# which logs each cut and what its inclusion taught the send lead); BENCH_NO_WS=1 leaves
+# the node's WebSocket URL out (heads polled).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$X402_ROOT"
