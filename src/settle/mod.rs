@@ -45,7 +45,8 @@
 //! | [`rpc`] | what the engine reads from a chain and sends to it, behind the [`Chain`] trait |
 //! | `wake.rs` | the loop: when the engine wakes (arrivals, the next look at the chain, a hold ending), recovery after a cut-short round |
 //! | [`heads`] | heads pushed by the node (`newHeads` over WebSocket), the engine's wake-up when configured |
-//! | `pace.rs` | the chain's cadence, the send lead, the arrival rate: how long a batch is held, when to look next |
+//! | `pace.rs` | the chain's cadence, the send lead, the last call, the arrival rate: how long a batch is held, when to look next |
+//! | `work.rs` | how long a cut of a given size takes from decision to the node (the send lead's first part) |
 //! | `round.rs` | a round: leases, what it reads and follows, writes and their metrics, gauges |
 //! | `follow.rs` | signed → submitted → included → settled, replacements, reorgs |
 //! | `preconfirm.rs` | which receipts count; preconfirmed inclusions looked for, and judged again once sealed |
@@ -77,6 +78,7 @@ mod sign;
 mod status;
 mod sweep;
 mod wake;
+mod work;
 
 use alloy::network::{Ethereum, TransactionBuilderError};
 use alloy::primitives::Address;

@@ -41,6 +41,7 @@
 use std::collections::VecDeque;
 
 use super::rpc::Head;
+use super::work::Work;
 use crate::planner::{CutReason, Hold};
 
 /// Heads kept to learn the cadence from.
@@ -78,17 +79,6 @@ const MIN_MARGIN_MS: u64 = 50;
 /// taken, whose miss teaches nothing.
 const LAST_CALL_MARGIN_MS: u64 = 20;
 
-/// Sends remembered to fit the work of a cut from.
-const WORK_SAMPLES: usize = 16;
-
-/// The work per payment of a cut (microseconds) until sends of sizes far enough apart
-/// ([`FIT_SPREAD`]) teach it: a batch twice as large is simulated, written and carried
-/// longer, and the first large one must not miss its block for want of a measure.
-const PRIOR_PER_ITEM_US: f64 = 500.0;
-
-/// The spread of batch sizes (payments) the work per payment is fitted from.
-const FIT_SPREAD: u64 = 16;
-
 /// Sends remembered until their inclusion teaches the lead.
 const SENT_MEMORY: usize = 16;
 
@@ -122,8 +112,8 @@ struct Sent {
 #[derive(Debug, Clone, Default)]
 pub struct Pace {
     heads: VecDeque<Seen>,
-    /// The last sends: payments in the batch and milliseconds from decision to the node.
-    work: VecDeque<(u64, u64)>,
+    /// How long cuts take from decision to the node, by size.
+    work: Work,
     /// The send lead's margin, learnt (milliseconds); 0 until a cadence is known.
     margin_ms: u64,
     sent: VecDeque<Sent>,
@@ -204,26 +194,9 @@ impl Pace {
     }
 
     /// How long a cut of `items` payments takes from the engine's decision until the node
-    /// has it (milliseconds): the least-squares line through the last sends, never falling
-    /// with size; its slope [`PRIOR_PER_ITEM_US`] until the sizes sent spread enough to fit
-    /// one (0 before any send).
+    /// has it (milliseconds; see [`Work`]).
     pub fn work_ms(&self, items: usize) -> u64 {
-        if self.work.is_empty() {
-            return 0;
-        }
-        let n = self.work.len() as f64;
-        let mean_x = self.work.iter().map(|&(x, _)| x as f64).sum::<f64>() / n;
-        let mean_y = self.work.iter().map(|&(_, y)| y as f64).sum::<f64>() / n;
-        let (min_x, max_x) = self.work.iter().fold((u64::MAX, 0), |(lo, hi), &(x, _)| (lo.min(x), hi.max(x)));
-        let slope = if max_x - min_x >= FIT_SPREAD {
-            let sxx: f64 = self.work.iter().map(|&(x, _)| (x as f64 - mean_x).powi(2)).sum();
-            let sxy: f64 = self.work.iter().map(|&(x, y)| (x as f64 - mean_x) * (y as f64 - mean_y)).sum();
-            (sxy / sxx).max(0.0)
-        } else {
-            PRIOR_PER_ITEM_US / 1000.0
-        };
-        let at = mean_y + slope * (items as f64 - mean_x);
-        at.max(0.0).ceil() as u64
+        self.work.ms(items)
     }
 
     /// How long before the expected block a cut of `items` payments is made.
@@ -244,10 +217,7 @@ impl Pace {
     pub fn sent(&mut self, batch: u64, items: usize, decided_ms: u64, now_ms: u64) {
         self.empty_looks = 0;
         let on_time = self.send_by_ms(items).is_some_and(|by| decided_ms <= by + ON_TIME_SLACK_MS);
-        if self.work.len() == WORK_SAMPLES {
-            self.work.pop_front();
-        }
-        self.work.push_back((items as u64, now_ms.saturating_sub(decided_ms)));
+        self.work.record(items, now_ms.saturating_sub(decided_ms));
         let (Some(last), Some(next_at)) = (self.heads.back(), self.next_block_at_ms()) else { return };
         // Decided before the next block's expected moment: made for it; after: the one after.
         let for_block = if decided_ms < next_at { last.number + 1 } else { last.number + 2 };
