@@ -33,6 +33,9 @@ async fn main() -> anyhow::Result<()> {
             // the daemon listens for it to reload) is ignored rather than fatal.
             let stop = daemon::shutdown_signal();
             let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            // A process-wide limit: raised by the process that is the daemon, before it opens
+            // anything.
+            daemon::open_files();
             let config = load(&config)?;
             config.validate_for_run()?;
             x402_batcher::ledger::open::check(&config.ledger)?;

@@ -132,6 +132,8 @@ impl Listeners {
     }
 }
 
+pub use start::open_files;
+
 /// Runs the daemon on `listeners` until `shutdown` resolves, then drains and returns.
 pub async fn serve(
     config: Config,

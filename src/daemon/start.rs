@@ -26,6 +26,27 @@ use crate::policy::PolicyHandle;
 use crate::settle::{Engine, RpcChain, StatusBoard};
 use crate::verify::VerifyPool;
 
+/// Raises the soft open-file limit to the hard one: every connection, ledger file and RPC
+/// socket takes a descriptor, and a distribution's default soft limit (often 1,024) is
+/// reached by a few hundred idle clients. Logs the limit it runs with; a limit that cannot
+/// be read or raised is logged and start-up goes on with it. Returns it (`None`: unknown or
+/// unlimited).
+pub fn open_files() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut raised = limit;
+    raised.current = limit.maximum;
+    if raised.current != limit.current
+        && let Err(e) = setrlimit(Resource::Nofile, raised)
+    {
+        tracing::warn!(soft = ?limit.current, hard = ?limit.maximum, "cannot raise the open-file limit: {e}");
+        return limit.current;
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::info!(open_files = ?now, was = ?limit.current, "open-file limit");
+    now
+}
+
 /// How long shutdown waits for a settlement round in progress.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -213,3 +213,27 @@ async fn an_oversized_message_is_refused_and_streams_beyond_the_connection_cap_w
     .await
     .expect("within the time limit");
 }
+
+/// The daemon raises its soft open-file limit to the hard one before it opens anything,
+/// and says so: started with a soft limit of 256 (a shell's `ulimit -Sn`), it logs the
+/// hard limit it now runs with (here it then stops at a missing config).
+#[test]
+fn the_daemon_raises_its_soft_open_file_limit_to_the_hard_one() {
+    let hard = std::process::Command::new("sh").args(["-c", "ulimit -Hn"]).output().unwrap();
+    let hard = String::from_utf8(hard.stdout).unwrap().trim().to_owned();
+    let out = std::process::Command::new("sh")
+        .args(["-c", r#"ulimit -Sn 256 && exec "$0" run --config /nonexistent/x402-batcher.toml"#])
+        .arg(env!("CARGO_BIN_EXE_x402-batcher"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("open-file limit"))
+        .unwrap_or_else(|| panic!("no limit logged: {log}"));
+    let expected =
+        if hard == "unlimited" { "open_files=None".to_owned() } else { format!("open_files=Some({hard})") };
+    assert!(line.contains(&expected) && line.contains("was=Some(256)"), "{line} (hard limit {hard})");
+    assert!(!out.status.success(), "and then the missing config stops it");
+}
