@@ -26,10 +26,11 @@
 //!   moment has come, or when the arrival rate says no other payment will come before it.
 //!   Once a batch went for the block, late arrivals wait for a last call on an idle
 //!   settler (their own work and a small margin before the block), when the rate says
-//!   company comes before it; otherwise they go at once. On a chain without a cadence waiting is pure loss: a batch goes at once, unless the
-//!   arrival rate brings another payment within the policy's linger (then it waits that
-//!   long, at most). Payments that arrive while a settler's transaction is in flight wait
-//!   for it anyway: batching costs no latency there.
+//!   company comes before it; otherwise they go at once. On a chain without a cadence
+//!   waiting is pure loss: a batch goes at once, unless the arrival rate brings another
+//!   payment within the policy's linger (then it waits that long, at most). Payments that
+//!   arrive while a settler's transaction is in flight wait for it anyway: batching costs
+//!   no latency there.
 //! - **Arrival rate.** Payments that arrived in the last few seconds *while others were
 //!   waiting*: a client that sends its next request only after its last one was answered
 //!   never brings company, however often it pays.
