@@ -45,7 +45,8 @@ pub const COLUMNS: &[&str] = &[
     "api_server",
     "resource",
     "accepted_at",
-    "final_at",
+    "recorded_at",
+    "block_time",
     "tx_hash",
     "block_number",
     "block_hash",
@@ -160,8 +161,9 @@ pub fn time_from_flag(flag: &'static str, value: &str) -> Result<u64, ExportErro
     })
 }
 
-/// When a payment became final (unix seconds): the including block's time for a settled
-/// payment, the time the daemon recorded the outcome otherwise.
+/// When a payment became final (unix seconds), for the filters and the daily totals: the
+/// including block's time for a settled payment (`block_time`, the chain's clock, whole
+/// seconds), the time the daemon recorded the outcome otherwise (`recorded_at`, its clock).
 pub fn final_time(r: &PaymentRecord) -> u64 {
     if r.status == Status::Settled && r.block_time > 0 { r.block_time } else { r.updated_at_ms / 1000 }
 }
@@ -409,7 +411,12 @@ fn fields(seq: u64, r: &PaymentRecord, tokens: &TokenTable) -> Vec<(&'static str
         r.submission.api_server.clone(),
         r.submission.resource.clone(),
         utc(r.accepted_at_ms),
-        utc(final_time(r) * 1000),
+        utc(r.updated_at_ms),
+        if r.status == Status::Settled && r.block_time > 0 {
+            utc(r.block_time * 1000)
+        } else {
+            String::new()
+        },
         hash(r.tx_hash),
         if r.tx_hash.is_some() { r.block_number.to_string() } else { String::new() },
         hash(r.block_hash),

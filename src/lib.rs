@@ -42,10 +42,11 @@
 //!    commands, the rules of a group (one code for both), records and the books, the
 //!    group-commit writer, the holds of verified payments, followers of single payments,
 //!    leases dividing settler accounts.
-//! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`]: the cheap static
-//!    checks and the validity window; the signature check and its pool of OS threads;
-//!    payers' balances and code, cached; who may call (credentials, roles); per-server limits; the
-//!    listeners' TLS.
+//! 4. [`admission`], [`verify`], [`balance`], [`auth`], [`limits`], [`tls`], [`connections`]:
+//!    the cheap static checks and the validity window; the signature check and its pool of
+//!    OS threads; payers' balances and code, cached; who may call (credentials, roles);
+//!    per-server limits; the listeners' TLS; what a client may hold on a listener (caps,
+//!    deadlines, headroom under the open-file limit).
 //! 5. [`ingest`]: the decision path for one submission, whatever surface it came by.
 //! 6. [`settle`], [`audit`], [`export`], [`reconcile`]: the settlement engine, one per chain
 //!    ([`settle::Engine`]; chain reads behind a trait, decisions as functions of what was
@@ -57,9 +58,9 @@
 //! 8. [`daemon`]: assembly, start-up step by step, the drain.
 //! 9. [`tools`]: not the daemon: the devnet, the demo, the load generator, test fixtures.
 //!
-//! In the order a payment meets them: [`tls`] and [`auth`] at the connection, [`server`]
-//! (gRPC) or [`facilitator`] (HTTP), [`ingest`]: [`admission`], [`verify`], [`balance`],
-//! then the [`ledger`] writer (the ack); later [`settle`] takes it to the chain and back, and
+//! In the order a payment meets them: [`connections`], [`tls`] and [`auth`] at the
+//! connection, [`server`] (gRPC) or [`facilitator`] (HTTP), [`ingest`]: [`admission`],
+//! [`verify`], [`balance`], then the [`ledger`] writer (the ack); later [`settle`] takes it to the chain and back, and
 //! [`export`] to finance. The README says what works today.
 
 pub mod admission;
@@ -71,6 +72,7 @@ pub mod chain;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod daemon;
 pub mod export;
 pub mod facilitator;

@@ -1,7 +1,7 @@
 //! Prometheus metrics: what the daemon does, for operators and their alerts.
 //!
 //! One recorder per process ([`install`]), rendered on `GET /metrics` by a small HTTP
-//! listener on `[metrics] listen` ([`serve`]). Names follow Prometheus conventions: the
+//! listener on `[metrics] listen` ([`app`]). Names follow Prometheus conventions: the
 //! `x402_batcher_` prefix, base units (`_seconds`, `_wei`, `_base_units`, gas), `_total`
 //! for counters. Handles on the submission path are registered once ([`Hot`]); the
 //! settlement engine registers its own per chain ([`ChainMetrics`]).
@@ -16,7 +16,6 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
 
 /// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`).
 pub const NAMES: &[&str] = &[
@@ -66,13 +65,13 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_auth_refused_total",
     "x402_batcher_facilitator_requests_total",
     "x402_batcher_facilitator_settle_wait_seconds",
+    "x402_batcher_connections_open",
+    "x402_batcher_connections_refused_total",
+    "x402_batcher_connections_idle_closed_total",
 ];
 
 /// How often histograms are compacted when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Longest a scrape request may take to arrive.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -110,13 +109,11 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped; any other path gets 404.
-/// Each connection must send its request head within 5 s (hyper's header
-/// read timeout: a client that trickles bytes does not hold a task for ever).
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// The metrics listener's router (`GET /metrics`; any other path gets 404), and the task
+/// that compacts histograms while nobody scrapes (stopped when the [`Upkeep`] is dropped).
+/// The daemon serves it through the listener's caps and deadlines.
+pub fn app(handle: PrometheusHandle) -> (axum::Router, Upkeep) {
     use axum::http::{StatusCode, header};
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
 
     let upkeep = {
         let handle = handle.clone();
@@ -128,7 +125,6 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             }
         })
     };
-    let _upkeep = AbortOnDrop(upkeep);
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -137,28 +133,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             }),
         )
         .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") });
-    loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(e) => {
-                // Out of descriptors and the like: back off rather than spin.
-                tracing::warn!("metrics listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(REQUEST_TIMEOUT);
-            let _ = builder.serve_connection(TokioIo::new(conn), service).await;
-        });
-    }
+    (app, Upkeep(upkeep))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The histogram upkeep of [`app`]; stops when dropped.
+pub struct Upkeep(tokio::task::JoinHandle<()>);
 
-impl Drop for AbortOnDrop {
+impl Drop for Upkeep {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -356,43 +337,4 @@ pub fn finals(chain: &str, status: &'static str, reason: &str, n: usize) {
         "reason" => reason.to_owned()
     )
     .increment(n as u64);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(request).await.unwrap();
-        let mut reply = String::new();
-        conn.read_to_string(&mut reply).await.unwrap();
-        reply
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn metrics_are_served_other_paths_are_not_and_a_slow_head_is_cut_off() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _server = AbortOnDrop(tokio::spawn(serve(listener, handle)));
-
-        let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-        assert!(ok.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{ok}");
-        let other = exchange(addr, b"GET /debug HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-        assert!(other.starts_with("HTTP/1.1 404") && other.ends_with("only GET /metrics is served here\n"));
-
-        // Half a request head, then nothing: the connection is closed once the header read
-        // timeout passes (paused time: no real wait).
-        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-        slow.write_all(b"GET /metr").await.unwrap();
-        let started = tokio::time::Instant::now();
-        let mut rest = Vec::new();
-        let _ = slow.read_to_end(&mut rest).await;
-        assert!(started.elapsed() >= REQUEST_TIMEOUT, "closed only after the timeout");
-        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "no metrics for a partial request");
-    }
 }

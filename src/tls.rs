@@ -1,31 +1,13 @@
-//! The listeners' connections: TCP with Nagle off, and TLS (rustls) when configured, with
-//! the handshake done here so a refused one is logged with its peer.
-//!
-//! Handshakes run concurrently (a slow or silent client holds only its own task, for at
-//! most [`HANDSHAKE_TIMEOUT`]) and at most [`MAX_HANDSHAKES`] at once per listener.
+//! The listeners' TLS (rustls): the server configuration from `[tls]`, for gRPC (HTTP/2)
+//! and for HTTP (HTTP/2 or HTTP/1.1). The handshakes run in [`crate::connections`].
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
-use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::Peer;
 use crate::config::TlsConfig;
-
-/// Longest a client may take to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// TLS handshakes in progress at once per listener; connections beyond it are closed.
-pub const MAX_HANDSHAKES: usize = 256;
 
 /// Why the TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -110,140 +92,4 @@ pub fn http_server_config(grpc: &ServerConfig) -> Arc<ServerConfig> {
     let mut config = grpc.clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
-}
-
-/// One accepted connection.
-pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = Peer;
-
-    fn connect_info(&self) -> Peer {
-        match self {
-            Conn::Plain(tcp) => Peer::new(tcp.peer_addr().ok(), None),
-            Conn::Tls(tls) => {
-                let (tcp, session) = tls.get_ref();
-                let cert =
-                    session.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-                Peer::new(tcp.peer_addr().ok(), cert)
-            }
-        }
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// The connections `listener` accepts, TLS-wrapped with `tls` when given. The listener
-/// closes when the server drops the stream (at the start of a drain).
-///
-/// Nagle's algorithm is turned off on each: the server's own `tcp_nodelay` setting does not
-/// reach connections it is handed, and without it small replies wait for the client's
-/// delayed ACK (each unary call ~40 ms instead of well under one).
-pub fn incoming(
-    listener: TcpListener,
-    tls: Option<Arc<ServerConfig>>,
-    name: &'static str,
-) -> ReceiverStream<std::io::Result<Conn>> {
-    let (tx, rx) = mpsc::channel(64);
-    let acceptor = tls.map(TlsAcceptor::from);
-    tokio::spawn(async move {
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        loop {
-            let (tcp, addr) = tokio::select! {
-                _ = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off rather than spin.
-                        tracing::warn!(listener = name, "cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
-            }
-            let Some(acceptor) = &acceptor else {
-                if tx.send(Ok(Conn::Plain(tcp))).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-                let why = format!("{MAX_HANDSHAKES} TLS handshakes already in progress: connection closed");
-                crate::auth::refused(name, &addr.to_string(), None, &why);
-                continue;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
-                        return;
-                    }
-                    Ok(Err(e)) => format!("TLS handshake failed: {e}"),
-                    Err(_) => format!("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
-                };
-                drop(permit);
-                crate::auth::refused(name, &addr.to_string(), None, &why);
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }

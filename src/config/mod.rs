@@ -3,12 +3,14 @@
 //! start-up and names the offending field on failure.
 //!
 //! - [`access`]: listeners, TLS, credentials, limits, metrics;
+//! - [`connections`]: what a client may hold on each listener (caps, timeouts);
 //! - [`facilitator`]: the x402 facilitator HTTP API and its settle mode;
 //! - [`ledger`]: which ledger backend, where, and how to log in to it;
 //! - [`settlement`]: the `[settlement]` section;
 //! - [`tokens`]: tokens, chains and the token table.
 
 pub mod access;
+pub mod connections;
 pub mod facilitator;
 pub mod ledger;
 pub mod settlement;
@@ -19,6 +21,7 @@ pub use access::{
     DEFAULT_MAX_MESSAGE_BYTES, LimitsConfig, MetricsConfig, Role, ServerConfig, TlsConfig, parse_cert_name,
     parse_token_hash,
 };
+pub use connections::ConnectionsConfig;
 pub use facilitator::{
     DEFAULT_HOLD_MS, DEFAULT_SETTLE_TIMEOUT_MS, FacilitatorConfig, MAX_SETTLE_TIMEOUT_MS, SettleMode,
 };
@@ -131,6 +134,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// TLS on both gRPC listeners; off without this section.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -272,6 +277,7 @@ impl Config {
     /// Checks everything serde cannot: relations between fields and value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.ledger.validate()?;
+        self.connections.validate()?;
         let mut seen = HashMap::new();
         for (i, t) in self.tokens.iter().enumerate() {
             let field = |f: &str| format!("tokens[{i}].{f}");
@@ -449,6 +455,7 @@ impl Config {
             metrics: MetricsConfig::default(),
             limits: LimitsConfig::default(),
             admin: AdminConfig::default(),
+            connections: ConnectionsConfig::default(),
             tls: None,
             credentials: Vec::new(),
             facilitator: FacilitatorConfig::default(),

@@ -8,11 +8,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
-use super::start::Access;
+use super::start::{Access, Caps};
 use super::{DaemonError, Listeners};
 use crate::api::{self, v1};
 use crate::auth::Role;
 use crate::config::Config;
+use crate::connections::Protocol;
 use crate::ingest::Ingest;
 use crate::ledger::LedgerHandle;
 use crate::server::Services;
@@ -47,6 +48,7 @@ pub(super) async fn serve(
     config: &Config,
     listeners: Listeners,
     access: &Access,
+    caps: &Caps,
     supported: crate::facilitator::wire::SupportedReply,
     ingest: Arc<Ingest>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -91,7 +93,9 @@ pub(super) async fn serve(
     let drain = drain_on(shutdown, Arc::clone(&ingest), health, drain_tx, Arc::clone(&fatal));
     // Health answers anyone (load balancers probe it); everything else passes the gate.
     let (api_gate, admin_gate) = (access.auth.gate(Role::Api), access.auth.gate(Role::Admin));
-    let api = tonic::transport::Server::builder()
+    let door = |role: Role, cap| caps.gate(role.as_str(), Protocol::Grpc, cap, caps.per_peer);
+    let (api_door, admin_door) = (door(Role::Api, caps.api), door(Role::Admin, caps.admin));
+    let api = grpc(config)
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .add_service(health_service.clone())
         .add_service(InterceptedService::new(reflection()?, api_gate.clone()))
@@ -104,10 +108,10 @@ pub(super) async fn serve(
             api_gate,
         ))
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(listeners.api, access.tls.clone(), Role::Api.as_str()),
+            crate::connections::incoming(listeners.api, access.tls.clone(), api_door),
             drain,
         );
-    let admin = tonic::transport::Server::builder()
+    let admin = grpc(config)
         .max_concurrent_streams(Some(ADMIN_MAX_CONCURRENT_STREAMS))
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection()?, admin_gate.clone()))
@@ -116,14 +120,15 @@ pub(super) async fn serve(
             admin_gate,
         ))
         .serve_with_incoming_shutdown(
-            crate::tls::incoming(listeners.admin, access.tls.clone(), Role::Admin.as_str()),
+            crate::connections::incoming(listeners.admin, access.tls.clone(), admin_door),
             drained(drain_rx.clone()),
         );
     let tls_http = access.tls.as_deref().map(crate::tls::http_server_config);
     let http_drained = drained(drain_rx.clone());
+    let http_door = caps.gate(crate::facilitator::LISTENER, Protocol::Http, caps.facilitator, caps.per_peer);
     let http = async move {
         let Some((f, listener)) = facilitator else { return Ok(()) };
-        crate::facilitator::serve(f, listener, tls_http, max, http_drained)
+        crate::facilitator::serve(f, listener, tls_http, http_door, max, http_drained)
             .await
             .map_err(DaemonError::Facilitator)
     };
@@ -133,6 +138,16 @@ pub(super) async fn serve(
     };
     until_drained(server, drain_rx, ingest.ledger().clone()).await?;
     Ok(fatal.lock().take())
+}
+
+/// A gRPC server with the HTTP/2 keep-alive pings of `[connections]`.
+fn grpc(config: &Config) -> tonic::transport::Server {
+    let c = &config.connections;
+    let keepalive =
+        (c.http2_keepalive_interval_ms > 0).then(|| Duration::from_millis(c.http2_keepalive_interval_ms));
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_millis(c.http2_keepalive_timeout_ms)))
 }
 
 /// Starts the drain on the shutdown signal, or when the ledger can no longer make anything

@@ -60,6 +60,8 @@ pub enum DaemonError {
     Tls(#[from] crate::tls::TlsError),
     #[error("credentials: {0}")]
     Credentials(String),
+    #[error(transparent)]
+    Headroom(#[from] crate::connections::NoHeadroom),
     #[error("facilitator HTTP server failed")]
     Facilitator(#[source] std::io::Error),
     #[error("cannot listen for metrics on {addr}")]
@@ -142,9 +144,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     start::check(&config, &listeners)?;
+    let caps = start::Caps::new(&config, &listeners)?;
     // Installed first: a SIGHUP during start-up must not kill the daemon (the default action).
     let hangup = reload::hangup_signal(&config);
-    let metrics = start::metrics(&config).await?;
+    let metrics = start::metrics(&config, &caps).await?;
     let access = start::Access::new(&config)?;
     let endpoints = start::chains(&config).await?;
     let core = start::Core::open(&config, &endpoints, &clock)?;
@@ -154,7 +157,8 @@ pub async fn serve(
     let reload = hangup.map(|(source, hangup)| {
         tokio::spawn(reload::on_sighup(source, hangup, access.policy.clone(), Arc::clone(&access.auth)))
     });
-    let fatal = listen::serve(&config, listeners, &access, supported, Arc::clone(&ingest), shutdown).await?;
+    let fatal =
+        listen::serve(&config, listeners, &access, &caps, supported, Arc::clone(&ingest), shutdown).await?;
     stop::background([core.audit, metrics, reload]).await;
     engines.stop().await;
     stop::writer(ingest, core.writer_thread).await;

@@ -19,6 +19,7 @@ use crate::balance::{BalanceCache, ChainBalances};
 use crate::chain::{self, RpcEndpoint};
 use crate::clock::Clock;
 use crate::config::{Config, DEFAULT_LEDGER_QUEUE_CAPACITY, TokenTable};
+use crate::connections::{Gate, Protocol, Timeouts};
 use crate::ingest::Ingest;
 use crate::ledger::LedgerHandle;
 use crate::payer::{BatchedSignatures, ChainSignatures, SignatureJudge};
@@ -60,8 +61,72 @@ pub(super) fn check(config: &Config, listeners: &Listeners) -> Result<(), Daemon
     Ok(())
 }
 
-/// Serves `/metrics` when `metrics.listen` is set (and this process has no recorder yet).
-pub(super) async fn metrics(config: &Config) -> Result<Option<JoinHandle<()>>, DaemonError> {
+/// The connection cap of each listener, fitted under the open-file limit
+/// ([`crate::connections::fit_caps`]), and the per-peer cap of those that run without
+/// credentials.
+pub(super) struct Caps {
+    pub api: usize,
+    pub admin: usize,
+    pub facilitator: usize,
+    pub metrics: usize,
+    /// `None`: the listeners authenticate their callers (the metrics listener never does).
+    pub per_peer: Option<usize>,
+    pub timeouts: Timeouts,
+}
+
+impl Caps {
+    pub fn new(config: &Config, listeners: &Listeners) -> Result<Caps, DaemonError> {
+        let c = &config.connections;
+        let wanted = [
+            c.max_api,
+            c.max_admin,
+            if listeners.facilitator.is_some() { c.max_facilitator } else { 0 },
+            if config.metrics.listen.is_some() { c.max_metrics } else { 0 },
+        ];
+        let served: Vec<usize> = wanted.iter().copied().filter(|&w| w > 0).collect();
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let fitted = crate::connections::fit_caps(limit, c.reserved_files, &served)?;
+        let mut fitted = fitted.into_iter();
+        let [api, admin, facilitator, metrics] =
+            wanted.map(|w| if w > 0 { fitted.next().unwrap_or(0) } else { 0 });
+        let caps = Caps {
+            api,
+            admin,
+            facilitator,
+            metrics,
+            per_peer: config.credentials.is_empty().then_some(c.max_per_peer),
+            timeouts: Timeouts::new(c),
+        };
+        let lowered = [api, admin, facilitator, metrics] != wanted;
+        if lowered {
+            tracing::warn!(
+                open_files = ?limit,
+                reserved = c.reserved_files,
+                api, admin, facilitator, metrics,
+                "connection caps lowered to fit the open-file limit less connections.reserved_files \
+                 (raise the hard limit to serve the configured caps)"
+            );
+        } else {
+            tracing::info!(open_files = ?limit, api, admin, facilitator, metrics, per_peer = ?caps.per_peer, "connection caps");
+        }
+        Ok(caps)
+    }
+
+    /// The door of listener `name`.
+    pub fn gate(
+        &self,
+        name: &'static str,
+        protocol: Protocol,
+        cap: usize,
+        per_peer: Option<usize>,
+    ) -> Arc<Gate> {
+        Gate::new(name, protocol, cap, per_peer, self.timeouts)
+    }
+}
+
+/// Serves `/metrics` when `metrics.listen` is set (and this process has no recorder yet),
+/// under the metrics listener's caps (per peer too: it never authenticates).
+pub(super) async fn metrics(config: &Config, caps: &Caps) -> Result<Option<JoinHandle<()>>, DaemonError> {
     let (Some(addr), Some(handle)) = (config.metrics.listen, crate::telemetry::install()) else {
         return Ok(None);
     };
@@ -71,7 +136,16 @@ pub(super) async fn metrics(config: &Config) -> Result<Option<JoinHandle<()>>, D
     tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
     // Scripts and tests read the bound address (the port may be 0 in the config).
     println!("metrics on {bound}");
-    Ok(Some(tokio::spawn(crate::telemetry::serve(listener, handle))))
+    let gate = caps.gate("metrics", Protocol::Http, caps.metrics, Some(config.connections.max_per_peer));
+    let (router, upkeep) = crate::telemetry::app(handle);
+    Ok(Some(tokio::spawn(async move {
+        let _upkeep = upkeep;
+        let served =
+            crate::connections::serve_http(listener, None, gate, router, std::future::pending()).await;
+        if let Err(e) = served {
+            tracing::error!("the metrics listener stopped: {e}");
+        }
+    })))
 }
 
 /// Who may call, over what, under which runtime policy.

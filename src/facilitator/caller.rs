@@ -8,7 +8,8 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 
 use super::{Facilitator, LISTENER, Refused, count};
-use crate::auth::{Peer, Role};
+use crate::auth::Role;
+use crate::connections::Client;
 
 /// The caller of a request: its name for the ledger and the limits (its credential's, or
 /// `http:<address>` while authentication is off, on loopback). A route that takes it
@@ -21,7 +22,8 @@ impl FromRequestParts<Arc<Facilitator>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, f: &Arc<Facilitator>) -> Result<Caller, Refused> {
         let endpoint = endpoint(parts.uri.path());
-        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<Peer>>().cloned() else {
+        let Some(ConnectInfo(Client { peer, .. })) = parts.extensions.get::<ConnectInfo<Client>>().cloned()
+        else {
             // Served without connection info (never by `serve`): nobody to check.
             count(endpoint, "unauthenticated");
             let message = "no connection information to authenticate the caller by".to_owned();

@@ -1,6 +1,6 @@
 //! The facilitator's routes and its listener: each handler takes its [`Caller`] (checked
-//! before it runs) and translates; the listener's connections (TLS or not) reach axum with
-//! their [`Peer`].
+//! before it runs) and translates; the listener's connections (TLS or not, under the
+//! listener's caps and deadlines) reach axum through [`crate::connections::serve_http`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,8 +15,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::rustls::ServerConfig;
 
 use super::caller::Caller;
-use super::{Facilitator, LISTENER, count};
-use crate::auth::Peer;
+use super::{Facilitator, count};
 use crate::ledger::PaymentId;
 
 type Shared = State<Arc<Facilitator>>;
@@ -73,54 +72,15 @@ async fn get_health(State(f): Shared) -> Response {
     }
 }
 
-/// The listener's connections (TLS or not) as axum takes them, each with its [`Peer`].
-struct Incoming {
-    conns: tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::tls::Conn>>,
-    local: Option<std::net::SocketAddr>,
-}
-
-impl axum::serve::Listener for Incoming {
-    type Io = crate::tls::Conn;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use futures::StreamExt as _;
-        use tonic::transport::server::Connected as _;
-        loop {
-            match self.conns.next().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.connect_info();
-                    return (conn, peer);
-                }
-                Some(Err(e)) => tracing::warn!(listener = LISTENER, "cannot accept a connection: {e}"),
-                // The accept loop ended (the listener is closing): nothing more comes.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Peer::new(self.local, None))
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Incoming>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Incoming>) -> Peer {
-        stream.remote_addr().clone()
-    }
-}
-
-/// Serves the facilitator on `listener` (TLS when `tls` is given) until `shutdown`
-/// resolves, then lets the requests in flight finish.
+/// Serves the facilitator on `listener` through `gate` (TLS when `tls` is given) until
+/// `shutdown` resolves, then lets the requests in flight finish.
 pub async fn serve(
     facilitator: Arc<Facilitator>,
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
+    gate: Arc<crate::connections::Gate>,
     max_body: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let local = listener.local_addr().ok();
-    let incoming = Incoming { conns: crate::tls::incoming(listener, tls, LISTENER), local };
-    let app = router(facilitator, max_body).into_make_service_with_connect_info::<Peer>();
-    axum::serve(incoming, app).with_graceful_shutdown(shutdown).await
+    crate::connections::serve_http(listener, tls, gate, router(facilitator, max_body), shutdown).await
 }

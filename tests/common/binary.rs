@@ -23,9 +23,23 @@ pub struct Daemon {
 
 /// Starts `x402-batcher run --config CONFIG` and waits until it prints its address.
 pub fn start(config: &std::path::Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-batcher"))
-        .args(["run", "--config"])
-        .arg(config)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_x402-batcher"));
+    command.args(["run", "--config"]).arg(config);
+    spawn(command)
+}
+
+/// [`start`] with an open-file limit of `files` (soft and hard: the daemon cannot raise it).
+pub fn start_with_open_files(config: &std::path::Path, files: u64) -> Daemon {
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", &format!(r#"ulimit -n {files} && exec "$0" run --config "$1""#)])
+        .arg(env!("CARGO_BIN_EXE_x402-batcher"))
+        .arg(config);
+    spawn(command)
+}
+
+fn spawn(mut command: Command) -> Daemon {
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -89,6 +103,11 @@ impl Daemon {
                 return line;
             }
         }
+    }
+
+    /// The log lines written since the last look (without waiting).
+    pub fn logs_so_far(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
     }
 
     /// Sends `signal` (a `kill` name such as `TERM` or `HUP`).

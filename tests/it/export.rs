@@ -214,12 +214,16 @@ async fn csv_parses_and_amounts_round_trip_while_the_ledger_is_open() {
         assert_eq!(&r[col("status")], want);
         assert_eq!(&r[col("accepted_at")], "2026-11-20T12:00:00.000Z");
         if want == "settled" {
-            assert!(["2026-11-20T12:01:00.000Z", "2026-11-21T12:01:00.000Z"].contains(&&r[col("final_at")]));
+            assert!(
+                ["2026-11-20T12:01:00.000Z", "2026-11-21T12:01:00.000Z"].contains(&&r[col("block_time")])
+            );
             assert!(!r[col("tx_hash")].is_empty() && !r[col("batch_id")].is_empty());
             assert_eq!(&r[col("gas_share")], "45000");
         } else {
             assert_eq!(&r[col("reason")], "insufficient_funds");
+            assert_eq!(&r[col("block_time")], "", "no block: no block time");
         }
+        assert!(!r[col("recorded_at")].is_empty(), "the daemon's time of the entry");
     }
 
     // JSON Lines: the same rows, as objects of strings.
@@ -257,6 +261,12 @@ async fn three_incremental_exports_see_every_final_payment_once() {
     assert_eq!(std::fs::read_to_string(&cursor).unwrap(), before);
 }
 
+/// The time the filters go by: a settled row's `block_time`, another's `recorded_at`.
+fn final_at(r: &csv::StringRecord) -> &str {
+    let block = &r[col("block_time")];
+    if block.is_empty() { &r[col("recorded_at")] } else { block }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_filter_selects_exactly_its_payments() {
     let mut f = fixture();
@@ -281,11 +291,11 @@ async fn each_filter_selects_exactly_its_payments() {
             Box::new(|r| r[col("token")].starts_with("0x2222")),
         ),
         // Settled ones at their block's time (day 1 or 2); the others at the recorded time (day 2).
-        (vec!["--from", "2026-11-21"], Box::new(|r| r[col("final_at")].starts_with("2026-11-21"))),
-        (vec!["--to", "2026-11-21"], Box::new(|r| r[col("final_at")].starts_with("2026-11-20"))),
+        (vec!["--from", "2026-11-21"], Box::new(|r| final_at(r).starts_with("2026-11-21"))),
+        (vec!["--to", "2026-11-21"], Box::new(|r| final_at(r).starts_with("2026-11-20"))),
         (
             vec!["--from", "2026-11-20T12:00:00Z", "--to", "2026-11-20T12:01:01Z", "--status", "settled"],
-            Box::new(|r| r[col("final_at")].starts_with("2026-11-20T12:01")),
+            Box::new(|r| final_at(r).starts_with("2026-11-20T12:01")),
         ),
     ];
     for (args, pred) in &cases {

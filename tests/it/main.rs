@@ -19,6 +19,7 @@ mod admission;
 mod audit;
 mod auth;
 mod brownout;
+mod connections;
 mod crash;
 mod decode_props;
 mod demo;

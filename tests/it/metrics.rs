@@ -98,13 +98,16 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
 
         // Every exported metric is there (rpc_errors_total appears with the first error,
         // auth_refused_total with the first refusal: tests/it/auth.rs checks it;
-        // presimulation_refusals_total with the first payment the token would refuse).
+        // presimulation_refusals_total with the first payment the token would refuse; the
+        // connections' refusals and idle closes with the first: tests/it/connections.rs).
         // lease_held only in fleet mode (a shared ledger: tests/it/fleet.rs checks it).
         let later = [
             "x402_batcher_lease_held",
             "x402_batcher_rpc_errors_total",
             "x402_batcher_auth_refused_total",
             "x402_batcher_presimulation_refusals_total",
+            "x402_batcher_connections_refused_total",
+            "x402_batcher_connections_idle_closed_total",
         ];
         for name in NAMES.iter().filter(|n| !later.contains(n)) {
             let present = s.keys().any(|k| {

@@ -76,6 +76,7 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
         "X402RpcErrors",
         "X402PaymentsExpired",
         "X402SettlementStalled",
+        "X402ConnectionsRefused",
     ] {
         assert!(text.contains(&format!("alert: {alert}\n")), "{alert} missing");
     }
