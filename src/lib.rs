@@ -29,7 +29,7 @@
 //!    settlement policy, Prometheus metrics.
 //! 1. [`x402`], [`chain`], [`simulate`], [`payer`]: the protocol core (authorizations,
 //!    requirements, header decoding, EIP-712, reason codes); the token and Multicall3
-//!    interfaces, batch encoding and the one RPC error; pre-simulation of a batch; what a
+//!    interfaces, batch encoding, the one RPC error and a chain's several endpoints as one; pre-simulation of a batch; what a
 //!    payer is on chain (its code) and how the token judges its signature (ECDSA or
 //!    ERC-1271), read by deployless probes.
 //! 2. [`config`]: the typed configuration, plain data plus validation (listeners,

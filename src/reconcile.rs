@@ -95,11 +95,11 @@ pub struct Report {
     pub pending_corrections: Vec<Discrepancy>,
 }
 
-/// What one chain's reconciliation needs from the config: its RPC URL and its tokens.
+/// What one chain's reconciliation needs from the config: its RPC URLs and its tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainPlan {
     pub chain_id: u64,
-    pub rpc_url: String,
+    pub rpc_urls: Vec<String>,
     pub tokens: Vec<Address>,
     /// Transactions also pay an L1 data fee (see [`crate::config::ChainConfig::op_stack`]).
     pub op_stack: bool,
@@ -126,7 +126,8 @@ pub fn plan(config: &Config, only: Option<u64>) -> Result<Vec<ChainPlan>, Reconc
                 .find(|c| c.chain_id == chain_id)
                 .ok_or(ReconcileError::NoRpcUrl { chain_id })?;
             let tokens = config.tokens.iter().filter(|t| t.chain_id == chain_id).map(|t| t.address).collect();
-            Ok(ChainPlan { chain_id, rpc_url: rpc.rpc_url.clone(), tokens, op_stack: rpc.op_stack })
+            let rpc_urls = rpc.urls().into_iter().map(str::to_owned).collect();
+            Ok(ChainPlan { chain_id, rpc_urls, tokens, op_stack: rpc.op_stack })
         })
         .collect()
 }
@@ -144,8 +145,9 @@ pub async fn run(
     let mut clean = true;
     for chain in plan(config, only)? {
         let chain_id = chain.chain_id;
-        let endpoint = RpcEndpoint::connect_http(chain_id, &chain.rpc_url)
-            .ok_or(ReconcileError::BadRpcUrl { chain_id })?;
+        let urls: Vec<&str> = chain.rpc_urls.iter().map(String::as_str).collect();
+        let endpoint =
+            RpcEndpoint::connect_all(chain_id, &urls).ok_or(ReconcileError::BadRpcUrl { chain_id })?;
         let report = reconcile(ledger, &endpoint, &chain.tokens, chain.op_stack, from, to).await?;
         for d in &report.discrepancies {
             writeln!(out, "chain {chain_id}: {d}")?;
@@ -507,7 +509,7 @@ mod tests {
         let c = config(TWO_CHAINS);
         let all = plan(&c, None).unwrap();
         assert_eq!(all.iter().map(|p| p.chain_id).collect::<Vec<_>>(), [8453, 84532]);
-        assert_eq!(all[0].rpc_url, "http://127.0.0.1:8546");
+        assert_eq!(all[0].rpc_urls, vec!["http://127.0.0.1:8546".to_owned()]);
         assert_eq!(all[0].tokens, [c.tokens[0].address]);
         let one = plan(&c, Some(84532)).unwrap();
         assert_eq!((one.len(), one[0].chain_id), (1, 84532));

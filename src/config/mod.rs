@@ -346,9 +346,7 @@ impl Config {
             if let Some(j) = chains.insert(c.chain_id, i) {
                 return Err(invalid(format!("chains[{i}].chain_id"), format!("duplicates chains[{j}]")));
             }
-            if !(c.rpc_url.starts_with("http://") || c.rpc_url.starts_with("https://")) {
-                return Err(invalid(format!("chains[{i}].rpc_url"), "must be an http:// or https:// URL"));
-            }
+            c.validate_urls(i)?;
             if c.finality == Finality::Depth(0) {
                 return Err(invalid(
                     format!("chains[{i}].finality"),
@@ -515,6 +513,15 @@ mod tests {
         let chain = |ms: u64| {
             format!("[[chains]]\nchain_id = 8453\nrpc_url = \"http://x\"\npreconfirmation_ms = {ms}")
         };
+        let urls = |keys: &str| format!("[[chains]]\nchain_id = 8453\n{keys}");
+        let err = Config::parse(&urls("")).unwrap_err().to_string();
+        assert!(err.contains("chains[0].rpc_url"), "{err}");
+        let both = urls("rpc_url = \"http://a\"\nrpc_urls = [\"http://b\"]");
+        assert!(Config::parse(&both).unwrap_err().to_string().contains("chains[0].rpc_urls"));
+        let bad = urls("rpc_urls = [\"http://a\", \"ftp://b\"]");
+        assert!(Config::parse(&bad).unwrap_err().to_string().contains("chains[0].rpc_urls"));
+        let two = Config::parse(&urls("rpc_urls = [\"http://a\", \"https://b\"]")).unwrap();
+        assert_eq!(two.chains[0].urls(), ["http://a", "https://b"]);
         let err = Config::parse(&chain(0)).unwrap_err().to_string();
         assert!(err.contains("chains[0].preconfirmation_ms"), "{err}");
         assert_eq!(Config::parse(&chain(200)).unwrap().chains[0].preconfirmation_ms, Some(200));

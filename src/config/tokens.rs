@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use alloy::primitives::Address;
 use serde::Deserialize;
 
+use super::{ConfigError, invalid};
 use crate::x402::eip712::TokenDomain;
 
 /// One token on one chain, with the EIP-712 domain its signatures use.
@@ -42,8 +43,15 @@ fn yes() -> bool {
 pub struct ChainConfig {
     pub chain_id: u64,
     /// HTTP(S) JSON-RPC URL. May embed an API key: errors that quote it are redacted
-    /// before they are logged or sent to clients (`chain::RpcEndpoint::redact`).
+    /// before they are logged or sent to clients (`chain::RpcEndpoint::redact`). Either this
+    /// or `rpc_urls`.
+    #[serde(default)]
     pub rpc_url: String,
+    /// Several providers' HTTP(S) URLs for the chain, instead of `rpc_url`: reads go to the
+    /// best one that answers and is not behind the others' head, signed transactions to all
+    /// (`chain::Pool`; RUNBOOK "When the RPC node fails").
+    #[serde(default)]
+    pub rpc_urls: Vec<String>,
     /// An OP-stack chain (Base, Optimism, ...): each transaction also pays an L1 data fee,
     /// read from the `GasPriceOracle` predeploy, and the planner counts it in the cost of
     /// a batch.
@@ -75,6 +83,34 @@ pub struct ChainConfig {
     /// embed an API key: never logged.
     #[serde(default)]
     pub ws_url: Option<String>,
+}
+
+impl ChainConfig {
+    /// `rpc_url` or `rpc_urls`, not both, each an http(s) URL (this is `chains[i]`).
+    pub(super) fn validate_urls(&self, i: usize) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("chains[{i}].{f}");
+        match (self.rpc_url.is_empty(), self.rpc_urls.is_empty()) {
+            (true, true) => return Err(invalid(field("rpc_url"), "is required (or rpc_urls)")),
+            (false, false) => {
+                return Err(invalid(field("rpc_urls"), "replaces rpc_url: give one or the other"));
+            }
+            _ => {}
+        }
+        let name = if self.rpc_urls.is_empty() { "rpc_url" } else { "rpc_urls" };
+        if self.urls().into_iter().any(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            return Err(invalid(field(name), "must be an http:// or https:// URL"));
+        }
+        Ok(())
+    }
+
+    /// The chain's RPC URLs: `rpc_url`, or `rpc_urls`.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.rpc_urls.is_empty() {
+            vec![self.rpc_url.as_str()]
+        } else {
+            self.rpc_urls.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 /// See [`ChainConfig::finality`].

@@ -180,7 +180,7 @@ impl Access {
 pub(super) async fn chains(config: &Config) -> Result<HashMap<u64, RpcEndpoint>, DaemonError> {
     let mut endpoints = HashMap::new();
     for c in &config.chains {
-        let endpoint = RpcEndpoint::connect_http(c.chain_id, &c.rpc_url)
+        let endpoint = RpcEndpoint::connect_all(c.chain_id, &c.urls())
             .ok_or(DaemonError::RpcUrl { chain_id: c.chain_id })?;
         endpoints.insert(c.chain_id, endpoint);
     }

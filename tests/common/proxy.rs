@@ -154,3 +154,107 @@ impl Drop for CountingProxy {
         self.task.abort();
     }
 }
+
+/// A JSON-RPC proxy to `upstream` on 127.0.0.1 that can answer as a node `lag` blocks
+/// behind (its head, its `latest` block, and no block, receipt or transaction above that),
+/// and delays every answer by `delay` (a farther provider).
+pub struct LaggingProxy {
+    pub url: String,
+    lag: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LaggingProxy {
+    pub async fn start(upstream: &str, delay: std::time::Duration) -> LaggingProxy {
+        let lag = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (target, http, lagging) = (upstream.to_owned(), reqwest::Client::new(), Arc::clone(&lag));
+        let forward = move |body: axum::body::Bytes| {
+            let (target, http, lagging) = (target.clone(), http.clone(), Arc::clone(&lagging));
+            async move {
+                tokio::time::sleep(delay).await;
+                let lag = lagging.load(std::sync::atomic::Ordering::Relaxed);
+                let post = |body: Vec<u8>| {
+                    let request = http.post(&target).header("content-type", "application/json").body(body);
+                    async move { request.send().await.ok()?.bytes().await.ok() }
+                };
+                let reply = if lag == 0 {
+                    post(body.to_vec()).await.unwrap_or_default()
+                } else {
+                    behind(&body, lag, &post).await
+                };
+                ([(axum::http::header::CONTENT_TYPE, "application/json")], reply)
+            }
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route("/", axum::routing::post(forward));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        LaggingProxy { url, lag, task }
+    }
+
+    /// Answers as a node `blocks` behind from now on (0: up to date).
+    pub fn lag(&self, blocks: u64) {
+        self.lag.store(blocks, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for LaggingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The answer to `body` (one call or a batch) of a node `lag` blocks behind the upstream
+/// that `post` reaches.
+async fn behind<F, Fut>(body: &[u8], lag: u64, post: &F) -> axum::body::Bytes
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Option<axum::body::Bytes>>,
+{
+    use serde_json::{Value, json};
+    let number =
+        |v: &Value| v.as_str().and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+    let call_upstream = |call: Value| async move {
+        let bytes = post(serde_json::to_vec(&call).unwrap()).await?;
+        serde_json::from_slice::<Value>(&bytes).ok()
+    };
+    let head = call_upstream(json!({"jsonrpc": "2.0", "id": 0, "method": "eth_blockNumber", "params": []}))
+        .await
+        .and_then(|v| number(&v["result"]));
+    let Some(head) = head else { return axum::body::Bytes::new() };
+    let seen = head.saturating_sub(lag);
+    let Ok(request) = serde_json::from_slice::<Value>(body) else { return axum::body::Bytes::new() };
+    let batch = request.is_array();
+    let calls = if let Value::Array(a) = request { a } else { vec![request] };
+    let mut answers = Vec::new();
+    for mut call in calls {
+        let id = call["id"].clone();
+        let answer = match call["method"].as_str().unwrap_or_default() {
+            "eth_blockNumber" => json!({"jsonrpc": "2.0", "id": id, "result": format!("{seen:#x}")}),
+            "eth_getBlockByNumber" => {
+                let tag = call["params"][0].clone();
+                if matches!(tag.as_str(), Some("latest" | "pending")) {
+                    call["params"][0] = json!(format!("{seen:#x}"));
+                }
+                if number(&call["params"][0]).is_some_and(|n| n > seen) {
+                    json!({"jsonrpc": "2.0", "id": id, "result": null})
+                } else {
+                    call_upstream(call).await.unwrap_or(Value::Null)
+                }
+            }
+            "eth_getTransactionReceipt" | "eth_getTransactionByHash" => {
+                let mut answer = call_upstream(call).await.unwrap_or(Value::Null);
+                if number(&answer["result"]["blockNumber"]).is_some_and(|n| n > seen) {
+                    answer["result"] = Value::Null;
+                }
+                answer
+            }
+            _ => call_upstream(call).await.unwrap_or(Value::Null),
+        };
+        answers.push(answer);
+    }
+    let reply = if batch { Value::Array(answers) } else { answers.pop().unwrap_or(Value::Null) };
+    axum::body::Bytes::from(serde_json::to_vec(&reply).unwrap())
+}

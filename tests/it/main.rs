@@ -25,6 +25,7 @@ mod decode_props;
 mod demo;
 mod disk_full;
 mod efficiency;
+mod endpoints;
 mod export;
 mod facilitator;
 mod failover;

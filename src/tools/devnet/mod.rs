@@ -339,6 +339,7 @@ impl Devnet {
         crate::config::ChainConfig {
             chain_id: self.chain_id,
             rpc_url: self.rpc_url.clone(),
+            rpc_urls: Vec::new(),
             op_stack: false,
             finality: Default::default(),
             erc6492_factories: Vec::new(),

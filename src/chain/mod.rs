@@ -23,6 +23,10 @@ pub const GAS_PRICE_ORACLE: Address = address!("0x420000000000000000000000000000
 /// Ethereum's per-transaction gas cap since Osaka (EIP-7825).
 pub const TX_GAS_CAP: u64 = 1 << 24;
 
+mod pool;
+
+pub use pool::Pool;
+
 /// The generated bindings; a module of their own because the generated
 /// `transferWithAuthorization` builder has the token's ten arguments.
 #[allow(clippy::too_many_arguments)]
@@ -155,8 +159,19 @@ impl std::fmt::Debug for RpcEndpoint {
 impl RpcEndpoint {
     /// An HTTP(S) endpoint; `None` if `url` does not parse.
     pub fn connect_http(chain_id: u64, url: &str) -> Option<RpcEndpoint> {
-        let parsed: ReqwestUrl = url.parse().ok()?;
-        let secrets = url_secrets(url)?;
+        Self::connect_all(chain_id, &[url])
+    }
+
+    /// The chain's HTTP(S) endpoints as one: with several, a [`Pool`] (reads to the best,
+    /// signed transactions to all; its probe runs on the current Tokio runtime). `None` if
+    /// there is none or one does not parse.
+    pub fn connect_all(chain_id: u64, urls: &[&str]) -> Option<RpcEndpoint> {
+        let parsed: Vec<ReqwestUrl> = urls.iter().map(|u| u.parse().ok()).collect::<Option<_>>()?;
+        let mut secrets = Vec::new();
+        for url in urls {
+            secrets.extend(url_secrets(url)?);
+        }
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         // A node that accepts and never answers must not hang a submission or a settlement
         // round: every call ends within RPC_TIMEOUT, as an error.
         let client = alloy::transports::http::reqwest::Client::builder()
@@ -164,7 +179,16 @@ impl RpcEndpoint {
             .connect_timeout(RPC_CONNECT_TIMEOUT)
             .build()
             .ok()?;
-        let provider = ProviderBuilder::new().connect_reqwest(client, parsed).erased();
+        let provider = match parsed.as_slice() {
+            [] => return None,
+            [one] => ProviderBuilder::new().connect_reqwest(client, one.clone()).erased(),
+            many => {
+                let pool = Pool::new(chain_id, many, &client);
+                ProviderBuilder::new()
+                    .connect_client(alloy::rpc::client::RpcClient::new(pool, false))
+                    .erased()
+            }
+        };
         Some(RpcEndpoint { chain_id, provider, secrets })
     }
 
