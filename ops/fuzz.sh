@@ -15,7 +15,7 @@ secs="${1:-600}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(header payload_json submit_request ledger_record)
+  targets=(header payload_json submit_request ledger_record facilitator_body facilitator_auth)
 fi
 # Its own build directory: instrumented code must not replace the main build's artifacts.
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-/var/tmp/x402-batcher-fuzz-target}"

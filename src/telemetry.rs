@@ -68,6 +68,8 @@ pub const NAMES: &[&str] = &[
     "x402_batcher_connections_open",
     "x402_batcher_connections_refused_total",
     "x402_batcher_connections_idle_closed_total",
+    "x402_batcher_rpc_endpoint_usable",
+    "x402_batcher_rpc_endpoint_lag_blocks",
 ];
 
 /// How often histograms are compacted when nobody scrapes.

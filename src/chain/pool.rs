@@ -15,7 +15,8 @@
 //!   [`PROBE_TIMEOUT`]), so the heads and the breakers are current even for endpoints no read
 //!   went to; an endpoint whose probe fails counts a failure, one that answers again is
 //!   usable again. Changes are logged (by the endpoint's position in the config: URLs may
-//!   carry keys).
+//!   carry keys), and each probe sets `x402_batcher_rpc_endpoint_usable` and
+//!   `x402_batcher_rpc_endpoint_lag_blocks` per endpoint.
 //!
 //! With one endpoint the daemon does not use this at all.
 
@@ -165,6 +166,10 @@ impl Inner {
         for (i, m) in self.members.iter().enumerate() {
             let mut h = m.state.lock();
             let now = usable(&h, highest);
+            let labels = [("chain_id", self.chain_id.to_string()), ("endpoint", (i + 1).to_string())];
+            metrics::gauge!("x402_batcher_rpc_endpoint_usable", &labels).set(if now { 1.0 } else { 0.0 });
+            metrics::gauge!("x402_batcher_rpc_endpoint_lag_blocks", &labels)
+                .set(highest.saturating_sub(h.head) as f64);
             if now != h.usable {
                 h.usable = now;
                 let (chain_id, endpoint, lag) = (self.chain_id, i + 1, highest.saturating_sub(h.head));

@@ -1,6 +1,7 @@
 //! Two RPC endpoints for one chain (issue #28): under a steady load, the preferred one goes
 //! down, then silent, then 20 blocks behind, then recovers. No payment is refused for the
-//! chain, every acknowledged payment settles once, and the payee is paid each once.
+//! chain, every acknowledged payment settles once, the payee is paid each once, and the
+//! pool's gauges show the endpoint out of use and 20 blocks behind, then back.
 
 use crate::common;
 
@@ -83,8 +84,42 @@ async fn one_of_two_endpoints_down_silent_then_lagging_refuses_and_doubles_nothi
                 lagging
             })
         };
+        // The pool's gauges for endpoint 1, watched through the process's recorder.
+        let metrics = x402_batcher::telemetry::install().expect("a recorder");
+        let gauge = move |name: &str| -> Option<f64> {
+            let text = metrics.render();
+            let line = text.lines().find(|l| l.starts_with(name) && l.contains("endpoint=\"1\""))?;
+            line.rsplit(' ').next()?.parse().ok()
+        };
+        let watch = {
+            let gauge = gauge.clone();
+            tokio::spawn(async move {
+                let (mut out_of_use, mut most_behind) = (false, 0.0f64);
+                loop {
+                    out_of_use |= gauge("x402_batcher_rpc_endpoint_usable") == Some(0.0);
+                    most_behind =
+                        most_behind.max(gauge("x402_batcher_rpc_endpoint_lag_blocks").unwrap_or(0.0));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if out_of_use && most_behind >= 18.0 {
+                        return (out_of_use, most_behind);
+                    }
+                }
+            })
+        };
         let report = loadgen::run(&client, requests, Some(RATE), 2).await;
         let _lagging = switcher.await.unwrap();
+        let (out_of_use, most_behind) =
+            tokio::time::timeout(Duration::from_secs(5), watch).await.expect("the gauges showed it").unwrap();
+        assert!(
+            out_of_use && most_behind >= 18.0,
+            "endpoint 1: out of use {out_of_use}, behind {most_behind}"
+        );
+        // Back in use once it answers and keeps up again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while gauge("x402_batcher_rpc_endpoint_usable") != Some(1.0) {
+            assert!(tokio::time::Instant::now() < deadline, "endpoint 1 did not come back into use");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
 
         // Nothing refused for the chain, whatever endpoint 1 did.
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);

@@ -99,7 +99,8 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
         // Every exported metric is there (rpc_errors_total appears with the first error,
         // auth_refused_total with the first refusal: tests/it/auth.rs checks it;
         // presimulation_refusals_total with the first payment the token would refuse; the
-        // connections' refusals and idle closes with the first: tests/it/connections.rs).
+        // connections' refusals and idle closes with the first: tests/it/connections.rs; the
+        // RPC endpoints' gauges only with several endpoints per chain).
         // lease_held only in fleet mode (a shared ledger: tests/it/fleet.rs checks it).
         let later = [
             "x402_batcher_lease_held",
@@ -108,6 +109,8 @@ async fn a_scrape_after_a_devnet_run_shows_every_metric_and_sighup_reloads_the_p
             "x402_batcher_presimulation_refusals_total",
             "x402_batcher_connections_refused_total",
             "x402_batcher_connections_idle_closed_total",
+            "x402_batcher_rpc_endpoint_usable",
+            "x402_batcher_rpc_endpoint_lag_blocks",
         ];
         for name in NAMES.iter().filter(|n| !later.contains(n)) {
             let present = s.keys().any(|k| {

@@ -77,6 +77,7 @@ fn alert_rules_pass_promtool_and_use_exported_metrics() {
         "X402PaymentsExpired",
         "X402SettlementStalled",
         "X402ConnectionsRefused",
+        "X402RpcEndpointOutOfUse",
     ] {
         assert!(text.contains(&format!("alert: {alert}\n")), "{alert} missing");
     }
