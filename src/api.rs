@@ -9,7 +9,7 @@ use alloy::primitives::B256;
 
 use crate::admission::PaymentInput;
 use crate::ingest::PaymentRequest;
-use crate::ledger::{PaymentRecord, Repeat, Status};
+use crate::ledger::{LogEntry, PaymentRecord, Repeat, Status};
 use crate::policy::{PolicyError, PolicyUpdate, SettlementPolicy};
 use crate::settle::ChainView;
 use crate::x402::decode::{self, DecodeError, FieldProblem};
@@ -252,6 +252,19 @@ pub fn repeat(repeat: Repeat) -> v1::Repeat {
         Repeat::Retry => v1::Repeat::Retry,
         Repeat::Replay => v1::Repeat::Replay,
     }
+}
+
+/// A change of the change feed (`WatchPayments`): the payment as of it, and the
+/// settlement-log entry it wrote.
+pub fn payment_event(r: &PaymentRecord) -> v1::PaymentEvent {
+    let entry = match r.change_entry {
+        None => v1::SettlementEntry::None,
+        Some(LogEntry::Outcome) => v1::SettlementEntry::Outcome,
+        Some(LogEntry::Corrected) => v1::SettlementEntry::Corrected,
+        Some(LogEntry::Reversed) => v1::SettlementEntry::Reversed,
+        Some(LogEntry::Finalized) => v1::SettlementEntry::Finalized,
+    };
+    v1::PaymentEvent { seq: r.seq, payment: Some(payment(r)), entry: entry as i32 }
 }
 
 /// The public form of a payment record.

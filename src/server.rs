@@ -295,7 +295,7 @@ impl v1::payments_server::Payments for Services {
                     if !wanted.is_empty() && !wanted.contains(&(api::status(record.status) as i32)) {
                         continue;
                     }
-                    let event = v1::PaymentEvent { seq: record.seq, payment: Some(api::payment(&record)) };
+                    let event = api::payment_event(&record);
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }

@@ -357,6 +357,7 @@ impl<'a, S: Stage> Group<'a, S> {
             fee_share_wei: U256::ZERO,
             finalized_at_ms: 0,
             log_entry: LogEntry::Outcome,
+            change_entry: None,
         };
         let record = self.write(record);
         self.stage.put_id(&key);
@@ -381,6 +382,7 @@ impl<'a, S: Stage> Group<'a, S> {
             if req.to != Status::Settled {
                 let mut reversed = record.clone();
                 reversed.log_entry = LogEntry::Reversed;
+                reversed.change_entry = Some(LogEntry::Reversed);
                 reversed.updated_at_ms = req.now_ms;
                 self.log(&reversed);
                 record.log_entry = LogEntry::Reversed;
@@ -436,6 +438,10 @@ impl<'a, S: Stage> Group<'a, S> {
         if let Some(entry) = entry {
             record.log_entry = entry;
         }
+        // What this change is to a change feed consumer: the entry it logged, the reversal
+        // (logged above), or nothing.
+        let reversal = from_settled && req.to != Status::Settled;
+        record.change_entry = if reversal { Some(LogEntry::Reversed) } else { entry };
         let record = self.write(record);
         if let Some(entry) = entry {
             self.log(&record);

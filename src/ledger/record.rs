@@ -245,6 +245,9 @@ pub struct PaymentRecord {
     pub finalized_at_ms: u64,
     /// What the latest settlement log entry of this payment says (see [`LogEntry`]).
     pub log_entry: LogEntry,
+    /// The settlement log entry the change this snapshot records wrote (`None`: a step in
+    /// between): what a change feed consumer credits and takes back by.
+    pub change_entry: Option<LogEntry>,
 }
 
 /// Why a payment's snapshot is in the settlement log. The log is append-only: a settled
@@ -387,6 +390,7 @@ impl PaymentRecord {
             finalized_at_ms: self.finalized_at_ms,
             log_entry: self.log_entry.to_disk(),
             payer_route: self.submission.route.to_disk(),
+            change_entry: self.change_entry.map_or(0, |e| e.to_disk() + 1),
         }
         .encode_to_vec()
     }
@@ -451,6 +455,10 @@ impl PaymentRecord {
             },
             finalized_at_ms: d.finalized_at_ms,
             log_entry: LogEntry::from_disk(d.log_entry).ok_or(CorruptRecord { field: "log_entry" })?,
+            change_entry: match d.change_entry {
+                0 => None,
+                n => Some(LogEntry::from_disk(n - 1).ok_or(CorruptRecord { field: "change_entry" })?),
+            },
         })
     }
 }
@@ -498,6 +506,7 @@ mod tests {
             fee_share_wei: U256::from(11),
             finalized_at_ms: 12,
             log_entry: LogEntry::Corrected,
+            change_entry: Some(LogEntry::Reversed),
         }
     }
 

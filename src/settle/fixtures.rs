@@ -49,6 +49,7 @@ pub fn record(i: u8, status: Status, valid_before: u64) -> PaymentRecord {
         fee_share_wei: U256::ZERO,
         finalized_at_ms: 0,
         log_entry: crate::ledger::LogEntry::Outcome,
+        change_entry: None,
     }
 }
 

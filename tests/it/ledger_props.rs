@@ -583,4 +583,118 @@ fn corrected_reversed_settled_again_and_finalized(open: &dyn Fn() -> Box<dyn Led
     assert_eq!(held.len(), 1);
     assert_eq!((held[0].block_number, held[0].finalized_at_ms), (20, 99));
     assert_eq!(ledger.pending(), 0);
+
+    // The change feed says which entry each change wrote (none for the steps between), so
+    // a consumer crediting outcomes and taking back reversals credits the payment once.
+    let feed: Vec<_> =
+        ledger.events_after(0, usize::MAX).unwrap().into_iter().map(|r| (r.change_entry, r.status)).collect();
+    assert_eq!(
+        feed,
+        [
+            (None, Status::Accepted),
+            (None, Status::Included),
+            (Some(LogEntry::Outcome), Status::Settled),
+            (Some(LogEntry::Corrected), Status::Settled),
+            (Some(LogEntry::Reversed), Status::Accepted),
+            (None, Status::Included),
+            (Some(LogEntry::Outcome), Status::Settled),
+            (Some(LogEntry::Finalized), Status::Settled),
+        ]
+    );
+}
+
+/// The same history read back over gRPC: `WatchPayments` from 0 on a daemon serving that
+/// ledger. A consumer that credits on every `SETTLED` event would credit the payment four
+/// times; one following the documented rule (credit an OUTCOME with status SETTLED, take
+/// back a REVERSED) credits it once, on a full replay and on one resumed midway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_payments_consumer_following_the_entries_credits_a_reorged_payment_once() {
+    use x402_batcher::api::v1::{self, SettlementEntry};
+    tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger_dir = dir.path().join("ledger");
+        corrected_reversed_settled_again_and_finalized(&|| Box::new(RocksLedger::open(&ledger_dir).unwrap()));
+        let net = x402_batcher::tools::devnet::Devnet::start().await.unwrap();
+        let mut config = x402_batcher::config::Config::parse("").unwrap();
+        config.tokens.push(net.token_config());
+        config.chains.push(net.chain_config());
+        config.ledger.path = Some(ledger_dir.clone());
+        let listeners = x402_batcher::daemon::Listeners::loopback().await.unwrap();
+        let url = format!("http://{}", listeners.api.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let clock = std::sync::Arc::new(x402_batcher::clock::SystemClock);
+        let serving = tokio::spawn(x402_batcher::daemon::serve(config, listeners, clock, async {
+            let _ = stopped.await;
+        }));
+
+        let events = |after_seq: u64| {
+            let url = url.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+                let mut client = loop {
+                    match x402_batcher::client::Client::connect(url.clone()).await {
+                        Ok(c) => break c,
+                        Err(_) if tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                let request = v1::WatchPaymentsRequest { after_seq, statuses: Vec::new() };
+                let mut stream = client.payments.watch_payments(request).await.unwrap().into_inner();
+                let mut out = Vec::new();
+                // The history has 8 changes; the stream then waits for more.
+                while out.last().is_none_or(|e: &v1::PaymentEvent| e.seq < 8) {
+                    out.push(stream.message().await.unwrap().expect("the stream stays open"));
+                }
+                out
+            }
+        };
+        let credit = |events: &[v1::PaymentEvent], credited: &mut HashMap<String, i64>| {
+            for e in events {
+                let p = e.payment.as_ref().unwrap();
+                let settled = p.status == v1::PaymentStatus::Settled as i32;
+                let delta = match e.entry() {
+                    SettlementEntry::Outcome if settled => 1,
+                    SettlementEntry::Reversed => -1,
+                    _ => 0,
+                };
+                *credited.entry(p.payment_id.clone()).or_default() += delta;
+            }
+        };
+
+        let all = events(0).await;
+        let entries: Vec<_> = all.iter().map(|e| e.entry()).collect();
+        assert_eq!(
+            entries,
+            [
+                SettlementEntry::None,
+                SettlementEntry::None,
+                SettlementEntry::Outcome,
+                SettlementEntry::Corrected,
+                SettlementEntry::Reversed,
+                SettlementEntry::None,
+                SettlementEntry::Outcome,
+                SettlementEntry::Finalized,
+            ]
+        );
+        let settled_events = all
+            .iter()
+            .filter(|e| e.payment.as_ref().unwrap().status == v1::PaymentStatus::Settled as i32)
+            .count();
+        assert_eq!(settled_events, 4, "a consumer crediting every SETTLED event would credit four times");
+        let mut credited = HashMap::new();
+        credit(&all, &mut credited);
+        assert_eq!(credited.values().copied().collect::<Vec<_>>(), [1], "a full replay credits once");
+        // Stopped after the first settlement, resumed after the last seq it applied.
+        let mut resumed = HashMap::new();
+        credit(&all[..3], &mut resumed);
+        credit(&events(all[2].seq).await, &mut resumed);
+        assert_eq!(resumed, credited, "a resumed consumer credits once");
+
+        let _ = stop.send(());
+        serving.await.unwrap().unwrap();
+    })
+    .await
+    .expect("bounded");
 }
