@@ -263,30 +263,43 @@ impl Inner {
         Err(last_error.unwrap_or_else(|| TransportError::local_usage_str("no RPC endpoint configured")))
     }
 
-    /// A signed transaction: to every endpoint; the first success answers, else the first
-    /// endpoint's reply in the order of use.
+    /// A signed transaction: to every endpoint at once; the first accepted answers (the
+    /// sends to the others go on in the background: a silent endpoint does not hold the
+    /// settlement up for its timeout). If none accepts it, the first reply in the order of
+    /// use (a node's refusal, such as "nonce too low"), else the first error.
     async fn broadcast(self: Arc<Self>, request: RequestPacket) -> Result<ResponsePacket, TransportError> {
+        use futures::StreamExt as _;
         let order = self.order();
-        let sends = order.iter().map(|&i| {
-            let mut transport = self.members[i].transport.clone();
-            let request = request.clone();
-            async move { tower::Service::call(&mut transport, request).await }
-        });
-        let answers = futures::future::join_all(sends).await;
-        for (&i, answer) in order.iter().zip(&answers) {
-            match answer {
-                Ok(_) => self.answered(i, Duration::ZERO),
-                Err(_) => self.failed(i),
+        let mut sends: futures::stream::FuturesUnordered<_> = order
+            .iter()
+            .enumerate()
+            .map(|(rank, &i)| {
+                let (inner, request) = (Arc::clone(&self), request.clone());
+                let send = tokio::spawn(async move {
+                    let mut transport = inner.members[i].transport.clone();
+                    let answer = tower::Service::call(&mut transport, request).await;
+                    match &answer {
+                        Ok(_) => inner.answered(i, Duration::ZERO),
+                        Err(_) => inner.failed(i),
+                    }
+                    answer
+                });
+                async move { (rank, send.await) }
+            })
+            .collect();
+        let mut answers: Vec<(usize, Result<ResponsePacket, TransportError>)> = Vec::new();
+        while let Some((rank, joined)) = sends.next().await {
+            let answer = joined.unwrap_or_else(|e| Err(TransportError::local_usage_str(&e.to_string())));
+            if answer.as_ref().is_ok_and(|r| !r.is_error()) {
+                return answer;
             }
+            answers.push((rank, answer));
         }
-        let mut answers: Vec<_> = answers.into_iter().collect();
-        if let Some(ok) = answers.iter().position(|a| a.as_ref().is_ok_and(|r| !r.is_error())) {
-            return answers.swap_remove(ok);
-        }
-        if let Some(replied) = answers.iter().position(Result::is_ok) {
-            return answers.swap_remove(replied);
-        }
-        answers.into_iter().next().unwrap_or_else(|| Err(TransportError::local_usage_str("no RPC endpoint")))
+        answers.sort_by_key(|(rank, a)| (a.is_err(), *rank));
+        answers
+            .into_iter()
+            .next()
+            .map_or_else(|| Err(TransportError::local_usage_str("no RPC endpoint configured")), |(_, a)| a)
     }
 }
 
