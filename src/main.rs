@@ -44,6 +44,8 @@ async fn main() -> anyhow::Result<()> {
             daemon::serve(config, listeners, Arc::new(SystemClock), stop).await?;
         }
         Command::Demo { payments, payers, payees, settlers, rate, confirmations, dir, http_requests } => {
+            // Its daemon runs in this process: the same headroom as `run`.
+            daemon::open_files();
             let rate = (rate > 0.0).then_some(rate);
             let opts = demo::DemoOptions {
                 payments,
@@ -58,7 +60,11 @@ async fn main() -> anyhow::Result<()> {
             };
             demo::run(&opts).await.context("demo failed")?;
         }
-        Command::Loadgen(args) => loadgen::command(cli::loadgen_command(args)?).await?,
+        Command::Loadgen(args) => {
+            // With --devnet its daemons run in this process: the same headroom as `run`.
+            daemon::open_files();
+            loadgen::command(cli::loadgen_command(args)?).await?
+        }
         Command::Export(args) => {
             let config = load(&args.config)?;
             let over = args.ledger.clone();

@@ -75,8 +75,8 @@ impl Timeouts {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the open-file limit ({limit}) leaves {left} descriptors for {listeners} listeners after \
-     connections.reserved_files ({reserved}); each needs at least {MIN_CAP}: raise the hard \
-     limit (systemd LimitNOFILE, ulimit -Hn) or lower connections.reserved_files"
+     a reserve of {reserved}; each needs at least {MIN_CAP}: raise the hard limit (systemd \
+     LimitNOFILE, ulimit -Hn)"
 )]
 pub struct NoHeadroom {
     pub limit: u64,
@@ -85,23 +85,37 @@ pub struct NoHeadroom {
     pub listeners: usize,
 }
 
+/// Caps that fit the open-file limit, and the reserve kept back beside them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fitted {
+    pub caps: Vec<usize>,
+    pub reserved: u64,
+}
+
 /// The caps `wanted` (one per listener), lowered in proportion where together they would
 /// not fit under `limit` (the open-file limit; `None`: unlimited) less `reserved` and one
-/// descriptor per listener (a connection refused at the cap is accepted, then closed).
-pub fn fit_caps(limit: Option<u64>, reserved: u64, wanted: &[usize]) -> Result<Vec<usize>, NoHeadroom> {
-    let Some(limit) = limit else { return Ok(wanted.to_vec()) };
+/// descriptor per listener (a connection refused at the cap is accepted, then closed). A
+/// limit too low for the whole reserve beside the least caps (a shell's 1,024 under the
+/// default reserve) keeps half of it back instead: a small daemon that runs beats one that
+/// refuses to.
+pub fn fit_caps(limit: Option<u64>, reserved: u64, wanted: &[usize]) -> Result<Fitted, NoHeadroom> {
+    let Some(limit) = limit else { return Ok(Fitted { caps: wanted.to_vec(), reserved }) };
     let listeners = wanted.len();
+    let least = (listeners * (MIN_CAP + 1)) as u64;
+    let reserved = if limit >= reserved.saturating_add(least) { reserved } else { reserved.min(limit / 2) };
     let left = limit.saturating_sub(reserved).saturating_sub(listeners as u64);
     if left < (listeners * MIN_CAP) as u64 {
         return Err(NoHeadroom { limit, reserved, left, listeners });
     }
     let total: u64 = wanted.iter().map(|&w| w as u64).sum();
     if total <= left {
-        return Ok(wanted.to_vec());
+        return Ok(Fitted { caps: wanted.to_vec(), reserved });
     }
     // Room for every listener's minimum first, the rest shared in proportion.
     let share = left - (listeners * MIN_CAP) as u64;
-    Ok(wanted.iter().map(|&w| (MIN_CAP + (w as u64 * share / total) as usize).min(w.max(MIN_CAP))).collect())
+    let caps =
+        wanted.iter().map(|&w| (MIN_CAP + (w as u64 * share / total) as usize).min(w.max(MIN_CAP))).collect();
+    Ok(Fitted { caps, reserved })
 }
 
 /// The open connections of each peer address that has some.
@@ -307,14 +321,21 @@ mod tests {
 
     #[test]
     fn caps_that_fit_stay_and_caps_that_do_not_are_lowered_in_proportion() {
-        assert_eq!(fit_caps(None, 1024, &[4096, 64]).unwrap(), vec![4096, 64]);
-        assert_eq!(fit_caps(Some(1 << 20), 1024, &[4096, 64, 4096, 64]).unwrap(), vec![4096, 64, 4096, 64]);
+        assert_eq!(fit_caps(None, 1024, &[4096, 64]).unwrap().caps, vec![4096, 64]);
+        let roomy = fit_caps(Some(1 << 20), 1024, &[4096, 64, 4096, 64]).unwrap();
+        assert_eq!(roomy, Fitted { caps: vec![4096, 64, 4096, 64], reserved: 1024 });
         // 2,000 - 1,000 reserved - 4 accept slots = 996 for 8,320 wanted.
         let fitted = fit_caps(Some(2_000), 1_000, &[4096, 64, 4096, 64]).unwrap();
-        assert!(fitted.iter().sum::<usize>() <= 996, "{fitted:?}");
-        assert!(fitted.iter().all(|&c| c >= MIN_CAP), "{fitted:?}");
-        assert!(fitted[0] > 10 * fitted[1], "in proportion: {fitted:?}");
-        let err = fit_caps(Some(1_030), 1_024, &[4096, 64]).unwrap_err().to_string();
+        assert_eq!(fitted.reserved, 1_000);
+        let caps = &fitted.caps;
+        assert!(caps.iter().sum::<usize>() <= 996, "{caps:?}");
+        assert!(caps.iter().all(|&c| c >= MIN_CAP), "{caps:?}");
+        assert!(caps[0] > 10 * caps[1], "in proportion: {caps:?}");
+        // A shell's 1,024 under the default reserve of 1,024: half kept back.
+        let small = fit_caps(Some(1_024), 1_024, &[4096, 64, 4096]).unwrap();
+        assert_eq!(small.reserved, 512);
+        assert!(small.caps.iter().sum::<usize>() <= 1_024 - 512 - 3, "{small:?}");
+        let err = fit_caps(Some(40), 1_024, &[4096, 64, 4096]).unwrap_err().to_string();
         assert!(err.contains("raise the hard limit"), "{err}");
     }
 

@@ -86,7 +86,16 @@ impl Caps {
         let served: Vec<usize> = wanted.iter().copied().filter(|&w| w > 0).collect();
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
         let fitted = crate::connections::fit_caps(limit, c.reserved_files, &served)?;
-        let mut fitted = fitted.into_iter();
+        if fitted.reserved < c.reserved_files {
+            tracing::warn!(
+                open_files = ?limit,
+                reserved_files = c.reserved_files,
+                kept_back = fitted.reserved,
+                "the open-file limit is too low to keep connections.reserved_files back beside the \
+                 connection caps: half of it is kept back instead (raise the hard limit)"
+            );
+        }
+        let mut fitted = fitted.caps.into_iter();
         let [api, admin, facilitator, metrics] =
             wanted.map(|w| if w > 0 { fitted.next().unwrap_or(0) } else { 0 });
         let caps = Caps {

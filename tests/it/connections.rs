@@ -366,3 +366,27 @@ async fn a_flood_past_the_open_file_limit_leaves_the_ledger_and_rpc_their_descri
     .await
     .expect("bounded");
 }
+
+/// A laptop's shell limit (1,024 descriptors, soft and hard) under the default reserve of
+/// 1,024: the daemon keeps half back instead, says so, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_limit_below_the_default_reserve_still_serves() {
+    tokio::time::timeout(LIMIT, async {
+        let net = Devnet::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::binary::write_config(dir.path(), &net, "");
+        let mut daemon = common::binary::start_with_open_files(&config, 1_024);
+        let line = daemon.log_with(&["half of it is kept back"]);
+        assert!(line.contains("kept_back=512"), "{line}");
+        let mut client = Client::connect(daemon.url.clone()).await.unwrap();
+        let request = v1::GetPaymentRequest {
+            key: Some(v1::get_payment_request::Key::PaymentId(format!("0x{}", "00".repeat(16)))),
+        };
+        let status = client.payments.get_payment(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "served: {status:?}");
+        daemon.signal("TERM");
+        assert!(daemon.child.wait().unwrap().success());
+    })
+    .await
+    .expect("bounded");
+}
