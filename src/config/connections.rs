@@ -36,7 +36,8 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 
 /// Longest an HTTP connection may sit with no request in flight and nothing sent since the
-/// last reply. Node's HTTP client keeps idle sockets 4 s by default (undici) and reuses
+/// last reply, and a gRPC connection with nothing sent at all (a live gRPC client answers
+/// the keep-alive pings well within it). Node's HTTP client keeps idle sockets 4 s by default (undici) and reuses
 /// them; a minute keeps a busy middleware's pool warm and frees what a client forgot.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 

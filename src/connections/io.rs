@@ -5,7 +5,9 @@
 //! connection.
 //!
 //! - gRPC ([`Protocol::Grpc`]): the 24-byte HTTP/2 preface within the header timeout of the
-//!   accept; after it, HTTP/2's keep-alive pings judge the peer.
+//!   accept; after it, nothing read for the idle timeout closes it. A live client is never
+//!   that quiet: it answers the server's keep-alive pings (every 30 s by default), and a
+//!   peer that sent a preface and stalled before its settings gets no pings at all.
 //! - HTTP ([`Protocol::Http`]): with no request in flight, a request head must be complete
 //!   within the header timeout of its first byte (of the accept, for a connection's first
 //!   request), and a connection with nothing sent since its last reply is closed after the
@@ -82,8 +84,10 @@ struct Watch {
     protocol: Protocol,
     timeouts: Timeouts,
     accepted: Instant,
-    /// Bytes read so far, up to the preface's length (gRPC).
+    /// Bytes read so far (gRPC: the preface is in once there are 24).
     read: u64,
+    /// When bytes were last read.
+    last_read: Instant,
     /// When the first byte of a request head not yet complete was read, and how many
     /// requests had started then (the head is complete once another has).
     head_started: Option<(Instant, u64)>,
@@ -137,6 +141,7 @@ impl Watch {
             timeouts: gate.timeouts(),
             accepted: now,
             read: 0,
+            last_read: now,
             head_started: None,
             activity: Arc::default(),
             sleep: Box::pin(tokio::time::sleep_until(now + gate.timeouts().idle)),
@@ -146,10 +151,12 @@ impl Watch {
     }
 
     /// The deadline the connection must meet now, and what missing it is called; `None`:
-    /// none (a request in flight, or the gRPC preface is in).
+    /// none (an HTTP request in flight).
     fn deadline(&self) -> Option<(Instant, &'static str)> {
         match self.protocol {
-            Protocol::Grpc if self.read >= H2_PREFACE_LEN => None,
+            Protocol::Grpc if self.read >= H2_PREFACE_LEN => {
+                Some((self.last_read + self.timeouts.idle, "idle_timeout"))
+            }
             Protocol::Grpc => Some((self.accepted + self.timeouts.header_read, "header_timeout")),
             Protocol::Http => {
                 let state = self.activity.state.lock();
@@ -197,6 +204,7 @@ impl Watch {
             return;
         }
         self.read = self.read.saturating_add(n as u64);
+        self.last_read = Instant::now();
         if self.protocol == Protocol::Http {
             let state = self.activity.state.lock();
             let head_pending = self.head_started.is_some_and(|(_, n)| n == state.started);

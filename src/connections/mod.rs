@@ -339,6 +339,32 @@ mod tests {
         assert!(err.contains("raise the hard limit"), "{err}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_connection_quiet_after_its_preface_is_closed_at_the_idle_timeout() {
+        use futures::StreamExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (head, idle) = (Duration::from_secs(5), Duration::from_secs(20));
+        let timeouts = Timeouts { tls_handshake: head, header_read: head, idle };
+        let mut conns = incoming(listener, None, Gate::new("test", Protocol::Grpc, 4, None, timeouts));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut conn = conns.next().await.unwrap().unwrap();
+        let start = tokio::time::Instant::now();
+        let (mut got, mut buf) = (0, [0u8; 64]);
+        let err = loop {
+            match conn.read(&mut buf).await {
+                Ok(0) => panic!("the client did not close"),
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!((got, err.kind()), (24, std::io::ErrorKind::TimedOut));
+        let waited = start.elapsed();
+        assert!(waited >= idle && waited < idle + head, "{waited:?}");
+    }
+
     #[test]
     fn a_full_gate_refuses_and_a_dropped_ticket_frees_its_place() {
         let timeouts = Timeouts::new(&ConnectionsConfig::default());

@@ -1,7 +1,8 @@
 //! Faults from outside at the connection level (issue #28): a slowloris of twice the
 //! facilitator's connection cap while a real client's payments go on being accepted; idle
-//! and silent connections dropped after their timeouts on the HTTP and gRPC listeners while
-//! a gRPC channel that answers keep-alives stays; the daemon binary under a low open-file
+//! and silent connections (and gRPC ones stalled after the preface) dropped after their
+//! timeouts on the HTTP and gRPC listeners while a gRPC channel that answers keep-alives
+//! stays; the daemon binary under a low open-file
 //! limit, flooded on every listener, committing every payment it acknowledges.
 
 use crate::common;
@@ -263,6 +264,14 @@ async fn idle_and_silent_connections_are_dropped_after_their_timeouts_and_a_live
         for _ in 0..N {
             silent.push((TcpStream::connect(d.api).await.unwrap(), Instant::now()));
         }
+        // gRPC: the preface, then nothing (no settings, no answer to pings): closed by the
+        // unanswered keep-alive ping (500 ms + 1 s here) or the idle timeout, the sooner.
+        let mut stalled = Vec::new();
+        for _ in 0..N / 4 {
+            let mut conn = TcpStream::connect(d.api).await.unwrap();
+            conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            stalled.push((conn, Instant::now()));
+        }
         let closes = |conns: Vec<(TcpStream, Instant)>, at_least: Duration| async move {
             let mut after = Vec::new();
             for (mut conn, since) in conns {
@@ -274,9 +283,14 @@ async fn idle_and_silent_connections_are_dropped_after_their_timeouts_and_a_live
             assert!(after.iter().all(|&a| a >= early), "closed early: {:?}", after.iter().min());
             after.into_iter().max().unwrap()
         };
-        let (idle_last, silent_last) = tokio::join!(closes(idle, IDLE), closes(silent, HEAD));
+        let (idle_last, silent_last, stalled_last) = tokio::join!(
+            closes(idle, IDLE),
+            closes(silent, HEAD),
+            closes(stalled, Duration::from_millis(1_000))
+        );
         println!(
-            "connections: idle HTTP closed by {idle_last:?} after their reply, silent gRPC by {silent_last:?}"
+            "connections: idle HTTP closed by {idle_last:?} after their reply, silent gRPC by \
+             {silent_last:?}, gRPC stalled after the preface by {stalled_last:?}"
         );
 
         // The live channel outlived both timeouts and still serves.
