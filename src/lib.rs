@@ -33,8 +33,8 @@
 //!    payer is on chain (its code) and how the token judges its signature (ECDSA or
 //!    ERC-1271), read by deployless probes.
 //! 2. [`config`]: the typed configuration, plain data plus validation (listeners,
-//!    credentials and their parsers, the facilitator, settlement, tokens); every default a
-//!    named constant.
+//!    credentials and their parsers, connection caps and timeouts, the facilitator,
+//!    settlement, tokens and their chains' endpoints); every default a named constant.
 //! 3. [`ledger`]: the nonce ledger behind a seam that names no database
 //!    ([`ledger::store`]: [`ledger::LedgerStore`], and [`ledger::Fleet`] for what only a
 //!    ledger a fleet shares does), each backend a folder carrying its name
