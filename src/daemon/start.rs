@@ -95,6 +95,7 @@ impl Caps {
                  connection caps: half of it is kept back instead (raise the hard limit)"
             );
         }
+        let kept_back = fitted.reserved;
         let mut fitted = fitted.caps.into_iter();
         let [api, admin, facilitator, metrics] =
             wanted.map(|w| if w > 0 { fitted.next().unwrap_or(0) } else { 0 });
@@ -110,7 +111,7 @@ impl Caps {
         if lowered {
             tracing::warn!(
                 open_files = ?limit,
-                reserved = c.reserved_files,
+                reserved = kept_back,
                 api, admin, facilitator, metrics,
                 "connection caps lowered to fit the open-file limit less connections.reserved_files \
                  (raise the hard limit to serve the configured caps)"
